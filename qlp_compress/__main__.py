@@ -1,0 +1,3 @@
+from qlp_compress.cli import main
+
+main()

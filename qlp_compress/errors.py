@@ -1,0 +1,13 @@
+"""Errors a user can meet. The CLI prints them as one line and exits with `exit_code`."""
+
+
+class QLPError(Exception):
+    """A failure with a one-line message that names the problem and the fix (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(QLPError):
+    """The user asked for something that cannot work as given (exit code 2)."""
+
+    exit_code = 2

@@ -1,0 +1,100 @@
+"""onnxruntime sessions and what is measured through them: accuracy and latency."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch.utils.data import Dataset
+
+from qlp_compress.data import iterate_batches
+from qlp_compress.errors import QLPError, UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> str:
+    """"auto" → "cuda" when a GPU is usable, else "cpu"; "cuda" without a GPU is a usage error."""
+    if device not in DEVICES:
+        raise UsageError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    return device
+
+
+def providers_for(device: str) -> list[str]:
+    """CUDA provider only when a GPU is actually there (asking for it otherwise logs errors)."""
+    if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    source = str(model) if isinstance(model, Path) else model
+    try:
+        return ort.InferenceSession(source, options, providers=providers_for(device))
+    except Exception as e:
+        name = model if isinstance(model, Path) else "the model"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QLPError(f"onnxruntime cannot load {name}: {first[:300]}; check the file with onnx.checker") from e
+
+
+@dataclass(frozen=True)
+class Latency:
+    batch: int  # images per run
+    median_ms: float  # median wall time of one run
+    p90_ms: float  # 90th percentile of one run
+    provider: str  # onnxruntime execution provider that ran it
+
+
+def check_input_fits(session: ort.InferenceSession, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """The model's declared input (C, H, W) and class count must fit the data."""
+    declared = session.get_inputs()[0].shape
+    if len(declared) != 1 + len(input_shape):
+        raise UsageError(f"the model takes input of shape {declared} but the data has images of shape "
+                         f"{list(input_shape)}; pick the data set the model was trained on")
+    for want, have in zip(declared[1:], input_shape, strict=True):
+        if isinstance(want, int) and want != have:
+            raise UsageError(f"the model takes input of shape {declared} but the data has images of shape "
+                             f"{list(input_shape)}; pick the data set the model was trained on")
+    out = session.get_outputs()[0].shape
+    if len(out) == 2 and isinstance(out[1], int) and out[1] != num_classes:
+        raise UsageError(f"the model predicts {out[1]} classes but the data has {num_classes}; "
+                         "pick the data set the model was trained on")
+
+
+def session_accuracy(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 256,
+                     limit: int | None = None) -> float:
+    """Top-1 accuracy through onnxruntime."""
+    name = session.get_inputs()[0].name
+    correct = seen = 0
+    for x, y in iterate_batches(dataset, batch_size, limit=limit):
+        logits = session.run(None, {name: x.numpy()})[0]
+        correct += int((logits.argmax(1) == y.numpy()).sum())
+        seen += len(y)
+    return correct / max(1, seen)
+
+
+def measure_latency(session: ort.InferenceSession, input_shape: tuple[int, ...], batch: int,
+                    warmup: int = 5, repeats: int = 30) -> Latency:
+    """Warm up, then time `repeats` runs on random input; median and p90 in milliseconds."""
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
+    for _ in range(warmup):
+        session.run(None, {name: x})
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {name: x})
+        times.append((time.perf_counter() - t0) * 1000)
+    return Latency(batch, float(np.median(times)), float(np.percentile(times, 90)), session.get_providers()[0])
