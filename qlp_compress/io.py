@@ -26,6 +26,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
     except OSError as e:
         raise QLPError(f"cannot write in {path.parent} ({e.strerror}); choose a writable folder with --out") from e
     try:
@@ -64,7 +67,8 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise QLPError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and run without --resume") from e
+        raise QLPError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and run without "
+                       "--resume") from e
 
 
 def sha256_file(path: Path) -> str:

@@ -1,0 +1,100 @@
+"""The pruning environment of QLP (our reading of the paper; see docs/method.md).
+
+A layer's state is its density d (fraction of its weights kept). The agent sweeps the layers in order,
+several passes, and at each visit removes a fraction `a` of the layer's *remaining* weights
+(d ← d·(1−a)). The episode ends when the global sparsity reaches the target — the crossing step is
+clipped so the target is met exactly, to the weight — and the reward is the accuracy of the pruned,
+not fine-tuned network. An episode still short of the target after the last pass fails with a negative
+reward proportional to the sparsity still missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_ACTIONS = tuple(round(0.1 * i, 1) for i in range(11))  # remove 0 %, 10 %, …, 100 % of what remains
+
+RewardFn = Callable[[np.ndarray], float]  # per-layer sparsities → reward (accuracy on the reward split)
+
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """The pruning game."""
+
+    actions: tuple[float, ...] = DEFAULT_ACTIONS  # fractions of a layer's remaining weights one step removes
+    passes: int = 4  # how many times an episode may visit each layer
+    failure_penalty: float = 1.0  # failed episode reward = −failure_penalty × (target − reached sparsity)
+    target_in_state: bool = True  # append the episode's target sparsity to the state (our addition: it lets
+    #                               the curriculum's stages share one replay buffer without contradicting it)
+
+
+class PruningEnv:
+    """Per-layer densities, the step rule, and the terminal reward."""
+
+    def __init__(self, numels: Sequence[int], reward_fn: RewardFn, settings: EnvSettings = EnvSettings()):
+        self.numels = np.asarray(numels, dtype=np.int64)
+        self.total = int(self.numels.sum())
+        self.reward_fn = reward_fn
+        self.settings = settings
+        self.n_layers = len(self.numels)
+        self.target = 0.5
+        self.reset(self.target)
+
+    @property
+    def state_size(self) -> int:
+        return self.n_layers + 1 + int(self.settings.target_in_state)
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.settings.actions)
+
+    def reset(self, target: float) -> np.ndarray:
+        self.target = target
+        self.target_pruned = round(target * self.total)  # weights the episode must remove, exactly
+        self.density = np.ones(self.n_layers)
+        self.step_count = 0
+        return self.state()
+
+    @property
+    def layer(self) -> int:
+        return self.step_count % self.n_layers
+
+    def state(self) -> np.ndarray:
+        """[index of the layer about to be visited, normalised to 0..1] + all layer densities
+        (+ the target sparsity when `target_in_state`)."""
+        index = self.layer / max(1, self.n_layers - 1)
+        head = [index, self.target] if self.settings.target_in_state else [index]
+        return np.concatenate((head, self.density)).astype(np.float32)
+
+    def pruned_counts(self, density: np.ndarray | None = None) -> np.ndarray:
+        d = self.density if density is None else density
+        return np.rint((1.0 - d) * self.numels).astype(np.int64)
+
+    def sparsities(self) -> np.ndarray:
+        """Per-layer sparsity in whole weights (what the masks will remove)."""
+        return self.pruned_counts() / self.numels
+
+    def global_sparsity(self) -> float:
+        return float(self.pruned_counts().sum()) / self.total
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+        """Apply `action` to the current layer; returns (next state, reward, done)."""
+        i = self.layer
+        new = self.density.copy()
+        new[i] *= 1.0 - self.settings.actions[action]
+        pruned = self.pruned_counts(new)
+        if pruned.sum() >= self.target_pruned:  # clip the crossing step so the target is met exactly
+            keep_pruned_i = self.target_pruned - (pruned.sum() - pruned[i])
+            new[i] = 1.0 - keep_pruned_i / self.numels[i]
+            self.density = new
+            self.step_count += 1
+            return self.state(), float(self.reward_fn(self.sparsities())), True
+        self.density = new
+        self.step_count += 1
+        if self.step_count >= self.settings.passes * self.n_layers:
+            missing = self.target - self.global_sparsity()
+            return self.state(), -self.settings.failure_penalty * missing, True
+        return self.state(), 0.0, False

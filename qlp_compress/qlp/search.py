@@ -1,0 +1,222 @@
+"""The QLP search: DQN episodes in the pruning environment through a curriculum of increasing targets.
+
+Each stage of the curriculum is a block of episodes at one target sparsity; the replay buffer and the
+networks carry over from stage to stage, and the best episode of every stage is kept, so one search gives
+a policy for each intermediate sparsity too. Random search ("random") plays the same game with uniformly
+random actions, all at the final target, for the same number of reward evaluations.
+
+Interrupts: a checkpoint holds everything (agent, replay, RNG states, history, best-so-far) as of the
+end of an episode. Ctrl-C or SIGTERM during an episode drops that episode and writes the checkpoint as of
+the last one; `resume` continues and ends with the same policy as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qlp_compress.errors import QLPError, UsageError
+from qlp_compress.interrupts import deferred_interrupts, sigterm_as_interrupt
+from qlp_compress.io import atomic_torch_save, load_checkpoint
+from qlp_compress.qlp.agent import AgentSettings, DQNAgent
+from qlp_compress.qlp.env import EnvSettings, PruningEnv
+
+METHODS = ("qlp", "random")
+
+
+class SearchInterrupted(QLPError):
+    """The search stopped on Ctrl-C/SIGTERM after writing its checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """One search."""
+
+    target: float  # final global sparsity
+    episodes: int = 400  # total episodes (= reward evaluations) over all stages
+    stages: int = 4  # curriculum stages; 1 = no curriculum
+    first_target: float = 0.5  # sparsity of the first stage (capped at half the final target)
+    final_share: float = 0.5  # share of the episodes spent at the final target
+    method: str = "qlp"  # "qlp" (DQN with curriculum) or "random" (random actions, final target only)
+    seed: int = 0  # agent initialisation, exploration and replay sampling
+    checkpoint_every: int = 10  # episodes between checkpoint writes
+    env: EnvSettings = field(default_factory=EnvSettings)  # the pruning game
+    agent: AgentSettings = field(default_factory=AgentSettings)  # DQN hyper-parameters
+
+
+def curriculum_targets(target: float, stages: int, first_target: float = 0.5) -> list[float]:
+    """Increasing targets ending at `target`, evenly spaced in log-density (0.5→0.71→0.83→0.9 for 0.9)."""
+    if stages <= 1:
+        return [target]
+    first = min(first_target, target / 2)
+    d0, d1 = 1.0 - first, 1.0 - target
+    return [round(1.0 - d0 * (d1 / d0) ** (k / (stages - 1)), 6) for k in range(stages)]
+
+
+def stage_episodes(total: int, stages: int, final_share: float = 0.5) -> list[int]:
+    """Episodes per stage: the final stage gets `final_share` of them, the earlier stages equal blocks."""
+    if stages == 1:
+        return [total]
+    base = round(total * (1.0 - final_share)) // (stages - 1)
+    return [base] * (stages - 1) + [total - base * (stages - 1)]
+
+
+@dataclass
+class StageBest:
+    target: float
+    reward: float = -float("inf")
+    sparsities: list[float] | None = None
+    episode: int = -1
+
+
+@dataclass
+class SearchProgress:
+    """Everything a search accumulates besides the agent; saved in checkpoints."""
+
+    episode: int = 0  # episodes completed
+    history: list[dict] = field(default_factory=list)  # one record per episode
+    best: list[StageBest] = field(default_factory=list)  # one per stage
+    reward_seconds: float = 0.0  # wall time inside the reward function
+    total_seconds: float = 0.0  # wall time of the episodes, reward included
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    settings: SearchSettings
+    best: list[StageBest]  # the best episode of each stage; the last is the answer
+    history: list[dict]
+    reward_seconds: float
+    total_seconds: float
+
+    @property
+    def final(self) -> StageBest:
+        return self.best[-1]
+
+
+def _epsilon(a: AgentSettings, stage: int, episode_in_stage: int, stage_length: int, method: str) -> float:
+    if method == "random":
+        return 1.0
+    start = a.eps_start if stage == 0 else a.eps_restart
+    progress = min(1.0, episode_in_stage / max(1.0, a.exploration_fraction * stage_length))
+    return start + (a.eps_end - start) * progress
+
+
+def run_search(
+    env: PruningEnv,
+    settings: SearchSettings,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_episode: Callable[[dict], None] | None = None,
+) -> SearchResult:
+    """Run (or resume) a search; returns the best policy of every stage."""
+    if settings.method not in METHODS:
+        raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
+    if not 0.0 < settings.target < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {settings.target}")
+    stages = 1 if settings.method == "random" else settings.stages
+    targets = curriculum_targets(settings.target, stages, settings.first_target)
+    lengths = stage_episodes(settings.episodes, stages, settings.final_share)
+    if min(lengths) < 1:
+        raise UsageError(f"--episodes {settings.episodes} is fewer than the {stages} curriculum stages")
+    agent = DQNAgent(env.state_size, env.n_actions, settings.agent, settings.seed)
+    progress = SearchProgress(best=[StageBest(t) for t in targets])
+    if resume and checkpoint is not None and checkpoint.exists():
+        progress = _load(checkpoint, settings, agent)
+
+    stage_of = np.repeat(np.arange(stages), lengths)
+    stage_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    learn = settings.method == "qlp"
+    with sigterm_as_interrupt():
+        while progress.episode < settings.episodes:
+            k = int(stage_of[progress.episode])
+            eps = _epsilon(settings.agent, k, progress.episode - stage_start[k], lengths[k], settings.method)
+            rng_at_start = agent.rng.bit_generator.state
+            try:
+                record, transitions = _play_episode(env, agent, targets[k], eps)
+            except KeyboardInterrupt:
+                agent.rng.bit_generator.state = rng_at_start  # as if the episode never started
+                if checkpoint is not None:
+                    with deferred_interrupts():
+                        _save(checkpoint, settings, agent, progress)
+                where = f"; resume with --resume (checkpoint {checkpoint})" if checkpoint else ""
+                raise SearchInterrupted(f"search interrupted after {progress.episode} episodes{where}") from None
+            with deferred_interrupts():  # learning and bookkeeping finish as a unit
+                if learn:
+                    agent.learn_from_episode(transitions)
+                record.update(stage=k + 1, target=targets[k], episode=progress.episode + 1)
+                progress.history.append(record)
+                progress.reward_seconds += record.pop("_reward_seconds")
+                progress.total_seconds += record["seconds"]
+                best = progress.best[k]
+                if record["succeeded"] and record["reward"] > best.reward:
+                    best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), \
+                        progress.episode + 1
+                record.pop("_sparsities", None)
+                progress.episode += 1
+                if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
+                                               or progress.episode == settings.episodes):
+                    _save(checkpoint, settings, agent, progress)
+            if on_episode:
+                on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
+    return SearchResult(settings, progress.best, progress.history, progress.reward_seconds, progress.total_seconds)
+
+
+def _play_episode(env: PruningEnv, agent: DQNAgent, target: float, epsilon: float) -> tuple[dict, list[tuple]]:
+    started = time.perf_counter()
+    reward_seconds = 0.0
+    state = env.reset(target)
+    transitions = []
+    done = False
+    while not done:
+        action = agent.act(state, epsilon)
+        t0 = time.perf_counter()
+        next_state, reward, done = env.step(action)
+        if done:
+            reward_seconds = time.perf_counter() - t0
+        transitions.append((state, action, reward, next_state, float(done)))
+        state = next_state
+    succeeded = env.pruned_counts().sum() >= env.target_pruned
+    record = {"reward": float(reward), "epsilon": round(epsilon, 4), "steps": len(transitions),
+              "reached": env.global_sparsity(), "succeeded": bool(succeeded),
+              "seconds": time.perf_counter() - started, "_reward_seconds": reward_seconds if succeeded else 0.0,
+              "_sparsities": [float(s) for s in env.sparsities()] if succeeded else None}
+    return record, transitions
+
+
+def _save(path: Path, settings: SearchSettings, agent: DQNAgent, progress: SearchProgress) -> None:
+    atomic_torch_save({"settings": asdict(settings), "agent": agent.state_dict(),
+                       "progress": {**asdict(progress), "best": [asdict(b) for b in progress.best]}}, path)
+
+
+def _load(path: Path, settings: SearchSettings, agent: DQNAgent) -> SearchProgress:
+    state = load_checkpoint(path)
+    if _normalise(state.get("settings")) != _normalise(asdict(settings)):
+        raise UsageError(f"{path} belongs to a search with other settings; rerun with the same options, or "
+                         "without --resume to start over")
+    agent.load_state_dict(state["agent"])
+    p = state["progress"]
+    return SearchProgress(episode=p["episode"], history=p["history"], best=[StageBest(**b) for b in p["best"]],
+                          reward_seconds=p["reward_seconds"], total_seconds=p["total_seconds"])
+
+
+def _normalise(settings: dict | None) -> dict | None:
+    """Settings minus what may change between a run and its resumption (the checkpoint interval)."""
+    if settings is None:
+        return None
+    out = dict(settings)
+    out.pop("checkpoint_every", None)
+    return _tuples_to_lists(out)
+
+
+def _tuples_to_lists(x):
+    if isinstance(x, dict):
+        return {k: _tuples_to_lists(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_tuples_to_lists(v) for v in x]
+    return x
