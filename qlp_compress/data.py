@@ -142,7 +142,8 @@ def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> I
         except Exception:  # no internet, or a broken mirror: fall through to the one-line advice
             pass
     searched = ", ".join(str(f) for f in fashion_mnist_candidates(data_dir))
-    raise QLPError(f"Fashion-MNIST not found (looked in {searched}; download failed): {HOW_TO_GET_FASHION_MNIST}")
+    tried = "; download failed" if download else ""
+    raise QLPError(f"Fashion-MNIST not found (looked in {searched}{tried}): {HOW_TO_GET_FASHION_MNIST}")
 
 
 def _fashion_mnist_from_arrays(a: dict[str, np.ndarray]) -> ImageData:

@@ -1,0 +1,58 @@
+# qlp-compress: `make demo` runs the main job on the shipped model, `make test` runs the tests.
+# Both set up what they need (a .venv with the package, the Fashion-MNIST data) on a fresh machine.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+QLP    := $(BIN)/qlp-compress
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: setup data demo test lint models bench bench-quick export-check clean
+
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (the tool also finds it via --data-dir,
+# $$QLP_DATA_DIR or ~/.cache/qlp-compress, and downloads it where there is internet).
+data:
+	@if [ ! -f $(FMNIST) ] && [ -z "$$QLP_DATA_DIR" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update >/dev/null && $$SUDO apt-get install -y dataset-fashion-mnist >/dev/null; } || \
+	  echo "note: could not install dataset-fashion-mnist; set QLP_DATA_DIR to a folder with the idx files"; \
+	fi
+
+demo: setup
+	$(QLP) search models/resnet20_fmnist.onnx --sparsity 0.9 --out out/demo --force
+
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check qlp_compress tests benchmarks
+
+# Rebuild the shipped baselines (about 1 h for ResNet-20 on 2 CPU cores; resumable with RESUME=--resume).
+models: setup
+	$(QLP) train resnet20 --data fashion-mnist --epochs 20 --seed 0 --out models/resnet20_fmnist.onnx --force $(RESUME)
+
+# A tiny end-to-end run on the shipped model; fails unless the exported files verify.
+export-check: setup
+	$(QLP) search models/resnet20_fmnist.onnx --sparsity 0.8 --episodes 8 --stages 2 --reward-images 200 \
+	  --finetune-epochs 0.02 --out out/export-check --force
+	$(QLP) evaluate out/export-check/model.onnx --repeats 3 --json > out/export-check/evaluate.json
+	$(QLP) evaluate out/export-check/model.sparse.onnx --repeats 3 --json > out/export-check/evaluate.sparse.json
+
+bench: setup
+	$(BIN)/python benchmarks/run.py --grid full
+
+bench-quick: setup
+	$(BIN)/python benchmarks/run.py --grid quick
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
