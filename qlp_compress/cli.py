@@ -12,10 +12,31 @@ from typing import Annotated
 import typer
 
 from qlp_compress import __version__
+from qlp_compress.allocate import ALLOCATORS, AllocationSettings
 from qlp_compress.errors import QLPError
 from qlp_compress.finetune import TrainSettings
-from qlp_compress.pipeline import DataSettings, evaluate_model, train_model
-from qlp_compress.report import console, evaluation_table, sparsity_table
+from qlp_compress.masks import find_prunable_layers
+from qlp_compress.pipeline import (
+    CompressSettings,
+    DataSettings,
+    ModelSettings,
+    Workspace,
+    check_can_write,
+    compare,
+    compress,
+    default_out_dir,
+    evaluate_model,
+    export_model,
+    finetune_pruned,
+    open_workspace,
+    prepare_out_dir,
+    train_model,
+)
+from qlp_compress.policy import load_policy
+from qlp_compress.qlp.env import EnvSettings
+from qlp_compress.qlp.reward import RewardSettings
+from qlp_compress.qlp.search import SearchSettings
+from qlp_compress.report import compare_table, console, evaluation_table, sparsity_table
 from qlp_compress.runtime import resolve_device
 from qlp_compress.zoo import ARCHS
 
@@ -59,8 +80,7 @@ def train_cmd(
     """Train a zoo model on the fine-tune split and export it to ONNX with its test accuracy."""
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              schedule=schedule, seed=seed, device=resolve_device(device))
-    command = "qlp-compress " + shlex.join(sys.argv[1:])
-    result = train_model(arch, DataSettings(data, data_dir), settings, out, command, resume=resume, force=force)
+    result = train_model(arch, DataSettings(data, data_dir), settings, out, _command(), resume=resume, force=force)
     console.print(f"[green]wrote {out}[/]: test accuracy {result['test_accuracy']:.2%} "
                   f"(onnxruntime, {result['data']}), trained in {result['train_seconds'] / 60:.1f} min")
 
@@ -82,6 +102,203 @@ def evaluate_cmd(
         return
     console.print(evaluation_table(result))
     console.print(sparsity_table(result["layers"]))
+
+
+ModelArg = Annotated[Path, typer.Argument(help="Model file: ONNX, PyTorch module/TorchScript, or a state dict "
+                                                "(with --arch).", exists=True, dir_okay=False)]
+ArchOpt = Annotated[str | None, typer.Option("--arch", help="Zoo architecture of a state-dict checkpoint.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-pickle", help="Allow full-module pickles (runs code from the file; "
+                                                             "only for files you trust).")]
+MeanOpt = Annotated[list[float] | None, typer.Option("--mean", help="Per-channel mean to fold in (repeat).")]
+StdOpt = Annotated[list[float] | None, typer.Option("--std", help="Per-channel std to fold in (repeat per channel).")]
+SparsityOpt = Annotated[float, typer.Option("--sparsity", help="Target global sparsity of the prunable weights, "
+                                                               "strictly between 0 and 1.")]
+OutDirOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (default: beside the model).")]
+EpochsOpt = Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs on the fine-tune split.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed of search and fine-tuning.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in the same --out.")]
+SparseOpt = Annotated[bool, typer.Option("--sparse-storage/--no-sparse-storage",
+                                         help="Also write model.sparse.onnx (sparse_initializer).")]
+MinDensityOpt = Annotated[float, typer.Option("--min-density", help="global: keep at least this fraction of "
+                                                                     "every layer.")]
+
+
+def _workspace(model: Path, data: str, data_dir: Path | None, device: str, arch: str | None, trust_pickle: bool,
+               mean: list[float] | None, std: list[float] | None, reward_size: int | None = None) -> Workspace:
+    return open_workspace(model, ModelSettings(arch, trust_pickle, tuple(mean) if mean else None,
+                                               tuple(std) if std else None),
+                          DataSettings(data, data_dir, reward_size), device)
+
+
+def _command() -> str:
+    return "qlp-compress " + shlex.join(sys.argv[1:])
+
+
+def _finetune_settings(epochs: float, lr: float, seed: int, device: str) -> TrainSettings | None:
+    if epochs <= 0:
+        return None
+    return TrainSettings(epochs=epochs, lr=lr, warmup_epochs=0.0, seed=seed, device=resolve_device(device))
+
+
+@app.command("search")
+def search_cmd(
+    model: ModelArg,
+    sparsity: SparsityOpt = 0.9,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    episodes: Annotated[int, typer.Option(help="Search episodes (reward evaluations), all stages together.")] = 400,
+    stages: Annotated[int, typer.Option(help="Curriculum stages of increasing sparsity (1 = none).")] = 4,
+    passes: Annotated[int, typer.Option(help="Visits per layer in one episode.")] = 4,
+    method: Annotated[str, typer.Option(help="qlp, or random (random search, same budget).")] = "qlp",
+    reward_images: Annotated[int, typer.Option(help="Reward-split images per reward evaluation.")] = 1000,
+    reward_size: Annotated[int | None, typer.Option(help="Training images held out as the reward split "
+                                                         "[default: 5000, or a tenth of a smaller training split]")]
+    = None,
+    bn_recalibrate: Annotated[int, typer.Option(help="Re-estimate BatchNorm on this many reward images before "
+                                                     "each reward (0 = off).")] = 0,
+    reward_engine: Annotated[str, typer.Option(help="auto, onnxruntime or torch.")] = "auto",
+    finetune_epochs: EpochsOpt = 2.0,
+    finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Fine-tune after pruning.")] = True,
+    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine decay).")] = 0.01,
+    sparse_storage: SparseOpt = True,
+    out: OutDirOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Find per-layer sparsities with QLP, prune, fine-tune, export a verified sparse ONNX and report."""
+    out = prepare_out_dir(out or default_out_dir(model, method, sparsity), force, resume)
+    ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std, reward_size)
+    search = SearchSettings(target=sparsity, episodes=episodes, stages=stages, method=method, seed=seed,
+                            env=EnvSettings(passes=passes))
+    reward = RewardSettings(images=reward_images, engine=reward_engine, bn_recalibrate=bn_recalibrate,
+                            device=ws.device)
+    settings = CompressSettings(method=method, target=sparsity, search=search, reward=reward,
+                                finetune=_finetune_settings(finetune_epochs if finetune else 0, lr, seed, device),
+                                sparse_storage=sparse_storage)
+    report = compress(model, ws, settings, out, _command(), resume=resume)
+    console.print(f"[green]wrote {out}[/]: model.onnx at sparsity {report['achieved_sparsity']:.4f}, test accuracy "
+                  f"{report['accuracy']['finetuned']:.2%} (dense {report['accuracy']['dense']:.2%})")
+
+
+@app.command("prune")
+def prune_cmd(
+    model: ModelArg,
+    sparsity: SparsityOpt = 0.9,
+    method: Annotated[str, typer.Option(help=f"Baseline allocator: {', '.join(ALLOCATORS)}.")] = "lamp",
+    policy: Annotated[Path | None, typer.Option(help="Apply this policy.json instead of a method.",
+                                                dir_okay=False)] = None,
+    min_density: MinDensityOpt = 0.0,
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    finetune_epochs: EpochsOpt = 0.0,
+    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine decay).")] = 0.01,
+    sparse_storage: SparseOpt = True,
+    out: OutDirOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report."""
+    ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std)
+    chosen = None
+    if policy is not None:
+        layers = find_prunable_layers(ws.loaded.module)
+        chosen = load_policy(policy, ws.loaded.sha256, [x.name for x in layers], [x.numel for x in layers])
+        method, sparsity = chosen.method, chosen.target
+    out = prepare_out_dir(out or default_out_dir(model, method, sparsity), force, False)
+    settings = CompressSettings(method=method, target=sparsity, allocation=AllocationSettings(min_density=min_density),
+                                finetune=_finetune_settings(finetune_epochs, lr, seed, device),
+                                sparse_storage=sparse_storage)
+    report = compress(model, ws, settings, out, _command(), policy=chosen)
+    console.print(f"[green]wrote {out}[/]: test accuracy {report['accuracy']['finetuned']:.2%} at sparsity "
+                  f"{report['achieved_sparsity']:.4f}")
+
+
+@app.command("compare")
+def compare_cmd(
+    model: ModelArg,
+    sparsity: Annotated[list[float], typer.Option("--sparsity", help="Target sparsity (repeat for several).")],
+    methods: Annotated[str, typer.Option(help="Comma-separated: qlp, random, global, lamp, erk, uniform.")]
+    = "qlp,lamp,global,erk,uniform",
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    episodes: Annotated[int, typer.Option(help="Search episodes for qlp and random.")] = 400,
+    reward_images: Annotated[int, typer.Option(help="Reward-split images per reward evaluation.")] = 1000,
+    finetune_epochs: EpochsOpt = 1.0,
+    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine decay).")] = 0.01,
+    min_density: MinDensityOpt = 0.0,
+    out: OutDirOpt = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    force: ForceOpt = False,
+) -> None:
+    """Several methods at several sparsities, same masks and fine-tuning budget, in one table."""
+    out = prepare_out_dir(out or model.parent / f"{model.stem}.compare", force, False)
+    ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
+    rows = compare(ws, [m.strip() for m in methods.split(",") if m.strip()], sparsity,
+                   SearchSettings(target=sparsity[0], episodes=episodes, seed=seed),
+                   RewardSettings(images=reward_images, device=ws.device), AllocationSettings(min_density=min_density),
+                   _finetune_settings(finetune_epochs, lr, seed, device), out, _command())
+    console.print(compare_table(rows))
+    console.print(f"[green]wrote {out}/compare.json and compare.md[/]")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    epochs: Annotated[float, typer.Option(help="Fine-tuning epochs.")] = 2.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (cosine decay).")] = 0.01,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out.")] = False,
+    force: ForceOpt = False,
+) -> None:
+    """Fine-tune an already pruned model with its zeros held (masks = its zero weights); export verified ONNX."""
+    check_can_write(out, force or resume)
+    ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
+    result = finetune_pruned(ws, _finetune_settings(epochs, lr, seed, device) or TrainSettings(epochs=0), out,
+                             _command(), resume)
+    console.print(f"[green]wrote {out}[/]: test accuracy {result['accuracy']:.2%} at sparsity "
+                  f"{result['global_sparsity']:.4f}")
+
+
+@app.command("export")
+def export_cmd(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option("--out", help="ONNX file to write.")],
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    sparse_storage: Annotated[bool, typer.Option("--sparse-storage", help="Write the sparse_initializer form "
+                                                                          "too (FILE.sparse.onnx).")] = False,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Export a PyTorch or ONNX model to a verified ONNX file (exact zeros kept, dynamic batch)."""
+    check_can_write(out, force)
+    ws = _workspace(model, data, data_dir, "cpu", arch, trust_pickle, mean, std)
+    result = export_model(ws, out, out.with_suffix(".sparse.onnx") if sparse_storage else None)
+    console.print(f"[green]wrote {out}[/] ({result['bytes'] / 1e6:.3f} MB, verified: max abs diff "
+                  f"{result['max_abs_diff']:.1e})")
 
 
 def main() -> None:

@@ -276,9 +276,16 @@ def load_dataset(data: str, data_dir: Path | None = None) -> ImageData:
 # ---------------------------------------------------------------------------------------------- splits
 
 
-def make_splits(data: ImageData, reward_size: int = 5000, seed: int = 0) -> Splits:
-    """Cut train into reward (`reward_size` images, fixed by `seed`) and fine-tune (the rest)."""
+DEFAULT_REWARD_SIZE = 5000
+
+
+def make_splits(data: ImageData, reward_size: int | None = None, seed: int = 0) -> Splits:
+    """Cut train into reward (`reward_size` images, fixed by `seed`) and fine-tune (the rest).
+
+    The default reward size is 5,000 images, or a tenth of the training split when that is smaller."""
     n = len(data.train)
+    if reward_size is None:
+        reward_size = min(DEFAULT_REWARD_SIZE, max(1, n // 10))
     if not 0 < reward_size < n:
         raise UsageError(f"--reward-size must be between 1 and {n - 1} for {data.name}, got {reward_size}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

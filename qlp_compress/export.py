@@ -23,7 +23,10 @@ WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}  # op type 
 
 def to_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], input_name: str = INPUT_NAME,
                   output_name: str = OUTPUT_NAME, opset: int = OPSET) -> bytes:
-    """Export `model` (eval mode, on CPU) with a dynamic batch axis; simplified with onnxslim."""
+    """Export `model` (eval mode, on CPU) with a dynamic batch axis; simplified with onnxslim.
+
+    The graph's input and output are named afterwards: the TorchScript exporter refuses names such as
+    "191" (which it exports itself when a user gives none), so imported models could not keep them."""
     import onnxslim
 
     model = model.eval().cpu()
@@ -31,10 +34,29 @@ def to_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], input_name: st
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns about folding strided slices
         torch.onnx.export(model, (torch.zeros(1, *input_shape),), buffer, dynamo=False, opset_version=opset,
-                          input_names=[input_name], output_names=[output_name],
-                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
     proto = onnxslim.slim(onnx.load_from_string(buffer.getvalue()))
+    _rename_value(proto.graph, INPUT_NAME, input_name)
+    _rename_value(proto.graph, OUTPUT_NAME, output_name)
     return proto.SerializeToString()
+
+
+def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename the value `old` to `new` everywhere in `graph`; a value already called `new` moves aside."""
+    if old == new:
+        return
+    names = {v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)}
+    names.update(name for node in graph.node for name in (*node.input, *node.output))
+    if new in names:
+        aside = next(f"{new}_{i}" for i in range(len(names) + 1) if f"{new}_{i}" not in names)
+        _rename_value(graph, new, aside)
+    for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
 
 
 def with_metadata(model_bytes: bytes, metadata: Mapping[str, object]) -> bytes:
@@ -99,3 +121,73 @@ def onnx_sparsity(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int, int]], f
     per_layer = {name: (int(w.size), int((w == 0).sum())) for name, w in weight_initializers(proto).items()}
     total = sum(n for n, _ in per_layer.values())
     return per_layer, (sum(z for _, z in per_layer.values()) / total if total else 0.0)
+
+
+SPARSE_STORAGE_MAX_DENSITY = 1 / 3  # a float32 value plus an int64 index take 12 bytes against 4 dense
+
+
+def to_sparse_storage(model_bytes: bytes, max_density: float = SPARSE_STORAGE_MAX_DENSITY) -> bytes:
+    """Move every weight initializer of density ≤ `max_density` into `sparse_initializer` (1-D int64
+    linear indices, as onnx.checker requires). onnxruntime densifies them on load: this saves disk and
+    download, not compute."""
+    proto = onnx.load_from_string(model_bytes)
+    weights = weight_initializers(proto)
+    keep = []
+    for tensor in proto.graph.initializer:
+        w = weights.get(tensor.name)
+        if w is None or np.count_nonzero(w) > max_density * w.size:
+            keep.append(tensor)
+            continue
+        flat = w.ravel()
+        indices = np.flatnonzero(flat).astype(np.int64)
+        proto.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(
+            numpy_helper.from_array(flat[indices], tensor.name),
+            numpy_helper.from_array(indices, f"{tensor.name}.indices"), list(w.shape)))
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(keep)
+    return proto.SerializeToString()
+
+
+def match_layers(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray]) -> dict[str, str]:
+    """Map each PyTorch layer to the ONNX weight with its shape and zero pattern.
+
+    The exporter folds BatchNorm into convolutions and renames the weights, but folding scales whole
+    output channels, so a layer's zero pattern survives: it identifies the layer."""
+    unused = dict(weights)
+    found = {}
+    for layer, keep in masks.items():
+        match = next((name for name, w in unused.items()
+                      if w.shape == keep.shape and np.array_equal(w != 0, keep)), None)
+        if match is not None:
+            found[layer] = match
+            del unused[match]
+    return found
+
+
+def verify_onnx(module: nn.Module, model_bytes: bytes, x: torch.Tensor, masks: Mapping[str, torch.Tensor],
+                atol: float = 1e-4) -> dict:
+    """Check an exported file against the PyTorch model it came from; raise QLPError when it differs.
+
+    - onnxruntime and PyTorch outputs on the batch `x`: max abs difference ≤ atol, identical top-1;
+    - every pruned layer's zero pattern (the masks) found, exactly, in one weight of the file."""
+    from qlp_compress.errors import QLPError
+    from qlp_compress.runtime import open_session
+
+    session = open_session(model_bytes)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = module.eval().cpu()(x).numpy()
+    max_diff = float(np.abs(got - expected).max())
+    same_top1 = bool((got.argmax(1) == expected.argmax(1)).all())
+    if max_diff > atol or not same_top1:
+        raise QLPError(f"the exported ONNX differs from the PyTorch model (max abs diff {max_diff:.2e}, "
+                       f"same top-1: {same_top1}); rerun with --debug and report it")
+    proto = onnx.load_from_string(model_bytes)
+    masks_np = {name: keep.cpu().numpy() for name, keep in masks.items()}
+    matched = match_layers(weight_initializers(proto), masks_np)
+    missing = [name for name in masks_np if name not in matched]
+    if missing:
+        raise QLPError(f"the exported ONNX lost the sparsity of layer {missing[0]} ({len(missing)} layers "
+                       "unmatched); rerun with --debug and report it")
+    return {"max_abs_diff": max_diff, "same_top1": same_top1, "layers_matched": len(matched),
+            "onnx_weight": matched}

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
+from torch import nn
 
 from qlp_compress import data as datasets
 from qlp_compress import export, runtime
+from qlp_compress.allocate import ALLOCATORS, AllocationSettings, allocate
 from qlp_compress.errors import QLPError, UsageError
 from qlp_compress.finetune import TrainSettings, train
-from qlp_compress.io import atomic_write_bytes
+from qlp_compress.importer import LoadedModel, load_model
+from qlp_compress.io import atomic_write_bytes, atomic_write_text
+from qlp_compress.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
+from qlp_compress.policy import Policy
+from qlp_compress.qlp.env import PruningEnv
+from qlp_compress.qlp.reward import Reward, RewardSettings
+from qlp_compress.qlp.search import METHODS, SearchSettings, run_search
 from qlp_compress.report import training_progress
 from qlp_compress.zoo import build_model, stats_for
 
@@ -24,7 +34,7 @@ class DataSettings:
 
     data: str = "fashion-mnist"  # a name ("fashion-mnist", "cifar10"), a .npz file or an image folder
     data_dir: Path | None = None  # where to look first for a named data set
-    reward_size: int = 5000  # images of the training split held out for the search reward
+    reward_size: int | None = None  # training images held out for the reward (None: 5,000 or a tenth)
     split_seed: int = 0  # fixes which images form the reward split
 
 
@@ -64,6 +74,7 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
     model_bytes = export.with_metadata(model_bytes, metadata)
     onnx.checker.check_model(onnx.load_from_string(model_bytes), full_check=True)
     atomic_write_bytes(out, model_bytes)
+    checkpoint.unlink(missing_ok=True)
     return result
 
 
@@ -103,3 +114,314 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
         metadata=export.read_metadata(proto),
     )
     return result
+
+
+# --------------------------------------------------------------------------------------- compression
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How to read the input model."""
+
+    arch: str | None = None  # zoo architecture for a bare state dict
+    trust_pickle: bool = False  # allow full-module pickles (runs code from the file)
+    mean: tuple[float, ...] | None = None  # fold this normalisation in front of the model
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A loaded model with the data it is compressed on."""
+
+    loaded: LoadedModel
+    data: datasets.ImageData
+    splits: datasets.Splits
+    device: str  # resolved torch device
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.data.input_shape
+
+
+def open_workspace(model_path: Path, model_settings: ModelSettings, data_settings: DataSettings,
+                   device: str = "auto") -> Workspace:
+    """Load the data and the model, and check that they fit each other."""
+    import torch
+
+    device = runtime.resolve_device(device)
+    data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
+    loaded = load_model(model_path, arch=model_settings.arch, trust_pickle=model_settings.trust_pickle,
+                        num_classes=data.num_classes, in_channels=data.input_shape[0], mean=model_settings.mean,
+                        std=model_settings.std, verify_input_shape=data.input_shape)
+    check_finite(loaded.module)
+    if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(data.input_shape):
+        raise UsageError(f"{model_path} takes images of shape {list(loaded.input_shape)} but {data.name} has "
+                         f"{list(data.input_shape)}; pick the data set the model was trained on")
+    x, _ = next(datasets.iterate_batches(data.test, 2))
+    try:
+        with torch.no_grad():
+            logits = loaded.module.eval()(x)
+    except RuntimeError as e:
+        raise UsageError(f"{model_path} cannot run on {data.name} images of shape {list(data.input_shape)} "
+                         f"({str(e).splitlines()[0][:120]}); pick the data set the model was trained on") from e
+    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
+        raise UsageError(f"{model_path} outputs shape {list(logits.shape[1:])} but {data.name} has "
+                         f"{data.num_classes} classes; pick the data set the model was trained on")
+    splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
+    return Workspace(loaded, data, splits, device)
+
+
+def find_policy(ws: Workspace, method: str, target: float, search: SearchSettings | None = None,
+                reward_settings: RewardSettings | None = None, allocation: AllocationSettings | None = None,
+                checkpoint: Path | None = None, resume: bool = False,
+                on_episode: Callable[[dict], None] | None = None) -> Policy:
+    """Per-layer sparsities by QLP, random search or a baseline allocator."""
+    if not 0.0 < target < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {target}")
+    layers = find_prunable_layers(ws.loaded.module)
+    names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
+    common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256}
+    if method in ALLOCATORS:
+        weights = {layer.name: layer.weight.detach() for layer in layers}
+        sparsities = allocate(method, weights, target, allocation or AllocationSettings())
+        return Policy(method=method, sparsities=[sparsities[n] for n in names], **common)
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
+    search = replace(search or SearchSettings(target=target), target=target, method=method)
+    reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings or RewardSettings(device=ws.device))
+    env = PruningEnv(reward.numels, reward, search.env)
+    result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode)
+    if result.final.sparsities is None:
+        raise QLPError(f"no episode reached sparsity {target} in {search.episodes} episodes; raise --episodes "
+                       "or --passes")
+    outside = result.total_seconds - result.reward_seconds
+    stats = {"episodes": len(result.history), "reward_evaluations": reward.evaluations,
+             "reward_engine": reward.engine, "reward_images": len(reward.y),
+             "wall_seconds": round(result.total_seconds, 2), "reward_seconds": round(result.reward_seconds, 2),
+             "seconds_per_episode": round(result.total_seconds / max(1, len(result.history)), 4),
+             "share_outside_reward": round(outside / max(1e-9, result.total_seconds), 4),
+             "rewards": [round(h["reward"], 5) for h in result.history],
+             "stage_of_episode": [h["stage"] for h in result.history]}
+    stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities}
+              for b in result.best]
+    return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
+                  stages=stages, search=stats, seed=search.seed, **common)
+
+
+def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
+                       checkpoint: Path | None = None, resume: bool = False) -> tuple[nn.Module, nn.Module, dict]:
+    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None."""
+    pruned = copy.deepcopy(ws.loaded.module)
+    masks = MagnitudePruner(pruned).masks(policy.by_layer())
+    apply_masks(pruned, masks)
+    tuned = copy.deepcopy(pruned)
+    if settings is not None and settings.epochs > 0:
+        with training_progress("fine-tune") as on_step:
+            train(tuned, ws.splits.finetune, settings, masks=masks, checkpoint=checkpoint, resume=resume,
+                  on_step=on_step)
+    return pruned.cpu().eval(), tuned.cpu().eval(), masks
+
+
+def export_bytes(module: nn.Module, ws: Workspace) -> bytes:
+    return export.to_onnx_bytes(module, ws.input_shape, ws.loaded.input_name, ws.loaded.output_name)
+
+
+def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, policy: Policy | None = None,
+                    sparse_path: Path | None = None) -> dict:
+    """Verify an export of `module` against it (outputs, zero patterns, per-layer sparsity = policy within one
+    weight), write it and check that the file holds exactly what was verified; the same for sparse storage."""
+    import numpy as np
+
+    loaded = ws.loaded
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    x, _ = datasets.materialize(ws.splits.reward, limit=64)
+    masks = {layer.name: (layer.weight != 0).detach().cpu() for layer in find_prunable_layers(module)}
+    check = export.verify_onnx(module, data, x, masks)
+    if policy is not None:
+        file_weights = export.weight_initializers(onnx.load_from_string(data))
+        for name, n, s in zip(policy.layers, policy.numels, policy.sparsities, strict=True):
+            zeros = int((file_weights[check["onnx_weight"][name]] == 0).sum())
+            if abs(zeros - pruned_count(s, n)) > 1:
+                raise QLPError(f"layer {name} has {zeros} zero weights in the export but the policy prunes "
+                               f"{pruned_count(s, n)}; rerun with --debug and report it")
+    atomic_write_bytes(path, data)
+    if path.read_bytes() != data:
+        raise QLPError(f"{path} does not hold what was written; check the disk and rerun")
+    result = {"path": str(path), "bytes": len(data), **{k: v for k, v in check.items() if k != "onnx_weight"}}
+    if sparse_path is not None:
+        sparse = export.to_sparse_storage(data)
+        # no full_check: ONNX shape inference does not accept sparse tensors as Conv/Gemm weights
+        onnx.checker.check_model(onnx.load_from_string(sparse))
+        dense_out = runtime.open_session(data).run(None, {loaded.input_name: x.numpy()})[0]
+        sparse_out = runtime.open_session(sparse).run(None, {loaded.input_name: x.numpy()})[0]
+        dense_w = export.weight_initializers(onnx.load_from_string(data))
+        sparse_w = export.weight_initializers(onnx.load_from_string(sparse))
+        if not (np.array_equal(dense_out, sparse_out) and dense_w.keys() == sparse_w.keys()
+                and all(np.array_equal(dense_w[k], sparse_w[k]) for k in dense_w)):
+            raise QLPError("the sparse-storage file differs from the dense one; rerun with --debug and report it")
+        atomic_write_bytes(sparse_path, sparse)
+        if sparse_path.read_bytes() != sparse:
+            raise QLPError(f"{sparse_path} does not hold what was written; check the disk and rerun")
+        result.update(sparse_path=str(sparse_path), sparse_bytes=len(sparse))
+    return result
+
+
+def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30) -> dict:
+    """Test accuracy, latency (batch 1 and 64) and sizes of an ONNX model through onnxruntime."""
+    raw = model.read_bytes() if isinstance(model, Path) else model
+    session = runtime.open_session(raw, ws.device)
+    return {"accuracy": runtime.session_accuracy(session, ws.splits.test),
+            "latency": [vars(runtime.measure_latency(session, ws.input_shape, b, repeats=repeats)) for b in (1, 64)],
+            "bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
+            "global_sparsity": export.onnx_sparsity(onnx.load_from_string(raw))[1]}
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """One compression run: how to choose the sparsities, fine-tune and export."""
+
+    method: str = "qlp"  # "qlp", "random", or a baseline allocator name
+    target: float = 0.9  # global sparsity of the prunable weights
+    search: SearchSettings | None = None  # for qlp/random (target and method are filled in)
+    reward: RewardSettings | None = None  # how the search reward is measured
+    allocation: AllocationSettings | None = None  # for the baseline allocators
+    finetune: TrainSettings | None = None  # None = no fine-tuning
+    sparse_storage: bool = True  # also write model.sparse.onnx
+    latency_repeats: int = 30  # timed runs per latency figure
+
+
+def default_out_dir(model_path: Path, method: str, target: float) -> Path:
+    return model_path.parent / f"{model_path.stem}.{method}-{target:g}"
+
+
+def prepare_out_dir(out: Path, force: bool, resume: bool) -> Path:
+    """An output folder that may be written: new, or existing with --force or --resume."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    if out.exists() and any(out.iterdir()) and not (force or resume):
+        raise UsageError(f"output folder {out} already exists; pass --force to overwrite, --resume to continue, "
+                         "or choose another --out")
+    try:
+        (out / ".work").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QLPError(f"cannot create {out} ({e.strerror}); choose a writable --out") from e
+    return out
+
+
+def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: Path, command: str,
+             resume: bool = False, policy: Policy | None = None) -> dict:
+    """Search (or allocate) → prune → fine-tune → export → verify → report, all files under `out`."""
+    from qlp_compress.report import search_progress, write_report
+
+    work = out / ".work"
+    started = time.perf_counter()
+    if policy is None:
+        search = settings.search or SearchSettings(target=settings.target)
+        with search_progress(f"{settings.method} search", search.episodes) as on_episode:
+            policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
+                                 settings.allocation, checkpoint=work / "search.ckpt", resume=resume,
+                                 on_episode=on_episode)
+    policy.save(out / "policy.json")
+    pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume)
+    tuned_bytes = export_bytes(tuned, ws)
+    measured = {"dense": measure_onnx(export_bytes(ws.loaded.module, ws), ws, settings.latency_repeats),
+                "pruned": measure_onnx(export_bytes(pruned, ws), ws, settings.latency_repeats),
+                "finetuned": measure_onnx(tuned_bytes, ws, settings.latency_repeats)}
+    metadata = {"qlp.source_sha256": ws.loaded.sha256, "qlp.method": policy.method,
+                "qlp.target_sparsity": policy.target, "qlp.achieved_sparsity": f"{policy.achieved:.6f}",
+                "qlp.policy": ",".join(f"{s:.4f}" for s in policy.sparsities), "qlp.dataset": ws.data.name,
+                "qlp.dense_test_accuracy": f"{measured['dense']['accuracy']:.4f}",
+                "qlp.pruned_test_accuracy": f"{measured['pruned']['accuracy']:.4f}",
+                "qlp.finetuned_test_accuracy": f"{measured['finetuned']['accuracy']:.4f}", "qlp.command": command,
+                **{k: v for k, v in ws.loaded.metadata.items() if not k.startswith("qlp.")}}
+    verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, out / "model.onnx",
+                                   policy, out / "model.sparse.onnx" if settings.sparse_storage else None)
+    if settings.sparse_storage:
+        raw = (out / "model.sparse.onnx").read_bytes()
+        measured["sparse_storage"] = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6))}
+    readback, _ = export.onnx_sparsity(onnx.load(str(out / "model.onnx")))
+    report = {
+        "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "device": ws.device,
+        "method": policy.method, "target_sparsity": policy.target, "achieved_sparsity": policy.achieved,
+        "file_global_sparsity": measured["finetuned"]["global_sparsity"],
+        "test_images": len(ws.splits.test), "accuracy": {k: v["accuracy"] for k, v in measured.items()
+                                                         if "accuracy" in v},
+        "measured": measured, "verification": verification,
+        "layers": [{"name": n, "weights": w, "sparsity": s}
+                   for n, w, s in zip(policy.layers, policy.numels, policy.sparsities, strict=True)],
+        "search": {k: v for k, v in policy.search.items() if k not in ("rewards", "stage_of_episode")},
+        "stages": [{k: v for k, v in s.items() if k != "sparsities"} for s in policy.stages],
+        "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
+                                                            "lr": settings.finetune.lr},
+        "file_layers_read_back": len(readback), "command": command,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_report(out, report, policy)
+    for leftover in work.glob("*"):
+        leftover.unlink()
+    work.rmdir()
+    return report
+
+
+def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool = False) -> dict:
+    """Fine-tune a model that is already pruned: its zero weights are the masks, held at zero."""
+    module = copy.deepcopy(ws.loaded.module)
+    masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
+    if settings.epochs > 0:
+        with training_progress("fine-tune") as on_step:
+            train(module, ws.splits.finetune, settings, masks=masks, checkpoint=out.with_suffix(".ckpt"),
+                  resume=resume, on_step=on_step)
+    module.cpu().eval()
+    data = export_bytes(module, ws)
+    measured = measure_onnx(data, ws, repeats=1)
+    metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256, "qlp.command": command,
+                "qlp.finetuned_test_accuracy": f"{measured['accuracy']:.4f}"}
+    export_verified(module, export.with_metadata(data, metadata), ws, out)
+    out.with_suffix(".ckpt").unlink(missing_ok=True)
+    return measured
+
+
+def export_model(ws: Workspace, out: Path, sparse_path: Path | None = None) -> dict:
+    """The loaded model as a verified ONNX file (and its sparse-storage variant)."""
+    metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256}
+    data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
+    return export_verified(ws.loaded.module, data, ws, out, sparse_path=sparse_path)
+
+
+def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
+            reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
+            out: Path, command: str) -> list[dict]:
+    """Every method at every target: same masks rule, same fine-tuning budget, test accuracy via onnxruntime.
+
+    Writes compare.json after every cell, so an interrupted comparison keeps what it measured."""
+    from qlp_compress.io import atomic_write_json
+    from qlp_compress.report import compare_markdown, search_progress
+
+    for method in methods:
+        if method not in ALLOCATORS and method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; use {', '.join((*METHODS, *ALLOCATORS))}")
+    dense_accuracy = measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=1)["accuracy"]
+    rows = []
+    for target in targets:
+        for method in methods:
+            started = time.perf_counter()
+            if method in METHODS:
+                with search_progress(f"{method} @ {target:g}", search.episodes) as on_episode:
+                    policy = find_policy(ws, method, target, replace(search, target=target), reward_settings,
+                                         on_episode=on_episode)
+            else:
+                policy = find_policy(ws, method, target, allocation=allocation)
+            search_seconds = time.perf_counter() - started
+            pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+            rows.append({"method": method, "target": target, "achieved": policy.achieved,
+                         "dense_accuracy": dense_accuracy,
+                         "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, repeats=1)["accuracy"],
+                         "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, repeats=1)["accuracy"]
+                         if finetune else None,
+                         "best_reward": policy.best_reward, "search_seconds": round(search_seconds, 1),
+                         "sparsities": policy.sparsities})
+            atomic_write_json(out / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
+                                                     "layers": policy.layers, "rows": rows})
+    atomic_write_text(out / "compare.md", compare_markdown(rows, command))
+    (out / ".work").rmdir()
+    return rows

@@ -1,0 +1,141 @@
+"""End to end at a tiny budget: search → prune → fine-tune → export → verify → report, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from qlp_compress import export
+from qlp_compress.masks import pruned_count
+from qlp_compress.runtime import open_session
+from qlp_compress.zoo import build_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    """A small LeNet-5 ONNX model trained a few steps on a learnable .npz task (28×28, 4 classes)."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    n = 1200
+    y = rng.integers(0, 4, n)
+    x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
+    for k in range(4):  # class k: a bright 7×7 square in quadrant k
+        rows, cols = (k // 2) * 14 + 3, (k % 2) * 14 + 3
+        x[y == k, :, rows : rows + 7, cols : cols + 7] = 220
+    np.savez(root / "data.npz", x=x[:1000], y=y[:1000], x_test=x[1000:], y_test=y[1000:])
+    torch.manual_seed(0)
+    model = build_model("lenet5", 1, 4, (0.2,), (0.3,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    xt, yt = torch.from_numpy(x[:1000]).float() / 255, torch.from_numpy(y[:1000])
+    for i in range(60):
+        batch = slice((i * 50) % 1000, (i * 50) % 1000 + 50)
+        loss = torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    path = root / "lenet.onnx"
+    path.write_bytes(export.to_onnx_bytes(model, (1, 28, 28)))
+    return path, root / "data.npz"
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "qlp_compress", *args], capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}: {result.stderr[-2000:]}")
+    return result
+
+
+def test_search_end_to_end(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "run"
+    run_cli("search", str(model), "--sparsity", "0.8", "--data", str(data), "--reward-size", "300",
+            "--episodes", "12", "--stages", "2", "--reward-images", "200", "--finetune-epochs", "0.5",
+            "--out", str(out), "--device", "cpu")
+    for name in ("model.onnx", "model.sparse.onnx", "policy.json", "report.json", "report.md", "sparsity.png",
+                 "reward.png"):
+        assert (out / name).is_file(), name
+    assert not (out / ".work").exists()
+    policy = json.loads((out / "policy.json").read_text())
+    report = json.loads((out / "report.json").read_text())
+    # the target is met to the weight, and the file holds what the policy says, layer by layer
+    total = sum(layer["weights"] for layer in policy["layers"])
+    removed = sum(pruned_count(layer["sparsity"], layer["weights"]) for layer in policy["layers"])
+    assert removed == round(0.8 * total)
+    proto = onnx.load(str(out / "model.onnx"))
+    file_weights = export.weight_initializers(proto)
+    zeros_in_file = sorted(int((w == 0).sum()) for w in file_weights.values())
+    assert len(zeros_in_file) == len(policy["layers"])
+    expected = sorted(pruned_count(layer["sparsity"], layer["weights"]) for layer in policy["layers"])
+    assert all(abs(a - b) <= 1 for a, b in zip(zeros_in_file, expected, strict=True))
+    # one policy per curriculum stage, the last at the target
+    assert [round(s["target"], 6) for s in policy["stages"]][-1] == 0.8
+    assert len(policy["search"]["rewards"]) == 12
+    # metadata and reported accuracy agree with a fresh onnxruntime measurement of the written file
+    meta = export.read_metadata(proto)
+    assert meta["qlp.source_sha256"] == policy["model_sha256"]
+    d = np.load(data)
+    session = open_session(out / "model.onnx")
+    logits = session.run(None, {session.get_inputs()[0].name: d["x_test"].astype(np.float32) / 255})[0]
+    accuracy = float((logits.argmax(1) == d["y_test"]).mean())
+    assert accuracy == pytest.approx(report["accuracy"]["finetuned"])
+    assert float(meta["qlp.finetuned_test_accuracy"]) == pytest.approx(accuracy, abs=1e-4)
+    # the sparse-storage file gives the same outputs and is smaller
+    sparse = open_session(out / "model.sparse.onnx")
+    sparse_logits = sparse.run(None, {sparse.get_inputs()[0].name: d["x_test"].astype(np.float32) / 255})[0]
+    np.testing.assert_array_equal(logits, sparse_logits)
+    assert (out / "model.sparse.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+    assert len(onnx.load(str(out / "model.sparse.onnx")).graph.sparse_initializer) > 0
+    # an existing folder is refused without --force, and left as it was
+    before = (out / "model.onnx").read_bytes()
+    again = run_cli("search", str(model), "--data", str(data), "--out", str(out), check=False)
+    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    assert (out / "model.onnx").read_bytes() == before
+
+    # prune --policy applies the same per-layer sparsities; finetune keeps the zeros
+    out2 = tmp_path / "replay"
+    run_cli("prune", str(model), "--policy", str(out / "policy.json"), "--data", str(data), "--out", str(out2),
+            "--device", "cpu")
+    replay = json.loads((out2 / "policy.json").read_text())
+    assert [x["sparsity"] for x in replay["layers"]] == [x["sparsity"] for x in policy["layers"]]
+    tuned = tmp_path / "tuned.onnx"
+    run_cli("finetune", str(out2 / "model.onnx"), "--data", str(data), "--epochs", "0.5", "--out", str(tuned),
+            "--device", "cpu")
+    before_w = export.weight_initializers(onnx.load(str(out2 / "model.onnx")))
+    after_w = export.weight_initializers(onnx.load(str(tuned)))
+    before_zeros = sorted(int((w == 0).sum()) for w in before_w.values())
+    after_zeros = sorted(int((w == 0).sum()) for w in after_w.values())
+    assert before_zeros == after_zeros
+
+
+@pytest.mark.parametrize("method", ["lamp", "global", "erk", "uniform"])
+def test_prune_baselines_meet_target(tiny, tmp_path, method):
+    model, data = tiny
+    out = tmp_path / method
+    run_cli("prune", str(model), "--method", method, "--sparsity", "0.7", "--data", str(data), "--out", str(out),
+            "--no-sparse-storage", "--device", "cpu")
+    policy = json.loads((out / "policy.json").read_text())
+    total = sum(layer["weights"] for layer in policy["layers"])
+    removed = sum(pruned_count(layer["sparsity"], layer["weights"]) for layer in policy["layers"])
+    assert abs(removed - round(0.7 * total)) <= len(policy["layers"])
+    _, file_sparsity = export.onnx_sparsity(onnx.load(str(out / "model.onnx")))
+    assert file_sparsity == pytest.approx(removed / total, abs=1e-6)
+
+
+def test_compare_table(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "cmp"
+    run_cli("compare", str(model), "--sparsity", "0.6", "--methods", "random,lamp,uniform", "--episodes", "4",
+            "--reward-images", "100", "--data", str(data), "--finetune-epochs", "0", "--out", str(out),
+            "--device", "cpu")
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["random", "lamp", "uniform"]
+    assert all(r["finetuned_accuracy"] is None for r in rows)
+    assert "| 0.6 | lamp |" in (out / "compare.md").read_text()
