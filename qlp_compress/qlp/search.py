@@ -12,6 +12,7 @@ the last one; `resume` continues and ends with the same policy as an uninterrupt
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,7 @@ class SearchSettings:
     stages: int = 4  # curriculum stages; 1 = no curriculum
     first_target: float = 0.5  # sparsity of the first stage (capped at half the final target)
     final_share: float = 0.5  # share of the episodes spent at the final target
+    stage_targets: tuple[float, ...] = ()  # explicit curriculum (increasing, ending at target); overrides stages
     method: str = "qlp"  # "qlp" (DQN with curriculum) or "random" (random actions, final target only)
     seed: int = 0  # agent initialisation, exploration and replay sampling
     checkpoint_every: int = 10  # episodes between checkpoint writes
@@ -54,9 +56,9 @@ def curriculum_targets(target: float, stages: int, first_target: float = 0.5) ->
     """Increasing targets ending at `target`, evenly spaced in log-density (0.5→0.71→0.83→0.9 for 0.9)."""
     if stages <= 1:
         return [target]
-    first = min(first_target, target / 2)
+    first = first_target if target > first_target else target / 2
     d0, d1 = 1.0 - first, 1.0 - target
-    return [round(1.0 - d0 * (d1 / d0) ** (k / (stages - 1)), 6) for k in range(stages)]
+    return [round(1.0 - d0 * (d1 / d0) ** (k / (stages - 1)), 6) for k in range(stages - 1)] + [target]
 
 
 def stage_episodes(total: int, stages: int, final_share: float = 0.5) -> list[int]:
@@ -104,7 +106,7 @@ def _epsilon(a: AgentSettings, stage: int, episode_in_stage: int, stage_length: 
         return 1.0
     start = a.eps_start if stage == 0 else a.eps_restart
     progress = min(1.0, episode_in_stage / max(1.0, a.exploration_fraction * stage_length))
-    return start + (a.eps_end - start) * progress
+    return float(start + (a.eps_end - start) * progress)  # a numpy scalar here would make the checkpoint unloadable
 
 
 def run_search(
@@ -119,8 +121,15 @@ def run_search(
         raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
     if not 0.0 < settings.target < 1.0:
         raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {settings.target}")
-    stages = 1 if settings.method == "random" else settings.stages
-    targets = curriculum_targets(settings.target, stages, settings.first_target)
+    if settings.method == "random":
+        targets = [settings.target]
+    elif settings.stage_targets:
+        targets = list(settings.stage_targets)
+        if targets[-1] != settings.target or any(a >= b for a, b in itertools.pairwise(targets)):
+            raise UsageError(f"curriculum targets {targets} must increase and end at the target {settings.target}")
+    else:
+        targets = curriculum_targets(settings.target, settings.stages, settings.first_target)
+    stages = len(targets)
     lengths = stage_episodes(settings.episodes, stages, settings.final_share)
     if min(lengths) < 1:
         raise UsageError(f"--episodes {settings.episodes} is fewer than the {stages} curriculum stages")

@@ -1,0 +1,176 @@
+"""docs/benchmarks.md and its plots, from benchmarks/results/*.json (every grid that has results)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from qlp_compress.io import atomic_path, atomic_write_text
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+METHODS = ("qlp", "random", "global", "lamp", "erk", "uniform")
+
+
+def fmt(cell: dict | None) -> str:
+    if cell is None:
+        return "–"
+    return f"{cell['mean']:.2%} ± {cell['std']:.2%}" if cell["n"] > 1 else f"{cell['mean']:.2%}"
+
+
+def save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_accuracy(summary: dict, path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key, title in ((axes[0], "pruned", "before fine-tuning"), (axes[1], "finetuned", "after fine-tuning")):
+        for method in METHODS:
+            rows = [r for r in summary["table"] if r["method"] == method]
+            xs = [r["target"] for r in rows]
+            ax.errorbar(xs, [r[key]["mean"] for r in rows], yerr=[r[key]["std"] for r in rows], marker="o",
+                        capsize=3, label=method)
+        ax.axhline(summary["dense"]["accuracy"], color="grey", linestyle=":", label="dense")
+        ax.set_title(title)
+        ax.set_xlabel("global sparsity")
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("test accuracy (onnxruntime)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path)
+
+
+def plot_layers(summary: dict, target: float, path: Path) -> None:
+    layers = summary["layers"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.4 * len(layers)), 3.6))
+    chosen = [m for m in ("qlp", "lamp", "global") if any(r["method"] == m for r in summary["table"])]
+    width = 0.8 / len(chosen)
+    for i, method in enumerate(chosen):
+        row = next(r for r in summary["table"] if r["method"] == method and r["target"] == target)
+        ax.bar([x + i * width for x in range(len(layers))], row["sparsities_seed0"], width, label=method)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(layers))])
+    ax.set_xticklabels([n.removeprefix("1.") for n in layers], rotation=90, fontsize=7)
+    ax.set_ylabel(f"layer sparsity at {target:g}")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    save(fig, path)
+
+
+def reading(summary: dict) -> list[str]:
+    """Plain-words comparison of QLP with the best of the simple baselines, per sparsity, with the noise."""
+    lines = []
+    for target in summary["settings"]["sparsities"]:
+        rows = {r["method"]: r for r in summary["table"] if r["target"] == target}
+        for key, label in (("finetuned", "after fine-tuning"), ("pruned", "before fine-tuning")):
+            best = max(("global", "lamp", "erk", "uniform"), key=lambda m: rows[m][key]["mean"])
+            q, b = rows["qlp"][key], rows[best][key]
+            diff = q["mean"] - b["mean"]
+            noise = max(q["std"], b["std"])
+            verdict = ("within the seed noise of" if abs(diff) <= noise else "ahead of" if diff > 0 else "behind")
+            lines.append(f"- {target:g}, {label}: QLP {fmt(q)} vs best simple baseline {best} {fmt(b)} — "
+                         f"{diff * 100:+.2f} points, QLP is {verdict} it; random search {fmt(rows['random'][key])}.")
+    return lines
+
+
+def grid_section(summary: dict) -> list[str]:
+    g, m = summary["grid"], summary["machine"]
+    s = summary["settings"]
+    acc_png, layers_png = f"img/bench_accuracy_{g}.png", f"img/bench_layers_{g}.png"
+    plot_accuracy(summary, DOCS / acc_png)
+    layer_target = 0.95 if 0.95 in s["sparsities"] else s["sparsities"][-1]
+    plot_layers(summary, layer_target, DOCS / layers_png)
+    lines = [f"## Grid `{g}` (`make bench{'-quick' if g == 'quick' else ''}`)", "",
+             f"Machine: {m['processor']}, {m['torch_threads']} torch threads, device {m['device']}; Python "
+             f"{m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}; commit {m['commit']}; "
+             f"wall time of the last invocation {summary['wall_seconds'] / 60:.1f} min (cached cells are free).", "",
+             f"Settings: sparsities {s['sparsities']}, seeds {s['seeds']}, one QLP curriculum search of "
+             f"{s['qlp_episodes']} episodes per seed (its stages are the sparsities, after 0.5), "
+             f"{s['reward_images']} reward images per evaluation, fine-tuning {s['finetune_epochs']} epoch "
+             f"(lr {s['finetune_lr']}, cosine) for every method. Random search gets QLP's reward evaluations up to "
+             "that stage. Test accuracy via onnxruntime on the 10,000 test images; mean ± std over seeds "
+             "(searches and fine-tuning seeds; the baselines' masks are deterministic).", "",
+             f"Dense model: {summary['dense']['accuracy']:.2%}.", "",
+             "| sparsity | method | before fine-tuning | after fine-tuning | best reward (reward split) "
+             "| reward evals |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for r in summary["table"]:
+        lines.append(f"| {r['target']:g} | {r['method']} | {fmt(r['pruned'])} | {fmt(r['finetuned'])} | "
+                     f"{fmt(r['best_reward'])} | {r['reward_evaluations'] or '–'} |")
+    lines += ["", f"![accuracy vs sparsity]({acc_png})", "", f"![per-layer sparsity at {layer_target:g}]({layers_png})",
+              "", "### Reading", "", *reading(summary), ""]
+    c = summary["search_cost"]
+    lines += ["### Search cost", "",
+              f"- QLP: {c['qlp']['episodes']} episodes, {fmt_s(c['qlp']['wall_seconds'])} per search, "
+              f"{c['qlp']['seconds_per_episode']['mean']:.3f} s per episode, "
+              f"{c['qlp']['share_outside_reward']['mean']:.1%} of the time outside the reward "
+              f"({c['qlp']['reward_engine']} engine).",
+              f"- Random search: {fmt_s(c['random']['search_seconds'])} per search, reward evaluations "
+              f"{c['random']['reward_evaluations']}.", f"- Global, LAMP, ERK, uniform: {c['baselines']}.", ""]
+    d = summary["dense"]
+    lines += ["### Deployed (QLP, seed 0, fine-tuned; onnxruntime, "
+              f"{d['latency'][0]['provider']})", "",
+              "| sparsity | batch 1 median / p90 (ms) | batch 64 median / p90 (ms) | file (MB) | gzip (MB) | "
+              "sparse storage (MB) | sparse + gzip (MB) |", "|---:|---:|---:|---:|---:|---:|---:|",
+              f"| dense | {lat(d, 1)} | {lat(d, 64)} | {d['bytes'] / 1e6:.3f} | {d['gzip_bytes'] / 1e6:.3f} | – | – |"]
+    for r in summary["deployed"]:
+        lines.append(f"| {r['target']:g} | {lat(r, 1)} | {lat(r, 64)} | {r['bytes'] / 1e6:.3f} | "
+                     f"{r['gzip_bytes'] / 1e6:.3f} | {r['sparse_bytes'] / 1e6:.3f} | "
+                     f"{r['sparse_gzip_bytes'] / 1e6:.3f} |")
+    lines += ["", "Unstructured zeros do not make onnxruntime's dense kernels faster: latency stays that of the dense "
+              "model. The gain is size: gzip and sparse storage.", ""]
+    if summary["ablations"]:
+        lines += [f"### Ablation at {s['ablation_sparsity']:g} (seed {s['seeds'][0]}, "
+                  f"one search of {s['ablation_episodes']} episodes each)", "",
+                  "| variant | best reward | before fine-tuning | after fine-tuning | s / episode |",
+                  "|---|---:|---:|---:|---:|"]
+        for a in summary["ablations"]:
+            lines.append(f"| {a['name']} | {a['best_reward']:.2%} | {a['pruned_accuracy']:.2%} | "
+                         f"{a['finetuned_accuracy']:.2%} | {a['seconds_per_episode']:.2f} |")
+        lines.append("")
+    return lines
+
+
+def fmt_s(cell: dict) -> str:
+    return f"{cell['mean']:.0f} ± {cell['std']:.0f} s" if cell["n"] > 1 else f"{cell['mean']:.0f} s"
+
+
+def lat(row: dict, batch: int) -> str:
+    r = next(x for x in row["latency"] if x["batch"] == batch)
+    return f"{r['median_ms']:.2f} / {r['p90_ms']:.2f}"
+
+
+def write_markdown(_latest: dict | None = None) -> None:
+    lines = ["# Benchmarks", "",
+             "QLP against the simple allocators a user could use instead, on the shipped ResNet-20 "
+             "(`models/resnet20_fmnist.onnx`) and Fashion-MNIST. Regenerated by `make bench` (full grid, "
+             "resumable, about 2–3 h on 2 cores) and `make bench-quick` (reduced grid, under 15 min); raw results "
+             "in `benchmarks/results/`. Search speed: `benchmarks/speed.py` → `benchmarks/results/speed.json`.", ""]
+    notes = DOCS / "benchmarks_notes.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    for name in ("full", "quick"):
+        path = ROOT / "benchmarks/results" / f"{name}.json"
+        if path.exists():
+            lines += grid_section(json.loads(path.read_text()))
+    speed = ROOT / "benchmarks/results/speed.json"
+    if speed.exists():
+        sp = json.loads(speed.read_text())
+        lines += ["## Search speed (`python benchmarks/speed.py`)", "",
+                  f"{sp['images']} reward images, batch {sp['batch']}, median of {sp['repeats']}:", "",
+                  "| engine | s per evaluation | images/s |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v:.3f} | {sp['images_per_second'][k]:.0f} |"
+                  for k, v in sp["seconds_per_evaluation"].items()]
+        lines += ["", *[f"- {k}: {v:.1%}" for k, v in sp["reward_vs_bare"].items()],
+                  f"- search: {sp['search']['seconds_per_episode']:.3f} s per episode, "
+                  f"{sp['search']['share_outside_reward']:.1%} of the wall time outside the reward "
+                  f"({sp['search']['engine']} engine)", ""]
+    atomic_write_text(DOCS / "benchmarks.md", "\n".join(lines))

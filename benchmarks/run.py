@@ -1,0 +1,249 @@
+"""The comparison benchmark: QLP against global magnitude, LAMP, ERK, uniform and random search on the shipped
+ResNet-20 / Fashion-MNIST, before and after the same fine-tuning budget, over several seeds.
+
+Resumable: every finished unit of work (a search, a fine-tuned cell, an ablation) is a JSON file under
+benchmarks/work/GRID/, skipped when it exists. The summary goes to benchmarks/results/GRID.json and
+docs/benchmarks.md (with plots in docs/img/). The test split is read only to report accuracies; every
+choice (the search reward) uses the reward split.
+
+    python benchmarks/run.py --grid quick     # < 15 min on 2 cores
+    python benchmarks/run.py --grid full      # about 2-3 h on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+from bench_report import write_markdown
+
+from qlp_compress.allocate import AllocationSettings
+from qlp_compress.export import to_sparse_storage
+from qlp_compress.finetune import TrainSettings
+from qlp_compress.io import atomic_write_json
+from qlp_compress.pipeline import (
+    DataSettings,
+    ModelSettings,
+    export_bytes,
+    find_policy,
+    measure_onnx,
+    open_workspace,
+    prune_and_finetune,
+)
+from qlp_compress.policy import Policy
+from qlp_compress.qlp.env import EnvSettings
+from qlp_compress.qlp.reward import RewardSettings
+from qlp_compress.qlp.search import SearchSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINES = ("global", "lamp", "erk", "uniform")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One benchmark configuration."""
+
+    sparsities: tuple[float, ...]  # targets; QLP's curriculum stages are these, after a first stage at 0.5
+    seeds: tuple[int, ...]  # search seeds and fine-tuning seeds
+    qlp_episodes: int  # episodes of one curriculum search (serves every sparsity)
+    reward_images: int  # reward-split images per reward evaluation
+    finetune_epochs: float  # the same fine-tuning budget for every method
+    ablation_sparsity: float  # the sparsity of the ablation runs
+    ablation_episodes: int  # episodes of each ablation search
+    finetune_lr: float = 0.01  # fine-tuning peak learning rate
+
+
+GRIDS = {
+    "quick": Grid(sparsities=(0.9, 0.98), seeds=(0,), qlp_episodes=120, reward_images=500, finetune_epochs=0.05,
+                  ablation_sparsity=0.95, ablation_episodes=0),
+    "full": Grid(sparsities=(0.5, 0.7, 0.9, 0.95, 0.98), seeds=(0, 1, 2), qlp_episodes=600, reward_images=1000,
+                 finetune_epochs=0.3, ablation_sparsity=0.95, ablation_episodes=300),
+}
+ABLATIONS = {  # name → how the search differs from QLP's defaults
+    "qlp (defaults)": {},
+    "one pass": {"env": EnvSettings(passes=1)},
+    "no curriculum": {"stages": 1},
+    "actions ≤ 50 %": {"env": EnvSettings(actions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5))},
+    "state without target": {"env": EnvSettings(target_in_state=False)},
+    "BN re-estimation": {"bn_recalibrate": 500},
+}
+
+
+def cached(path: Path, compute) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    atomic_write_json(path, result)
+    return result
+
+
+def policy_from(doc: dict) -> Policy:
+    return Policy(**doc)
+
+
+def policy_doc(p: Policy) -> dict:
+    return {"method": p.method, "target": p.target, "layers": p.layers, "numels": p.numels,
+            "sparsities": p.sparsities, "model_sha256": p.model_sha256, "best_reward": p.best_reward,
+            "stages": p.stages, "search": p.search, "seed": p.seed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="quick")
+    parser.add_argument("--model", type=Path, default=ROOT / "models/resnet20_fmnist.onnx")
+    args = parser.parse_args()
+    grid = GRIDS[args.grid]
+    work = ROOT / "benchmarks/work" / args.grid
+    work.mkdir(parents=True, exist_ok=True)
+    ws = open_workspace(args.model, ModelSettings(), DataSettings("fashion-mnist"), "auto")
+    reward = RewardSettings(images=grid.reward_images, device=ws.device)
+    stage_targets = (0.5, *grid.sparsities) if grid.sparsities[0] > 0.5 else grid.sparsities
+    started = time.perf_counter()
+
+    def finetune(seed: int) -> TrainSettings:
+        return TrainSettings(epochs=grid.finetune_epochs, lr=grid.finetune_lr, warmup_epochs=0.0, seed=seed,
+                             device=ws.device)
+
+    # 1. QLP: one curriculum search per seed; its stage policies serve every sparsity
+    qlp = {}
+    for seed in grid.seeds:
+        search = SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes, stage_targets=stage_targets,
+                                seed=seed)
+        doc = cached(work / f"search_qlp_seed{seed}.json", lambda s=search: policy_doc(
+            find_policy(ws, "qlp", s.target, s, reward)))
+        qlp[seed] = doc
+    lengths = qlp[grid.seeds[0]]["search"]["stage_of_episode"]
+
+    # 2. every method × sparsity × seed: policy, pruned and fine-tuned test accuracy
+    cells = []
+    for target in grid.sparsities:
+        stage = stage_targets.index(target) + 1
+        budget = sum(1 for k in lengths if k <= stage)  # QLP's reward evaluations up to this stage
+        for seed in grid.seeds:
+            for method in ("qlp", "random", *BASELINES):
+                path = work / f"cell_{method}_{target:g}_seed{seed}.json"
+                cells.append(cached(path, lambda m=method, t=target, sd=seed, st=stage, bu=budget: run_cell(
+                    ws, m, t, sd, st, bu, qlp[sd], reward, finetune(sd))))
+
+    # 3. the deployed side: latency and sizes of the QLP model at each sparsity (seed 0, fine-tuned)
+    deployed = []
+    for target in grid.sparsities:
+        def deploy(target=target) -> dict:
+            policy = stage_policy(qlp[grid.seeds[0]], stage_targets.index(target) + 1)
+            _, tuned, _ = prune_and_finetune(ws, policy, finetune(grid.seeds[0]))
+            data = export_bytes(tuned, ws)
+            m = measure_onnx(data, ws, repeats=30)
+            sparse = to_sparse_storage(data)
+            return {"target": target, "latency": m["latency"], "bytes": m["bytes"], "gzip_bytes": m["gzip_bytes"],
+                    "sparse_bytes": len(sparse), "sparse_gzip_bytes": len(gzip.compress(sparse, 6))}
+
+        deployed.append(cached(work / f"deployed_{target:g}.json", deploy))
+    dense = cached(work / "dense.json", lambda: measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=30))
+
+    # 4. ablations at one sparsity (seed 0)
+    ablations = []
+    if grid.ablation_episodes:
+        for name, change in ABLATIONS.items():
+            def ablate(change=change, name=name) -> dict:
+                bn = change.get("bn_recalibrate", 0)
+                fields = {k: v for k, v in change.items() if k != "bn_recalibrate"}
+                s = replace(SearchSettings(target=grid.ablation_sparsity, episodes=grid.ablation_episodes,
+                                           seed=grid.seeds[0]), **fields)
+                policy = find_policy(ws, "qlp", s.target, s, replace(reward, bn_recalibrate=bn))
+                pruned, tuned, _ = prune_and_finetune(ws, policy, finetune(grid.seeds[0]))
+                return {"name": name, "best_reward": policy.best_reward,
+                        "seconds_per_episode": policy.search["seconds_per_episode"],
+                        "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],
+                        "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"],
+                        "sparsities": policy.sparsities}
+
+            slug = name.replace(" ", "_").replace("≤", "le").replace("%", "pct").replace("(", "").replace(")", "")
+            ablations.append(cached(work / f"ablation_{slug}.json", ablate))
+
+    summary = summarise(grid, args.grid, cells, qlp, deployed, dense, ablations, ws, time.perf_counter() - started)
+    atomic_write_json(ROOT / "benchmarks/results" / f"{args.grid}.json", summary)
+    write_markdown(summary)
+    print(f"wrote benchmarks/results/{args.grid}.json and docs/benchmarks.md")
+
+
+def stage_policy(doc: dict, stage: int) -> Policy:
+    """The best policy of one stage of a curriculum search."""
+    best = doc["stages"][stage - 1]
+    return policy_from({**doc, "target": best["target"], "sparsities": best["sparsities"],
+                        "best_reward": best["reward"]})
+
+
+def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int, qlp_doc: dict,
+             reward: RewardSettings, finetune: TrainSettings) -> dict:
+    """One method at one sparsity and seed: its policy, then test accuracy before and after fine-tuning."""
+    t0 = time.perf_counter()
+    if method == "qlp":
+        policy = stage_policy(qlp_doc, stage)
+    elif method == "random":
+        policy = find_policy(ws, "random", target, SearchSettings(target=target, episodes=budget, method="random",
+                                                                  seed=seed), reward)
+    else:
+        policy = find_policy(ws, method, target, allocation=AllocationSettings())
+    search_seconds = time.perf_counter() - t0
+    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    return {"method": method, "target": target, "seed": seed, "achieved": policy.achieved,
+            "sparsities": policy.sparsities, "best_reward": policy.best_reward,
+            "reward_evaluations": budget if method in ("qlp", "random") else 0,
+            "search_seconds": None if method == "qlp" else round(search_seconds, 2),
+            "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],
+            "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"]}
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: list[dict], dense: dict,
+              ablations: list[dict], ws, seconds: float) -> dict:
+    table = []
+    for target in grid.sparsities:
+        for method in ("qlp", "random", *BASELINES):
+            rows = [c for c in cells if c["method"] == method and c["target"] == target]
+            table.append({"target": target, "method": method,
+                          "pruned": mean_std([r["pruned_accuracy"] for r in rows]),
+                          "finetuned": mean_std([r["finetuned_accuracy"] for r in rows]),
+                          "best_reward": mean_std([r["best_reward"] for r in rows]) if rows[0]["best_reward"]
+                          is not None else None,
+                          "reward_evaluations": rows[0]["reward_evaluations"],
+                          "sparsities_seed0": rows[0]["sparsities"]})
+    searches = [q["search"] for q in qlp.values()]
+    random_cells = [c for c in cells if c["method"] == "random"]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return {
+        "grid": name, "settings": grid.__dict__, "layers": qlp[grid.seeds[0]]["layers"],
+        "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                    "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
+                    "device": ws.device, "commit": commit.stdout.strip()},
+        "dense": dense, "table": table, "deployed": deployed, "ablations": ablations,
+        "search_cost": {
+            "qlp": {"episodes": searches[0]["episodes"],
+                    "wall_seconds": mean_std([s["wall_seconds"] for s in searches]),
+                    "seconds_per_episode": mean_std([s["seconds_per_episode"] for s in searches]),
+                    "share_outside_reward": mean_std([s["share_outside_reward"] for s in searches]),
+                    "reward_engine": searches[0]["reward_engine"]},
+            "random": {"search_seconds": mean_std([c["search_seconds"] for c in random_cells]),
+                       "reward_evaluations": sorted({c["reward_evaluations"] for c in random_cells})},
+            "baselines": "closed form: well under a second each",
+        },
+        "wall_seconds": round(seconds, 1),
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""The QLP search: the search learns a known optimum on a synthetic problem; the pruning game's invariants;
+the curriculum; determinism and exact resume; the reward engines against PyTorch; the DQN's pieces."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+from qlp_compress.data import TensorImages, to_float
+from qlp_compress.errors import UsageError
+from qlp_compress.io import load_checkpoint
+from qlp_compress.masks import find_prunable_layers
+from qlp_compress.qlp import agent as agent_module
+from qlp_compress.qlp.agent import AgentSettings, DQNAgent
+from qlp_compress.qlp.env import DEFAULT_ACTIONS, EnvSettings, PruningEnv
+from qlp_compress.qlp.reward import Reward, RewardSettings
+from qlp_compress.qlp.search import (
+    SearchInterrupted,
+    SearchSettings,
+    curriculum_targets,
+    run_search,
+    stage_episodes,
+)
+from qlp_compress.zoo import build_model
+
+# ------------------------------------------------------------------ a synthetic problem with a known optimum
+
+NUMELS = np.array([500, 4000, 8000, 8000, 16000, 2000])
+SENSITIVITY = np.array([8.0, 2.0, 1.0, 0.5, 0.25, 4.0])
+
+
+def quadratic_reward(s) -> float:
+    """1 − Σ c_l·n_l·s_l² / Σ n_l: a stand-in for accuracy whose optimum is known in closed form."""
+    s = np.asarray(s, dtype=float)
+    return 1.0 - float(np.sum(SENSITIVITY * NUMELS * s**2) / NUMELS.sum())
+
+
+def optimal_allocation(target: float) -> tuple[np.ndarray, float]:
+    """Maximise the reward subject to Σ n_l·s_l = target·Σ n_l, 0 ≤ s_l ≤ 1. The KKT conditions give
+    s_l = clip(λ/(2c_l), 0, 1) (water-filling); the pruned count grows with λ, so bisect on λ."""
+    def allocation(lam: float) -> np.ndarray:
+        return np.clip(lam / (2.0 * SENSITIVITY), 0.0, 1.0)
+
+    lo, hi = 0.0, 2.0 * SENSITIVITY.max()  # at hi every layer is fully pruned
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.sum(NUMELS * allocation(mid)) < target * NUMELS.sum():
+            lo = mid
+        else:
+            hi = mid
+    s = allocation(hi)
+    return s, quadratic_reward(s)
+
+
+def test_reference_optimum_is_feasible_and_beats_feasible_perturbations() -> None:
+    s, best = optimal_allocation(0.9)
+    assert np.sum(NUMELS * s) == pytest.approx(0.9 * NUMELS.sum(), rel=1e-9)
+    assert best > quadratic_reward(np.full(len(NUMELS), 0.9))  # better than uniform
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # random moves along the constraint, kept inside [0, 1]
+        d = rng.normal(size=len(NUMELS))
+        d -= NUMELS * (d @ NUMELS) / (NUMELS @ NUMELS)
+        other = s + 0.05 * d
+        if np.all((other >= 0) & (other <= 1)):
+            assert quadratic_reward(other) <= best + 1e-12
+
+
+def pruned_total(sparsities, numels) -> int:
+    return int(np.sum(np.rint(np.asarray(sparsities) * np.asarray(numels))))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_qlp_learns_the_known_optimum_and_beats_random_search(seed) -> None:
+    target = 0.9
+    _, optimum = optimal_allocation(target)
+    qlp = run_search(PruningEnv(NUMELS, quadratic_reward), SearchSettings(target=target, episodes=400, seed=seed))
+    rnd = run_search(PruningEnv(NUMELS, quadratic_reward),
+                     SearchSettings(target=target, episodes=400, seed=seed, method="random"))
+    assert len(qlp.history) == len(rnd.history) == 400  # the same reward budget
+
+    # every stage's best episode meets its own target to the weight
+    for best in qlp.best:
+        assert best.sparsities is not None
+        assert pruned_total(best.sparsities, NUMELS) == round(best.target * NUMELS.sum())
+    final = qlp.final
+    assert final.target == target
+    assert final.reward == pytest.approx(quadratic_reward(final.sparsities))
+    assert final.reward <= optimum + 1e-9  # the continuous optimum bounds every whole-weight allocation
+    assert final.reward >= 0.97 * optimum  # within 3 % of it
+    assert final.reward > rnd.final.reward
+
+    # the policy itself learned, not only its luckiest episode: the last, nearly greedy episodes of the
+    # final stage score well above what random play scores on average at the same target
+    late = [r["reward"] for r in qlp.history[-50:]]
+    assert all(r["stage"] == len(qlp.best) and r["epsilon"] < 0.1 for r in qlp.history[-50:])
+    random_successes = [r["reward"] for r in rnd.history if r["succeeded"]]
+    assert np.mean(late) > np.mean(random_successes) + 0.5 * (final.reward - np.mean(random_successes))
+
+
+# ------------------------------------------------------------------------------------ the pruning game
+
+
+class RecordingReward:
+    """Stub reward: remembers every argument; returns a value that depends on it."""
+
+    def __init__(self):
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, sparsities: np.ndarray) -> float:
+        self.calls.append(np.array(sparsities, copy=True))
+        return float(np.dot(sparsities, np.arange(1, len(sparsities) + 1)))
+
+
+ODD_NUMELS = [7, 130, 2001, 64, 999]  # sizes that make rounding to whole weights matter
+
+
+@pytest.mark.parametrize("target", [0.3, 0.9, 0.98])
+def test_random_episodes_keep_the_invariants(target) -> None:
+    stub = RecordingReward()
+    settings = EnvSettings(passes=3, failure_penalty=2.0)
+    env = PruningEnv(ODD_NUMELS, stub, settings)
+    n_layers, total = len(ODD_NUMELS), sum(ODD_NUMELS)
+    rng = np.random.default_rng(int(target * 100))
+    successes = 0
+    for _ in range(60):
+        state = env.reset(target)
+        density = np.ones(n_layers)
+        calls_before = len(stub.calls)
+        steps, done = 0, False
+        while not done:
+            assert state.shape == (env.state_size,) and state.dtype == np.float32
+            assert np.all((state >= 0) & (state <= 1))
+            assert state[0] == pytest.approx((steps % n_layers) / (n_layers - 1))  # layer index in 0..1
+            assert state[1] == pytest.approx(target)
+            np.testing.assert_allclose(state[2:], density, rtol=1e-6)
+            state, reward, done = env.step(int(rng.integers(env.n_actions)))
+            steps += 1
+            assert np.all(env.density <= density)  # pruning is monotone
+            assert np.all(env.density >= 0)
+            density = env.density.copy()
+            if not done:
+                assert reward == 0.0 and len(stub.calls) == calls_before
+        assert np.all((state >= 0) & (state <= 1))
+        pruned = int(env.pruned_counts().sum())
+        if pruned >= env.target_pruned:  # success: the target is met exactly, and measured once
+            successes += 1
+            assert pruned == round(target * total)
+            assert len(stub.calls) == calls_before + 1
+            np.testing.assert_array_equal(stub.calls[-1], env.sparsities())
+            assert pruned_total(stub.calls[-1], ODD_NUMELS) == round(target * total)
+            assert reward == stub(env.sparsities())
+            stub.calls.pop()  # the call just made to check the value
+            assert steps <= settings.passes * n_layers
+        else:  # failure: never measured, penalised by the sparsity still missing
+            assert len(stub.calls) == calls_before
+            assert steps == settings.passes * n_layers
+            assert reward == pytest.approx(-2.0 * (target - env.global_sparsity()))
+            assert reward < 0
+    assert successes > 0
+
+
+def test_no_pruning_fails_after_every_pass() -> None:
+    stub = RecordingReward()
+    env = PruningEnv(ODD_NUMELS, stub, EnvSettings(passes=3, failure_penalty=1.5))
+    env.reset(0.8)
+    results = [env.step(0) for _ in range(3 * len(ODD_NUMELS))]
+    assert [done for _, _, done in results] == [False] * (3 * len(ODD_NUMELS) - 1) + [True]
+    assert results[-1][1] == pytest.approx(-1.5 * 0.8)
+    assert stub.calls == []
+    assert np.all(env.density == 1.0)
+
+
+def test_partial_pruning_fails_with_the_missing_sparsity() -> None:
+    stub = RecordingReward()
+    env = PruningEnv([100, 200, 300], stub, EnvSettings(passes=2, failure_penalty=1.0))
+    env.reset(0.9)
+    tenth = DEFAULT_ACTIONS.index(0.1)
+    results = [env.step(tenth) for _ in range(6)]
+    assert results[-1][2] and not any(done for _, _, done in results[:-1])
+    reached = env.global_sparsity()
+    assert reached == pytest.approx(1 - 0.9**2, abs=1e-2)
+    assert results[-1][1] == pytest.approx(-(0.9 - reached))
+    assert stub.calls == []
+
+
+def test_full_removal_action_and_the_clipped_last_step() -> None:
+    stub = RecordingReward()
+    env = PruningEnv([100, 100, 100, 100], stub)
+    env.reset(0.9)  # 360 weights to remove
+    everything = DEFAULT_ACTIONS.index(1.0)
+    for layer in range(3):
+        _, reward, done = env.step(everything)
+        assert not done and reward == 0.0
+        assert env.density[layer] == 0.0 and env.sparsities()[layer] == 1.0
+    _, reward, done = env.step(everything)  # would remove 400: clipped to the 60 still needed
+    assert done
+    np.testing.assert_allclose(env.sparsities(), [1.0, 1.0, 1.0, 0.6])
+    assert len(stub.calls) == 1 and reward == stub(stub.calls[0])
+
+
+def test_state_without_target() -> None:
+    env = PruningEnv(ODD_NUMELS, RecordingReward(), EnvSettings(target_in_state=False))
+    state = env.reset(0.7)
+    assert env.state_size == len(ODD_NUMELS) + 1 == len(state)
+    assert state[0] == 0.0 and np.all(state[1:] == 1.0)
+    state, _, _ = env.step(DEFAULT_ACTIONS.index(0.5))
+    assert state[0] == pytest.approx(1 / (len(ODD_NUMELS) - 1)) and state[1] == pytest.approx(0.5)
+
+
+# ------------------------------------------------------------------------------------------- curriculum
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.8, 0.9, 0.95, 0.9123457, 0.99])
+@pytest.mark.parametrize("stages", [2, 3, 4, 6])
+def test_curriculum_targets(target, stages) -> None:
+    targets = curriculum_targets(target, stages)
+    assert len(targets) == stages
+    assert all(a < b for a, b in itertools.pairwise(targets))
+    assert targets[-1] == target  # exactly, not rounded
+    assert 0 < targets[0] <= 0.5
+    assert curriculum_targets(target, 1) == [target]
+
+
+@pytest.mark.parametrize("total", [4, 10, 99, 400, 1001])
+@pytest.mark.parametrize("stages", [1, 2, 3, 4])
+@pytest.mark.parametrize("final_share", [0.3, 0.5, 0.8])
+def test_stage_episodes(total, stages, final_share) -> None:
+    lengths = stage_episodes(total, stages, final_share)
+    assert len(lengths) == stages and sum(lengths) == total
+    assert len(set(lengths[:-1])) <= 1  # the earlier stages get equal blocks
+    assert lengths[-1] >= total - round(total * (1 - final_share))  # the final stage gets at least its share
+
+
+def test_search_refuses_bad_settings() -> None:
+    env = PruningEnv(NUMELS, quadratic_reward)
+    for settings in (SearchSettings(target=0.9, episodes=3), SearchSettings(target=1.0),
+                     SearchSettings(target=0.9, method="grid")):
+        with pytest.raises(UsageError):
+            run_search(env, settings)
+
+
+# ------------------------------------------------------------------------------- determinism and resume
+
+SMALL_AGENT = AgentSettings(hidden=(32, 32), batch_size=32, learning_starts=64)  # learns from episode ~5 on
+
+
+def history_key(result) -> list[tuple]:
+    return [(r["reward"], r["steps"], r["reached"], r["succeeded"], r["epsilon"], r["stage"]) for r in result.history]
+
+
+def test_same_seed_same_search_other_seed_other_search() -> None:
+    def search(seed):
+        return run_search(PruningEnv(NUMELS, quadratic_reward),
+                          SearchSettings(target=0.9, episodes=48, seed=seed, agent=SMALL_AGENT))
+
+    a, b, c = search(3), search(3), search(4)
+    assert history_key(a) == history_key(b)
+    assert [(s.reward, s.sparsities, s.episode) for s in a.best] == [(s.reward, s.sparsities, s.episode)
+                                                                       for s in b.best]
+    assert [r["reward"] for r in a.history] != [r["reward"] for r in c.history]
+
+
+class InterruptingReward:
+    """The quadratic reward, but Ctrl-C arrives during its k-th call."""
+
+    def __init__(self, k: int):
+        self.k, self.calls = k, 0
+
+    def __call__(self, s) -> float:
+        self.calls += 1
+        if self.calls == self.k:
+            raise KeyboardInterrupt
+        return quadratic_reward(s)
+
+
+def test_interrupted_search_resumes_to_the_same_result(tmp_path) -> None:
+    settings = SearchSettings(target=0.9, episodes=80, seed=5, checkpoint_every=5, agent=SMALL_AGENT)
+    reference_ckpt = tmp_path / "reference.pt"
+    reference = run_search(PruningEnv(NUMELS, quadratic_reward), settings, checkpoint=reference_ckpt)
+
+    ckpt = tmp_path / "search.pt"
+    seen: list[dict] = []
+    with pytest.raises(SearchInterrupted) as info:
+        run_search(PruningEnv(NUMELS, InterruptingReward(37)), settings, checkpoint=ckpt, on_episode=seen.append)
+    assert info.value.exit_code == 130
+    assert ckpt.exists()
+    saved = load_checkpoint(ckpt)
+    done = saved["progress"]["episode"]
+    assert done == len(seen)  # the checkpoint holds every finished episode, not just the last multiple of 5
+    assert 36 <= done < settings.episodes
+    assert saved["agent"]["updates"] > 0  # the agent had been learning when it was interrupted
+
+    with pytest.raises(UsageError):  # another search's checkpoint
+        run_search(PruningEnv(NUMELS, quadratic_reward), replace(settings, target=0.8), checkpoint=ckpt, resume=True)
+
+    resumed = run_search(PruningEnv(NUMELS, quadratic_reward), replace(settings, checkpoint_every=7),
+                         checkpoint=ckpt, resume=True)
+    assert history_key(resumed) == history_key(reference)
+    assert [(s.target, s.reward, s.sparsities, s.episode) for s in resumed.best] == \
+        [(s.target, s.reward, s.sparsities, s.episode) for s in reference.best]
+    # and the same agent: Q-network, target network and replay buffer, bit for bit
+    final, expected = load_checkpoint(ckpt)["agent"], load_checkpoint(reference_ckpt)["agent"]
+    for part in ("q", "target", "replay"):
+        for name, value in expected[part].items():
+            assert torch.equal(torch.as_tensor(final[part][name]), torch.as_tensor(value)), (part, name)
+    assert final["updates"] == expected["updates"]
+
+
+# ------------------------------------------------------------------------------------------ reward engines
+
+
+def reward_fixture() -> tuple[nn.Module, TensorImages]:
+    """A ResNet-20 with non-trivial BatchNorm statistics and 300 random grey 28×28 images labelled with the
+    dense model's own predictions, so that accuracy starts at 1 and falls as pruning changes the outputs."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 1, 10, (0.5,), (0.5,))
+    g = torch.Generator().manual_seed(1)
+
+    def images(n: int) -> torch.Tensor:  # smooth random patterns, varied enough to spread the predictions
+        low = F.interpolate(torch.rand(n, 1, 7, 7, generator=g), size=28, mode="bilinear")
+        noise = torch.rand(n, 1, 28, 28, generator=g) * 0.3
+        return ((0.7 * low + noise) * 255).clamp(0, 255).to(torch.uint8)
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5, generator=g)
+                m.bias.normal_(0.0, 0.3, generator=g)
+        model.train()
+        for _ in range(3):
+            model(to_float(images(64)))
+        model.eval()
+        x = images(300)
+        logits = model(to_float(x))
+        model[1].fc.bias -= logits.mean(0)  # balance the classes
+        y = model(to_float(x)).argmax(1)
+    return model, TensorImages(x, y)
+
+
+def reference_accuracy(model: nn.Module, data: TensorImages, sparsities, recalibrate: int = 0) -> float:
+    """Independent reference: a copy pruned by torch.nn.utils.prune, BatchNorm re-estimated by hand."""
+    pruned = copy.deepcopy(model)
+    for layer, s in zip(find_prunable_layers(pruned), sparsities, strict=True):
+        prune.l1_unstructured(layer.module, "weight", amount=round(float(s) * layer.numel))
+    x = to_float(data.x)
+    with torch.no_grad():
+        if recalibrate:
+            for m in pruned.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.reset_running_stats()
+                    m.momentum = None
+            pruned.train()
+            pruned(x[:recalibrate])
+        pruned.eval()
+        return int((pruned(x).argmax(1) == data.y).sum()) / len(data.y)
+
+
+def test_reward_engines_match_pytorch_prune() -> None:
+    model, data = reward_fixture()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ort_reward = Reward(model, data, RewardSettings(engine="onnxruntime"))
+    torch_reward = Reward(model, data, RewardSettings(engine="torch"))
+    assert ort_reward.engine == "onnxruntime" and torch_reward.engine == "torch"
+    n_layers = len(ort_reward.numels)
+    assert n_layers == len(find_prunable_layers(model))
+
+    rng = np.random.default_rng(0)
+    vectors = [np.zeros(n_layers), rng.uniform(0, 0.9, n_layers), rng.uniform(0.3, 0.95, n_layers),
+               np.where(rng.random(n_layers) < 0.3, 1.0, rng.uniform(0, 0.8, n_layers))]
+    accuracies = []
+    for s in vectors:
+        expected = reference_accuracy(model, data, s)
+        assert ort_reward(s) == expected
+        assert torch_reward(s) == expected
+        accuracies.append(expected)
+    assert accuracies[0] == 1.0 and len(set(accuracies)) > 2  # the sparsities do change the outcome
+
+    ort_bn = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=100))
+    torch_bn = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=100))
+    for s in vectors[1:3]:
+        expected = reference_accuracy(model, data, s, recalibrate=100)
+        assert ort_bn(s) == torch_bn(s) == expected
+
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is left alone
+
+
+# ------------------------------------------------------------------------------------------------ agent
+
+
+def test_update_fits_a_fixed_batch(monkeypatch) -> None:
+    agent = DQNAgent(4, 3, AgentSettings(hidden=(32,), batch_size=16, lr=1e-2), seed=0)
+    rng = np.random.default_rng(0)
+    states = rng.random((16, 4)).astype(np.float32)
+    actions, rewards = rng.integers(0, 3, 16), rng.random(16).astype(np.float32)
+    for i in range(16):
+        agent.replay.add(states[i], actions[i], rewards[i], states[(i + 1) % 16], 1.0)
+    batch = tuple(torch.from_numpy(a) for a in (agent.replay.states[:16], agent.replay.actions[:16],
+                                                 agent.replay.rewards[:16], agent.replay.next_states[:16],
+                                                 agent.replay.dones[:16]))
+    monkeypatch.setattr(agent.replay, "sample", lambda batch_size, rng: batch)
+    losses = [agent.update() for _ in range(300)]
+    assert losses[-1] < 0.05 * losses[0]
+    assert agent.updates == 300
+    with torch.no_grad():
+        fitted = agent.q(batch[0]).gather(1, batch[1][:, None]).squeeze(1)
+    np.testing.assert_allclose(fitted.numpy(), rewards, atol=0.05)
+
+
+def constant_q(net: nn.Module, values: list[float]) -> None:
+    """Make a Q-network output `values` for every state: zero last-layer weights, bias = values."""
+    last = net.net[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(values))
+
+
+def test_double_dqn_target_uses_online_argmax_and_target_value(monkeypatch) -> None:
+    settings = AgentSettings(hidden=(8,), gamma=0.9, n_step=2, target_tau=0.25)
+    agent = DQNAgent(3, 3, settings, seed=0)
+    constant_q(agent.q, [0.0, 1.0, 0.5])  # online argmax: action 1
+    constant_q(agent.target, [5.0, 2.0, 7.0])  # target max is action 2 (7); at the online choice: 2
+    rewards = torch.tensor([0.3, -0.2, 0.6, 0.1])
+    dones = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    batch = (torch.rand(4, 3), torch.tensor([0, 1, 2, 0]), rewards, torch.rand(4, 3), dones)
+    monkeypatch.setattr(agent.replay, "sample", lambda batch_size, rng: batch)
+    seen = {}
+
+    def loss(values, td_target):
+        seen["values"], seen["td_target"] = values.detach().clone(), td_target.clone()
+        return F.smooth_l1_loss(values, td_target)
+
+    monkeypatch.setattr(agent_module, "F", SimpleNamespace(smooth_l1_loss=loss))
+    target_before = [p.detach().clone() for p in agent.target.parameters()]
+    agent.update()
+    expected = rewards + 0.9**2 * 2.0 * (1 - dones)  # Double DQN: r + γⁿ·Q_target(s', argmax Q_online(s'))
+    torch.testing.assert_close(seen["td_target"], expected)
+    torch.testing.assert_close(seen["values"], torch.tensor([0.0, 1.0, 0.5, 0.0]))
+    # the target network moved a quarter of the way towards the updated online network
+    for before, p, tp in zip(target_before, agent.q.parameters(), agent.target.parameters(), strict=True):
+        torch.testing.assert_close(tp.detach(), before + 0.25 * (p.detach() - before))
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_n_step_transitions_carry_the_terminal_reward_back(gamma) -> None:
+    n, steps, final_reward = 3, 6, 0.7
+    agent = DQNAgent(4, 3, AgentSettings(hidden=(8,), n_step=n, gamma=gamma, learning_starts=10**6), seed=0)
+    states = [np.full(4, t / 10, np.float32) for t in range(steps + 1)]
+    transitions = [(states[t], t % 3, final_reward if t == steps - 1 else 0.0, states[t + 1],
+                    float(t == steps - 1)) for t in range(steps)]
+    agent.learn_from_episode(transitions)
+    assert agent.replay.size == steps and agent.updates == 0
+    for t in range(steps):
+        to_end = steps - 1 - t  # steps from t to the terminal one
+        expected_return = gamma**to_end * final_reward if to_end < n else 0.0
+        assert agent.replay.rewards[t] == pytest.approx(expected_return)
+        assert agent.replay.dones[t] == float(to_end < n)
+        np.testing.assert_array_equal(agent.replay.next_states[t], states[min(t + n, steps)])
+        np.testing.assert_array_equal(agent.replay.states[t], states[t])
+        assert agent.replay.actions[t] == t % 3
+
+
+def test_learning_starts_and_updates_per_step() -> None:
+    agent = DQNAgent(4, 3, AgentSettings(hidden=(8,), batch_size=4, learning_starts=10, updates_per_step=0.5),
+                     seed=0)
+    episode = [(np.zeros(4, np.float32), 0, 0.0, np.zeros(4, np.float32), 0.0)] * 5 + \
+        [(np.zeros(4, np.float32), 1, 1.0, np.ones(4, np.float32), 1.0)]
+    agent.learn_from_episode(episode)
+    assert agent.updates == 0  # 6 transitions < learning_starts
+    agent.learn_from_episode(episode)
+    assert agent.updates == 3  # half a gradient step per environment step
