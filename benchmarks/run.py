@@ -2,7 +2,7 @@
 ResNet-20 / Fashion-MNIST, before and after the same fine-tuning budget, over several seeds.
 
 Resumable: every finished unit of work (a search, a fine-tuned cell, an ablation) is a JSON file under
-benchmarks/work/GRID/, skipped when it exists. The summary goes to benchmarks/results/GRID.json and
+benchmarks/cells/GRID/, skipped when it exists. The summary goes to benchmarks/results/GRID.json and
 docs/benchmarks.md (with plots in docs/img/). The test split is read only to report accuracies; every
 choice (the search reward) uses the reward split.
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models/resnet20_fmnist.onnx")
     args = parser.parse_args()
     grid = GRIDS[args.grid]
-    work = ROOT / "benchmarks/work" / args.grid
+    work = ROOT / "benchmarks/cells" / args.grid
     work.mkdir(parents=True, exist_ok=True)
     ws = open_workspace(args.model, ModelSettings(), DataSettings("fashion-mnist"), "auto")
     reward = RewardSettings(images=grid.reward_images, device=ws.device)
@@ -119,8 +119,9 @@ def main() -> None:
     for seed in grid.seeds:
         search = SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes, stage_targets=stage_targets,
                                 seed=seed)
-        doc = cached(work / f"search_qlp_seed{seed}.json", lambda s=search: policy_doc(
-            find_policy(ws, "qlp", s.target, s, reward)))
+        doc = cached(work / f"search_qlp_seed{seed}.json", lambda s=search, seed=seed: policy_doc(
+            find_policy(ws, "qlp", s.target, s, reward, checkpoint=work / f"search_qlp_seed{seed}.ckpt",
+                        resume=True)))
         qlp[seed] = doc
     lengths = qlp[grid.seeds[0]]["search"]["stage_of_episode"]
 

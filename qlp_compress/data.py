@@ -219,7 +219,10 @@ def load_npz(path: Path, seed: int = 0) -> ImageData:
             x = x.astype(np.float32)
             if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
                 raise QLPError(f"{path}: float {what} must lie in [0, 1]; divide uint8 pixels by 255")
-        return TensorImages(torch.from_numpy(x), torch.from_numpy(np.asarray(y).astype(np.int64)))
+        y = np.asarray(y)
+        if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
+            raise QLPError(f"{path}: labels must be whole class numbers 0..C-1, found fractions")
+        return TensorImages(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
 
     full = tensors(arrays["x"], arrays["y"], "x")
     if "x_test" in arrays and "y_test" in arrays:

@@ -25,21 +25,32 @@ def to_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], input_name: st
                   output_name: str = OUTPUT_NAME, opset: int = OPSET) -> bytes:
     """Export `model` (eval mode, on CPU) with a dynamic batch axis; simplified with onnxslim.
 
+    BatchNorm stays a separate op (TrainingMode.PRESERVE, no Conv+BN fusion in onnxslim): folding it would
+    rescale each output channel, so a re-imported model would lose its BatchNorm (no BN training in
+    fine-tuning, no --bn-recalibrate) and its magnitude order. onnxruntime fuses Conv+BN itself when it
+    loads the file, so inference speed is the same.
+
     The graph's input and output are named afterwards: the TorchScript exporter refuses names such as
     "191" (which it exports itself when a user gives none), so imported models could not keep them."""
-    import onnxslim
-
     model = model.eval().cpu()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns about folding strided slices
         torch.onnx.export(model, (torch.zeros(1, *input_shape),), buffer, dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-    proto = onnxslim.slim(onnx.load_from_string(buffer.getvalue()))
-    _rename_value(proto.graph, INPUT_NAME, input_name)
-    _rename_value(proto.graph, OUTPUT_NAME, output_name)
+                          input_names=["qlp_input"], output_names=["qlp_output"],
+                          training=torch.onnx.TrainingMode.PRESERVE,
+                          dynamic_axes={"qlp_input": {0: "batch"}, "qlp_output": {0: "batch"}})
+    proto = simplify(onnx.load_from_string(buffer.getvalue()))
+    _rename_value(proto.graph, "qlp_input", input_name)
+    _rename_value(proto.graph, "qlp_output", output_name)
     return proto.SerializeToString()
+
+
+def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim, keeping BatchNorm apart from the convolutions (see to_onnx_bytes)."""
+    import onnxslim
+
+    return onnxslim.slim(proto, skip_fusion_patterns=["FusionConvBN", "FusionConvTransposeBN"])
 
 
 def _rename_value(graph: onnx.GraphProto, old: str, new: str) -> None:
