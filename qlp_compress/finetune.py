@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -138,6 +139,7 @@ def train(
 
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, n_epochs):
+        epoch_started = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in iterate_batches(dataset, settings.batch_size, shuffle=True, generator=generator):
@@ -163,7 +165,8 @@ def train(
             if on_step:
                 on_step({"epoch": epoch + 1, "epochs": n_epochs, "step": step, "steps": total_steps,
                          "loss": loss_sum / seen, "accuracy": correct / seen})
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen)})
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen),
+                        "seconds": round(time.perf_counter() - epoch_started, 2)})
         if checkpoint is not None:
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
