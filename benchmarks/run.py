@@ -75,7 +75,7 @@ ABLATIONS = {  # name → how the search differs from QLP's defaults
     "no curriculum": {"stages": 1},
     "actions ≤ 50 %": {"env": EnvSettings(actions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5))},
     "state without target": {"env": EnvSettings(target_in_state=False)},
-    "BN re-estimation": {"bn_recalibrate": 500},
+    "no BN re-estimation": {"bn_recalibrate": 0},
 }
 
 
@@ -156,7 +156,7 @@ def main() -> None:
     if grid.ablation_episodes:
         for name, change in ABLATIONS.items():
             def ablate(change=change, name=name) -> dict:
-                bn = change.get("bn_recalibrate", 0)
+                bn = change.get("bn_recalibrate", reward.bn_recalibrate)
                 fields = {k: v for k, v in change.items() if k != "bn_recalibrate"}
                 s = replace(SearchSettings(target=grid.ablation_sparsity, episodes=grid.ablation_episodes,
                                            seed=grid.seeds[0]), **fields)

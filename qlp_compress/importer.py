@@ -8,6 +8,7 @@ of a zoo architecture (`arch`). Every failure is a QLPError or UsageError with a
 
 from __future__ import annotations
 
+import functools
 import pickle
 import re
 import warnings
@@ -15,16 +16,23 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 import torch
-from onnx2torch.onnx_node import OnnxNode
+from onnx import numpy_helper
 from torch import fx, nn
 
 from qlp_compress import export, zoo
 from qlp_compress.errors import QLPError, UsageError
-from qlp_compress.io import sha256_file
+from qlp_compress.io import check_file_size, check_size, sha256_file
+
+if TYPE_CHECKING:  # onnx2torch (and the torchvision it imports) loads on the first conversion, not on import
+    from onnx2torch.onnx_node import OnnxNode
+
+# onnx2torch's Slice indexes with a list; torch warns about it on every forward (the result is correct)
+warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
 
 MIN_OPSET = 13  # onnx2torch converts opset 13+ well; older graphs are converted up to it
 DOWN_OPSETS = (17, 13)  # tried, in order, when onnx2torch has no converter for an operator of a newer opset
@@ -73,6 +81,7 @@ def load_model(path: Path, arch: str | None = None, trust_pickle: bool = False, 
         raise QLPError(f"{path} does not exist; check the model path")
     if not path.is_file():
         raise QLPError(f"{path} is not a file; give the path of the model file")
+    check_file_size(path, "model")
     if (mean is None) != (std is None):
         raise UsageError("--mean and --std go together; give both (one value per input channel)")
     if std is not None and any(s <= 0 for s in std):
@@ -109,6 +118,7 @@ def _sniff(path: Path) -> str:
 def _load_onnx(request: _Request) -> LoadedModel:
     path = request.path
     proto = read_onnx(path)
+    _check_finite(proto, path)
     input_name, output_name, dims = _graph_io(proto, path)
     file_shape = tuple(d for d in dims if d is not None) if dims is not None and None not in dims else None
     shape = _verify_shape(path, dims, request.verify_input_shape)
@@ -139,8 +149,8 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QLPError(f"{path} fails onnx.checker: {first[:300]}; re-export the model or fix the graph") from e
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise QLPError(f"{path} fails onnx.checker: {detail}; re-export the model or fix the graph") from e
     return proto
 
 
@@ -175,6 +185,10 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
             raise QLPError(f"{path} keeps tensor {tensor.name!r} in {location!r}, which is missing; put that file "
                            "beside the model")
     if external:
+        targets = {(folder / entry.value).resolve() for tensor in external for entry in tensor.external_data
+                   if entry.key == "location"}
+        check_size(path.stat().st_size + sum(t.stat().st_size for t in targets), f"{path} with its external data",
+                   "model")
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
@@ -182,6 +196,15 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
         except Exception as e:
             raise QLPError(f"the external data of {path} is unreadable ({type(e).__name__}); copy the data files "
                            "beside the model again") from e
+
+
+def _check_finite(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse NaN or inf in the stored float tensors: magnitude order and accuracy mean nothing for them."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    for tensor in _tensors(proto.graph):
+        if tensor.data_type in floats and not np.isfinite(numpy_helper.to_array(tensor).astype(np.float64)).all():
+            raise QLPError(f"tensor {tensor.name!r} of {path} holds NaN or inf values; re-export the model from a "
+                           "healthy checkpoint")
 
 
 def _graph_io(proto: onnx.ModelProto, path: Path) -> tuple[str, str, tuple[int | None, ...] | None]:
@@ -359,6 +382,7 @@ def unsupported_operators(proto: onnx.ModelProto) -> list[str]:
     """Operator types in `proto` that onnx2torch's converter registry has no converter for."""
     from onnx2torch.node_converters import get_converter
 
+    _register_compat_converters()
     versions = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
     missing = set()
     for node in proto.graph.node:
@@ -624,6 +648,7 @@ LOADERS: dict[str, Callable[[_Request], LoadedModel]] = {
 
 def _axes_input_to_attribute(node: OnnxNode, graph) -> OnnxNode:
     """Reduce* of opset 18 reads its axes from an input; the opset-13 converter wants an attribute."""
+    from onnx2torch.onnx_node import OnnxNode
     from onnx2torch.utils.common import get_const_value
 
     def unsupported(why: str) -> NotImplementedError:
@@ -679,9 +704,13 @@ _COMPAT: tuple[tuple[str, tuple[int, ...], Callable | None], ...] = (
 
 def _activation(make: Callable[[OnnxNode], nn.Module]) -> Callable:
     """A converter for an elementwise activation that torch has as a module."""
-    from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
 
-    return lambda node, graph: OperationConverterResult(make(node), onnx_mapping_from_node(node))
+    def convert(node, graph):
+        from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
+
+        return OperationConverterResult(make(node), onnx_mapping_from_node(node))
+
+    return convert
 
 
 # Activations that became single operators in recent opsets (the exporter's default, 20, writes GELU as Gelu)
@@ -692,6 +721,7 @@ _NEW_ACTIVATIONS: dict[tuple[str, int], Callable] = {
 }
 
 
+@functools.cache
 def _register_compat_converters() -> None:
     """Route the operator versions in _COMPAT to the previous version's converter, and add _NEW_ACTIVATIONS,
     through onnx2torch's own registry (add_converter); what a newer onnx2torch converts itself is left alone."""
@@ -729,5 +759,3 @@ def _compat_converter(op: str, version: int, previous: Callable, rule: Callable 
 
     return convert
 
-
-_register_compat_converters()

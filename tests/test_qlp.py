@@ -367,8 +367,8 @@ def reference_accuracy(model: nn.Module, data: TensorImages, sparsities, recalib
 def test_reward_engines_match_pytorch_prune() -> None:
     model, data = reward_fixture()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ort_reward = Reward(model, data, RewardSettings(engine="onnxruntime"))
-    torch_reward = Reward(model, data, RewardSettings(engine="torch"))
+    ort_reward = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=0))
+    torch_reward = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=0))
     assert ort_reward.engine == "onnxruntime" and torch_reward.engine == "torch"
     n_layers = len(ort_reward.numels)
     assert n_layers == len(find_prunable_layers(model))

@@ -44,7 +44,8 @@ class RewardSettings:
     images: int = 2000  # reward-split images per evaluation (always the same ones)
     batch_size: int = 500  # images per forward pass
     engine: str = "auto"  # "onnxruntime" on CPU, "torch" on CUDA, or either by name
-    bn_recalibrate: int = 0  # reward images used to re-estimate BatchNorm after pruning (0 = off)
+    bn_recalibrate: int = 256  # reward images used to re-estimate BatchNorm after pruning (0 = off); without
+    #                            it a ResNet-20 pruned to 90 % scores chance level whatever the allocation
     device: str = "cpu"  # where the torch engine runs; "cuda" makes onnxruntime use its CUDA provider
 
 
