@@ -78,6 +78,7 @@ def test_search_end_to_end(tiny, tmp_path):
     # one policy per curriculum stage, the last at the target
     assert [round(s["target"], 6) for s in policy["stages"]][-1] == 0.8
     assert len(policy["search"]["rewards"]) == 12
+    assert policy["search"]["reward_engine"] == "onnxruntime"  # the fast engine works on imported graphs
     # metadata and reported accuracy agree with a fresh onnxruntime measurement of the written file
     meta = export.read_metadata(proto)
     assert meta["qlp.source_sha256"] == policy["model_sha256"]

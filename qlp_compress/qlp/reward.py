@@ -97,7 +97,7 @@ class Reward:
     # ------------------------------------------------------------------------------ onnxruntime engine
 
     def _build_onnxruntime(self) -> None:
-        traced = fx.symbolic_trace(self.model)
+        traced = fx.GraphModule(self.model, _LeafTracer().trace(self.model))
         modules = dict(traced.named_modules())
         self.bn_of: dict[str, str] = {}  # prunable conv → the BatchNorm folded into it
         for node in traced.graph.nodes:
@@ -186,3 +186,11 @@ class Reward:
             logits = session.run(None, {"x": xb})[0]
             correct += int((logits.argmax(1) == self.y_numpy[start : start + len(xb)]).sum())
         return correct / len(self.y_numpy)
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces through containers only: every module without children is a leaf, so that modules with
+    data-dependent Python inside (onnx2torch's operators, say) are kept whole."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return super().is_leaf_module(m, module_qualified_name) or next(m.children(), None) is None
