@@ -3,7 +3,10 @@
 Measures, side by side in one run:
 - the reward engines (onnxruntime, torch) against a bare onnxruntime / PyTorch inference of the same model on
   the same images and batch size: reward throughput as a share of bare throughput;
-- a short QLP search: seconds per episode and the share of wall time outside the reward evaluations.
+- the same with BatchNorm re-estimation (the default reward), whose extra cost is PyTorch's training-mode
+  forward on the calibration images;
+- a short QLP search with the default reward: seconds per episode and the share of wall time outside the
+  reward evaluations.
 Writes benchmarks/results/speed.json.
 """
 
@@ -30,14 +33,17 @@ from qlp_compress.runtime import open_session
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin so that all share the machine's noise."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -70,20 +76,21 @@ def main() -> None:
             for b in x.split(args.batch):
                 module(b)
 
-    timings = {
-        "bare_onnxruntime": median_seconds(lambda: [bare_ort.run(None, {name: b}) for b in batches], args.repeats),
-        "bare_torch": median_seconds(bare_torch, args.repeats),
-    }
+    fns = {"bare_onnxruntime": lambda: [bare_ort.run(None, {name: b}) for b in batches], "bare_torch": bare_torch}
     for engine in ("onnxruntime", "torch"):
-        reward = Reward(loaded.module, splits.reward, RewardSettings(images=args.images, batch_size=args.batch,
-                                                                      engine=engine))
-        timings[f"reward_{engine}"] = median_seconds(lambda r=reward: r(sparsities), args.repeats)
+        for bn in (0, RewardSettings().bn_recalibrate):
+            reward = Reward(loaded.module, splits.reward, RewardSettings(
+                images=args.images, batch_size=args.batch, engine=engine, bn_recalibrate=bn))
+            fns[f"reward_{engine}" + (f"_bn{bn}" if bn else "")] = lambda r=reward: r(sparsities)
+    timings = interleaved_medians(fns, args.repeats)
     results["seconds_per_evaluation"] = {k: round(v, 4) for k, v in timings.items()}
     results["images_per_second"] = {k: round(args.images / v, 1) for k, v in timings.items()}
     results["reward_vs_bare"] = {
         "onnxruntime_reward / bare_onnxruntime": round(timings["bare_onnxruntime"] / timings["reward_onnxruntime"], 3),
         "torch_reward / bare_torch": round(timings["bare_torch"] / timings["reward_torch"], 3),
         "onnxruntime_reward / bare_torch": round(timings["bare_torch"] / timings["reward_onnxruntime"], 3),
+        "onnxruntime_reward_with_bn_recalibration / bare_onnxruntime": round(
+            timings["bare_onnxruntime"] / timings[f"reward_onnxruntime_bn{RewardSettings().bn_recalibrate}"], 3),
     }
 
     reward = Reward(loaded.module, splits.reward, RewardSettings(images=args.images, batch_size=args.batch))

@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from qlp_compress import __version__
 from qlp_compress.allocate import ALLOCATORS, AllocationSettings
 from qlp_compress.errors import QLPError
 from qlp_compress.finetune import TrainSettings
+from qlp_compress.interrupts import sigterm_as_interrupt
 from qlp_compress.masks import find_prunable_layers
 from qlp_compress.pipeline import (
     CompressSettings,
@@ -22,6 +24,8 @@ from qlp_compress.pipeline import (
     ModelSettings,
     Workspace,
     check_can_write,
+    check_out_dir,
+    check_sparsity,
     compare,
     compress,
     default_out_dir,
@@ -45,20 +49,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "fine-tuning, sparse ONNX export, onnxruntime report.")
 
 DataOpt = Annotated[str, typer.Option("--data", help="fashion-mnist, cifar10, a .npz file, or an image folder.")]
-DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder to look in first for the data set.")]
+DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding fashion-mnist or cifar10 "
+                                                                    "(searched instead of the default places).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
 
 
 @app.callback()
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_print_version)] = False,
 ) -> None:
     """Compress an image classifier with QLP (deep Q-learning for pruning)."""
-    if version:
-        print(__version__)
-        raise typer.Exit()
 
 
 @app.command("train")
@@ -155,7 +164,7 @@ def search_cmd(
                                                          "[default: 5000, or a tenth of a smaller training split]")]
     = None,
     bn_recalibrate: Annotated[int, typer.Option(help="Re-estimate BatchNorm on this many reward images before "
-                                                     "each reward (0 = off).")] = 0,
+                                                     "each reward (0 = off).")] = 256,
     reward_engine: Annotated[str, typer.Option(help="auto, onnxruntime or torch.")] = "auto",
     finetune_epochs: EpochsOpt = 2.0,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Fine-tune after pruning.")] = True,
@@ -172,8 +181,12 @@ def search_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Find per-layer sparsities with QLP, prune, fine-tune, export a verified sparse ONNX and report."""
-    out = prepare_out_dir(out or default_out_dir(model, method, sparsity), force, resume)
+    check_sparsity(sparsity)
+    resolve_device(device)
+    out = out or default_out_dir(model, method, sparsity)
+    check_out_dir(out, force, resume)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std, reward_size)
+    prepare_out_dir(out, force, resume)
     search = SearchSettings(target=sparsity, episodes=episodes, stages=stages, method=method, seed=seed,
                             env=EnvSettings(passes=passes))
     reward = RewardSettings(images=reward_images, engine=reward_engine, bn_recalibrate=bn_recalibrate,
@@ -209,6 +222,11 @@ def prune_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report."""
+    if policy is None:
+        check_sparsity(sparsity)
+        out = out or default_out_dir(model, method, sparsity)
+    if out is not None:
+        check_out_dir(out, force, False)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std)
     chosen = None
     if policy is not None:
@@ -245,8 +263,13 @@ def compare_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Several methods at several sparsities, same masks and fine-tuning budget, in one table."""
-    out = prepare_out_dir(out or model.parent / f"{model.stem}.compare", force, False)
+    for target in sparsity:
+        check_sparsity(target)
+    resolve_device(device)
+    out = out or model.parent / f"{model.stem}.compare"
+    check_out_dir(out, force, False)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
+    prepare_out_dir(out, force, False)
     rows = compare(ws, [m.strip() for m in methods.split(",") if m.strip()], sparsity,
                    SearchSettings(target=sparsity[0], episodes=episodes, seed=seed),
                    RewardSettings(images=reward_images, device=ws.device), AllocationSettings(min_density=min_density),
@@ -302,20 +325,33 @@ def export_cmd(
 
 
 def main() -> None:
-    """Entry point: a failure prints one line (no traceback unless --debug) and exits 1, or 2 for usage.
-
-    Typer's standalone mode handles usage errors (exit 2) and --help; our own errors pass through it."""
+    """Entry point: a failure prints one line (no traceback unless --debug) and exits 1, 2 for usage errors
+    (ours and Typer's), or 130 when Ctrl-C or SIGTERM stopped the run."""
     debug = "--debug" in sys.argv
     try:
-        app()
+        with sigterm_as_interrupt():
+            code = app(standalone_mode=False)
+    except typer.TyperException as e:  # Typer's usage errors: a bad option value, a missing argument, ...
+        if type(e).__name__ == "NoArgsIsHelpError":  # no command: the help text was shown
+            sys.exit(e.exit_code)
+        command = getattr(getattr(e, "ctx", None), "command_path", "qlp-compress")
+        _fail(f"{e.format_message().rstrip('.')}; fix the command line (see '{command} --help')",
+              getattr(e, "exit_code", 2), debug)
     except QLPError as e:
-        if debug:
-            traceback.print_exc()
-        console.print(f"[red]error:[/] {e}", highlight=False)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code, debug)
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the command (add --resume to continue a search or fine-tuning)", 130, debug)
     except Exception as e:  # an unexpected failure: still one line, unless --debug
-        if debug:
-            raise
-        console.print(f"[red]error:[/] unexpected {type(e).__name__}: {e} (rerun with --debug for details)",
-                      highlight=False)
-        sys.exit(1)
+        first = next((line for line in str(e).splitlines() if line.strip()), "")[:300]
+        _fail(f"unexpected {type(e).__name__}: {first} (rerun with --debug for details, and report it)", 1, debug)
+    if code == 130:  # Typer turns a KeyboardInterrupt outside our handlers into exit code 130, silently
+        _fail("interrupted; rerun the command (add --resume to continue a search or fine-tuning)", 130, False)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int, debug: bool) -> None:
+    """Print `message` as one line on stderr (the traceback first with --debug) and exit with `code`."""
+    if debug:
+        traceback.print_exc()
+    console.print(f"[red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(code)

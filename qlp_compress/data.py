@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from qlp_compress.errors import QLPError, UsageError
+from qlp_compress.io import check_size
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
@@ -125,7 +126,14 @@ def cache_dir() -> Path:
 
 
 def load_fashion_mnist(data_dir: Path | None = None, download: bool = True) -> ImageData:
-    """Fashion-MNIST from the first folder that has all four idx files, else torchvision's download."""
+    """Fashion-MNIST from the first folder that has all four idx files, else torchvision's download.
+
+    A folder the user gave (`data_dir`) must hold the files: falling back to another copy would hide the mistake."""
+    if data_dir is not None and data_dir.is_dir():
+        missing = [stem for stem in FASHION_MNIST_FILES.values() if _find_idx(data_dir, stem) is None]
+        if missing:
+            raise QLPError(f"Fashion-MNIST not found in --data-dir {data_dir} (missing {', '.join(missing)}, raw "
+                           f"or .gz): {HOW_TO_GET_FASHION_MNIST}")
     for folder in fashion_mnist_candidates(data_dir):
         paths = {k: _find_idx(folder, stem) for k, stem in FASHION_MNIST_FILES.items()}
         if all(paths.values()):
@@ -166,6 +174,9 @@ def load_cifar10(data_dir: Path | None = None, download: bool = True) -> ImageDa
         folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
         if (folder / "test_batch").is_file():
             return _read_cifar10_folder(folder)
+        if root == data_dir and data_dir.is_dir():  # a folder the user gave must hold the data
+            raise QLPError(f"CIFAR-10 not found in --data-dir {data_dir}: unpack cifar-10-python.tar.gz there, so "
+                           "that it holds cifar-10-batches-py/ (data_batch_1..5, test_batch)")
     if download:
         try:
             from torchvision.datasets import CIFAR10
@@ -207,7 +218,10 @@ def load_npz(path: Path, seed: int = 0) -> ImageData:
     """
     try:
         with np.load(path, allow_pickle=False) as f:
+            check_size(sum(info.file_size for info in f.zip.infolist()), f"{path} (its arrays, uncompressed)", "data")
             arrays = {k: f[k] for k in f.files}
+    except QLPError:
+        raise
     except Exception as e:
         raise QLPError(f"{path} is not a readable .npz file ({e}); save it with numpy.savez(x=..., y=...)") from e
     if "x" not in arrays or "y" not in arrays:
@@ -250,13 +264,24 @@ def load_image_folder(path: Path, image_size: int = 224) -> ImageData:
         transforms.ToTensor(),  # float32 in [0, 1]; normalisation belongs to the model
     ])
     try:
-        train = datasets.ImageFolder(str(path / "train"), transform=transform)
-        test = datasets.ImageFolder(str(test_dir), transform=transform)
+        train = datasets.ImageFolder(str(path / "train"), transform=transform, loader=_read_image)
+        test = datasets.ImageFolder(str(test_dir), transform=transform, loader=_read_image)
     except (FileNotFoundError, RuntimeError) as e:
-        raise QLPError(f"{path}: {e}; put images in train/CLASS/ and val/CLASS/") from e
+        raise QLPError(f"{path}: {str(e).strip().splitlines()[0]}; put images in train/CLASS/ and val/CLASS/") from e
     if train.classes != test.classes:
         raise QLPError(f"{path}: train/ and {test_dir.name}/ have different class folders; make them match")
     return ImageData(str(path), train, test, len(train.classes), (3, image_size, image_size))
+
+
+def _read_image(path: str):
+    """An image file as RGB; a file PIL cannot read is named, so the user can replace or remove it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:  # UnidentifiedImageError, a truncated file, a decompression bomb
+        raise QLPError(f"{path} is not a readable image ({type(e).__name__}); replace or remove it") from e
 
 
 DATASETS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
@@ -264,13 +289,23 @@ DATASETS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
 
 def load_dataset(data: str, data_dir: Path | None = None) -> ImageData:
     """`data` is a name from DATASETS, a .npz file, or an image folder."""
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise UsageError(f"--data-dir {data_dir} is not a folder; check the path (it should hold the data set's "
+                         "files)")
     if data in DATASETS:
         return DATASETS[data](data_dir)
     path = Path(data)
-    if path.suffix == ".npz" and path.is_file():
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UsageError(f"unknown data set {data!r}: the file {path} does not exist; check the --data path")
         return load_npz(path)
     if path.is_dir():
         return load_image_folder(path)
+    if path.exists():
+        raise UsageError(f"--data {path} is neither a .npz file nor an image folder; give one of those, or "
+                         f"{' or '.join(DATASETS)}")
+    if len(path.parts) > 1:
+        raise UsageError(f"unknown data set {data!r}: the folder {path} does not exist; check the --data path")
     raise UsageError(
         f"unknown data set {data!r}: use one of {', '.join(DATASETS)}, a .npz file, or an image folder"
     )

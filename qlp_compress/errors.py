@@ -11,3 +11,9 @@ class UsageError(QLPError):
     """The user asked for something that cannot work as given (exit code 2)."""
 
     exit_code = 2
+
+
+class Interrupted(QLPError):
+    """Ctrl-C or SIGTERM stopped a run after its checkpoint was kept (exit code 130, as a shell reports SIGINT)."""
+
+    exit_code = 130

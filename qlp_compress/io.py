@@ -13,7 +13,50 @@ from typing import Any
 
 import torch
 
-from qlp_compress.errors import QLPError
+from qlp_compress.errors import QLPError, UsageError
+
+# Inputs read whole into memory, and the most the tool reads of each kind: (environment variable that
+# overrides the limit, default limit in bytes). A file over the limit is refused before it is read.
+SIZE_LIMITS = {
+    "model": ("QLP_MAX_MODEL_BYTES", 2 << 30),  # an ONNX or PyTorch model file (with its external data)
+    "data": ("QLP_MAX_DATA_BYTES", 8 << 30),  # the arrays of a .npz data set, uncompressed
+}
+
+
+def size_limit(kind: str) -> int:
+    """The byte limit for inputs of `kind` ("model" or "data"): its environment variable, else the default."""
+    variable, default = SIZE_LIMITS[kind]
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"{variable}={raw!r} is not a whole number of bytes; set it to e.g. {default}") from None
+
+
+def check_size(nbytes: int, what: str, kind: str) -> None:
+    """Refuse an input of `nbytes` over the limit for `kind`, naming the limit and how to raise it."""
+    limit = size_limit(kind)
+    if nbytes > limit:
+        raise QLPError(f"{what} is {format_bytes(nbytes)}, over the {format_bytes(limit)} limit for {kind} inputs; "
+                       f"if the machine has the memory for it, raise the limit with {SIZE_LIMITS[kind][0]}=BYTES")
+
+
+def format_bytes(n: int) -> str:
+    """1536 → "1.5 KiB"; below 1 KiB, "N bytes"."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def check_file_size(path: Path, kind: str) -> None:
+    try:
+        nbytes = Path(path).stat().st_size
+    except OSError as e:
+        raise QLPError(f"{path} cannot be read ({e.strerror}); check the path and its permissions") from e
+    check_size(nbytes, str(path), kind)
 
 
 @contextlib.contextmanager

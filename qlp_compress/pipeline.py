@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import gzip
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 from torch import nn
@@ -15,10 +17,10 @@ from torch import nn
 from qlp_compress import data as datasets
 from qlp_compress import export, runtime
 from qlp_compress.allocate import ALLOCATORS, AllocationSettings, allocate
-from qlp_compress.errors import QLPError, UsageError
-from qlp_compress.finetune import TrainSettings, train
-from qlp_compress.importer import LoadedModel, load_model
-from qlp_compress.io import atomic_write_bytes, atomic_write_text
+from qlp_compress.errors import Interrupted, QLPError, UsageError
+from qlp_compress.finetune import TrainSettings, recalibrate_batchnorm, train
+from qlp_compress.interrupts import sigterm_as_interrupt
+from qlp_compress.io import atomic_write_bytes, atomic_write_text, check_file_size
 from qlp_compress.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
 from qlp_compress.policy import Policy
 from qlp_compress.qlp.env import PruningEnv
@@ -26,6 +28,9 @@ from qlp_compress.qlp.reward import Reward, RewardSettings
 from qlp_compress.qlp.search import METHODS, SearchSettings, run_search
 from qlp_compress.report import training_progress
 from qlp_compress.zoo import build_model, stats_for
+
+if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
+    from qlp_compress.importer import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,42 @@ class DataSettings:
 
 
 def check_can_write(path: Path, force: bool) -> None:
+    """Refuse an output file that exists (without --force) or cannot be written, before any work is done."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give the name of the file to write")
     if path.exists() and not force:
         raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+    _check_writable(path.parent, path)
+
+
+def _check_writable(folder: Path, out: Path) -> None:
+    """`folder` exists and is writable, or can be created in a writable folder."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise QLPError(f"cannot create {out}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QLPError(f"cannot write in {existing} (permission denied); choose a writable --out")
+
+
+def check_sparsity(target: float) -> None:
+    """A target sparsity must lie strictly between 0 and 1 (NaN is refused too)."""
+    if not 0.0 < target < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {target}; e.g. --sparsity 0.9 removes "
+                         "90 % of the prunable weights")
+
+
+def train_interruptible(model: nn.Module, dataset, settings: TrainSettings, what: str,
+                        checkpoint: Path | None = None, resume: bool = False, **kwargs) -> list[dict]:
+    """`finetune.train` with a progress bar, where Ctrl-C or SIGTERM stops with a one-line Interrupted error
+    (exit code 130); the checkpoint of the last finished epoch is kept for --resume."""
+    try:
+        with sigterm_as_interrupt(), training_progress(what) as on_step:
+            return train(model, dataset, settings, checkpoint=checkpoint, resume=resume, on_step=on_step, **kwargs)
+    except KeyboardInterrupt:
+        if checkpoint is None:
+            raise Interrupted(f"{what} interrupted; rerun the command to start again") from None
+        where = f"{checkpoint} keeps the last finished epoch" if checkpoint.exists() else "no epoch had finished yet"
+        raise Interrupted(f"{what} interrupted; rerun the same command with --resume to continue ({where})") from None
 
 
 def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings, out: Path, command: str,
@@ -55,10 +94,8 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
     torch.manual_seed(settings.seed)
     model = build_model(arch, data.input_shape[0], data.num_classes, mean, std)
     checkpoint = checkpoint or out.with_suffix(".ckpt")
-    started = time.perf_counter()
-    with training_progress(f"train {arch}") as on_step:
-        history = train(model, splits.finetune, settings, checkpoint=checkpoint, resume=resume, on_step=on_step)
-    train_seconds = time.perf_counter() - started
+    history = train_interruptible(model, splits.finetune, settings, f"train {arch}", checkpoint, resume)
+    train_seconds = sum(h.get("seconds", 0.0) for h in history)  # a resumed run counts every epoch
     model_bytes = export.to_onnx_bytes(model, data.input_shape)
     session = runtime.open_session(model_bytes)
     result = {
@@ -79,6 +116,7 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
 
 
 def load_onnx_file(path: Path) -> onnx.ModelProto:
+    check_file_size(path, "model")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:
@@ -148,12 +186,19 @@ def open_workspace(model_path: Path, model_settings: ModelSettings, data_setting
     """Load the data and the model, and check that they fit each other."""
     import torch
 
+    from qlp_compress.importer import load_model
+
     device = runtime.resolve_device(device)
     data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
     loaded = load_model(model_path, arch=model_settings.arch, trust_pickle=model_settings.trust_pickle,
                         num_classes=data.num_classes, in_channels=data.input_shape[0], mean=model_settings.mean,
                         std=model_settings.std, verify_input_shape=data.input_shape)
     check_finite(loaded.module)
+    try:
+        find_prunable_layers(loaded.module)
+    except QLPError as e:
+        raise QLPError(f"{model_path} has no prunable layer (Conv, or Linear/Gemm with a constant weight); nothing to "
+                       "compress: give a model with convolutional or fully connected layers") from e
     if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(data.input_shape):
         raise UsageError(f"{model_path} takes images of shape {list(loaded.input_shape)} but {data.name} has "
                          f"{list(data.input_shape)}; pick the data set the model was trained on")
@@ -176,8 +221,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
                 checkpoint: Path | None = None, resume: bool = False,
                 on_episode: Callable[[dict], None] | None = None) -> Policy:
     """Per-layer sparsities by QLP, random search or a baseline allocator."""
-    if not 0.0 < target < 1.0:
-        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {target}")
+    check_sparsity(target)
     layers = find_prunable_layers(ws.loaded.module)
     names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
     common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256}
@@ -208,17 +252,23 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
                   stages=stages, search=stats, seed=search.seed, **common)
 
 
+BN_RECALIBRATION_IMAGES = 2048  # fine-tune images used to re-estimate BatchNorm right after pruning
+
+
 def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
                        checkpoint: Path | None = None, resume: bool = False) -> tuple[nn.Module, nn.Module, dict]:
-    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None."""
+    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None.
+
+    The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
+    pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
     pruned = copy.deepcopy(ws.loaded.module)
     masks = MagnitudePruner(pruned).masks(policy.by_layer())
     apply_masks(pruned, masks)
+    batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
+    recalibrate_batchnorm(pruned, (x for x, _ in batches))
     tuned = copy.deepcopy(pruned)
     if settings is not None and settings.epochs > 0:
-        with training_progress("fine-tune") as on_step:
-            train(tuned, ws.splits.finetune, settings, masks=masks, checkpoint=checkpoint, resume=resume,
-                  on_step=on_step)
+        train_interruptible(tuned, ws.splits.finetune, settings, "fine-tune", checkpoint, resume, masks=masks)
     return pruned.cpu().eval(), tuned.cpu().eval(), masks
 
 
@@ -294,13 +344,19 @@ def default_out_dir(model_path: Path, method: str, target: float) -> Path:
     return model_path.parent / f"{model_path.stem}.{method}-{target:g}"
 
 
-def prepare_out_dir(out: Path, force: bool, resume: bool) -> Path:
-    """An output folder that may be written: new, or existing with --force or --resume."""
+def check_out_dir(out: Path, force: bool, resume: bool) -> None:
+    """Refuse, without creating anything, an output folder that may not (exists) or cannot be written."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder")
     if out.exists() and any(out.iterdir()) and not (force or resume):
         raise UsageError(f"output folder {out} already exists; pass --force to overwrite, --resume to continue, "
                          "or choose another --out")
+    _check_writable(out, out)
+
+
+def prepare_out_dir(out: Path, force: bool, resume: bool) -> Path:
+    """An output folder that may be written: new, or existing with --force or --resume."""
+    check_out_dir(out, force, resume)
     try:
         (out / ".work").mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -368,9 +424,8 @@ def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: 
     module = copy.deepcopy(ws.loaded.module)
     masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
     if settings.epochs > 0:
-        with training_progress("fine-tune") as on_step:
-            train(module, ws.splits.finetune, settings, masks=masks, checkpoint=out.with_suffix(".ckpt"),
-                  resume=resume, on_step=on_step)
+        train_interruptible(module, ws.splits.finetune, settings, "fine-tune", out.with_suffix(".ckpt"), resume,
+                            masks=masks)
     module.cpu().eval()
     data = export_bytes(module, ws)
     measured = measure_onnx(data, ws, repeats=1)

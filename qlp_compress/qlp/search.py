@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlp_compress.errors import QLPError, UsageError
+from qlp_compress.errors import Interrupted, UsageError
 from qlp_compress.interrupts import deferred_interrupts, sigterm_as_interrupt
 from qlp_compress.io import atomic_torch_save, load_checkpoint
 from qlp_compress.qlp.agent import AgentSettings, DQNAgent
@@ -29,10 +29,8 @@ from qlp_compress.qlp.env import EnvSettings, PruningEnv
 METHODS = ("qlp", "random")
 
 
-class SearchInterrupted(QLPError):
-    """The search stopped on Ctrl-C/SIGTERM after writing its checkpoint."""
-
-    exit_code = 130
+class SearchInterrupted(Interrupted):
+    """The search stopped on Ctrl-C/SIGTERM after writing its checkpoint (exit code 130)."""
 
 
 @dataclass(frozen=True)
@@ -141,39 +139,50 @@ def run_search(
     stage_of = np.repeat(np.arange(stages), lengths)
     stage_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     learn = settings.method == "qlp"
+    rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
     with sigterm_as_interrupt():
-        while progress.episode < settings.episodes:
-            k = int(stage_of[progress.episode])
-            eps = _epsilon(settings.agent, k, progress.episode - stage_start[k], lengths[k], settings.method)
-            rng_at_start = agent.rng.bit_generator.state
-            try:
+        try:
+            while progress.episode < settings.episodes:
+                k = int(stage_of[progress.episode])
+                eps = _epsilon(settings.agent, k, progress.episode - stage_start[k], lengths[k], settings.method)
+                rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
                 record, transitions = _play_episode(env, agent, targets[k], eps)
-            except KeyboardInterrupt:
-                agent.rng.bit_generator.state = rng_at_start  # as if the episode never started
-                if checkpoint is not None:
-                    with deferred_interrupts():
-                        _save(checkpoint, settings, agent, progress)
-                where = f"; resume with --resume (checkpoint {checkpoint})" if checkpoint else ""
-                raise SearchInterrupted(f"search interrupted after {progress.episode} episodes{where}") from None
-            with deferred_interrupts():  # learning and bookkeeping finish as a unit
-                if learn:
-                    agent.learn_from_episode(transitions)
-                record.update(stage=k + 1, target=targets[k], episode=progress.episode + 1)
-                progress.history.append(record)
-                progress.reward_seconds += record.pop("_reward_seconds")
-                progress.total_seconds += record["seconds"]
-                best = progress.best[k]
-                if record["succeeded"] and record["reward"] > best.reward:
-                    best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), \
-                        progress.episode + 1
-                record.pop("_sparsities", None)
-                progress.episode += 1
-                if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
-                                               or progress.episode == settings.episodes):
+                best = _finish_episode(settings, agent, progress, checkpoint, learn, record, transitions, k,
+                                       targets[k])
+                if on_episode:
+                    on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
+        except KeyboardInterrupt:  # anywhere in the loop: keep the episodes that finished, drop the one running
+            if progress.episode == episode_at_start:  # the running episode did not count
+                agent.rng.bit_generator.state = rng_at_start  # as if it never started
+            if checkpoint is not None:
+                with deferred_interrupts():
                     _save(checkpoint, settings, agent, progress)
-            if on_episode:
-                on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
+            where = f"; rerun the same command with --resume to continue (checkpoint {checkpoint})" \
+                if checkpoint else "; rerun the command to start again"
+            raise SearchInterrupted(f"search interrupted after {progress.episode} episodes{where}") from None
     return SearchResult(settings, progress.best, progress.history, progress.reward_seconds, progress.total_seconds)
+
+
+def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchProgress, checkpoint: Path | None,
+                    learn: bool, record: dict, transitions: list[tuple], k: int, target: float) -> StageBest:
+    """Learn from a finished episode and record it, as one unit that an interrupt cannot split."""
+    with deferred_interrupts():
+        if learn:
+            agent.learn_from_episode(transitions)
+        record.update(stage=k + 1, target=target, episode=progress.episode + 1)
+        progress.history.append(record)
+        progress.reward_seconds += record.pop("_reward_seconds")
+        progress.total_seconds += record["seconds"]
+        best = progress.best[k]
+        if record["succeeded"] and record["reward"] > best.reward:
+            best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), \
+                progress.episode + 1
+        record.pop("_sparsities", None)
+        progress.episode += 1
+        if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
+                                       or progress.episode == settings.episodes):
+            _save(checkpoint, settings, agent, progress)
+    return best
 
 
 def _play_episode(env: PruningEnv, agent: DQNAgent, target: float, epsilon: float) -> tuple[dict, list[tuple]]:
