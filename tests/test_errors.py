@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -30,7 +31,6 @@ from qlp_compress import cli, export
 from qlp_compress import io as qio
 from qlp_compress.errors import QLPError
 from qlp_compress.io import atomic_path, atomic_write_bytes, load_checkpoint
-from qlp_compress.zoo import build_model
 
 PARALLEL = 3  # bad-input runs at a time (most of each run is starting Python and importing torch)
 DEVICE = ("--device", "cpu")
@@ -106,26 +106,7 @@ def check_outputs(out: Path) -> None:
 def tiny(tmp_path_factory) -> Path:
     """A folder with a small trained LeNet-5 (ONNX and state dict) and a learnable 4-class 28×28 .npz task."""
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    n = 3300
-    y = rng.integers(0, 4, n)
-    x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
-    for k in range(4):  # class k: a bright 7×7 square in quadrant k
-        rows, cols = (k // 2) * 14 + 3, (k % 2) * 14 + 3
-        x[y == k, :, rows : rows + 7, cols : cols + 7] = 220
-    np.savez(root / "data.npz", x=x[:3000], y=y[:3000], x_test=x[3000:], y_test=y[3000:])
-    torch.manual_seed(0)
-    model = build_model("lenet5", 1, 4, (0.2,), (0.3,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    xt, yt = torch.from_numpy(x[:1000]).float() / 255, torch.from_numpy(y[:1000])
-    for i in range(40):
-        batch = slice((i * 50) % 1000, (i * 50) % 1000 + 50)
-        loss = torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    (root / "lenet.onnx").write_bytes(export.to_onnx_bytes(model, (1, 28, 28)))
+    model = make_tiny_task(root, n=3300, n_train=3000, steps=40)
     torch.save(model.state_dict(), root / "lenet.pt")
     torch.save(model, root / "lenet_module.pt")  # a whole pickled module: loading it runs code
     return root

@@ -10,39 +10,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
+from conftest import make_tiny_task
 
 from qlp_compress import export
 from qlp_compress.masks import pruned_count
 from qlp_compress.runtime import open_session
-from qlp_compress.zoo import build_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
     """A small LeNet-5 ONNX model trained a few steps on a learnable .npz task (28×28, 4 classes)."""
     root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    n = 1200
-    y = rng.integers(0, 4, n)
-    x = rng.integers(0, 60, (n, 1, 28, 28)).astype(np.uint8)
-    for k in range(4):  # class k: a bright 7×7 square in quadrant k
-        rows, cols = (k // 2) * 14 + 3, (k % 2) * 14 + 3
-        x[y == k, :, rows : rows + 7, cols : cols + 7] = 220
-    np.savez(root / "data.npz", x=x[:1000], y=y[:1000], x_test=x[1000:], y_test=y[1000:])
-    torch.manual_seed(0)
-    model = build_model("lenet5", 1, 4, (0.2,), (0.3,))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    xt, yt = torch.from_numpy(x[:1000]).float() / 255, torch.from_numpy(y[:1000])
-    for i in range(60):
-        batch = slice((i * 50) % 1000, (i * 50) % 1000 + 50)
-        loss = torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    path = root / "lenet.onnx"
-    path.write_bytes(export.to_onnx_bytes(model, (1, 28, 28)))
-    return path, root / "data.npz"
+    make_tiny_task(root, n=1200, n_train=1000, steps=60)
+    return root / "lenet.onnx", root / "data.npz"
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
