@@ -125,6 +125,7 @@ SparsityOpt = Annotated[float, typer.Option("--sparsity", help="Target global sp
 OutDirOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (default: beside the model).")]
 EpochsOpt = Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs on the fine-tune split.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed of search and fine-tuning.")]
+LrOpt = Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate (cosine decay).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in the same --out.")]
 SparseOpt = Annotated[bool, typer.Option("--sparse-storage/--no-sparse-storage",
                                          help="Also write model.sparse.onnx (sparse_initializer).")]
@@ -168,7 +169,7 @@ def search_cmd(
     reward_engine: Annotated[str, typer.Option(help="auto, onnxruntime or torch.")] = "auto",
     finetune_epochs: EpochsOpt = 2.0,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Fine-tune after pruning.")] = True,
-    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine decay).")] = 0.01,
+    lr: LrOpt = 0.01,
     sparse_storage: SparseOpt = True,
     out: OutDirOpt = None,
     seed: SeedOpt = 0,
@@ -210,7 +211,7 @@ def prune_cmd(
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     finetune_epochs: EpochsOpt = 0.0,
-    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine decay).")] = 0.01,
+    lr: LrOpt = 0.01,
     sparse_storage: SparseOpt = True,
     out: OutDirOpt = None,
     seed: SeedOpt = 0,
@@ -253,7 +254,7 @@ def compare_cmd(
     episodes: Annotated[int, typer.Option(help="Search episodes for qlp and random.")] = 400,
     reward_images: Annotated[int, typer.Option(help="Reward-split images per reward evaluation.")] = 1000,
     finetune_epochs: EpochsOpt = 1.0,
-    lr: Annotated[float, typer.Option(help="Fine-tuning peak learning rate (cosine decay).")] = 0.01,
+    lr: LrOpt = 0.01,
     min_density: MinDensityOpt = 0.0,
     out: OutDirOpt = None,
     seed: SeedOpt = 0,

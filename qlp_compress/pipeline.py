@@ -371,12 +371,13 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
 
     work = out / ".work"
     started = time.perf_counter()
+    if policy is None and settings.method not in METHODS:  # a baseline allocator: closed form, no search
+        policy = find_policy(ws, settings.method, settings.target, allocation=settings.allocation)
     if policy is None:
         search = settings.search or SearchSettings(target=settings.target)
         with search_progress(f"{settings.method} search", search.episodes) as on_episode:
             policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
-                                 settings.allocation, checkpoint=work / "search.ckpt", resume=resume,
-                                 on_episode=on_episode)
+                                 checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
     policy.save(out / "policy.json")
     pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume)
     tuned_bytes = export_bytes(tuned, ws)
