@@ -141,7 +141,8 @@ def test_random_episodes_keep_the_invariants(target) -> None:
             assert np.all((state >= 0) & (state <= 1))
             assert state[0] == pytest.approx((steps % n_layers) / (n_layers - 1))  # layer index in 0..1
             assert state[1] == pytest.approx(target)
-            np.testing.assert_allclose(state[2:], density, rtol=1e-6)
+            assert state[2] == pytest.approx((steps // n_layers) / (env.settings.passes - 1))  # the pass, 0..1
+            np.testing.assert_allclose(state[3:], density, rtol=1e-6)
             state, reward, done = env.step(int(rng.integers(env.n_actions)))
             steps += 1
             assert np.all(env.density <= density)  # pruning is monotone
@@ -208,7 +209,8 @@ def test_full_removal_action_and_the_clipped_last_step() -> None:
 
 
 def test_state_without_target() -> None:
-    env = PruningEnv(ODD_NUMELS, RecordingReward(), EnvSettings(target_in_state=False))
+    """The abstract's state: layer index and densities only."""
+    env = PruningEnv(ODD_NUMELS, RecordingReward(), EnvSettings(target_in_state=False, pass_in_state=False))
     state = env.reset(0.7)
     assert env.state_size == len(ODD_NUMELS) + 1 == len(state)
     assert state[0] == 0.0 and np.all(state[1:] == 1.0)

@@ -29,6 +29,8 @@ class EnvSettings:
     failure_penalty: float = 1.0  # failed episode reward = −failure_penalty × (target − reached sparsity)
     target_in_state: bool = True  # append the episode's target sparsity to the state (our addition: it lets
     #                               the curriculum's stages share one replay buffer without contradicting it)
+    pass_in_state: bool = True  # append the pass number, normalised to 0..1 (our addition: without it the agent
+    #                             cannot tell the last visit of a layer from an earlier one)
 
 
 class PruningEnv:
@@ -45,7 +47,7 @@ class PruningEnv:
 
     @property
     def state_size(self) -> int:
-        return self.n_layers + 1 + int(self.settings.target_in_state)
+        return self.n_layers + 1 + int(self.settings.target_in_state) + int(self.settings.pass_in_state)
 
     @property
     def n_actions(self) -> int:
@@ -63,10 +65,15 @@ class PruningEnv:
         return self.step_count % self.n_layers
 
     def state(self) -> np.ndarray:
-        """[index of the layer about to be visited, normalised to 0..1] + all layer densities
-        (+ the target sparsity when `target_in_state`)."""
+        """[index of the layer about to be visited, normalised to 0..1] (+ the target sparsity when
+        `target_in_state`) (+ the pass number, normalised, when `pass_in_state`) + all layer densities."""
         index = self.layer / max(1, self.n_layers - 1)
-        head = [index, self.target] if self.settings.target_in_state else [index]
+        head = [index]
+        if self.settings.target_in_state:
+            head.append(self.target)
+        if self.settings.pass_in_state:
+            last = max(1, self.settings.passes - 1)
+            head.append(min(self.step_count // self.n_layers, last) / last)
         return np.concatenate((head, self.density)).astype(np.float32)
 
     def pruned_counts(self, density: np.ndarray | None = None) -> np.ndarray:
