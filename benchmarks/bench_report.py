@@ -70,6 +70,8 @@ def reading(summary: dict) -> list[str]:
     lines = []
     for target in summary["settings"]["sparsities"]:
         rows = {r["method"]: r for r in summary["table"] if r["target"] == target}
+        if set(rows) != set(METHODS):  # a partial grid
+            continue
         for key, label in (("finetuned", "after fine-tuning"), ("pruned", "before fine-tuning")):
             best = max(("global", "lamp", "erk", "uniform"), key=lambda m: rows[m][key]["mean"])
             q, b = rows["qlp"][key], rows[best][key]
@@ -99,12 +101,14 @@ def grid_section(summary: dict) -> list[str]:
              "that stage. Test accuracy via onnxruntime on the 10,000 test images; mean ± std over seeds "
              "(searches and fine-tuning seeds; the baselines' masks are deterministic).", "",
              f"Dense model: {summary['dense']['accuracy']:.2%}.", "",
+             *partial_note(summary),
              "| sparsity | method | before fine-tuning | after fine-tuning | best reward (reward split) "
-             "| reward evals |",
-             "|---:|---|---:|---:|---:|---:|"]
+             "| reward evals | QLP's policy: found by |",
+             "|---:|---|---:|---:|---:|---:|---|"]
     for r in summary["table"]:
+        found = ", ".join(f"{x} demonstration" if x != "agent" else x for x in r.get("best_from") or []) or "–"
         lines.append(f"| {r['target']:g} | {r['method']} | {fmt(r['pruned'])} | {fmt(r['finetuned'])} | "
-                     f"{fmt(r['best_reward'])} | {r['reward_evaluations'] or '–'} |")
+                     f"{fmt(r['best_reward'])} | {r['reward_evaluations'] or '–'} | {found} |")
     lines += ["", f"![accuracy vs sparsity]({acc_png})", "", f"![per-layer sparsity at {layer_target:g}]({layers_png})",
               "", "### Reading", "", *reading(summary), ""]
     c = summary["search_cost"]
@@ -130,13 +134,23 @@ def grid_section(summary: dict) -> list[str]:
     if summary["ablations"]:
         lines += [f"### Ablation at {s['ablation_sparsity']:g} (seed {s['seeds'][0]}, "
                   f"one search of {s['ablation_episodes']} episodes each)", "",
-                  "| variant | best reward | before fine-tuning | after fine-tuning | s / episode |",
-                  "|---|---:|---:|---:|---:|"]
+                  "| variant | best reward | best episode from | before fine-tuning | after fine-tuning | "
+                  "s / episode |", "|---|---:|---|---:|---:|---:|"]
         for a in summary["ablations"]:
-            lines.append(f"| {a['name']} | {a['best_reward']:.2%} | {a['pruned_accuracy']:.2%} | "
-                         f"{a['finetuned_accuracy']:.2%} | {a['seconds_per_episode']:.2f} |")
+            lines.append(f"| {a['name']} | {a['best_reward']:.2%} | {a.get('best_from', '–')} | "
+                         f"{a['pruned_accuracy']:.2%} | {a['finetuned_accuracy']:.2%} | "
+                         f"{a['seconds_per_episode']:.2f} |")
         lines.append("")
     return lines
+
+
+def partial_note(summary: dict) -> list[str]:
+    done, expected = summary.get("finished_cells"), summary.get("expected_cells")
+    if done is None or done >= expected:
+        return []
+    return [f"**Partial grid: {done} of {expected} cells finished** (seeds {sorted(summary['seeds_done'])}); "
+            f"`python benchmarks/run.py --grid {summary['grid']}` continues it. Means and stds below are over the "
+            "seeds finished so far.", ""]
 
 
 def fmt_s(cell: dict) -> str:

@@ -67,7 +67,7 @@ GRIDS = {
     "quick": Grid(sparsities=(0.9, 0.98), seeds=(0,), qlp_episodes=120, reward_images=500, finetune_epochs=0.05,
                   ablation_sparsity=0.95, ablation_episodes=0),
     "full": Grid(sparsities=(0.5, 0.7, 0.9, 0.95, 0.98), seeds=(0, 1, 2), qlp_episodes=600, reward_images=1000,
-                 finetune_epochs=0.3, ablation_sparsity=0.95, ablation_episodes=300),
+                 finetune_epochs=0.3, ablation_sparsity=0.95, ablation_episodes=120),
 }
 ABLATIONS = {  # name → how the search differs from QLP's defaults
     "qlp (defaults)": {},
@@ -76,6 +76,8 @@ ABLATIONS = {  # name → how the search differs from QLP's defaults
     "actions ≤ 50 %": {"env": EnvSettings(actions=(0.0, 0.1, 0.2, 0.3, 0.4, 0.5))},
     "state without target": {"env": EnvSettings(target_in_state=False)},
     "no BN re-estimation": {"bn_recalibrate": 0},
+    "no demonstrations": {"demonstrations": ()},
+    "reward without brief fine-tuning": {"finetune_steps": 0},
 }
 
 
@@ -101,6 +103,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", choices=sorted(GRIDS), default="quick")
     parser.add_argument("--model", type=Path, default=ROOT / "models/resnet20_fmnist.onnx")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Compute nothing: summarise the cells finished so far (a partial grid says so).")
     args = parser.parse_args()
     grid = GRIDS[args.grid]
     work = ROOT / "benchmarks/cells" / args.grid
@@ -110,71 +114,87 @@ def main() -> None:
     stage_targets = (0.5, *grid.sparsities) if grid.sparsities[0] > 0.5 else grid.sparsities
     started = time.perf_counter()
 
+    def cell(path: Path, compute) -> dict | None:
+        """A finished unit of work, computed now unless --report-only (then None when not finished)."""
+        return None if args.report_only and not path.exists() else cached(path, compute)
+
     def finetune(seed: int) -> TrainSettings:
         return TrainSettings(epochs=grid.finetune_epochs, lr=grid.finetune_lr, warmup_epochs=0.0, seed=seed,
                              device=ws.device)
 
-    # 1. QLP: one curriculum search per seed; its stage policies serve every sparsity
-    qlp = {}
+    # Seed by seed, so that an interrupted run has whole seeds to show; the deployed side and the
+    # ablations (seed 0 only) come right after the first seed.
+    qlp, cells, deployed, ablations = {}, [], [], []
     for seed in grid.seeds:
+        # 1. QLP: one curriculum search per seed; its stage policies serve every sparsity
         search = SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes, stage_targets=stage_targets,
                                 seed=seed)
-        doc = cached(work / f"search_qlp_seed{seed}.json", lambda s=search, seed=seed: policy_doc(
+        doc = cell(work / f"search_qlp_seed{seed}.json", lambda s=search, seed=seed: policy_doc(
             find_policy(ws, "qlp", s.target, s, reward, checkpoint=work / f"search_qlp_seed{seed}.ckpt",
                         resume=True)))
+        if doc is None:
+            continue
         qlp[seed] = doc
-    lengths = qlp[grid.seeds[0]]["search"]["stage_of_episode"]
+        lengths = doc["search"]["stage_of_episode"]
 
-    # 2. every method × sparsity × seed: policy, pruned and fine-tuned test accuracy
-    cells = []
-    for target in grid.sparsities:
-        stage = stage_targets.index(target) + 1
-        budget = sum(1 for k in lengths if k <= stage)  # QLP's reward evaluations up to this stage
-        for seed in grid.seeds:
+        # 2. every method × sparsity: policy, pruned and fine-tuned test accuracy
+        for target in grid.sparsities:
+            stage = stage_targets.index(target) + 1
+            budget = sum(1 for k in lengths if k <= stage)  # QLP's reward evaluations up to this stage
             for method in ("qlp", "random", *BASELINES):
                 path = work / f"cell_{method}_{target:g}_seed{seed}.json"
-                cells.append(cached(path, lambda m=method, t=target, sd=seed, st=stage, bu=budget: run_cell(
-                    ws, m, t, sd, st, bu, qlp[sd], reward, finetune(sd))))
-
-    # 3. the deployed side: latency and sizes of the QLP model at each sparsity (seed 0, fine-tuned)
-    deployed = []
-    for target in grid.sparsities:
-        def deploy(target=target) -> dict:
-            policy = stage_policy(qlp[grid.seeds[0]], stage_targets.index(target) + 1)
-            _, tuned, _ = prune_and_finetune(ws, policy, finetune(grid.seeds[0]))
-            data = export_bytes(tuned, ws)
-            m = measure_onnx(data, ws, repeats=30)
-            sparse = to_sparse_storage(data)
-            return {"target": target, "latency": m["latency"], "bytes": m["bytes"], "gzip_bytes": m["gzip_bytes"],
-                    "sparse_bytes": len(sparse), "sparse_gzip_bytes": len(gzip.compress(sparse, 6))}
-
-        deployed.append(cached(work / f"deployed_{target:g}.json", deploy))
+                cells.append(cell(path, lambda m=method, t=target, sd=seed, st=stage, bu=budget, d=doc:
+                                  run_cell(ws, m, t, sd, st, bu, d, reward, finetune(sd))))
+        if seed == grid.seeds[0]:
+            tune = finetune(seed)
+            deployed = [cell(work / f"deployed_{t:g}.json",
+                             lambda t=t, d=doc, f=tune: deploy(ws, d, stage_targets, t, f)) for t in grid.sparsities]
+            ablations = [cell(work / f"ablation_{slug(name)}.json",
+                              lambda n=name, f=tune: ablate(ws, grid, n, reward, f))
+                         for name in (ABLATIONS if grid.ablation_episodes else ())]
+    if not qlp:
+        raise SystemExit(f"no finished search in {work}: run without --report-only first")
     dense = cached(work / "dense.json", lambda: measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=30))
-
-    # 4. ablations at one sparsity (seed 0)
-    ablations = []
-    if grid.ablation_episodes:
-        for name, change in ABLATIONS.items():
-            def ablate(change=change, name=name) -> dict:
-                bn = change.get("bn_recalibrate", reward.bn_recalibrate)
-                fields = {k: v for k, v in change.items() if k != "bn_recalibrate"}
-                s = replace(SearchSettings(target=grid.ablation_sparsity, episodes=grid.ablation_episodes,
-                                           seed=grid.seeds[0]), **fields)
-                policy = find_policy(ws, "qlp", s.target, s, replace(reward, bn_recalibrate=bn))
-                pruned, tuned, _ = prune_and_finetune(ws, policy, finetune(grid.seeds[0]))
-                return {"name": name, "best_reward": policy.best_reward,
-                        "seconds_per_episode": policy.search["seconds_per_episode"],
-                        "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],
-                        "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"],
-                        "sparsities": policy.sparsities}
-
-            slug = name.replace(" ", "_").replace("≤", "le").replace("%", "pct").replace("(", "").replace(")", "")
-            ablations.append(cached(work / f"ablation_{slug}.json", ablate))
-
-    summary = summarise(grid, args.grid, cells, qlp, deployed, dense, ablations, ws, time.perf_counter() - started)
+    done = [c for c in cells if c is not None]
+    expected = len(grid.seeds) * len(grid.sparsities) * (2 + len(BASELINES))
+    summary = summarise(grid, args.grid, done, qlp, [d for d in deployed if d], dense,
+                        [a for a in ablations if a], ws, time.perf_counter() - started)
+    summary["finished_cells"], summary["expected_cells"], summary["seeds_done"] = len(done), expected, sorted(qlp)
     atomic_write_json(ROOT / "benchmarks/results" / f"{args.grid}.json", summary)
     write_markdown(summary)
-    print(f"wrote benchmarks/results/{args.grid}.json and docs/benchmarks.md")
+    print(f"wrote benchmarks/results/{args.grid}.json and docs/benchmarks.md ({len(done)} of {expected} cells)")
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace("≤", "le").replace("%", "pct").replace("(", "").replace(")", "")
+
+
+def deploy(ws, qlp_doc: dict, stage_targets: tuple[float, ...], target: float, finetune: TrainSettings) -> dict:
+    """Latency and sizes of the fine-tuned QLP model at one sparsity."""
+    policy = stage_policy(qlp_doc, stage_targets.index(target) + 1)
+    _, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    data = export_bytes(tuned, ws)
+    m = measure_onnx(data, ws, repeats=30)
+    sparse = to_sparse_storage(data)
+    return {"target": target, "latency": m["latency"], "bytes": m["bytes"], "gzip_bytes": m["gzip_bytes"],
+            "sparse_bytes": len(sparse), "sparse_gzip_bytes": len(gzip.compress(sparse, 6))}
+
+
+def ablate(ws, grid: Grid, name: str, reward: RewardSettings, finetune: TrainSettings) -> dict:
+    """One QLP search at the ablation sparsity with one design choice changed, then pruned and fine-tuned."""
+    change = ABLATIONS[name]
+    reward_change = {k: v for k, v in change.items() if k in ("bn_recalibrate", "finetune_steps")}
+    search_change = {k: v for k, v in change.items() if k not in reward_change}
+    s = replace(SearchSettings(target=grid.ablation_sparsity, episodes=grid.ablation_episodes, seed=grid.seeds[0]),
+                **search_change)
+    policy = find_policy(ws, "qlp", s.target, s, replace(reward, **reward_change))
+    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    return {"name": name, "best_reward": policy.best_reward,
+            "best_from": policy.stages[-1].get("demonstration") or "agent",
+            "seconds_per_episode": policy.search["seconds_per_episode"],
+            "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],
+            "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"],
+            "sparsities": policy.sparsities}
 
 
 def stage_policy(doc: dict, stage: int) -> Policy:
@@ -197,7 +217,8 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
         policy = find_policy(ws, method, target, allocation=AllocationSettings())
     search_seconds = time.perf_counter() - t0
     pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
-    return {"method": method, "target": target, "seed": seed, "achieved": policy.achieved,
+    best_from = (qlp_doc["stages"][stage - 1].get("demonstration") or "agent") if method == "qlp" else None
+    return {"method": method, "target": target, "seed": seed, "achieved": policy.achieved, "best_from": best_from,
             "sparsities": policy.sparsities, "best_reward": policy.best_reward,
             "reward_evaluations": budget if method in ("qlp", "random") else 0,
             "search_seconds": None if method == "qlp" else round(search_seconds, 2),
@@ -216,12 +237,15 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
     for target in grid.sparsities:
         for method in ("qlp", "random", *BASELINES):
             rows = [c for c in cells if c["method"] == method and c["target"] == target]
+            if not rows:  # a partial grid
+                continue
             table.append({"target": target, "method": method,
                           "pruned": mean_std([r["pruned_accuracy"] for r in rows]),
                           "finetuned": mean_std([r["finetuned_accuracy"] for r in rows]),
                           "best_reward": mean_std([r["best_reward"] for r in rows]) if rows[0]["best_reward"]
                           is not None else None,
                           "reward_evaluations": rows[0]["reward_evaluations"],
+                          "best_from": [r.get("best_from") for r in rows] if method == "qlp" else None,
                           "sparsities_seed0": rows[0]["sparsities"]})
     searches = [q["search"] for q in qlp.values()]
     random_cells = [c for c in cells if c["method"] == "random"]
@@ -238,7 +262,7 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
                     "seconds_per_episode": mean_std([s["seconds_per_episode"] for s in searches]),
                     "share_outside_reward": mean_std([s["share_outside_reward"] for s in searches]),
                     "reward_engine": searches[0]["reward_engine"]},
-            "random": {"search_seconds": mean_std([c["search_seconds"] for c in random_cells]),
+            "random": {"search_seconds": mean_std([c["search_seconds"] for c in random_cells] or [0.0]),
                        "reward_evaluations": sorted({c["reward_evaluations"] for c in random_cells})},
             "baselines": "closed form: well under a second each",
         },

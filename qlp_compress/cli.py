@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from qlp_compress import __version__
 from qlp_compress.allocate import ALLOCATORS, AllocationSettings
-from qlp_compress.errors import QLPError
+from qlp_compress.errors import QLPError, UsageError
 from qlp_compress.finetune import TrainSettings
 from qlp_compress.interrupts import sigterm_as_interrupt
 from qlp_compress.masks import find_prunable_layers
@@ -150,6 +150,17 @@ def _finetune_settings(epochs: float, lr: float, seed: int, device: str) -> Trai
     return TrainSettings(epochs=epochs, lr=lr, warmup_epochs=0.0, seed=seed, device=resolve_device(device))
 
 
+def _demonstrations(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in ALLOCATORS]
+    if unknown:
+        raise UsageError(f"--demonstrations: unknown allocation {unknown[0]!r}; use a comma-separated list of "
+                         f"{', '.join(ALLOCATORS)}, or none")
+    return names
+
+
 @app.command("search")
 def search_cmd(
     model: ModelArg,
@@ -160,12 +171,20 @@ def search_cmd(
     stages: Annotated[int, typer.Option(help="Curriculum stages of increasing sparsity (1 = none).")] = 4,
     passes: Annotated[int, typer.Option(help="Visits per layer in one episode.")] = 4,
     method: Annotated[str, typer.Option(help="qlp, or random (random search, same budget).")] = "qlp",
+    demonstrations: Annotated[str, typer.Option(help="Baseline allocations played as the first episodes of every "
+                                                     "stage, comma-separated, or 'none'.")]
+    = "lamp,erk,global,uniform",
     reward_images: Annotated[int, typer.Option(help="Reward-split images per reward evaluation.")] = 1000,
     reward_size: Annotated[int | None, typer.Option(help="Training images held out as the reward split "
                                                          "[default: 5000, or a tenth of a smaller training split]")]
     = None,
     bn_recalibrate: Annotated[int, typer.Option(help="Re-estimate BatchNorm on this many reward images before "
                                                      "each reward (0 = off).")] = 256,
+    reward_finetune_steps: Annotated[int, typer.Option(help="At sparsity ≥ --reward-finetune-from, fine-tune each "
+                                                            "candidate this many SGD steps before measuring it "
+                                                            "(0 = never).")] = 10,
+    reward_finetune_from: Annotated[float, typer.Option(help="Global sparsity from which the reward fine-tunes "
+                                                             "briefly.")] = 0.95,
     reward_engine: Annotated[str, typer.Option(help="auto, onnxruntime or torch.")] = "auto",
     finetune_epochs: EpochsOpt = 2.0,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Fine-tune after pruning.")] = True,
@@ -184,13 +203,15 @@ def search_cmd(
     """Find per-layer sparsities with QLP, prune, fine-tune, export a verified sparse ONNX and report."""
     check_sparsity(sparsity)
     resolve_device(device)
+    demos = _demonstrations(demonstrations)
     out = out or default_out_dir(model, method, sparsity)
     check_out_dir(out, force, resume)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std, reward_size)
     prepare_out_dir(out, force, resume)
     search = SearchSettings(target=sparsity, episodes=episodes, stages=stages, method=method, seed=seed,
-                            env=EnvSettings(passes=passes))
+                            demonstrations=demos, env=EnvSettings(passes=passes))
     reward = RewardSettings(images=reward_images, engine=reward_engine, bn_recalibrate=bn_recalibrate,
+                            finetune_steps=reward_finetune_steps, finetune_from=reward_finetune_from,
                             device=ws.device)
     settings = CompressSettings(method=method, target=sparsity, search=search, reward=reward,
                                 finetune=_finetune_settings(finetune_epochs if finetune else 0, lr, seed, device),

@@ -225,16 +225,24 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
     layers = find_prunable_layers(ws.loaded.module)
     names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
     common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256}
+    weights = {layer.name: layer.weight.detach() for layer in layers}
+
+    def baseline(name: str, goal: float) -> list[float]:
+        sparsities = allocate(name, weights, goal, allocation or AllocationSettings())
+        return [sparsities[n] for n in names]
+
     if method in ALLOCATORS:
-        weights = {layer.name: layer.weight.detach() for layer in layers}
-        sparsities = allocate(method, weights, target, allocation or AllocationSettings())
-        return Policy(method=method, sparsities=[sparsities[n] for n in names], **common)
+        return Policy(method=method, sparsities=baseline(method, target), **common)
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
     search = replace(search or SearchSettings(target=target), target=target, method=method)
+    unknown = [d for d in search.demonstrations if d not in ALLOCATORS]
+    if unknown:
+        raise UsageError(f"unknown demonstration {unknown[0]!r}; use any of {', '.join(ALLOCATORS)}, or none")
     reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings or RewardSettings(device=ws.device))
     env = PruningEnv(reward.numels, reward, search.env)
-    result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode)
+    result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
+                        allocation=baseline)
     if result.final.sparsities is None:
         raise QLPError(f"no episode reached sparsity {target} in {search.episodes} episodes; raise --episodes "
                        "or --passes")
@@ -246,8 +254,8 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
              "share_outside_reward": round(outside / max(1e-9, result.total_seconds), 4),
              "rewards": [round(h["reward"], 5) for h in result.history],
              "stage_of_episode": [h["stage"] for h in result.history]}
-    stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities}
-              for b in result.best]
+    stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities,
+               "demonstration": b.demonstration} for b in result.best]
     return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
                   stages=stages, search=stats, seed=search.seed, **common)
 

@@ -134,8 +134,9 @@ def report_markdown(report: dict, plots: list[str]) -> str:
         lines += [f"Search: {s['episodes']} episodes, {s['wall_seconds']:.0f} s, {s['seconds_per_episode']:.2f} s "
                   f"per episode, {s['share_outside_reward']:.1%} of the time outside the reward "
                   f"({s['reward_engine']} engine, {s['reward_images']} reward images).", ""]
-        lines += ["| stage | target | best reward | episode |", "|---:|---:|---:|---:|"]
-        lines += [f"| {i + 1} | {st['target']:.4f} | {st['reward']:.4f} | {st['episode']} |"
+        lines += ["| stage | target | best reward | episode | found by |", "|---:|---:|---:|---:|---|"]
+        lines += [f"| {i + 1} | {st['target']:.4f} | {st['reward']:.4f} | {st['episode']} | "
+                  f"{st['demonstration'] + ' demonstration' if st.get('demonstration') else 'the agent'} |"
                   for i, st in enumerate(report["stages"])]
         lines.append("")
     lines += ["| layer | weights | sparsity |", "|---|---:|---:|"]

@@ -250,6 +250,9 @@ CASES: dict[str, Case] = {
     "sparsity_not_a_number": Case(("prune", "lenet.onnx", "--sparsity", "lots"), 2, ("--sparsity", "--help")),
     "search_sparsity_1": Case(("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "1", "--out", "out/new",
                                *DEVICE), 2, ("between 0 and 1",)),
+    "search_unknown_demonstration": Case(("search", "lenet.onnx", "--data", "data.npz", "--demonstrations",
+                                          "lamp,snip", "--out", "out/new", *DEVICE), 2,
+                                         ("'snip'", "--demonstrations", "or none")),
     # policy.json
     "policy_for_another_model": Case(("prune", "lenet.onnx", "--policy", "other_policy.json", "--data", "data.npz",
                                       "--out", "out/new", *DEVICE), 2, ("another model", "its own policy")),

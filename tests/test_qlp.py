@@ -14,15 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
+from torch.utils.data import TensorDataset
 
 from qlp_compress.data import TensorImages, to_float
 from qlp_compress.errors import UsageError
+from qlp_compress.finetune import train
 from qlp_compress.io import load_checkpoint
 from qlp_compress.masks import find_prunable_layers
 from qlp_compress.qlp import agent as agent_module
 from qlp_compress.qlp.agent import AgentSettings, DQNAgent
 from qlp_compress.qlp.env import DEFAULT_ACTIONS, EnvSettings, PruningEnv
-from qlp_compress.qlp.reward import Reward, RewardSettings
+from qlp_compress.qlp.reward import BRIEF_FINETUNE, Reward, RewardSettings
 from qlp_compress.qlp.search import (
     SearchInterrupted,
     SearchSettings,
@@ -107,6 +109,43 @@ def test_qlp_learns_the_known_optimum_and_beats_random_search(seed) -> None:
 
 
 # ------------------------------------------------------------------------------------ the pruning game
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.98])
+def test_a_demonstration_replays_an_allocation_within_one_action_step(target) -> None:
+    wanted, _ = optimal_allocation(target)
+    env = PruningEnv(NUMELS, quadratic_reward)
+    env.reset(target)
+    done = False
+    while not done:
+        _, reward, done = env.step(env.action_towards(1.0 - wanted))
+    assert pruned_total(env.sparsities(), NUMELS) == round(target * NUMELS.sum())  # met exactly, not failed
+    assert reward == pytest.approx(quadratic_reward(env.sparsities()))
+    # the smallest step removes 10 % of what remains, so no layer can land further than 0.1 from its allocation
+    assert np.abs(env.sparsities() - wanted).max() <= 0.1
+
+
+def test_demonstrations_open_every_stage_count_as_episodes_and_bound_the_result() -> None:
+    allocations = {"uniform": lambda t: np.full(len(NUMELS), t), "optimal": lambda t: optimal_allocation(t)[0]}
+    settings = SearchSettings(target=0.9, episodes=60, stages=3, demonstrations=("uniform", "optimal"), seed=0)
+    result = run_search(PruningEnv(NUMELS, quadratic_reward), settings,
+                        allocation=lambda name, t: allocations[name](t))
+    assert len(result.history) == 60  # the demonstrations spend the same budget
+    starts = [0] + [i for i in range(1, 60) if result.history[i]["stage"] != result.history[i - 1]["stage"]]
+    assert len(starts) == 3
+    for start in starts:
+        assert [h.get("demonstration") for h in result.history[start : start + 3]] == ["uniform", "optimal", None]
+    for best, start in zip(result.best, starts, strict=True):
+        demo_rewards = [h["reward"] for h in result.history[start : start + 2]]
+        assert best.reward >= max(demo_rewards)
+    optimal_demo = result.history[starts[-1] + 1]["reward"]
+    _, optimum = optimal_allocation(0.9)
+    assert optimal_demo > 0.97 * optimum  # the replayed allocation keeps its quality
+    assert result.final.reward >= optimal_demo
+    assert result.final.demonstration in (None, "optimal")
+
+    plain = run_search(PruningEnv(NUMELS, quadratic_reward), settings)  # no allocator given: no demonstrations
+    assert all("demonstration" not in h for h in plain.history)
 
 
 class RecordingReward:
@@ -369,8 +408,8 @@ def reference_accuracy(model: nn.Module, data: TensorImages, sparsities, recalib
 def test_reward_engines_match_pytorch_prune() -> None:
     model, data = reward_fixture()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ort_reward = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=0))
-    torch_reward = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=0))
+    ort_reward = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=0, finetune_steps=0))
+    torch_reward = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=0, finetune_steps=0))
     assert ort_reward.engine == "onnxruntime" and torch_reward.engine == "torch"
     n_layers = len(ort_reward.numels)
     assert n_layers == len(find_prunable_layers(model))
@@ -386,12 +425,48 @@ def test_reward_engines_match_pytorch_prune() -> None:
         accuracies.append(expected)
     assert accuracies[0] == 1.0 and len(set(accuracies)) > 2  # the sparsities do change the outcome
 
-    ort_bn = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=100))
-    torch_bn = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=100))
+    ort_bn = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=100, finetune_steps=0))
+    torch_bn = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=100, finetune_steps=0))
     for s in vectors[1:3]:
         expected = reference_accuracy(model, data, s, recalibrate=100)
         assert ort_bn(s) == torch_bn(s) == expected
 
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is left alone
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_reward_fine_tunes_briefly_from_its_threshold_on_other_images(engine) -> None:
+    model, data = reward_fixture()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = RewardSettings(engine=engine, images=200, bn_recalibrate=100, finetune_steps=3, finetune_from=0.6)
+    reward = Reward(model, data, settings)
+    n_layers = len(reward.numels)
+    below, above = np.full(n_layers, 0.5), np.full(n_layers, 0.7)
+    assert reward(below) == reference_accuracy(model, TensorImages(data.x[:200], data.y[:200]), below, 100)
+
+    # the reference: pruned by torch.nn.utils.prune, BatchNorm re-estimated by hand, then 3 steps of the
+    # brief fine-tuning on the 100 images after the 200 measured ones, its masks from prune's weight_mask
+    pruned = copy.deepcopy(model)
+    masks = {}
+    for layer, s in zip(find_prunable_layers(pruned), above, strict=True):
+        prune.l1_unstructured(layer.module, "weight", amount=round(float(s) * layer.numel))
+        masks[layer.name] = layer.module.weight_mask.bool()
+        prune.remove(layer.module, "weight")
+    x = to_float(data.x)
+    with torch.no_grad():
+        for m in pruned.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+                m.momentum = None
+        pruned.train()
+        pruned(x[:100])
+    train(pruned, TensorDataset(x[200:], data.y[200:]), replace(BRIEF_FINETUNE, epochs=3.0), masks=masks)
+    with torch.no_grad():
+        expected = int((pruned.eval()(x[:200]).argmax(1) == data.y[:200]).sum()) / 200
+    assert reward(above) == expected
+    assert reward(above) == expected  # the same images every time: a deterministic reward
+    assert expected != reference_accuracy(model, TensorImages(data.x[:200], data.y[:200]), above, 100)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is left alone
 

@@ -87,6 +87,17 @@ class PruningEnv:
     def global_sparsity(self) -> float:
         return float(self.pruned_counts().sum()) / self.total
 
+    def action_towards(self, goal: np.ndarray) -> int:
+        """The action that brings the current layer closest to the density `goal[layer]` (used to replay a
+        baseline allocation as a demonstration). Before the last pass it never prunes past the goal; on the
+        last pass it takes the first action that reaches it, so the episode meets the target."""
+        d, want = self.density[self.layer], float(goal[self.layer])
+        after = [d * (1.0 - a) for a in self.settings.actions]
+        if self.step_count // self.n_layers < self.settings.passes - 1:
+            return min(range(self.n_actions), key=lambda k: (after[k] < want - 1e-9, after[k]))
+        reaching = [k for k in range(self.n_actions) if after[k] <= want + 1e-9]
+        return max(reaching, key=lambda k: after[k]) if reaching else min(range(self.n_actions), key=after.__getitem__)
+
     def step(self, action: int) -> tuple[np.ndarray, float, bool]:
         """Apply `action` to the current layer; returns (next state, reward, done)."""
         i = self.layer

@@ -12,26 +12,32 @@ Two engines:
 
 With `bn_recalibrate`, BatchNorm statistics are re-estimated on a fixed set of reward images after
 pruning (in PyTorch) and folded anew before the accuracy is measured.
+
+At extreme sparsity (global sparsity ≥ `finetune_from`) the accuracy of the pruned network says almost
+nothing: every allocation scores near chance, and the best-scoring one can fine-tune far worse than
+another (see docs/method.md). There the reward first fine-tunes a copy briefly (`finetune_steps` SGD
+steps, masks held, on reward-split images other than the measured ones) and then measures it, in PyTorch.
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import fx, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from qlp_compress.data import materialize
 from qlp_compress.errors import UsageError
-from qlp_compress.finetune import accuracy, recalibrate_batchnorm
-from qlp_compress.masks import MagnitudePruner, pruned_count
+from qlp_compress.finetune import TrainSettings, accuracy, recalibrate_batchnorm, train
+from qlp_compress.masks import MagnitudePruner, global_sparsity, pruned_count
 from qlp_compress.runtime import open_session
 
 ENGINES = ("auto", "onnxruntime", "torch")
@@ -46,7 +52,12 @@ class RewardSettings:
     engine: str = "auto"  # "onnxruntime" on CPU, "torch" on CUDA, or either by name
     bn_recalibrate: int = 256  # reward images used to re-estimate BatchNorm after pruning (0 = off); without
     #                            it a ResNet-20 pruned to 90 % scores chance level whatever the allocation
+    finetune_steps: int = 10  # brief fine-tuning before measuring, at targets ≥ finetune_from (0 = never)
+    finetune_from: float = 0.95  # global sparsity from which the reward fine-tunes briefly
     device: str = "cpu"  # where the torch engine runs; "cuda" makes onnxruntime use its CUDA provider
+
+
+BRIEF_FINETUNE = TrainSettings(epochs=1.0, batch_size=128, lr=0.01, warmup_epochs=0.0, augment=False, seed=0)
 
 
 class Reward:
@@ -55,13 +66,22 @@ class Reward:
     def __init__(self, model: nn.Module, reward_split: Dataset, settings: RewardSettings):
         if settings.engine not in ENGINES:
             raise UsageError(f"--reward-engine must be one of {', '.join(ENGINES)}, got {settings.engine!r}")
+        if settings.finetune_steps < 0 or not 0.0 < settings.finetune_from <= 1.0:
+            raise UsageError(f"--reward-finetune-steps must be ≥ 0 (got {settings.finetune_steps}) and "
+                             f"--reward-finetune-from between 0 and 1 (got {settings.finetune_from})")
         self.settings = settings
         self.model = copy.deepcopy(model).eval().to(settings.device)
         self.pruner = MagnitudePruner(self.model)
         self.names = self.pruner.names
         self.numels = self.pruner.numels
-        x, y = materialize(reward_split, limit=settings.images)
-        self.x, self.y = x.to(settings.device), y.to(settings.device)
+        brief = settings.finetune_steps * BRIEF_FINETUNE.batch_size
+        x, y = materialize(reward_split, limit=settings.images + brief)
+        x, y = x.to(settings.device), y.to(settings.device)
+        self.x, self.y = x[: settings.images], y[: settings.images]
+        # brief fine-tuning trains on the images after the measured ones (on the measured ones when the
+        # reward split holds no others)
+        self.x_train, self.y_train = (x[settings.images :], y[settings.images :]) if len(x) > settings.images \
+            else (self.x, self.y)
         self.calibration = self.x[: settings.bn_recalibrate]
         self.engine = self._choose_engine()
         self.evaluations = 0
@@ -83,16 +103,31 @@ class Reward:
     def __call__(self, sparsities: np.ndarray) -> float:
         self.evaluations += 1
         per_layer = dict(zip(self.names, (float(s) for s in sparsities), strict=True))
-        if self.engine == "torch" or self.settings.bn_recalibrate:
+        brief = self.settings.finetune_steps > 0 and global_sparsity(
+            per_layer, dict(zip(self.names, self.numels, strict=True))) >= self.settings.finetune_from - 1e-6
+        if self.engine == "torch" or self.settings.bn_recalibrate or brief:
             self.pruner.apply(per_layer)
             if self.settings.bn_recalibrate:
                 recalibrate_batchnorm(self.model, self.calibration.split(self.settings.batch_size))
+        if brief:
+            return self._briefly_finetuned_accuracy(per_layer)
         if self.engine == "torch":
             with torch.inference_mode():
                 batches = zip(self.x.split(self.settings.batch_size), self.y.split(self.settings.batch_size),
                               strict=True)
                 return accuracy(self.model, batches, self.settings.device)
         return self._onnxruntime_accuracy(per_layer)
+
+    def _briefly_finetuned_accuracy(self, per_layer: dict[str, float]) -> float:
+        """Accuracy after `finetune_steps` SGD steps on a copy of the pruned model (always the same images)."""
+        model = copy.deepcopy(self.model)
+        n = min(len(self.y_train), self.settings.finetune_steps * BRIEF_FINETUNE.batch_size)
+        epochs = self.settings.finetune_steps / math.ceil(n / BRIEF_FINETUNE.batch_size)  # exactly that many steps
+        train(model, TensorDataset(self.x_train[:n], self.y_train[:n]),
+              replace(BRIEF_FINETUNE, epochs=epochs, device=self.settings.device), masks=self.pruner.masks(per_layer))
+        with torch.inference_mode():
+            batches = zip(self.x.split(self.settings.batch_size), self.y.split(self.settings.batch_size), strict=True)
+            return accuracy(model, batches, self.settings.device)
 
     # ------------------------------------------------------------------------------ onnxruntime engine
 

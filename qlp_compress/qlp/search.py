@@ -2,8 +2,15 @@
 
 Each stage of the curriculum is a block of episodes at one target sparsity; the replay buffer and the
 networks carry over from stage to stage, and the best episode of every stage is kept, so one search gives
-a policy for each intermediate sparsity too. Random search ("random") plays the same game with uniformly
-random actions, all at the final target, for the same number of reward evaluations.
+a policy for each intermediate sparsity too.
+
+Demonstrations (our addition, see docs/method.md): each stage opens with one episode per baseline
+allocation named in `demonstrations` (LAMP, ERK, …), played through the same game by steering every
+step towards that allocation. They count as episodes and reward evaluations, go into the replay buffer
+like any other episode, and compete for the stage's best; the search then explores from what they teach.
+
+Random search ("random") plays the same game with uniformly random actions, all at the final target, for
+the same number of reward evaluations.
 
 Interrupts: a checkpoint holds everything (agent, replay, RNG states, history, best-so-far) as of the
 end of an episode. Ctrl-C or SIGTERM during an episode drops that episode and writes the checkpoint as of
@@ -44,6 +51,8 @@ class SearchSettings:
     final_share: float = 0.5  # share of the episodes spent at the final target
     stage_targets: tuple[float, ...] = ()  # explicit curriculum (increasing, ending at target); overrides stages
     method: str = "qlp"  # "qlp" (DQN with curriculum) or "random" (random actions, final target only)
+    demonstrations: tuple[str, ...] = ("lamp", "erk", "global", "uniform")  # baseline allocations replayed at the
+    #                                                                       start of every stage (qlp only)
     seed: int = 0  # agent initialisation, exploration and replay sampling
     checkpoint_every: int = 10  # episodes between checkpoint writes
     env: EnvSettings = field(default_factory=EnvSettings)  # the pruning game
@@ -73,6 +82,7 @@ class StageBest:
     reward: float = -float("inf")
     sparsities: list[float] | None = None
     episode: int = -1
+    demonstration: str | None = None  # the baseline whose demonstration this is, None when the agent found it
 
 
 @dataclass
@@ -113,8 +123,12 @@ def run_search(
     checkpoint: Path | None = None,
     resume: bool = False,
     on_episode: Callable[[dict], None] | None = None,
+    allocation: Callable[[str, float], np.ndarray] | None = None,
 ) -> SearchResult:
-    """Run (or resume) a search; returns the best policy of every stage."""
+    """Run (or resume) a search; returns the best policy of every stage.
+
+    `allocation(name, target)` gives the per-layer sparsities of a baseline allocator, for the
+    demonstrations; without it the search plays none."""
     if settings.method not in METHODS:
         raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
     if not 0.0 < settings.target < 1.0:
@@ -139,14 +153,22 @@ def run_search(
     stage_of = np.repeat(np.arange(stages), lengths)
     stage_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     learn = settings.method == "qlp"
+    demos = settings.demonstrations if learn and allocation is not None else ()
     rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
     with sigterm_as_interrupt():
         try:
             while progress.episode < settings.episodes:
                 k = int(stage_of[progress.episode])
-                eps = _epsilon(settings.agent, k, progress.episode - stage_start[k], lengths[k], settings.method)
+                in_stage = progress.episode - stage_start[k]
+                eps = _epsilon(settings.agent, k, in_stage, lengths[k], settings.method)
                 rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
-                record, transitions = _play_episode(env, agent, targets[k], eps)
+                if in_stage < len(demos):
+                    goal = 1.0 - np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
+                    record, transitions = _play_episode(env, targets[k], lambda _, g=goal: env.action_towards(g))
+                    record.update(epsilon=0.0, demonstration=demos[in_stage])
+                else:
+                    record, transitions = _play_episode(env, targets[k], lambda state, e=eps: agent.act(state, e))
+                    record["epsilon"] = round(eps, 4)
                 best = _finish_episode(settings, agent, progress, checkpoint, learn, record, transitions, k,
                                        targets[k])
                 if on_episode:
@@ -177,6 +199,7 @@ def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchP
         if record["succeeded"] and record["reward"] > best.reward:
             best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), \
                 progress.episode + 1
+            best.demonstration = record.get("demonstration")
         record.pop("_sparsities", None)
         progress.episode += 1
         if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
@@ -185,14 +208,14 @@ def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchP
     return best
 
 
-def _play_episode(env: PruningEnv, agent: DQNAgent, target: float, epsilon: float) -> tuple[dict, list[tuple]]:
+def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray], int]) -> tuple[dict, list[tuple]]:
     started = time.perf_counter()
     reward_seconds = 0.0
     state = env.reset(target)
     transitions = []
     done = False
     while not done:
-        action = agent.act(state, epsilon)
+        action = choose(state)
         t0 = time.perf_counter()
         next_state, reward, done = env.step(action)
         if done:
@@ -200,7 +223,7 @@ def _play_episode(env: PruningEnv, agent: DQNAgent, target: float, epsilon: floa
         transitions.append((state, action, reward, next_state, float(done)))
         state = next_state
     succeeded = env.pruned_counts().sum() >= env.target_pruned
-    record = {"reward": float(reward), "epsilon": round(epsilon, 4), "steps": len(transitions),
+    record = {"reward": float(reward), "steps": len(transitions),
               "reached": env.global_sparsity(), "succeeded": bool(succeeded),
               "seconds": time.perf_counter() - started, "_reward_seconds": reward_seconds if succeeded else 0.0,
               "_sparsities": [float(s) for s in env.sparsities()] if succeeded else None}
