@@ -137,6 +137,9 @@ def grid_section(summary: dict) -> list[str]:
                   "| variant | best reward | best episode from | before fine-tuning | after fine-tuning | "
                   "s / episode |", "|---|---:|---|---:|---:|---:|"]
         for a in summary["ablations"]:
+            if "error" in a:
+                lines.append(f"| {a['name']} | – | {a['error']} | – | – | – |")
+                continue
             lines.append(f"| {a['name']} | {a['best_reward']:.2%} | {a.get('best_from', '–')} | "
                          f"{a['pruned_accuracy']:.2%} | {a['finetuned_accuracy']:.2%} | "
                          f"{a['seconds_per_episode']:.2f} |")
