@@ -78,10 +78,10 @@ def reading(summary: dict) -> list[str]:
             diff = q["mean"] - b["mean"]
             noise = max(q["std"], b["std"])
             verdict = ("within the seed noise of" if abs(diff) <= noise else "ahead of" if diff > 0 else "behind")
-            if q["n"] < 2:
-                verdict += " (one seed: no noise estimate)"
+            caveat = " (one seed: no noise estimate yet)" if q["n"] < 2 else ""
             lines.append(f"- {target:g}, {label}: QLP {fmt(q)} vs best simple baseline {best} {fmt(b)} — "
-                         f"{diff * 100:+.2f} points, QLP is {verdict} it; random search {fmt(rows['random'][key])}.")
+                         f"{diff * 100:+.2f} points, QLP is {verdict} it{caveat}; random search "
+                         f"{fmt(rows['random'][key])}.")
     return lines
 
 
