@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from qlp_compress import __version__
 from qlp_compress.allocate import ALLOCATORS, AllocationSettings
-from qlp_compress.errors import QLPError, UsageError
+from qlp_compress.errors import QLPError
 from qlp_compress.finetune import TrainSettings
 from qlp_compress.interrupts import sigterm_as_interrupt
 from qlp_compress.masks import find_prunable_layers
@@ -24,6 +24,7 @@ from qlp_compress.pipeline import (
     ModelSettings,
     Workspace,
     check_can_write,
+    check_demonstrations,
     check_out_dir,
     check_sparsity,
     compare,
@@ -154,10 +155,7 @@ def _demonstrations(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     if names == ("none",):
         return ()
-    unknown = [n for n in names if n not in ALLOCATORS]
-    if unknown:
-        raise UsageError(f"--demonstrations: unknown allocation {unknown[0]!r}; use a comma-separated list of "
-                         f"{', '.join(ALLOCATORS)}, or none")
+    check_demonstrations(names)  # before the (slow) model and data loading
     return names
 
 

@@ -216,6 +216,13 @@ def open_workspace(model_path: Path, model_settings: ModelSettings, data_setting
     return Workspace(loaded, data, splits, device)
 
 
+def check_demonstrations(names: tuple[str, ...]) -> None:
+    unknown = [n for n in names if n not in ALLOCATORS]
+    if unknown:
+        raise UsageError(f"--demonstrations: unknown allocation {unknown[0]!r}; use a comma-separated list of "
+                         f"{', '.join(ALLOCATORS)}, or none")
+
+
 def find_policy(ws: Workspace, method: str, target: float, search: SearchSettings | None = None,
                 reward_settings: RewardSettings | None = None, allocation: AllocationSettings | None = None,
                 checkpoint: Path | None = None, resume: bool = False,
@@ -236,9 +243,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
     search = replace(search or SearchSettings(target=target), target=target, method=method)
-    unknown = [d for d in search.demonstrations if d not in ALLOCATORS]
-    if unknown:
-        raise UsageError(f"unknown demonstration {unknown[0]!r}; use any of {', '.join(ALLOCATORS)}, or none")
+    check_demonstrations(search.demonstrations)
     reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings or RewardSettings(device=ws.device))
     env = PruningEnv(reward.numels, reward, search.env)
     result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,

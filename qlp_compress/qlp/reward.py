@@ -74,6 +74,7 @@ class Reward:
         self.pruner = MagnitudePruner(self.model)
         self.names = self.pruner.names
         self.numels = self.pruner.numels
+        self.numel_of = dict(zip(self.names, self.numels, strict=True))
         brief = settings.finetune_steps * BRIEF_FINETUNE.batch_size
         x, y = materialize(reward_split, limit=settings.images + brief)
         x, y = x.to(settings.device), y.to(settings.device)
@@ -103,8 +104,8 @@ class Reward:
     def __call__(self, sparsities: np.ndarray) -> float:
         self.evaluations += 1
         per_layer = dict(zip(self.names, (float(s) for s in sparsities), strict=True))
-        brief = self.settings.finetune_steps > 0 and global_sparsity(
-            per_layer, dict(zip(self.names, self.numels, strict=True))) >= self.settings.finetune_from - 1e-6
+        brief = self.settings.finetune_steps > 0 and \
+            global_sparsity(per_layer, self.numel_of) >= self.settings.finetune_from - 1e-6
         if self.engine == "torch" or self.settings.bn_recalibrate or brief:
             self.pruner.apply(per_layer)
             if self.settings.bn_recalibrate:
