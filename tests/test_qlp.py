@@ -555,3 +555,29 @@ def test_learning_starts_and_updates_per_step() -> None:
     assert agent.updates == 0  # 6 transitions < learning_starts
     agent.learn_from_episode(episode)
     assert agent.updates == 3  # half a gradient step per environment step
+
+
+def test_brief_fine_tuning_starts_at_its_threshold_met_to_the_weight(monkeypatch) -> None:
+    """A search episode meets its target to the weight, round(target × total); when that count rounds down,
+    the episode is a fraction of a weight short of the threshold and must still be fine-tuned."""
+    model, data = reward_fixture()
+    total = sum(layer.numel for layer in find_prunable_layers(model))
+    threshold = (int(0.7 * total) + 0.45) / total  # its whole-weight count rounds down by 0.45 of a weight
+    assert round(threshold * total) < threshold * total - 0.4
+    reward = Reward(model, data, RewardSettings(images=200, bn_recalibrate=0, finetune_steps=1,
+                                                finetune_from=threshold))
+    fine_tuned = []
+    monkeypatch.setattr(reward, "_briefly_finetuned_accuracy", lambda per_layer: fine_tuned.append(1) or 0.5)
+
+    env = PruningEnv(reward.numels, reward)
+    env.reset(threshold)
+    done = False
+    while not done:  # remove everything from each layer: the crossing step is clipped to the target
+        _, value, done = env.step(len(DEFAULT_ACTIONS) - 1)
+    assert env.pruned_counts().sum() == round(threshold * total)
+    assert value == 0.5 and fine_tuned == [1]
+
+    short = env.sparsities().copy()
+    short[0] -= 1.0 / env.numels[0]  # one weight fewer: below the threshold
+    reward(short)
+    assert fine_tuned == [1]

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset, TensorDataset
 from qlp_compress.data import materialize
 from qlp_compress.errors import UsageError
 from qlp_compress.finetune import TrainSettings, accuracy, recalibrate_batchnorm, train
-from qlp_compress.masks import MagnitudePruner, global_sparsity, pruned_count
+from qlp_compress.masks import MagnitudePruner, pruned_count
 from qlp_compress.runtime import open_session
 
 ENGINES = ("auto", "onnxruntime", "torch")
@@ -104,8 +104,10 @@ class Reward:
     def __call__(self, sparsities: np.ndarray) -> float:
         self.evaluations += 1
         per_layer = dict(zip(self.names, (float(s) for s in sparsities), strict=True))
-        brief = self.settings.finetune_steps > 0 and \
-            global_sparsity(per_layer, self.numel_of) >= self.settings.finetune_from - 1e-6
+        # in whole weights, rounded as the search rounds its targets: an episode that meets the threshold
+        # target to the weight gets the brief fine-tuning however its count rounded
+        pruned = sum(pruned_count(per_layer[name], n) for name, n in self.numel_of.items())
+        brief = self.settings.finetune_steps > 0 and pruned >= round(self.settings.finetune_from * sum(self.numels))
         if self.engine == "torch" or self.settings.bn_recalibrate or brief:
             self.pruner.apply(per_layer)
             if self.settings.bn_recalibrate:
