@@ -121,6 +121,7 @@ def grid_section(summary: dict) -> list[str]:
               f"({c['qlp']['reward_engine']} engine).",
               f"- Random search: {fmt_s(c['random']['search_seconds'])} per search, reward evaluations "
               f"{c['random']['reward_evaluations']}.", f"- Global, LAMP, ERK, uniform: {c['baselines']}.", ""]
+    lines += agent_section(summary)
     d = summary["dense"]
     lines += ["### Deployed (QLP, seed 0, fine-tuned; onnxruntime, "
               f"{d['latency'][0]['provider']})", "",
@@ -149,6 +150,30 @@ def grid_section(summary: dict) -> list[str]:
     return lines
 
 
+def agent_section(summary: dict) -> list[str]:
+    """The DQN agent's own episodes against the demonstrations, stage by stage, one entry per seed."""
+    runs = summary.get("agent_vs_demonstrations")
+    if not runs:
+        return []
+    seeds = sorted(runs, key=int)
+    lines = ["### The agent's own episodes against the demonstrations (reward split)", "",
+             f"Per curriculum stage of each QLP search (seeds {', '.join(seeds)}, in that order): the episodes "
+             "after the demonstrations, how many failed (ended the last pass short of the target), the best "
+             "reward among the rest, and the best demonstration's reward.", "",
+             "| stage target | agent episodes | failed | agent's best | best demonstration |",
+             "|---:|---:|---:|---:|---:|"]
+
+    def each(values, form="{}") -> str:
+        return " / ".join("–" if v is None else form.format(v) for v in values)
+
+    for k, first in enumerate(runs[seeds[0]]):
+        stage = [runs[s][k] for s in seeds]
+        lines.append(f"| {first['target']:g} | {first['agent_episodes']} | {each(r['failed'] for r in stage)} | "
+                     f"{each((r['best_agent'] for r in stage), '{:.3f}')} | "
+                     f"{each((r['best_demonstration'] for r in stage), '{:.3f}')} |")
+    return [*lines, ""]
+
+
 def partial_note(summary: dict) -> list[str]:
     done, expected = summary.get("finished_cells"), summary.get("expected_cells")
     if done is None or done >= expected:
@@ -167,6 +192,24 @@ def lat(row: dict, batch: int) -> str:
     return f"{r['median_ms']:.2f} / {r['p90_ms']:.2f}"
 
 
+def fidelity_section(f: dict) -> list[str]:
+    steps = list(f["spearman_with_finetuned"])
+    lines = [f"## Reward fidelity at {f['sparsity']:g} (`python benchmarks/reward_fidelity.py`)", "",
+             "The search reward of LAMP, ERK and log-density blends between them (reward split, "
+             f"{f['reward_images']} measured images, BatchNorm re-estimated, after {', '.join(steps)} brief "
+             "fine-tuning steps), against their accuracy after {f['finetune_epochs']} epoch of fine-tuning (seeds "
+             f"{', '.join(map(str, f['seeds']))}) on the {f['validation_images']} reward-split images the reward "
+             "does not measure. The test split is not read.", "",
+             "| allocation | " + " | ".join(f"reward, {k} steps" for k in steps) + " | after fine-tuning |",
+             "|---|" + "---:|" * (len(steps) + 1)]
+    for r in f["rows"]:
+        tuned = " / ".join(f"{a:.2%}" for a in r["finetuned_accuracy"])
+        lines.append(f"| {r['allocation']} | " + " | ".join(f"{r['reward'][k]:.2%}" for k in steps) + f" | {tuned} |")
+    lines.append("| Spearman with after fine-tuning | " +
+                 " | ".join(f"{f['spearman_with_finetuned'][k]:+.2f}" for k in steps) + " | |")
+    return [*lines, ""]
+
+
 def write_markdown(_latest: dict | None = None) -> None:
     lines = ["# Benchmarks", "",
              "QLP against the simple allocators a user could use instead, on the shipped ResNet-20 "
@@ -180,6 +223,9 @@ def write_markdown(_latest: dict | None = None) -> None:
         path = ROOT / "benchmarks/results" / f"{name}.json"
         if path.exists():
             lines += grid_section(json.loads(path.read_text()))
+    fidelity = ROOT / "benchmarks/results/reward_fidelity.json"
+    if fidelity.exists():
+        lines += fidelity_section(json.loads(fidelity.read_text()))
     speed = ROOT / "benchmarks/results/speed.json"
     if speed.exists():
         sp = json.loads(speed.read_text())

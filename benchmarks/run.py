@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -233,6 +234,20 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
             "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"]}
 
 
+def agent_vs_demonstrations(doc: dict, demonstrations: int) -> list[dict]:
+    """Per stage of one QLP search: the agent's own episodes (those after the stage's demonstrations), how
+    many failed (a negative reward: the target was not reached), the best of them and the best demonstration."""
+    rewards, stage_of = doc["search"]["rewards"], doc["search"]["stage_of_episode"]
+    rows = []
+    for k, best in enumerate(doc["stages"], start=1):
+        stage = [r for r, s in zip(rewards, stage_of, strict=True) if s == k]
+        demos, agent = stage[:demonstrations], stage[demonstrations:]
+        succeeded = [r for r in agent if math.copysign(1.0, r) > 0]  # -0.0: a failure short by a few weights
+        rows.append({"target": best["target"], "agent_episodes": len(agent), "failed": len(agent) - len(succeeded),
+                     "best_agent": max(succeeded, default=None), "best_demonstration": max(demos, default=None)})
+    return rows
+
+
 def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
@@ -263,6 +278,8 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
                     "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
                     "device": ws.device, "commit": commit.stdout.strip()},
         "dense": dense, "table": table, "deployed": deployed, "ablations": ablations,
+        "agent_vs_demonstrations": {seed: agent_vs_demonstrations(doc, len(SearchSettings(0.5).demonstrations))
+                                    for seed, doc in sorted(qlp.items())},
         "search_cost": {
             "qlp": {"episodes": searches[0]["episodes"],
                     "wall_seconds": mean_std([s["wall_seconds"] for s in searches]),
