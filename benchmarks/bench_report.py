@@ -114,8 +114,10 @@ def grid_section(summary: dict) -> list[str]:
     lines += ["", f"![accuracy vs sparsity]({acc_png})", "", f"![per-layer sparsity at {layer_target:g}]({layers_png})",
               "", "### Reading", "", *reading(summary), ""]
     c = summary["search_cost"]
+    walls = c["qlp"].get("wall_seconds_per_seed", [])
+    by_seed = f" ({', '.join(f'{w:.0f}' for w in walls)} s by seed)" if len(walls) > 1 else ""
     lines += ["### Search cost", "",
-              f"- QLP: {c['qlp']['episodes']} episodes, {fmt_s(c['qlp']['wall_seconds'])} per search, "
+              f"- QLP: {c['qlp']['episodes']} episodes, {fmt_s(c['qlp']['wall_seconds'])} per search{by_seed}, "
               f"{c['qlp']['seconds_per_episode']['mean']:.3f} s per episode, "
               f"{c['qlp']['share_outside_reward']['mean']:.1%} of the time outside the reward "
               f"({c['qlp']['reward_engine']} engine).",
@@ -197,7 +199,7 @@ def fidelity_section(f: dict) -> list[str]:
     lines = [f"## Reward fidelity at {f['sparsity']:g} (`python benchmarks/reward_fidelity.py`)", "",
              "The search reward of LAMP, ERK and log-density blends between them (reward split, "
              f"{f['reward_images']} measured images, BatchNorm re-estimated, after {', '.join(steps)} brief "
-             "fine-tuning steps), against their accuracy after {f['finetune_epochs']} epoch of fine-tuning (seeds "
+             f"fine-tuning steps), against their accuracy after {f['finetune_epochs']} epoch of fine-tuning (seeds "
              f"{', '.join(map(str, f['seeds']))}) on the {f['validation_images']} reward-split images the reward "
              "does not measure. The test split is not read.", "",
              "| allocation | " + " | ".join(f"reward, {k} steps" for k in steps) + " | after fine-tuning |",

@@ -88,8 +88,8 @@ def main() -> None:
         row = {"allocation": name, "sparsities": [round(float(s), 5) for s in sparsities], "reward": {}}
         for steps in args.steps:
             reward = Reward(ws.loaded.module, ws.splits.reward, RewardSettings(
-                images=args.reward_images, finetune_steps=steps, finetune_from=args.sparsity - 1e-3,  # rounding
-                device=ws.device))
+                images=args.reward_images, finetune_steps=steps, device=ws.device,
+                finetune_from=args.sparsity - 1e-3))  # the blends meet the target up to per-layer rounding
             row["reward"][str(steps)] = reward(sparsities)
         policy = Policy(method=name, target=args.sparsity, layers=names, numels=[int(n) for n in numels],
                         sparsities=[float(s) for s in sparsities], model_sha256=ws.loaded.sha256)

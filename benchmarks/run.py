@@ -283,6 +283,7 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
         "search_cost": {
             "qlp": {"episodes": searches[0]["episodes"],
                     "wall_seconds": mean_std([s["wall_seconds"] for s in searches]),
+                    "wall_seconds_per_seed": [s["wall_seconds"] for s in searches],
                     "seconds_per_episode": mean_std([s["seconds_per_episode"] for s in searches]),
                     "share_outside_reward": mean_std([s["share_outside_reward"] for s in searches]),
                     "reward_engine": searches[0]["reward_engine"]},
