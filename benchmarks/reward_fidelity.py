@@ -10,7 +10,7 @@ scaled to meet the target). For each, this measures
 and the rank correlation between each reward variant and that accuracy. Writes
 benchmarks/results/reward_fidelity.json.
 
-    python benchmarks/reward_fidelity.py            # about 20 min on 2 cores
+    python benchmarks/reward_fidelity.py    # 35 min on 2 cores shared with other jobs
 """
 
 from __future__ import annotations
