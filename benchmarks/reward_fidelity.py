@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlp_compress.allocate import AllocationSettings, allocate
+from qlp_compress.allocate import AllocationSettings, allocate, proportional
 from qlp_compress.data import materialize
 from qlp_compress.finetune import TrainSettings, accuracy
 from qlp_compress.io import atomic_write_json
@@ -35,18 +35,6 @@ from qlp_compress.qlp.reward import Reward, RewardSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 BLENDS = {"lamp": 0.0, "blend 0.25": 0.25, "blend 0.5": 0.5, "blend 0.75": 0.75, "erk": 1.0}  # weight of ERK
-
-
-def densities_meeting(log_density: np.ndarray, numels: np.ndarray, target: float) -> np.ndarray:
-    """exp(log_density + c), capped at 1, with c bisected so that the kept weights are (1 − target)·total."""
-    lo, hi = -30.0, 30.0
-    for _ in range(100):
-        c = 0.5 * (lo + hi)
-        if (np.minimum(1.0, np.exp(log_density + c)) * numels).sum() > (1.0 - target) * numels.sum():
-            hi = c
-        else:
-            lo = c
-    return np.minimum(1.0, np.exp(log_density + lo))
 
 
 def ranks(values: list[float]) -> np.ndarray:
@@ -70,7 +58,7 @@ def main() -> None:
     started = time.perf_counter()
     ws = open_workspace(args.model, ModelSettings(), DataSettings("fashion-mnist"), "auto")
     layers = find_prunable_layers(ws.loaded.module)
-    names, numels = [x.name for x in layers], np.array([x.numel for x in layers], dtype=float)
+    names, numels = [x.name for x in layers], [x.numel for x in layers]
     weights = {x.name: x.weight.detach() for x in layers}
 
     def log_density(method: str) -> np.ndarray:
@@ -78,8 +66,12 @@ def main() -> None:
         return np.log(np.maximum(1.0 - np.array([s[n] for n in names]), 1e-6))
 
     lamp, erk = log_density("lamp"), log_density("erk")
-    allocations = {name: 1.0 - densities_meeting((1 - w) * lamp + w * erk, numels, args.sparsity)
-                   for name, w in BLENDS.items()}
+    def blend(w: float) -> np.ndarray:  # densities ∝ LAMP's^(1−w)·ERK's^w, meeting the target
+        s = proportional(dict(zip(names, np.exp((1 - w) * lamp + w * erk), strict=True)),
+                         dict(zip(names, numels, strict=True)), args.sparsity)
+        return np.array([s[n] for n in names])
+
+    allocations = {name: blend(w) for name, w in BLENDS.items()}
     x, y = materialize(ws.splits.reward)
     x, y = x[args.reward_images:], y[args.reward_images:]  # the images the reward does not measure
 
@@ -91,7 +83,7 @@ def main() -> None:
                 images=args.reward_images, finetune_steps=steps, device=ws.device,
                 finetune_from=args.sparsity - 1e-3))  # the blends meet the target up to per-layer rounding
             row["reward"][str(steps)] = reward(sparsities)
-        policy = Policy(method=name, target=args.sparsity, layers=names, numels=[int(n) for n in numels],
+        policy = Policy(method=name, target=args.sparsity, layers=names, numels=numels,
                         sparsities=[float(s) for s in sparsities], model_sha256=ws.loaded.sha256)
         tuned_accuracy = []
         for seed in args.seeds:

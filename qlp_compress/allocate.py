@@ -123,24 +123,28 @@ def erk(weights: Mapping[str, torch.Tensor], sparsity: float, settings: Allocati
     """Erdős–Rényi-Kernel (Evci et al., "Rigging the Lottery", ICML 2020).
 
     density_l = ε·(sum of the weight's dims / product of its dims)^erk_power_scale, with ε solved so that
-    the kept weights total (1 − sparsity)·total. Where that density exceeds 1, the layers with the largest
-    score are made dense and ε re-solved over the rest, until no density exceeds 1 (as RigL's
-    `get_sparsities_erdos_renyi`).
+    the kept weights total (1 − sparsity)·total, densities capped at 1 (`proportional`).
     """
     _check(weights, sparsity)
-    numels = {name: w.numel() for name, w in weights.items()}
     raw = {name: (sum(w.shape) / w.numel()) ** settings.erk_power_scale for name, w in weights.items()}
+    return proportional(raw, {name: w.numel() for name, w in weights.items()}, sparsity)
+
+
+def proportional(score: Mapping[str, float], numels: Mapping[str, int], sparsity: float) -> dict[str, float]:
+    """Per-layer sparsities whose densities are ε·score, capped at 1, with ε solved so that the kept weights
+    total (1 − sparsity)·total. Where a density would exceed 1, the layers with the largest score are made
+    dense and ε re-solved over the rest, until none does (as RigL's `get_sparsities_erdos_renyi`)."""
     total = sum(numels.values())
     dense: set[str] = set()
     while True:
-        rest = [name for name in weights if name not in dense]
+        rest = [name for name in score if name not in dense]
         budget = (1.0 - sparsity) * total - sum(numels[name] for name in dense)
-        eps = budget / sum(raw[name] * numels[name] for name in rest)
-        top = max(raw[name] for name in rest)
+        eps = budget / sum(score[name] * numels[name] for name in rest)
+        top = max(score[name] for name in rest)
         if eps * top <= 1.0:
             break
-        dense |= {name for name in rest if raw[name] == top}
-    return {name: 0.0 if name in dense else 1.0 - eps * raw[name] for name in weights}
+        dense |= {name for name in rest if score[name] == top}
+    return {name: 0.0 if name in dense else 1.0 - eps * score[name] for name in score}
 
 
 ALLOCATORS: dict[str, Allocator] = {"uniform": uniform, "global": global_magnitude, "lamp": lamp, "erk": erk}

@@ -74,7 +74,9 @@ class Reward:
         self.pruner = MagnitudePruner(self.model)
         self.names = self.pruner.names
         self.numels = self.pruner.numels
-        self.numel_of = dict(zip(self.names, self.numels, strict=True))
+        # the brief-fine-tuning threshold in whole weights, rounded as the search rounds its targets: an
+        # episode that meets it to the weight is fine-tuned however its count rounded
+        self.finetune_from_pruned = round(settings.finetune_from * sum(self.numels))
         brief = settings.finetune_steps * BRIEF_FINETUNE.batch_size
         x, y = materialize(reward_split, limit=settings.images + brief)
         x, y = x.to(settings.device), y.to(settings.device)
@@ -104,10 +106,8 @@ class Reward:
     def __call__(self, sparsities: np.ndarray) -> float:
         self.evaluations += 1
         per_layer = dict(zip(self.names, (float(s) for s in sparsities), strict=True))
-        # in whole weights, rounded as the search rounds its targets: an episode that meets the threshold
-        # target to the weight gets the brief fine-tuning however its count rounded
-        pruned = sum(pruned_count(per_layer[name], n) for name, n in self.numel_of.items())
-        brief = self.settings.finetune_steps > 0 and pruned >= round(self.settings.finetune_from * sum(self.numels))
+        pruned = sum(pruned_count(s, n) for s, n in zip(per_layer.values(), self.numels, strict=True))
+        brief = self.settings.finetune_steps > 0 and pruned >= self.finetune_from_pruned
         if self.engine == "torch" or self.settings.bn_recalibrate or brief:
             self.pruner.apply(per_layer)
             if self.settings.bn_recalibrate:
