@@ -27,6 +27,7 @@ from torch import fx, nn
 from qlp_compress import export, zoo
 from qlp_compress.errors import QLPError, UsageError
 from qlp_compress.io import check_file_size, check_size, sha256_file
+from qlp_compress.onnx_rewrite import rewrite_for_conversion
 
 if TYPE_CHECKING:  # onnx2torch (and the torchvision it imports) loads on the first conversion, not on import
     from onnx2torch.onnx_node import OnnxNode
@@ -122,9 +123,13 @@ def _load_onnx(request: _Request) -> LoadedModel:
     input_name, output_name, dims = _graph_io(proto, path)
     file_shape = tuple(d for d in dims if d is not None) if dims is not None and None not in dims else None
     shape = _verify_shape(path, dims, request.verify_input_shape)
-    proto, fixed_batch = _free_batch(proto)
-    x = _verify_batch(shape)
+    fixed_batch = _fixed_batch(proto)
+    rewritten, changes = rewrite_for_conversion(proto, fixed_batch)
+    x = _verify_batch(shape, fixed_batch)
     expected = _onnxruntime_output(proto, x, path, fixed_batch)
+    proto = _free_batch(rewritten)
+    if changes or fixed_batch is not None:  # the batch-free, rewritten graph must compute what the file does
+        _check_rewrite(proto, x, expected, path, fixed_batch, changes)
     module = onnx_to_torch(proto, path, lambda m: _check_faithful(m, x, expected, path, "onnxruntime"))
     return LoadedModel(
         module=_normalised(module, request, shape[0]), source=path, sha256=sha256_file(path), format="onnx",
@@ -146,12 +151,26 @@ def read_onnx(path: Path) -> onnx.ModelProto:
         raise QLPError(f"{path} is not an ONNX or PyTorch model file (no ONNX graph in it); give a .onnx, "
                        "TorchScript or torch.save file")
     _load_external_data(proto, path)
+    _check_ir_version(proto, path)
     try:
         onnx.checker.check_model(proto)
     except Exception as e:
         detail = " ".join(str(e).split())[:300] or type(e).__name__
         raise QLPError(f"{path} fails onnx.checker: {detail}; re-export the model or fix the graph") from e
     return proto
+
+
+def _check_ir_version(proto: onnx.ModelProto, path: Path) -> None:
+    """Refuse, with the fix, a file newer than onnx's checker or onnxruntime reads (else a bare "Unsupported")."""
+    import onnxruntime as ort
+
+    from qlp_compress.runtime import ir_version_message, max_ir_version
+
+    for reader, limit in ((f"onnxruntime {ort.__version__}", max_ir_version()), (f"onnx {onnx.__version__}",
+                                                                                   onnx.IR_VERSION)):
+        if proto.ir_version > limit:
+            raise QLPError(ir_version_message(path, proto.ir_version, reader,
+                                              min(max_ir_version(), onnx.IR_VERSION)))
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -246,45 +265,71 @@ def _verify_shape(path: Path, dims: tuple[int | None, ...] | None,
     return verify_input_shape
 
 
-def _free_batch(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int | None]:
-    """A copy whose input and output batch dimension is symbolic (files exported without dynamic axes fix
-    it), and the batch size the file fixed (None when it did not)."""
+def _graph_values(proto: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    constants = {t.name for t in proto.graph.initializer}
+    return [v for v in proto.graph.input if v.name not in constants] + list(proto.graph.output)
+
+
+def _fixed_batch(proto: onnx.ModelProto) -> int | None:
+    """The batch size the file fixes on its input or output (files exported without dynamic axes), else None."""
+    dims = [v.type.tensor_type.shape.dim[0] for v in _graph_values(proto) if v.type.tensor_type.shape.dim]
+    return next((int(d.dim_value) for d in dims if d.HasField("dim_value") and d.dim_value > 0), None)
+
+
+def _free_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose input and output batch dimension is symbolic."""
     out = onnx.ModelProto()
     out.CopyFrom(proto)
-    constants = {t.name for t in out.graph.initializer}
-    values = [v for v in out.graph.input if v.name not in constants] + list(out.graph.output)
-    dims = [v.type.tensor_type.shape.dim[0] for v in values if v.type.tensor_type.shape.dim]
-    fixed = next((int(d.dim_value) for d in dims if d.HasField("dim_value")), None)
-    if fixed is not None:
-        for d in dims:
-            d.Clear()
-            d.dim_param = "batch"
+    if _fixed_batch(out) is not None:
+        for value in _graph_values(out):
+            if value.type.tensor_type.shape.dim:
+                value.type.tensor_type.shape.dim[0].Clear()
+                value.type.tensor_type.shape.dim[0].dim_param = "batch"
         del out.graph.value_info[:]  # shapes inferred at the old batch size
-    return out, fixed
+    return out
 
 
-def _verify_batch(shape: tuple[int, ...]) -> np.ndarray:
-    """Real-looking images: pixel values uniform in [0, 1], fixed seed."""
-    return np.random.default_rng(0).random((VERIFY_BATCH, *shape), dtype=np.float32)
+def _verify_batch(shape: tuple[int, ...], fixed_batch: int | None = None) -> np.ndarray:
+    """Real-looking images: pixel values uniform in [0, 1], fixed seed. A file that fixes its batch size B gets
+    2·B images, run B at a time through the file itself and all at once through the batch-free rewrite."""
+    n = VERIFY_BATCH * (fixed_batch or 1)
+    return np.random.default_rng(0).random((n, *shape), dtype=np.float32)
 
 
 def _onnxruntime_output(proto: onnx.ModelProto, x: np.ndarray, path: Path, fixed_batch: int | None) -> np.ndarray:
+    """The file's own outputs on `x`: `fixed_batch` images at a time when it fixes its batch size."""
     import onnxruntime as ort
 
     from qlp_compress.runtime import open_session
 
-    session = open_session(proto.SerializeToString())
+    session = open_session(proto.SerializeToString(), name=path)
     quiet = ort.RunOptions()
     quiet.log_severity_level = 4  # a failure is reported below, in one line
+    step = fixed_batch or len(x)
     try:
-        return session.run(None, {session.get_inputs()[0].name: x}, quiet)[0]
+        return np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + step]}, quiet)[0]
+                               for i in range(0, len(x), step)])
     except Exception as e:
-        if fixed_batch is not None:
-            raise QLPError(f"{path} was exported with a fixed batch size of {fixed_batch} that its graph depends on "
-                           f"({_first_line(e)}); re-export it with a dynamic batch axis "
-                           "(torch.onnx.export(..., dynamic_axes={input_name: {0: 'batch'}}))") from e
-        raise QLPError(f"onnxruntime cannot run {path} on a batch of {len(x)} images of shape {list(x.shape[1:])} "
+        raise QLPError(f"onnxruntime cannot run {path} on a batch of {step} images of shape {list(x.shape[1:])} "
                        f"({_first_line(e)}); check that the file is an image classifier taking (N, C, H, W)") from e
+
+
+def _check_rewrite(proto: onnx.ModelProto, x: np.ndarray, expected: np.ndarray, path: Path,
+                   fixed_batch: int | None, changes: list[str]) -> None:
+    """onnxruntime parity between the file and its batch-free, rewritten graph, all images in one batch."""
+    try:
+        got = _onnxruntime_output(proto, x, path, None)
+        agree, diff, _ = outputs_agree(got, expected)
+    except QLPError as e:
+        agree, diff = False, str(e)
+    if agree:
+        return
+    if fixed_batch is not None:
+        raise QLPError(f"{path} was exported with a fixed batch size of {fixed_batch} that its graph depends on "
+                       f"(batch-free graph: {diff}); re-export it with a dynamic batch axis "
+                       "(torch.onnx.export(..., dynamic_axes={input_name: {0: 'batch'}}))")
+    raise QLPError(f"rewriting {path} for onnx2torch changed its outputs ({'; '.join(changes)[:200]}); "
+                   f"{REEXPORT_HINT}, and report the file")
 
 
 class _Unconvertible(Exception):
@@ -483,13 +528,22 @@ def _check_faithful(module: nn.Module, x: np.ndarray, expected: np.ndarray, path
         shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful: output {shape} against "
                        f"{list(expected.shape)} from {reference}; {REEXPORT_HINT}")
-    got_np = got.float().numpy()
-    diff = float(np.abs(got_np - expected).max()) if expected.size else 0.0
-    tolerance = VERIFY_ATOL * max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
-    same_top1 = expected.ndim != 2 or bool((got_np.argmax(1) == expected.argmax(1)).all())
-    if not diff <= tolerance or not same_top1:
+    agree, diff, same_top1 = outputs_agree(got.float().numpy(), expected)
+    if not agree:
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful (max abs diff {diff:.2e} against "
                        f"{reference}, same top-1: {same_top1}); {REEXPORT_HINT}, and report the file")
+
+
+def outputs_agree(got: np.ndarray, expected: np.ndarray) -> tuple[bool, float, bool]:
+    """Whether two runs of a classifier agree: finite, max abs difference within VERIFY_ATOL per unit of the
+    largest |logit| (at least 1), and the same top-1. Returns (agree, max abs diff, same top-1)."""
+    if got.shape != expected.shape:
+        return False, float("inf"), False
+    finite = bool(np.isfinite(got).all() and np.isfinite(expected).all())
+    diff = float(np.abs(got - expected).max()) if expected.size else 0.0
+    tolerance = VERIFY_ATOL * max(1.0, float(np.abs(expected).max()) if expected.size and finite else 1.0)
+    same_top1 = expected.ndim != 2 or bool((got.argmax(1) == expected.argmax(1)).all())
+    return finite and diff <= tolerance and same_top1, diff, same_top1
 
 
 def _normalised(module: nn.Module, request: _Request, channels: int | None) -> nn.Module:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +37,9 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
+def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0,
+                 name: object = None) -> ort.InferenceSession:
+    """An onnxruntime session; `name` is how errors call the model (default: its path, or "the model")."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -44,9 +48,42 @@ def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0) -> 
     try:
         return ort.InferenceSession(source, options, providers=providers_for(device))
     except Exception as e:
-        name = model if isinstance(model, Path) else "the model"
+        name = name or (model if isinstance(model, Path) else "the model")
+        newer = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", str(e))
+        if newer:
+            raise QLPError(ir_version_message(name, int(newer[1]), f"onnxruntime {ort.__version__}",
+                                              int(newer[2]))) from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QLPError(f"onnxruntime cannot load {name}: {first[:300]}; check the file with onnx.checker") from e
+
+
+@functools.cache
+def max_ir_version() -> int:
+    """The newest ONNX IR version this onnxruntime loads (it does not say; a one-node model tells)."""
+    import onnx
+
+    node = onnx.helper.make_node("Identity", ["x"], ["y"])
+    value = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([node], "probe", [value], [onnx.helper.make_tensor_value_info(
+        "y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = onnx.IR_VERSION
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        found = re.search(r"max supported IR version: (\d+)", str(e))
+        if found:
+            return int(found[1])
+    return onnx.IR_VERSION
+
+
+def ir_version_message(name: object, ir_version: int, reader: str, max_ir_version: int) -> str:
+    """The one-line error for a file whose ONNX IR version is newer than `reader` reads."""
+    return (f"{name} has ONNX IR version {ir_version}, newer than {reader} reads (up to {max_ir_version}); re-save "
+            f"it with an older IR version (model.ir_version = {max_ir_version}; onnx.save(model, path)) or upgrade "
+            f"{reader.split()[0]} (pip install -U {reader.split()[0]})")
 
 
 @dataclass(frozen=True)

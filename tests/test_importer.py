@@ -267,9 +267,33 @@ def test_fixed_batch_is_freed_or_refused(tmp_path):
         np.testing.assert_allclose(ort_run(exported, x), resnet.eval()(torch.from_numpy(x)).numpy(), atol=ATOL)
 
     baked = tmp_path / "baked.onnx"  # x.view(x.size(0), -1) becomes Reshape to a constant [1, 128]
-    torch_export(PoolNet(), baked, (3, 8, 8), 17, dynamic=False)
+    torch.manual_seed(0)
+    pool_net = PoolNet().eval()
+    torch_export(pool_net, baked, (3, 8, 8), 17, dynamic=False)
+    assert any(n.op_type == "Reshape" for n in onnx.load(str(baked)).graph.node)
+    loaded = load_model(baked)  # the baked batch entry is rewritten to "the input's batch size"
+    x = images(5, (3, 8, 8))
+    with torch.no_grad():
+        expected = pool_net(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(loaded.module(torch.from_numpy(x)).numpy(), expected, atol=ATOL)
+    exported = export.to_onnx_bytes(loaded.module, (3, 8, 8), loaded.input_name, loaded.output_name)
+    np.testing.assert_allclose(ort_run(exported, x), expected, atol=ATOL)
+
+    mixing = tmp_path / "mixing.onnx"  # flattens the whole batch into one row: it truly depends on batch 1
+    torch_export(BatchFlatNet(), mixing, (3, 8, 8), 17, dynamic=False)
     with pytest.raises(QLPError, match=r"fixed batch size of 1.*dynamic batch axis"):
-        load_model(baked)
+        load_model(mixing)
+
+
+class BatchFlatNet(nn.Module):
+    """Flattens the whole batch (x.reshape(1, -1)): correct only at batch 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(x).unsqueeze(0))
 
 
 def test_symbolic_image_size_needs_a_shape(tmp_path):

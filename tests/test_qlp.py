@@ -80,32 +80,54 @@ def pruned_total(sparsities, numels) -> int:
     return int(np.sum(np.rint(np.asarray(sparsities) * np.asarray(numels))))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_qlp_learns_the_known_optimum_and_beats_random_search(seed) -> None:
+LEARNING_SEEDS = range(5)
+
+
+@pytest.mark.slow
+def test_qlp_learns_the_known_optimum_and_beats_random_search() -> None:
+    """The criteria are means over five seeds, with margins measured on three CPU code paths.
+
+    A DQN's trajectory depends on the order of floating-point sums, so on another CPU (AVX-512, AVX2, or
+    ATen's default kernels) a seed plays as a different seed would. Measured over 20 runs (seeds 0–9 on two
+    code paths, seeds 0–4 on a third): the final reward is 0.982 × the optimum on average, with a per-run
+    standard deviation of 0.021 (worst run 0.918); the mean of five runs therefore varies by about 0.01, and
+    the bound of 0.95 sits more than three of those below the measured mean. Random search with the same
+    budget reaches 0.88 × (mean over these seeds; it draws no float-dependent decision), uniform pruning 0.47 ×,
+    so the bound still fails an agent that does not learn. The policy check (the last, nearly greedy episodes
+    against random play) has a margin of several times its spread: late episodes average 0.40–0.47 against
+    random play's 0.255, where the bound asks about 0.36."""
     target = 0.9
     _, optimum = optimal_allocation(target)
-    qlp = run_search(PruningEnv(NUMELS, quadratic_reward), SearchSettings(target=target, episodes=400, seed=seed))
-    rnd = run_search(PruningEnv(NUMELS, quadratic_reward),
-                     SearchSettings(target=target, episodes=400, seed=seed, method="random"))
-    assert len(qlp.history) == len(rnd.history) == 400  # the same reward budget
+    finals, random_finals, late_means, random_means, bounds = [], [], [], [], []
+    for seed in LEARNING_SEEDS:
+        qlp = run_search(PruningEnv(NUMELS, quadratic_reward),
+                         SearchSettings(target=target, episodes=400, seed=seed))
+        rnd = run_search(PruningEnv(NUMELS, quadratic_reward),
+                         SearchSettings(target=target, episodes=400, seed=seed, method="random"))
+        assert len(qlp.history) == len(rnd.history) == 400  # the same reward budget
 
-    # every stage's best episode meets its own target to the weight
-    for best in qlp.best:
-        assert best.sparsities is not None
-        assert pruned_total(best.sparsities, NUMELS) == round(best.target * NUMELS.sum())
-    final = qlp.final
-    assert final.target == target
-    assert final.reward == pytest.approx(quadratic_reward(final.sparsities))
-    assert final.reward <= optimum + 1e-9  # the continuous optimum bounds every whole-weight allocation
-    assert final.reward >= 0.97 * optimum  # within 3 % of it
-    assert final.reward > rnd.final.reward
+        # exact properties, on every seed: each stage's best meets its own target to the weight, and the
+        # continuous optimum bounds every whole-weight allocation
+        for best in qlp.best:
+            assert best.sparsities is not None
+            assert pruned_total(best.sparsities, NUMELS) == round(best.target * NUMELS.sum())
+        final = qlp.final
+        assert final.target == target
+        assert final.reward == pytest.approx(quadratic_reward(final.sparsities))
+        assert final.reward <= optimum + 1e-9
+        assert all(r["stage"] == len(qlp.best) and r["epsilon"] < 0.1 for r in qlp.history[-50:])
 
-    # the policy itself learned, not only its luckiest episode: the last, nearly greedy episodes of the
-    # final stage score well above what random play scores on average at the same target
-    late = [r["reward"] for r in qlp.history[-50:]]
-    assert all(r["stage"] == len(qlp.best) and r["epsilon"] < 0.1 for r in qlp.history[-50:])
-    random_successes = [r["reward"] for r in rnd.history if r["succeeded"]]
-    assert np.mean(late) > np.mean(random_successes) + 0.5 * (final.reward - np.mean(random_successes))
+        finals.append(final.reward / optimum)
+        random_finals.append(rnd.final.reward / optimum)
+        late_means.append(np.mean([r["reward"] for r in qlp.history[-50:]]))
+        random_means.append(np.mean([r["reward"] for r in rnd.history if r["succeeded"]]))
+        bounds.append(random_means[-1] + 0.5 * (final.reward - random_means[-1]))
+
+    assert np.mean(finals) >= 0.95, finals  # close to the optimum (see the docstring for the margin)
+    assert np.mean(finals) > np.mean(random_finals) + 0.03, (finals, random_finals)
+    # the policy itself learned, not only its luckiest episode: the last, nearly greedy episodes of the final
+    # stage score well above what random play scores on average at the same target
+    assert np.mean(late_means) > np.mean(bounds), (late_means, bounds)
 
 
 # ------------------------------------------------------------------------------------ the pruning game
