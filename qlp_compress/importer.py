@@ -38,7 +38,6 @@ warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multid
 MIN_OPSET = 13  # onnx2torch converts opset 13+ well; older graphs are converted up to it
 DOWN_OPSETS = (17, 13)  # tried, in order, when onnx2torch has no converter for an operator of a newer opset
 VERIFY_BATCH = 2  # images in the batch the conversion is checked on
-VERIFY_ATOL = 1e-4  # max abs difference allowed against the reference, per unit of the largest |logit| (≥ 1)
 REEXPORT_HINT = "re-export it with standard operators at opset 13–17 (torch.onnx.export(..., opset_version=17))"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")  # checkpoint wrappers
 
@@ -319,7 +318,7 @@ def _check_rewrite(proto: onnx.ModelProto, x: np.ndarray, expected: np.ndarray, 
     """onnxruntime parity between the file and its batch-free, rewritten graph, all images in one batch."""
     try:
         got = _onnxruntime_output(proto, x, path, None)
-        agree, diff, _ = outputs_agree(got, expected)
+        agree, diff, _ = export.outputs_agree(got, expected)
     except QLPError as e:
         agree, diff = False, str(e)
     if agree:
@@ -528,22 +527,10 @@ def _check_faithful(module: nn.Module, x: np.ndarray, expected: np.ndarray, path
         shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful: output {shape} against "
                        f"{list(expected.shape)} from {reference}; {REEXPORT_HINT}")
-    agree, diff, same_top1 = outputs_agree(got.float().numpy(), expected)
+    agree, diff, same_top1 = export.outputs_agree(got.float().numpy(), expected)
     if not agree:
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful (max abs diff {diff:.2e} against "
                        f"{reference}, same top-1: {same_top1}); {REEXPORT_HINT}, and report the file")
-
-
-def outputs_agree(got: np.ndarray, expected: np.ndarray) -> tuple[bool, float, bool]:
-    """Whether two runs of a classifier agree: finite, max abs difference within VERIFY_ATOL per unit of the
-    largest |logit| (at least 1), and the same top-1. Returns (agree, max abs diff, same top-1)."""
-    if got.shape != expected.shape:
-        return False, float("inf"), False
-    finite = bool(np.isfinite(got).all() and np.isfinite(expected).all())
-    diff = float(np.abs(got - expected).max()) if expected.size else 0.0
-    tolerance = VERIFY_ATOL * max(1.0, float(np.abs(expected).max()) if expected.size and finite else 1.0)
-    same_top1 = expected.ndim != 2 or bool((got.argmax(1) == expected.argmax(1)).all())
-    return finite and diff <= tolerance and same_top1, diff, same_top1
 
 
 def _normalised(module: nn.Module, request: _Request, channels: int | None) -> nn.Module:

@@ -115,7 +115,12 @@ def test_evaluate_model_accuracy_and_sparsity(tmp_path) -> None:
 
     x = torch.from_numpy(arrays["x_test"]).float() / 255
     y = torch.from_numpy(arrays["y_test"])
-    assert result["accuracy"] == pytest.approx(accuracy(model, [(x, y)]), abs=1e-12)  # PyTorch's answer
+    # PyTorch's answer; onnxruntime's kernels sum in another order, so an image whose two best logits lie
+    # within float noise may flip: the two accuracies may differ by those images only
+    with torch.no_grad():
+        top2 = model(x).topk(2, dim=1).values
+    near_ties = int((top2[:, 0] - top2[:, 1] < 1e-4).sum())
+    assert abs(result["accuracy"] - accuracy(model, [(x, y)])) <= near_ties / len(y) + 1e-12
     assert result["accuracy"] == pytest.approx(onnx_accuracy_by_hand(path, arrays["x_test"], arrays["y_test"]))
     assert result["test_images"] == 50
 

@@ -170,6 +170,46 @@ def test_demonstrations_open_every_stage_count_as_episodes_and_bound_the_result(
     assert all("demonstration" not in h for h in plain.history)
 
 
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.98])
+def test_a_demonstration_is_scored_at_its_exact_allocation(target) -> None:
+    """The grid replay only steers the transitions; the reward and the recorded policy are the allocator's own
+    allocation, met to the weight, so the search can never lose to a demonstration through the action grid."""
+    wanted, _ = optimal_allocation(target)
+    settings = SearchSettings(target=target, episodes=2, stages=1, demonstrations=("optimal",), seed=0)
+    seen = RecordingReward()
+    result = run_search(PruningEnv(NUMELS, seen), settings, allocation=lambda name, t: wanted)
+    demo = result.history[0]
+    assert demo["demonstration"] == "optimal" and demo["succeeded"]
+    scored = seen.calls[0]
+    assert pruned_total(scored, NUMELS) == round(target * NUMELS.sum())  # the target, to the weight
+    assert np.abs(scored - wanted).max() <= 1.0 / NUMELS.min()  # the allocation itself, up to whole weights
+    assert result.best[0].reward >= demo["reward"] == pytest.approx(float(np.dot(scored, np.arange(1, 7))))
+    if result.best[0].demonstration == "optimal":
+        np.testing.assert_allclose(result.best[0].sparsities, scored)
+
+    env = PruningEnv(NUMELS, quadratic_reward)  # the grid replay alone lands up to a step away, and scores less
+    env.reset(target)
+    done = False
+    while not done:
+        _, grid_reward, done = env.step(env.action_towards(1.0 - wanted))
+    assert quadratic_reward(scored) >= grid_reward  # the optimum, exactly, beats any other feasible point
+
+
+@pytest.mark.parametrize("numels", [NUMELS, np.array([7, 130, 2001, 64, 999])], ids=["numels", "odd"])
+@pytest.mark.parametrize("target", [0.3, 0.9, 0.98])
+def test_exact_sparsities_meet_the_target_to_the_weight(numels, target) -> None:
+    env = PruningEnv(numels, quadratic_reward)
+    env.reset(target)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = np.clip(rng.normal(target, 0.05, len(numels)), 0, 1)
+        exact = env.exact_sparsities(s)
+        counts = np.rint(exact * numels).astype(int)
+        assert np.allclose(exact * numels, counts)  # whole weights
+        assert counts.sum() == round(target * numels.sum())
+        assert ((counts >= 0) & (counts <= numels)).all()
+
+
 class RecordingReward:
     """Stub reward: remembers every argument; returns a value that depends on it."""
 

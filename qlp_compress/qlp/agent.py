@@ -1,5 +1,12 @@
 """The DQN agent: an MLP Q-network, experience replay, a target network, Double-DQN targets, Huber loss,
-ε-greedy exploration. The update follows cleanrl's dqn.py."""
+ε-greedy exploration. The update follows cleanrl's dqn.py.
+
+Demonstrations are learnt the way Deep Q-learning from Demonstrations does (Hester et al., AAAI 2018):
+their transitions live in a buffer of their own that is never overwritten, a fixed share of every batch
+comes from it (in place of DQfD's priority bonus), and on those transitions a large-margin loss
+max_a[Q(s,a) + l(a_E,a)] − Q(s,a_E) joins the n-step TD loss, so the demonstrated action must beat every
+other by a margin. After the demonstrations of a stage are played, the network pre-trains on them alone.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +38,11 @@ class AgentSettings:
     eps_end: float = 0.05  # ε after the decay
     exploration_fraction: float = 0.6  # share of each stage's episodes over which ε decays linearly
     max_grad_norm: float = 10.0  # gradient clipping of the Q-network
+    demo_learning: bool = True  # DQfD (see above); False: demonstrations are ordinary replay transitions
+    demo_margin: float = 0.8  # l(a_E, a) of the large-margin loss for a ≠ a_E (DQfD's value)
+    demo_loss_weight: float = 1.0  # weight of the large-margin loss (DQfD's λ2)
+    demo_share: float = 0.25  # share of every batch drawn from the demonstrations' buffer
+    pretrain_steps: int = 300  # gradient steps on the demonstrations alone after each stage's demonstrations
 
 
 @contextlib.contextmanager
@@ -110,6 +122,7 @@ class DQNAgent:
         self.target.load_state_dict(self.q.state_dict())
         self.optimizer = torch.optim.Adam(self.q.parameters(), lr=settings.lr)
         self.replay = ReplayBuffer(settings.buffer_size, state_size)
+        self.demo_replay = ReplayBuffer(settings.buffer_size, state_size)  # demonstrations only (DQfD)
         self.rng = np.random.default_rng(seed)
         self.updates = 0
 
@@ -120,16 +133,27 @@ class DQNAgent:
         with single_thread():
             return int(self.q(torch.from_numpy(state)[None]).argmax(1))
 
-    def update(self) -> float:
-        """One gradient step on a replay batch with the Double-DQN target."""
+    def update(self, demo_only: bool = False) -> float:
+        """One gradient step on a replay batch with the Double-DQN target, plus the large-margin loss on the
+        batch's demonstration transitions (all of it when `demo_only`)."""
         s = self.settings
-        states, actions, rewards, next_states, dones = self.replay.sample(s.batch_size, self.rng)
+        n_demo = 0
+        if self.demo_replay.size:
+            n_demo = s.batch_size if demo_only or not self.replay.size else round(s.demo_share * s.batch_size)
+        parts = [self.demo_replay.sample(n_demo, self.rng)] if n_demo else []
+        if n_demo < s.batch_size:
+            parts.append(self.replay.sample(s.batch_size - n_demo, self.rng))
+        states, actions, rewards, next_states, dones = (torch.cat(x) for x in zip(*parts, strict=True))
         with torch.no_grad():
             next_actions = self.q(next_states).argmax(1, keepdim=True)  # chosen by the online network
             next_values = self.target(next_states).gather(1, next_actions).squeeze(1)  # valued by the target
             td_target = rewards + s.gamma**s.n_step * next_values * (1.0 - dones)
-        values = self.q(states).gather(1, actions[:, None]).squeeze(1)
+        q_all = self.q(states)
+        values = q_all.gather(1, actions[:, None]).squeeze(1)
         loss = F.smooth_l1_loss(values, td_target)
+        if n_demo:  # DQfD's large margin: the demonstrated action must beat every other by demo_margin
+            margins = torch.full_like(q_all[:n_demo], s.demo_margin).scatter_(1, actions[:n_demo, None], 0.0)
+            loss = loss + s.demo_loss_weight * ((q_all[:n_demo] + margins).max(1).values - values[:n_demo]).mean()
         self.optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(self.q.parameters(), s.max_grad_norm)
@@ -140,24 +164,36 @@ class DQNAgent:
         self.updates += 1
         return float(loss.detach())
 
-    def learn_from_episode(self, transitions: list[tuple]) -> None:
-        """Store an episode's transitions as n-step transitions, then run its share of gradient steps."""
+    def learn_from_episode(self, transitions: list[tuple], demonstration: bool = False) -> None:
+        """Store an episode's transitions as n-step transitions, then run its share of gradient steps.
+        With `demo_learning`, a demonstration's go to the demonstrations' buffer and train nothing yet:
+        `pretrain` runs once a stage's demonstrations are all in."""
         n, gamma = self.settings.n_step, self.settings.gamma
+        buffer = self.demo_replay if demonstration and self.settings.demo_learning else self.replay
         for t, (state, action, _, _, _) in enumerate(transitions):
             window = transitions[t : t + n]
             ret = sum(gamma**k * r for k, (_, _, r, _, _) in enumerate(window))
             _, _, _, next_state, done = window[-1]
             # an n-step transition that stops short of n steps ends the episode, so its done flag is set
-            self.replay.add(state, action, ret, next_state, done)
-        if self.replay.size < self.settings.learning_starts:
+            buffer.add(state, action, ret, next_state, done)
+        if buffer is self.demo_replay or self.replay.size + self.demo_replay.size < self.settings.learning_starts:
             return
         with single_thread():
             for _ in range(max(1, round(self.settings.updates_per_step * len(transitions)))):
                 self.update()
 
+    def pretrain(self) -> None:
+        """DQfD's pre-training: gradient steps on the demonstrations alone (TD + large margin)."""
+        if not (self.settings.demo_learning and self.demo_replay.size):
+            return
+        with single_thread():
+            for _ in range(self.settings.pretrain_steps):
+                self.update(demo_only=True)
+
     def state_dict(self) -> dict:
         return {"q": self.q.state_dict(), "target": self.target.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "replay": self.replay.state_dict(),
+                "demo_replay": self.demo_replay.state_dict(),
                 "rng": self.rng.bit_generator.state, "updates": self.updates}
 
     def load_state_dict(self, state: dict) -> None:
@@ -165,5 +201,6 @@ class DQNAgent:
         self.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.replay.load_state_dict(state["replay"])
+        self.demo_replay.load_state_dict(state["demo_replay"])
         self.rng.bit_generator.state = state["rng"]
         self.updates = int(state["updates"])

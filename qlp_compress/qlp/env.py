@@ -98,18 +98,42 @@ class PruningEnv:
         reaching = [k for k in range(self.n_actions) if after[k] <= want + 1e-9]
         return max(reaching, key=lambda k: after[k]) if reaching else min(range(self.n_actions), key=after.__getitem__)
 
-    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
-        """Apply `action` to the current layer; returns (next state, reward, done)."""
+    def exact_sparsities(self, sparsities: Sequence[float]) -> np.ndarray:
+        """Per-layer sparsities (whole weights) closest to `sparsities` that meet the episode's target exactly:
+        each layer is rounded to whole weights, and the few weights the rounding leaves over or short go to
+        the layers with the largest rounding remainders."""
+        wanted = np.clip(np.asarray(sparsities, dtype=np.float64), 0.0, 1.0) * self.numels
+        counts = np.floor(wanted).astype(np.int64)
+        short = self.target_pruned - int(counts.sum())
+        order = np.argsort(-(wanted - counts), kind="stable")  # largest remainder first
+        while short != 0:
+            step = 1 if short > 0 else -1
+            room = counts < self.numels if step > 0 else counts > 0
+            if not room.any():
+                break
+            for i in (order if step > 0 else order[::-1]):
+                if short == 0:
+                    break
+                if room[i]:
+                    counts[i] += step
+                    short -= step
+        return counts / self.numels
+
+    def step(self, action: int, evaluate_at: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
+        """Apply `action` to the current layer; returns (next state, reward, done). When the episode meets its
+        target and `evaluate_at` is given, the reward is measured at those per-layer sparsities instead of the
+        ones the actions reached (a demonstration's exact allocation; see search.py)."""
         i = self.layer
         new = self.density.copy()
         new[i] *= 1.0 - self.settings.actions[action]
         pruned = self.pruned_counts(new)
         if pruned.sum() >= self.target_pruned:  # clip the crossing step so the target is met exactly
-            keep_pruned_i = self.target_pruned - (pruned.sum() - pruned[i])
-            new[i] = 1.0 - keep_pruned_i / self.numels[i]
+            pruned_i = self.target_pruned - (pruned.sum() - pruned[i])
+            new[i] = 1.0 - pruned_i / self.numels[i]
             self.density = new
             self.step_count += 1
-            return self.state(), float(self.reward_fn(self.sparsities())), True
+            measured = self.sparsities() if evaluate_at is None else evaluate_at
+            return self.state(), float(self.reward_fn(measured)), True
         self.density = new
         self.step_count += 1
         if self.step_count >= self.settings.passes * self.n_layers:

@@ -163,9 +163,11 @@ def run_search(
                 eps = _epsilon(settings.agent, k, in_stage, lengths[k], settings.method)
                 rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
                 if in_stage < len(demos):
-                    goal = 1.0 - np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
-                    record, transitions = _play_episode(env, targets[k], lambda _, g=goal: env.action_towards(g))
-                    record.update(epsilon=0.0, demonstration=demos[in_stage])
+                    wanted = np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
+                    record, transitions = _play_episode(env, targets[k], lambda _, g=1.0 - wanted:
+                                                        env.action_towards(g), exact=wanted)
+                    record.update(epsilon=0.0, demonstration=demos[in_stage],
+                                  last_demonstration=in_stage == len(demos) - 1)
                 else:
                     record, transitions = _play_episode(env, targets[k], lambda state, e=eps: agent.act(state, e))
                     record["epsilon"] = round(eps, 4)
@@ -190,7 +192,10 @@ def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchP
     """Learn from a finished episode and record it, as one unit that an interrupt cannot split."""
     with deferred_interrupts():
         if learn:
-            agent.learn_from_episode(transitions)
+            agent.learn_from_episode(transitions, demonstration=record.get("demonstration") is not None)
+            if record.get("last_demonstration"):
+                agent.pretrain()  # the stage's demonstrations are all in: DQfD's pre-training on them
+        record.pop("last_demonstration", None)
         record.update(stage=k + 1, target=target, episode=progress.episode + 1)
         progress.history.append(record)
         progress.reward_seconds += record.pop("_reward_seconds")
@@ -208,16 +213,21 @@ def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchP
     return best
 
 
-def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray], int]) -> tuple[dict, list[tuple]]:
+def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray], int],
+                  exact: np.ndarray | None = None) -> tuple[dict, list[tuple]]:
+    """One episode; `exact` (a demonstration's allocation) is what its reward measures and what it records,
+    so that a demonstration is never worse than its allocator because of the action grid; its transitions
+    still show how the game's actions reach that allocation."""
     started = time.perf_counter()
     reward_seconds = 0.0
     state = env.reset(target)
+    exact_sparsities = env.exact_sparsities(exact) if exact is not None else None
     transitions = []
     done = False
     while not done:
         action = choose(state)
         t0 = time.perf_counter()
-        next_state, reward, done = env.step(action)
+        next_state, reward, done = env.step(action, evaluate_at=exact_sparsities)
         if done:
             reward_seconds = time.perf_counter() - t0
         transitions.append((state, action, reward, next_state, float(done)))
@@ -226,7 +236,8 @@ def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray],
     record = {"reward": float(reward), "steps": len(transitions),
               "reached": env.global_sparsity(), "succeeded": bool(succeeded),
               "seconds": time.perf_counter() - started, "_reward_seconds": reward_seconds if succeeded else 0.0,
-              "_sparsities": [float(s) for s in env.sparsities()] if succeeded else None}
+              "_sparsities": [float(s) for s in (env.sparsities() if exact_sparsities is None else exact_sparsities)]
+              if succeeded else None}
     return record, transitions
 
 
