@@ -111,11 +111,9 @@ def time_model(model: bytes, input_shape: Sequence[int], threads: int, repeats: 
 
 def _machine() -> dict:
     cpu = ""
-    try:
+    with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), "")
-    except OSError:
-        pass
     return {"host": platform.node(), "cpu": cpu or platform.processor(), "onnxruntime": ort.__version__}
 
 
