@@ -19,7 +19,6 @@ import platform
 import statistics
 import subprocess
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from qlp_compress.channel.latency import LatencySettings
@@ -144,7 +143,7 @@ def summarise(cells: Path, tag: str, dense_accuracy: float) -> None:
               f"- {s['entries']} layer timings, measured in {s['measure_seconds']} s; dense {s['dense_ms']:.2f} ms, "
               f"after the shortcut rewrite {s['rewritten_dense_ms']:.2f} ms "
               f"(rewrite speedup {s['rewrite_speedup']:.3f}×, interleaved)",
-              f"- calibration (uniform widths timed directly): "
+              "- calibration (uniform widths timed directly): "
               + "; ".join(f"{c['widths']} → {c['speedup']:.2f}×" for c in s.get("calibration") or []),
               "- prediction vs measurement at batch 64 per cell (ratio measured ÷ predicted): "
               + ", ".join(f"{r['method']}@{r['target_speedup']:g}: "

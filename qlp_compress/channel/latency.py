@@ -155,6 +155,7 @@ class LatencyTable:
         layers = [asdict(layer) for layer in space.layers]
         key = {"format": TABLE_FORMAT, "model_sha256": model_sha256, "layers": layers, "sizes": space.sizes,
                "machine": _machine(), "settings": asdict(settings), "input_shape": list(input_shape)}
+        key = json.loads(json.dumps(key))  # as it reads back from the file (tuples become lists)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         folder = cache if cache is not None else cache_dir() / "latency"
         path = folder / f"{digest}.json"
