@@ -241,7 +241,7 @@ def search_cmd(
     latency_batch: LatencyBatchOpt = 64,
     threads: ThreadsOpt = 2,
     round_to: RoundToOpt = 8,
-    distill: DistillOpt = False,
+    distill: DistillOpt = True,
 ) -> None:
     """Find per-layer sparsities (or, with --structure channel, layer widths for a speedup) with QLP, prune,
     fine-tune, export a verified ONNX and report."""
@@ -335,7 +335,7 @@ def prune_cmd(
     latency_batch: LatencyBatchOpt = 64,
     threads: ThreadsOpt = 2,
     round_to: RoundToOpt = 8,
-    distill: DistillOpt = False,
+    distill: DistillOpt = True,
 ) -> None:
     """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report. With
     --structure channel the methods are uniform, l1 (global filter norm) and bn-slimming."""
@@ -397,7 +397,7 @@ def compare_cmd(
     latency_batch: LatencyBatchOpt = 64,
     threads: ThreadsOpt = 2,
     round_to: RoundToOpt = 8,
-    distill: DistillOpt = False,
+    distill: DistillOpt = True,
 ) -> None:
     """Several methods at several sparsities (or speedups, --structure channel), same fine-tuning budget, one
     table."""

@@ -54,7 +54,8 @@ class ChannelSettings:
     reward: ChannelRewardSettings = field(default_factory=ChannelRewardSettings)  # how the search scores widths
     demonstrations: tuple[str, ...] | None = None  # baselines played first in every stage (None: all that apply)
     finetune: TrainSettings | None = None  # None = no fine-tuning
-    distill: bool = False  # fine-tune with KL to the dense model's logits as well as the labels
+    distill: bool = True  # fine-tune with KL to the dense model's logits too (+0.67 points in the one benchmark cell
+    #                       measured: qlp 1.5×, 0.1 epoch, seed 0)
     speed_rounds: int = 15  # interleaved rounds per measured speedup
 
 
