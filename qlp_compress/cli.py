@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from qlp_compress import __version__
 from qlp_compress.allocate import ALLOCATORS, AllocationSettings
-from qlp_compress.errors import QLPError
+from qlp_compress.errors import QLPError, UsageError
 from qlp_compress.finetune import TrainSettings
 from qlp_compress.interrupts import sigterm_as_interrupt
 from qlp_compress.masks import find_prunable_layers
@@ -134,6 +134,45 @@ MinDensityOpt = Annotated[float, typer.Option("--min-density", help="global: kee
                                                                      "every layer.")]
 
 
+StructureOpt = Annotated[str, typer.Option("--structure", help="weight: unstructured zeros (the paper; size only). "
+                                                              "channel: remove whole channels for a measured "
+                                                              "onnxruntime speedup (a smaller, faster dense model).")]
+SpeedupOpt = Annotated[float, typer.Option("--speedup", help="channel: target dense ÷ pruned onnxruntime latency at "
+                                                             "--latency-batch (e.g. 2).")]
+LatencyBatchOpt = Annotated[int, typer.Option("--latency-batch", help="channel: batch size the speedup target holds "
+                                                                      "at (64: throughput serving, where channel "
+                                                                      "widths pay off; at batch 1 per-op overhead "
+                                                                      "dominates small models).")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", help="channel: onnxruntime threads for every latency "
+                                                           "measurement.")]
+RoundToOpt = Annotated[int, typer.Option("--round-to", help="channel: widths are multiples of this (or the full "
+                                                            "width); 1 = any width.")]
+DistillOpt = Annotated[bool, typer.Option("--distill/--no-distill", help="channel: fine-tune with KL to the dense "
+                                                                          "model's logits as well as the labels.")]
+STRUCTURES = ("weight", "channel")
+
+
+def _structure(structure: str) -> bool:
+    """True for channel mode; a usage error for an unknown structure."""
+    if structure not in STRUCTURES:
+        raise UsageError(f"--structure must be weight or channel, got {structure!r}")
+    return structure == "channel"
+
+
+def _channel_settings(method: str, speedup: float, latency_batch: int, threads: int, round_to: int,
+                      finetune: TrainSettings | None, distill: bool, **kwargs):
+    from qlp_compress.channel.latency import LatencySettings, check_latency_settings
+    from qlp_compress.channel.pipeline import ChannelSettings, check_method
+    from qlp_compress.channel.search import check_speedup
+
+    check_method(method)
+    check_speedup(speedup)
+    latency = LatencySettings(batch=latency_batch, threads=threads, round_to=round_to)
+    check_latency_settings(latency)
+    return ChannelSettings(method=method, speedup=speedup, latency=latency, finetune=finetune, distill=distill,
+                           **kwargs)
+
+
 def _workspace(model: Path, data: str, data_dir: Path | None, device: str, arch: str | None, trust_pickle: bool,
                mean: list[float] | None, std: list[float] | None, reward_size: int | None = None) -> Workspace:
     return open_workspace(model, ModelSettings(arch, trust_pickle, tuple(mean) if mean else None,
@@ -197,8 +236,21 @@ def search_cmd(
     std: StdOpt = None,
     resume: ResumeOpt = False,
     force: ForceOpt = False,
+    structure: StructureOpt = "weight",
+    speedup: SpeedupOpt = 2.0,
+    latency_batch: LatencyBatchOpt = 64,
+    threads: ThreadsOpt = 2,
+    round_to: RoundToOpt = 8,
+    distill: DistillOpt = True,
 ) -> None:
-    """Find per-layer sparsities with QLP, prune, fine-tune, export a verified sparse ONNX and report."""
+    """Find per-layer sparsities (or, with --structure channel, layer widths for a speedup) with QLP, prune,
+    fine-tune, export a verified ONNX and report."""
+    if _structure(structure):
+        _channel_search(model, method, speedup, latency_batch, threads, round_to, distill, data, data_dir, episodes,
+                        stages, passes, demonstrations, reward_images, reward_size, bn_recalibrate,
+                        finetune_epochs if finetune else 0, lr, out, seed, device, arch, trust_pickle, mean, std,
+                        resume, force)
+        return
     check_sparsity(sparsity)
     resolve_device(device)
     demos = _demonstrations(demonstrations)
@@ -217,6 +269,44 @@ def search_cmd(
     report = compress(model, ws, settings, out, _command(), resume=resume)
     console.print(f"[green]wrote {out}[/]: model.onnx at sparsity {report['achieved_sparsity']:.4f}, test accuracy "
                   f"{report['accuracy']['finetuned']:.2%} (dense {report['accuracy']['dense']:.2%})")
+
+
+def _channel_search(model, method, speedup, latency_batch, threads, round_to, distill, data, data_dir, episodes,
+                    stages, passes, demonstrations, reward_images, reward_size, bn_recalibrate, finetune_epochs, lr,
+                    out, seed, device, arch, trust_pickle, mean, std, resume, force) -> None:
+    from qlp_compress.channel.pipeline import compress_channels
+    from qlp_compress.channel.search import BASELINES, ChannelRewardSettings
+    from qlp_compress.report import search_progress
+
+    resolve_device(device)
+    names = tuple(n.strip() for n in demonstrations.split(",") if n.strip())
+    demos = None if names == ("lamp", "erk", "global", "uniform") else () if names == ("none",) else names
+    unknown = [n for n in demos or () if n not in BASELINES]
+    if unknown:
+        raise UsageError(f"--demonstrations: unknown channel allocation {unknown[0]!r}; use a comma-separated list "
+                         f"of {', '.join(BASELINES)}, or none")
+    search = SearchSettings(target=0.5, episodes=episodes, stages=stages, method=method, seed=seed,
+                            env=EnvSettings(passes=passes))
+    settings = _channel_settings(method, speedup, latency_batch, threads, round_to,
+                                 _finetune_settings(finetune_epochs, lr, seed, device), distill, search=search,
+                                 reward=ChannelRewardSettings(images=reward_images, bn_recalibrate=bn_recalibrate),
+                                 demonstrations=demos)
+    out = out or model.parent / f"{model.stem}.{method}-{speedup:g}x"
+    check_out_dir(out, force, resume)
+    ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std, reward_size)
+    prepare_out_dir(out, force, resume)
+    with search_progress(f"{method} channel search", episodes) as on_episode:
+        report = compress_channels(model, ws, settings, out, _command(), resume=resume, on_episode=on_episode)
+    _print_channel_report(out, report)
+
+
+def _print_channel_report(out: Path, report: dict) -> None:
+    speed = ", ".join(f"batch {b}: {v:.2f}×" for b, v in report["measured_speedup"].items())
+    console.print(f"[green]wrote {out}[/]: model.onnx measured speedup {speed} (target {report['target_speedup']:g}× "
+                  f"at batch {report['latency_batch']}), test accuracy {report['accuracy']['finetuned']:.2%} "
+                  f"(dense {report['accuracy']['dense']:.2%})")
+    if report["left_whole"]:
+        console.print("left whole: " + "; ".join(f"{g['group']} ({g['why']})" for g in report["left_whole"]))
 
 
 @app.command("prune")
@@ -240,8 +330,27 @@ def prune_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     force: ForceOpt = False,
+    structure: StructureOpt = "weight",
+    speedup: SpeedupOpt = 2.0,
+    latency_batch: LatencyBatchOpt = 64,
+    threads: ThreadsOpt = 2,
+    round_to: RoundToOpt = 8,
+    distill: DistillOpt = True,
 ) -> None:
-    """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report."""
+    """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report. With
+    --structure channel the methods are uniform, l1 (global filter norm) and bn-slimming."""
+    if _structure(structure):
+        from qlp_compress.channel.pipeline import compress_channels
+
+        method = "l1" if method == "lamp" else method
+        settings = _channel_settings(method, speedup, latency_batch, threads, round_to,
+                                     _finetune_settings(finetune_epochs, lr, seed, device), distill)
+        out = out or model.parent / f"{model.stem}.{method}-{speedup:g}x"
+        check_out_dir(out, force, False)
+        ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std)
+        prepare_out_dir(out, force, False)
+        _print_channel_report(out, compress_channels(model, ws, settings, out, _command(), policy_path=policy))
+        return
     if policy is None:
         check_sparsity(sparsity)
         out = out or default_out_dir(model, method, sparsity)
@@ -265,7 +374,8 @@ def prune_cmd(
 @app.command("compare")
 def compare_cmd(
     model: ModelArg,
-    sparsity: Annotated[list[float], typer.Option("--sparsity", help="Target sparsity (repeat for several).")],
+    sparsity: Annotated[list[float] | None, typer.Option("--sparsity", help="Target sparsity (repeat for several).")]
+    = None,
     methods: Annotated[str, typer.Option(help="Comma-separated: qlp, random, global, lamp, erk, uniform.")]
     = "qlp,lamp,global,erk,uniform",
     data: DataOpt = "fashion-mnist",
@@ -281,8 +391,37 @@ def compare_cmd(
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     force: ForceOpt = False,
+    structure: StructureOpt = "weight",
+    speedup: Annotated[list[float] | None, typer.Option("--speedup", help="channel: target speedup (repeat for "
+                                                                          "several).")] = None,
+    latency_batch: LatencyBatchOpt = 64,
+    threads: ThreadsOpt = 2,
+    round_to: RoundToOpt = 8,
+    distill: DistillOpt = True,
 ) -> None:
-    """Several methods at several sparsities, same masks and fine-tuning budget, in one table."""
+    """Several methods at several sparsities (or speedups, --structure channel), same fine-tuning budget, one
+    table."""
+    if _structure(structure):
+        from qlp_compress.channel.pipeline import compare_channels
+        from qlp_compress.channel.search import ChannelRewardSettings
+
+        if methods == "qlp,lamp,global,erk,uniform":
+            methods = "qlp,uniform,l1,bn-slimming,random"
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        targets = speedup or [2.0]
+        settings = _channel_settings(names[0], targets[0], latency_batch, threads, round_to,
+                                     _finetune_settings(finetune_epochs, lr, seed, device), distill,
+                                     search=SearchSettings(target=0.5, episodes=episodes, seed=seed),
+                                     reward=ChannelRewardSettings(images=reward_images))
+        out = out or model.parent / f"{model.stem}.compare-channel"
+        check_out_dir(out, force, False)
+        ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
+        prepare_out_dir(out, force, False)
+        compare_channels(ws, names, targets, settings, out, _command())
+        console.print(f"[green]wrote {out}/compare.json and compare.md[/]")
+        return
+    if not sparsity:
+        raise UsageError("compare needs --sparsity (repeat for several), or --structure channel with --speedup")
     for target in sparsity:
         check_sparsity(target)
     resolve_device(device)

@@ -100,6 +100,9 @@ def train(
     checkpoint: Path | None = None,
     resume: bool = False,
     on_step: Callable[[dict], None] | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 4.0,
 ) -> list[dict]:
     """Train `model` in place; returns one record per epoch (loss, accuracy on the training batches).
 
@@ -113,13 +116,16 @@ def train(
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     decay, no_decay = [], []
     for p in model.parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BatchNorm and biases
+        if p.requires_grad:  # fixed parameters (channel-mode shortcut maps) are never trained
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BatchNorm and biases
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": settings.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0)
     scheduler = SCHEDULES[settings.schedule](optimizer, settings, total_steps, steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
     holder = MaskHolder(model, masks, device) if masks else None
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
     history: list[dict] = []
     start_epoch = 0
     if resume and checkpoint is not None and checkpoint.exists():
@@ -150,6 +156,12 @@ def train(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
+            if teacher is not None:  # distillation: KL to the teacher's softened logits (Hinton et al. 2015)
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(x) / distill_temperature, 1)
+                kl = F.kl_div(F.log_softmax(logits / distill_temperature, 1), target, log_target=True,
+                              reduction="batchmean") * distill_temperature**2
+                loss = (1.0 - distill_weight) * loss + distill_weight * kl
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if holder:

@@ -44,6 +44,17 @@ def evaluation_table(result: dict) -> Table:
                       f"median {lat['median_ms']:.2f} ms · p90 {lat['p90_ms']:.2f} ms")
     table.add_row("file size", f"{result['file_bytes'] / 1e6:.3f} MB (gzip {result['gzip_bytes'] / 1e6:.3f} MB)")
     table.add_row("global sparsity (weights)", f"{result['global_sparsity']:.2%} of {result['weights']:,}")
+    meta = result.get("metadata") or {}
+    if meta.get("qlp.structure") == "channel":  # a channel-pruned export records its widths and speedups
+        table.add_row("channel pruning", f"{meta.get('qlp.method')} · target {meta.get('qlp.target_speedup')}× at "
+                                         f"batch {meta.get('qlp.latency_batch')} ({meta.get('qlp.threads')} threads)")
+        table.add_row("speedup predicted / measured", f"{float(meta.get('qlp.predicted_speedup', 'nan')):.2f}× / "
+                                                      f"{meta.get('qlp.measured_speedup', '?').replace(',', ' · ')}")
+        table.add_row("MACs (pruned / dense)", f"{int(meta.get('qlp.macs', 0)) / 1e6:.2f} M / "
+                                               f"{int(meta.get('qlp.dense_macs', 0)) / 1e6:.2f} M")
+        table.add_row("parameters (pruned / dense)", f"{int(meta.get('qlp.params', 0)):,} / "
+                                                     f"{int(meta.get('qlp.dense_params', 0)):,}")
+        table.add_row("widths", meta.get("qlp.widths", ""))
     return table
 
 

@@ -87,6 +87,10 @@ class PruningEnv:
     def global_sparsity(self) -> float:
         return float(self.pruned_counts().sum()) / self.total
 
+    def met_target(self) -> bool:
+        """Whether the episode has reached its target (the search counts only such episodes)."""
+        return bool(self.pruned_counts().sum() >= self.target_pruned)
+
     def action_towards(self, goal: np.ndarray) -> int:
         """The action that brings the current layer closest to the density `goal[layer]` (used to replay a
         baseline allocation as a demonstration). Before the last pass it never prunes past the goal; on the

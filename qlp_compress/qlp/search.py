@@ -232,7 +232,7 @@ def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray],
             reward_seconds = time.perf_counter() - t0
         transitions.append((state, action, reward, next_state, float(done)))
         state = next_state
-    succeeded = env.pruned_counts().sum() >= env.target_pruned
+    succeeded = env.met_target()
     record = {"reward": float(reward), "steps": len(transitions),
               "reached": env.global_sparsity(), "succeeded": bool(succeeded),
               "seconds": time.perf_counter() - started, "_reward_seconds": reward_seconds if succeeded else 0.0,

@@ -1,0 +1,223 @@
+"""Channel mode: the option-A rewrite against the original model, pruned shapes against a forward pass, the
+exported ONNX against PyTorch, the channel game's budget rule, and the CLI end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import make_tiny_task
+from torch import nn
+
+from qlp_compress import export
+from qlp_compress.channel.groups import ChannelSpace
+from qlp_compress.channel.latency import LatencySettings, LatencyTable, allowed_widths
+from qlp_compress.channel.rewrite import FixedChannelMap, rewrite_channel_maps
+from qlp_compress.channel.search import ChannelEnv, allocate_widths
+from qlp_compress.importer import load_model
+from qlp_compress.qlp.env import EnvSettings
+from qlp_compress.runtime import open_session
+from qlp_compress.zoo import build_model
+
+X = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def _random_bn(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so that a wrong channel shows in the outputs."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+def test_option_a_rewrite_is_exact_and_frozen():
+    model = _random_bn(build_model("resnet20", 1, 10, (0.3,), (0.4,)))
+    rewritten, maps = rewrite_channel_maps(model, X[:1])
+    assert len(maps) == 2  # the two downsampling shortcuts
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(rewritten(x), model(x))
+    for name in maps:
+        m = rewritten.get_submodule(name)
+        assert isinstance(m, FixedChannelMap) and not m.weight.requires_grad
+        assert set(m.weight.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_rewrite_leaves_models_without_channel_maps_alone():
+    model = build_model("lenet5", 1, 10, (0.3,), (0.4,)).eval()
+    same, maps = rewrite_channel_maps(model, X[:1])
+    assert same is model and maps == []
+
+
+def _check_widths(space: ChannelSpace, pruned: nn.Module, widths: list[int]) -> None:
+    """Every layer writing a group has the group's width; the network runs and keeps its output shape."""
+    for group, width in zip(space.groups, widths, strict=True):
+        for name in group.layers:
+            m = pruned.get_submodule(name)
+            count = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features if isinstance(m, nn.Linear) \
+                else m.num_features
+            assert count == width, (group.name, name)
+    with torch.no_grad():
+        assert pruned(X).shape == (3, space.output_shape[1])
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "resnet20"])
+def test_zoo_models_prune_to_widths(arch):
+    model = _random_bn(build_model(arch, 1, 10, (0.3,), (0.4,)))
+    space = ChannelSpace(model, X)
+    assert space.unsafe == []
+    assert all(g.size > 1 for g in space.groups)
+    widths = [max(1, g.size // 2) for g in space.groups]
+    pruned = space.prune(widths)
+    _check_widths(space, pruned, widths)
+    if arch == "resnet20":  # the residual stream is pruned too (three stages), and the shortcuts stay frozen
+        assert sorted(g.size for g in space.groups if len(g.layers) > 2) == [16, 32, 64]
+        maps = [m for m in pruned.modules() if isinstance(m, FixedChannelMap)]
+        assert maps and all(not m.weight.requires_grad for m in maps)
+
+
+def test_pruning_keeps_the_most_important_channels():
+    """A group cut to width w keeps the w channels with the largest L1 importance: compare against the dense
+    network whose other channels are zeroed (the reference)."""
+    model = build_model("lenet5", 1, 10, (0.3,), (0.4,)).eval()
+    space = ChannelSpace(model, X)
+    index = next(i for i, g in enumerate(space.groups) if g.name.endswith("classifier.1"))  # Linear 400 → 120
+    widths = space.sizes.copy()
+    widths[index] = 50
+    pruned = space.prune(widths)
+    reference = space.model
+    import copy
+
+    reference = copy.deepcopy(space.model)
+    drop = space.groups[index].order("l1")[:70]
+    with torch.no_grad():
+        reference.get_submodule("1.classifier.3").weight[:, drop] = 0.0
+        assert torch.allclose(pruned(X), reference(X), atol=1e-5)
+
+
+def test_onnx2torch_import_prunes(tmp_path):
+    model = _random_bn(build_model("resnet20", 1, 10, (0.3,), (0.4,)))
+    path = tmp_path / "r20.onnx"
+    path.write_bytes(export.to_onnx_bytes(model, (1, 28, 28)))
+    loaded = load_model(path, verify_input_shape=(1, 28, 28)).module
+    space = ChannelSpace(loaded, X)
+    assert len(space.channel_maps) == 2 and space.unsafe == []
+    widths = [max(1, g.size // 2) for g in space.groups]
+    pruned = space.prune(widths)
+    _check_widths(space, pruned, widths)
+    # the smaller network exports, passes onnx.checker and matches PyTorch in onnxruntime
+    data = export.to_onnx_bytes(pruned, (1, 28, 28))
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    session = open_session(data)
+    got = session.run(None, {session.get_inputs()[0].name: X.numpy()})[0]
+    with torch.no_grad():
+        expected = pruned(X).numpy()
+    assert np.abs(got - expected).max() <= 1e-4
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
+def test_allowed_widths():
+    assert allowed_widths(64, 16) == [16, 32, 48, 64]
+    assert allowed_widths(20, 8) == [8, 16, 20]
+    assert allowed_widths(6, 8) == [6]
+    assert allowed_widths(3, 1) == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def lenet_table(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("latency")
+    model = build_model("lenet5", 1, 10, (0.3,), (0.4,)).eval()
+    space = ChannelSpace(model, X)
+    settings = LatencySettings(batch=4, threads=1, round_to=4, repeats=1)
+
+    def to_onnx(m):
+        return export.to_onnx_bytes(m, (1, 28, 28))
+
+    table = LatencyTable.build(space, to_onnx(model), to_onnx(space.model), (1, 28, 28), settings, "sha", to_onnx,
+                               cache=cache)
+    return space, table, cache, to_onnx
+
+
+def test_latency_table_is_cached_and_covers_every_width(lenet_table):
+    space, table, cache, to_onnx = lenet_table
+    again = LatencyTable.build(space, b"unused", b"unused", (1, 28, 28), table.settings, "sha", to_onnx, cache=cache)
+    assert again.data["cached"] is not None and again.entries == table.entries
+    for widths in ([a[0] for a in table.allowed], space.sizes, [a[len(a) // 2] for a in table.allowed]):
+        for layer in space.layers:
+            table._layer_ms(layer, widths)  # exact entries: no interpolation needed at allowed widths
+            # (a missing entry would raise KeyError inside the interpolation)
+        assert table.predict_ms(widths) > 0
+
+
+def test_channel_env_episodes_meet_the_budget(lenet_table):
+    space, table, _, _ = lenet_table
+    target = min(0.9 * table.reduction([a[0] for a in table.allowed]), 0.2)
+    assert target > 0
+    env = ChannelEnv(table, lambda s: 1.0, EnvSettings(passes=3))
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        env.reset(target)
+        done = False
+        while not done:
+            _, reward, done = env.step(int(rng.integers(env.n_actions)))
+        widths = env.widths()
+        assert all(w in a for w, a in zip(widths, table.allowed, strict=True))
+        assert env.met_target() == (reward == 1.0)
+        if env.met_target():
+            assert table.reduction(widths) >= target - 1e-9
+    for method in ("uniform", "l1"):
+        widths = allocate_widths(method, space, table, target)
+        assert table.reduction(widths) >= target - 1e-9
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("tiny_channel")
+    make_tiny_task(root, n=1200, n_train=1000, steps=60)
+    return root / "lenet.onnx", root / "data.npz"
+
+
+def test_channel_search_cli_end_to_end(tiny, tmp_path):
+    model, data = tiny
+    out = tmp_path / "run"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "qlp_compress", "search", str(model), "--structure", "channel", "--speedup", "1.05",
+         "--latency-batch", "8", "--threads", "1", "--round-to", "2", "--data", str(data), "--reward-size", "300",
+         "--episodes", "6", "--stages", "2", "--reward-images", "200", "--finetune-epochs", "0.2", "--out", str(out),
+         "--device", "cpu"], capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    policy = json.loads((out / "policy.json").read_text())
+    assert policy["structure"] == "channel" and [g["width"] for g in policy["groups"]] == \
+        [g["width"] for g in report["groups"]]
+    assert report["predicted_speedup"] >= 1.05 - 1e-6
+    assert set(report["measured_speedup"]) >= {"1", "64", "8"}
+    assert report["macs"]["pruned"] <= report["macs"]["dense"]
+    proto = onnx.load(str(out / "model.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["qlp.structure"] == "channel" and json.loads(meta["qlp.widths"]) == \
+        {g["name"]: g["width"] for g in report["groups"]}
+    assert report["verification"]["max_abs_diff"] <= 1e-4 and report["verification"]["same_top1"]
+    assert not (out / ".work").exists()
+    # the policy applies again through prune --policy, and a bad --speedup is a one-line usage error
+    again = subprocess.run([sys.executable, "-m", "qlp_compress", "prune", str(model), "--structure", "channel",
+                            "--policy", str(out / "policy.json"), "--data", str(data), "--latency-batch", "8",
+                            "--threads", "1", "--round-to", "2", "--out", str(tmp_path / "again"), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=900, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "again" / "report.json").read_text())["groups"] == report["groups"]
+    bad = subprocess.run([sys.executable, "-m", "qlp_compress", "search", str(model), "--structure", "channel",
+                          "--speedup", "0.5", "--data", str(data)], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert bad.returncode == 2 and "--speedup" in bad.stderr and "Traceback" not in bad.stderr
