@@ -69,7 +69,11 @@ class ChannelEnv(PruningEnv):
     def met_target(self) -> bool:
         return self.table.reduction(self.widths()) >= self.target - 1e-9
 
-    def step(self, action: int) -> tuple[np.ndarray, float, bool]:
+    def exact_sparsities(self, sparsities: Sequence[float]) -> np.ndarray:
+        """A demonstration's allocation is already allowed widths that meet the budget: taken as it is."""
+        return np.asarray(sparsities, dtype=np.float64)
+
+    def step(self, action: int, evaluate_at: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
         i = self.layer
         new = self.density.copy()
         new[i] = max(self.floor[i], new[i] * (1.0 - self.settings.actions[action]))
@@ -85,7 +89,8 @@ class ChannelEnv(PruningEnv):
                         new = trial
                         break
             self.density = new
-            return self.state(), float(self.reward_fn(self.sparsities())), True
+            measured = self.sparsities() if evaluate_at is None else evaluate_at
+            return self.state(), float(self.reward_fn(measured)), True
         self.density = new
         if self.step_count >= self.settings.passes * self.n_layers:
             missing = self.target - self.global_sparsity()
