@@ -11,7 +11,8 @@ the file or in an external data file), then checks what the issue asks of each f
 A cell that fails must fail with the tool's one-line error, which the table shows. Results go to
 benchmarks/results/exporter_matrix.json and docs/onnx_import.md:
 
-    .venv/bin/python benchmarks/exporter_matrix.py            # the full table (about 20 min on 2 cores)
+    .venv/bin/python benchmarks/exporter_matrix.py            # the full table (about 40 min on 2 busy cores;
+                                                              # finished cells are cached, --fresh redoes them)
     .venv/bin/python benchmarks/exporter_matrix.py --quick    # one architecture
 
 The tests run a representative subset of these cells (tests/test_exporters.py).
@@ -131,7 +132,8 @@ def check_cell(cell: Cell, folder: Path) -> dict:
                                    "--demonstrations", "none", "--out", str(out), "--force"])
     result["verified"] = run.exit_code == 0 and (out / "model.onnx").is_file()
     if not result["verified"]:
-        result["error"] = " ".join((run.output or repr(run.exception)).split())[-300:]
+        lines = (run.output or "").splitlines()
+        result["error"] = next((line for line in lines if line.startswith("error:")), repr(run.exception))[:300]
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -167,14 +169,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only resnet20")
     parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--fresh", action="store_true", help="recompute cells cached in benchmarks/cells/")
     args = parser.parse_args()
     archs = ["resnet20"] if args.quick else args.archs.split(",")
     results = []
+    cache = ROOT / "benchmarks" / "cells" / "exporter_matrix"  # one JSON per finished cell: a rerun skips it
+    cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for cell in all_cells(archs):
+            cached = cache / f"{cell.name}.json"
+            if cached.exists() and not args.fresh:
+                results.append(json.loads(cached.read_text()))
+                continue
             folder = Path(tmp) / cell.name
             folder.mkdir()
             r = check_cell(cell, folder)
+            cached.write_text(json.dumps(r, indent=1) + "\n")
             results.append(r)
             status = "ok" if r.get("verified") and r.get("parity") else "FAIL " + r.get("error", "")[:150]
             print(f"{cell.name}: {status}", flush=True)
