@@ -41,6 +41,7 @@ KEEP_FLOAT_CHOICES = ("first", "last")  # prunable layers --keep-float can leave
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                  "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QAttention"}
 INT8_FILE_SUFFIX = ".int8.onnx"
+ACTIVATION_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}  # activations → onnxruntime's QuantType member
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class QuantizeSettings:
     keep_float: tuple[str, ...] = ()  # "first" and/or "last": prunable layers left in float
     max_loss: float = 1.0  # test-accuracy loss, in points, above which a warning is printed (never steers)
     batch_size: int = 64  # images per calibration batch (a fixed batch dimension in the model wins)
+    activations: str = "uint8"  # "uint8" (onnxruntime's fast u8×s8 x86 kernels) or "int8" (measured slower)
 
 
 def parse_mode(text: str) -> str:
@@ -281,7 +283,8 @@ def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSe
         reader = CalibrationImages(calibration, input_name, images, _batch_size(pre_proto, settings.batch_size))
         try:
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            activation_type=getattr(QuantType, ACTIVATION_TYPES[settings.activations]),
+                            weight_type=QuantType.QInt8,
                             nodes_to_exclude=exclude or None, extra_options={"WeightSymmetric": True})
         except Exception as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
@@ -300,7 +303,8 @@ def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSe
     if not np.isfinite(session.run(None, {session.get_inputs()[0].name: x})[0]).all():
         raise QLPError(f"the int8 model of {name} gives NaN or inf outputs; try --keep-float first,last or "
                        "check the float model")
-    info = {"format": "QDQ", "weights": "int8, per channel, symmetric", "activations": "uint8 (min/max)",
+    info = {"format": "QDQ", "weights": "int8, per channel, symmetric",
+            "activations": f"{settings.activations} (min/max)",
             "preprocess": preprocess, "calibration_images": images, "calibration_split": "reward",
             "keep_float": list(settings.keep_float), "float_layers": exclude, "zeros": zeros}
     return int8_bytes, info
@@ -331,7 +335,8 @@ def write_int8(float_bytes: bytes, path: Path, calibration: Dataset, test: Datas
     int8_accuracy = runtime.session_accuracy(runtime.open_session(int8_bytes), test, batch)
     info["accuracy"] = compare_accuracy(float_accuracy, int8_accuracy, settings.max_loss)
     int8_bytes = export.with_metadata(int8_bytes, {
-        "qlp.quantize": "int8 QDQ: per-channel symmetric int8 weights, uint8 activations (onnxruntime)",
+        "qlp.quantize": f"int8 QDQ: per-channel symmetric int8 weights, {settings.activations} activations "
+                        "(onnxruntime)",
         "qlp.calibration_images": info["calibration_images"], "qlp.calibration_split": "reward",
         "qlp.keep_float": ",".join(settings.keep_float) or "none",
         "qlp.float_test_accuracy": f"{float_accuracy:.4f}", "qlp.int8_test_accuracy": f"{int8_accuracy:.4f}",
