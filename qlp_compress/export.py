@@ -161,12 +161,13 @@ SPARSE_STORAGE_MAX_DENSITY = 1 / 3  # a float32 value plus an int64 index take 1
 def to_sparse_storage(model_bytes: bytes, max_density: float = SPARSE_STORAGE_MAX_DENSITY) -> bytes:
     """Move every weight initializer of density ≤ `max_density` into `sparse_initializer` (1-D int64
     linear indices, as onnx.checker requires). onnxruntime densifies them on load: this saves disk and
-    download, not compute."""
+    download, not compute. The values are moved as stored (int8 ones too, behind their DequantizeLinear), so
+    densifying gives back the same tensor."""
     proto = onnx.load_from_string(model_bytes)
     weights = weight_initializers(proto)
     keep = []
     for tensor in proto.graph.initializer:
-        w = weights.get(tensor.name)
+        w = numpy_helper.to_array(tensor) if tensor.name in weights else None
         if w is None or np.count_nonzero(w) > max_density * w.size:
             keep.append(tensor)
             continue

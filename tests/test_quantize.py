@@ -333,3 +333,49 @@ def test_bad_quantize_option_on_prune_fails_before_any_work(bad):
     result = run_cli("prune", "lenet.onnx", "--data", "data.npz", "--quantize", "int4", "--out", "never", cwd=bad)
     assert result.returncode == 2 and "--quantize" in result.stderr and "Traceback" not in result.stderr
     assert not (bad / "never").exists()
+
+
+def test_quantizes_without_pre_processing_when_it_fails(tiny, monkeypatch):
+    import onnxruntime.quantization as ortq
+
+    real = ortq.quant_pre_process
+    calls = []
+
+    def symbolic_fails(*args, **kwargs):
+        calls.append(kwargs.get("skip_symbolic_shape", False))
+        if not kwargs.get("skip_symbolic_shape"):
+            raise RuntimeError("symbolic shape inference failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ortq, "quant_pre_process", symbolic_fails)
+    _, info = int8_of(tiny, "pruned.onnx")
+    assert calls == [False, True] and info["preprocess"].startswith("quant_pre_process without symbolic")
+
+    def always_fails(*args, **kwargs):
+        raise RuntimeError("no pre-processing today")
+
+    monkeypatch.setattr(ortq, "quant_pre_process", always_fails)
+    int8, info = int8_of(tiny, "pruned.onnx")
+    assert info["preprocess"].startswith("none: pre-processing failed")
+    x, _ = held_out_images(tiny)
+    assert (logits(int8, x).argmax(1) == logits(tiny / "pruned.onnx", x).argmax(1)).mean() >= 0.98
+    assert info["zeros"]["float_zeros"] > 0  # checked, and kept, without pre-processing too
+
+
+def test_int8_weights_in_sparse_storage_load_with_the_same_outputs(tiny):
+    """What docs/benchmarks_int8.md reports: int8 sparse_initializer passes onnx.checker (not full_check) and
+    onnxruntime gives identical outputs."""
+    int8, _ = int8_of(tiny, "pruned.onnx")
+    sparse = export.to_sparse_storage(int8, max_density=0.6)
+    proto = onnx.load_from_string(sparse)
+    assert proto.graph.sparse_initializer
+    assert all(s.values.data_type == TensorProto.INT8 for s in proto.graph.sparse_initializer)
+    onnx.checker.check_model(proto)
+    x, _ = held_out_images(tiny)
+    np.testing.assert_array_equal(logits(sparse, x), logits(int8, x))
+    stored = {t.name: numpy_helper.to_array(t) for t in onnx.load_from_string(int8).graph.initializer}
+    for tensor in proto.graph.sparse_initializer:  # densified, each is the int8 initializer it replaced
+        values, indices = numpy_helper.to_array(tensor.values), numpy_helper.to_array(tensor.indices)
+        dense = np.zeros(stored[tensor.values.name].size, np.int8)
+        dense[indices] = values
+        np.testing.assert_array_equal(dense.reshape(tuple(tensor.dims)), stored[tensor.values.name])
