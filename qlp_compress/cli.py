@@ -41,7 +41,7 @@ from qlp_compress.policy import load_policy
 from qlp_compress.qlp.env import EnvSettings
 from qlp_compress.qlp.reward import RewardSettings
 from qlp_compress.qlp.search import SearchSettings
-from qlp_compress.quantize import QuantizeSettings, int8_path, quantize_file, settings_for
+from qlp_compress.quantize import int8_path, quantize_file, settings_for
 from qlp_compress.report import compare_table, console, evaluation_table, sparsity_table
 from qlp_compress.runtime import resolve_device
 from qlp_compress.zoo import ARCHS
@@ -142,11 +142,6 @@ KeepFloatOpt = Annotated[str, typer.Option("--keep-float", help="Prunable layers
 MaxLossOpt = Annotated[float, typer.Option("--int8-max-loss", help="Warn when int8 loses more test accuracy than "
                                                                    "this many points (reporting only).")]
 
-
-def _int8(quantize: str, calibration_images: int, keep_float: str, max_loss: float) -> QuantizeSettings | None:
-    return settings_for(quantize, calibration_images, keep_float, max_loss)
-
-
 def _workspace(model: Path, data: str, data_dir: Path | None, device: str, arch: str | None, trust_pickle: bool,
                mean: list[float] | None, std: list[float] | None, reward_size: int | None = None) -> Workspace:
     return open_workspace(model, ModelSettings(arch, trust_pickle, tuple(mean) if mean else None,
@@ -217,7 +212,7 @@ def search_cmd(
 ) -> None:
     """Find per-layer sparsities with QLP, prune, fine-tune, export a verified sparse ONNX and report."""
     check_sparsity(sparsity)
-    int8 = _int8(quantize, calibration_images, keep_float, int8_max_loss)
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     resolve_device(device)
     demos = _demonstrations(demonstrations)
     out = out or default_out_dir(model, method, sparsity)
@@ -264,7 +259,7 @@ def prune_cmd(
     int8_max_loss: MaxLossOpt = 1.0,
 ) -> None:
     """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report."""
-    int8 = _int8(quantize, calibration_images, keep_float, int8_max_loss)
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     if policy is None:
         check_sparsity(sparsity)
         out = out or default_out_dir(model, method, sparsity)
@@ -341,7 +336,7 @@ def finetune_cmd(
     int8_max_loss: MaxLossOpt = 1.0,
 ) -> None:
     """Fine-tune an already pruned model with its zeros held (masks = its zero weights); export verified ONNX."""
-    int8 = _int8(quantize, calibration_images, keep_float, int8_max_loss)
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     check_can_write(out, force or resume)
     if int8:
         check_can_write(int8_path(out), force or resume)
@@ -373,7 +368,7 @@ def export_cmd(
     int8_max_loss: MaxLossOpt = 1.0,
 ) -> None:
     """Export a PyTorch or ONNX model to a verified ONNX file (exact zeros kept, dynamic batch)."""
-    int8 = _int8(quantize, calibration_images, keep_float, int8_max_loss)
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     check_can_write(out, force)
     if int8:
         check_can_write(int8_path(out), force)
