@@ -387,8 +387,8 @@ def quantize_cmd(
     data: DataOpt = "fashion-mnist",
     data_dir: DataDirOpt = None,
     reward_size: Annotated[int | None, typer.Option(help="Training images held out as the reward split, which "
-                                                         "calibrates [default: 5000, or a tenth of a smaller "
-                                                         "training split]")] = None,
+                                                         "calibrates (default: 5000, or a tenth of a smaller "
+                                                         "training split).")] = None,
     calibration_images: CalibrationOpt = 1024,
     keep_float: KeepFloatOpt = "none",
     int8_max_loss: MaxLossOpt = 1.0,
