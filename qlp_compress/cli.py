@@ -41,6 +41,7 @@ from qlp_compress.policy import load_policy
 from qlp_compress.qlp.env import EnvSettings
 from qlp_compress.qlp.reward import RewardSettings
 from qlp_compress.qlp.search import SearchSettings
+from qlp_compress.quantize import int8_path, quantize_file, settings_for
 from qlp_compress.report import compare_table, console, evaluation_table, sparsity_table
 from qlp_compress.runtime import resolve_device
 from qlp_compress.zoo import ARCHS
@@ -132,7 +133,14 @@ SparseOpt = Annotated[bool, typer.Option("--sparse-storage/--no-sparse-storage",
                                          help="Also write model.sparse.onnx (sparse_initializer).")]
 MinDensityOpt = Annotated[float, typer.Option("--min-density", help="global: keep at least this fraction of "
                                                                      "every layer.")]
-
+QuantizeOpt = Annotated[str, typer.Option("--quantize", help="none, or int8: also write an int8 model (onnxruntime "
+                                                             "static quantization, calibrated on the reward split).")]
+CalibrationOpt = Annotated[int, typer.Option("--calibration-images", help="Reward-split images the int8 "
+                                                                          "calibration uses.")]
+KeepFloatOpt = Annotated[str, typer.Option("--keep-float", help="Prunable layers left in float in the int8 model: "
+                                                                "first, last, first,last or none.")]
+MaxLossOpt = Annotated[float, typer.Option("--int8-max-loss", help="Warn when int8 loses more test accuracy than "
+                                                                   "this many points (reporting only).")]
 
 StructureOpt = Annotated[str, typer.Option("--structure", help="weight: unstructured zeros (the paper; size only). "
                                                               "channel: remove whole channels for a measured "
@@ -242,6 +250,10 @@ def search_cmd(
     threads: ThreadsOpt = 2,
     round_to: RoundToOpt = 8,
     distill: DistillOpt = True,
+    quantize: QuantizeOpt = "none",
+    calibration_images: CalibrationOpt = 1024,
+    keep_float: KeepFloatOpt = "none",
+    int8_max_loss: MaxLossOpt = 1.0,
 ) -> None:
     """Find per-layer sparsities (or, with --structure channel, layer widths for a speedup) with QLP, prune,
     fine-tune, export a verified ONNX and report."""
@@ -249,9 +261,10 @@ def search_cmd(
         _channel_search(model, method, speedup, latency_batch, threads, round_to, distill, data, data_dir, episodes,
                         stages, passes, demonstrations, reward_images, reward_size, bn_recalibrate,
                         finetune_epochs if finetune else 0, lr, out, seed, device, arch, trust_pickle, mean, std,
-                        resume, force)
+                        resume, force, settings_for(quantize, calibration_images, keep_float, int8_max_loss))
         return
     check_sparsity(sparsity)
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     resolve_device(device)
     demos = _demonstrations(demonstrations)
     out = out or default_out_dir(model, method, sparsity)
@@ -265,7 +278,7 @@ def search_cmd(
                             device=ws.device)
     settings = CompressSettings(method=method, target=sparsity, search=search, reward=reward,
                                 finetune=_finetune_settings(finetune_epochs if finetune else 0, lr, seed, device),
-                                sparse_storage=sparse_storage)
+                                sparse_storage=sparse_storage, quantize=int8)
     report = compress(model, ws, settings, out, _command(), resume=resume)
     console.print(f"[green]wrote {out}[/]: model.onnx at sparsity {report['achieved_sparsity']:.4f}, test accuracy "
                   f"{report['accuracy']['finetuned']:.2%} (dense {report['accuracy']['dense']:.2%})")
@@ -273,7 +286,7 @@ def search_cmd(
 
 def _channel_search(model, method, speedup, latency_batch, threads, round_to, distill, data, data_dir, episodes,
                     stages, passes, demonstrations, reward_images, reward_size, bn_recalibrate, finetune_epochs, lr,
-                    out, seed, device, arch, trust_pickle, mean, std, resume, force) -> None:
+                    out, seed, device, arch, trust_pickle, mean, std, resume, force, int8=None) -> None:
     from qlp_compress.channel.pipeline import compress_channels
     from qlp_compress.channel.search import BASELINES, ChannelRewardSettings
     from qlp_compress.report import search_progress
@@ -290,7 +303,7 @@ def _channel_search(model, method, speedup, latency_batch, threads, round_to, di
     settings = _channel_settings(method, speedup, latency_batch, threads, round_to,
                                  _finetune_settings(finetune_epochs, lr, seed, device), distill, search=search,
                                  reward=ChannelRewardSettings(images=reward_images, bn_recalibrate=bn_recalibrate),
-                                 demonstrations=demos)
+                                 demonstrations=demos, quantize=int8)
     out = out or model.parent / f"{model.stem}.{method}-{speedup:g}x"
     check_out_dir(out, force, resume)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std, reward_size)
@@ -336,15 +349,20 @@ def prune_cmd(
     threads: ThreadsOpt = 2,
     round_to: RoundToOpt = 8,
     distill: DistillOpt = True,
+    quantize: QuantizeOpt = "none",
+    calibration_images: CalibrationOpt = 1024,
+    keep_float: KeepFloatOpt = "none",
+    int8_max_loss: MaxLossOpt = 1.0,
 ) -> None:
     """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report. With
     --structure channel the methods are uniform, l1 (global filter norm) and bn-slimming."""
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     if _structure(structure):
         from qlp_compress.channel.pipeline import compress_channels
 
         method = "l1" if method == "lamp" else method
         settings = _channel_settings(method, speedup, latency_batch, threads, round_to,
-                                     _finetune_settings(finetune_epochs, lr, seed, device), distill)
+                                     _finetune_settings(finetune_epochs, lr, seed, device), distill, quantize=int8)
         out = out or model.parent / f"{model.stem}.{method}-{speedup:g}x"
         check_out_dir(out, force, False)
         ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std)
@@ -365,7 +383,7 @@ def prune_cmd(
     out = prepare_out_dir(out or default_out_dir(model, method, sparsity), force, False)
     settings = CompressSettings(method=method, target=sparsity, allocation=AllocationSettings(min_density=min_density),
                                 finetune=_finetune_settings(finetune_epochs, lr, seed, device),
-                                sparse_storage=sparse_storage)
+                                sparse_storage=sparse_storage, quantize=int8)
     report = compress(model, ws, settings, out, _command(), policy=chosen)
     console.print(f"[green]wrote {out}[/]: test accuracy {report['accuracy']['finetuned']:.2%} at sparsity "
                   f"{report['achieved_sparsity']:.4f}")
@@ -451,14 +469,23 @@ def finetune_cmd(
     trust_pickle: TrustOpt = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint beside --out.")] = False,
     force: ForceOpt = False,
+    quantize: QuantizeOpt = "none",
+    calibration_images: CalibrationOpt = 1024,
+    keep_float: KeepFloatOpt = "none",
+    int8_max_loss: MaxLossOpt = 1.0,
 ) -> None:
     """Fine-tune an already pruned model with its zeros held (masks = its zero weights); export verified ONNX."""
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     check_can_write(out, force or resume)
+    if int8:
+        check_can_write(int8_path(out), force or resume)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
     result = finetune_pruned(ws, _finetune_settings(epochs, lr, seed, device) or TrainSettings(epochs=0), out,
-                             _command(), resume)
+                             _command(), resume, int8=int8)
     console.print(f"[green]wrote {out}[/]: test accuracy {result['accuracy']:.2%} at sparsity "
                   f"{result['global_sparsity']:.4f}")
+    if int8:
+        _print_int8(result["int8"])
 
 
 @app.command("export")
@@ -474,13 +501,49 @@ def export_cmd(
     mean: MeanOpt = None,
     std: StdOpt = None,
     force: ForceOpt = False,
+    quantize: QuantizeOpt = "none",
+    calibration_images: CalibrationOpt = 1024,
+    keep_float: KeepFloatOpt = "none",
+    int8_max_loss: MaxLossOpt = 1.0,
 ) -> None:
     """Export a PyTorch or ONNX model to a verified ONNX file (exact zeros kept, dynamic batch)."""
+    int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     check_can_write(out, force)
+    if int8:
+        check_can_write(int8_path(out), force)
     ws = _workspace(model, data, data_dir, "cpu", arch, trust_pickle, mean, std)
-    result = export_model(ws, out, out.with_suffix(".sparse.onnx") if sparse_storage else None)
+    result = export_model(ws, out, out.with_suffix(".sparse.onnx") if sparse_storage else None, int8=int8)
     console.print(f"[green]wrote {out}[/] ({result['bytes'] / 1e6:.3f} MB, verified: max abs diff "
                   f"{result['max_abs_diff']:.1e})")
+    if int8:
+        _print_int8(result["int8"])
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: Annotated[Path, typer.Argument(help="Float ONNX classifier.", exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", help="int8 ONNX file to write.")],
+    data: DataOpt = "fashion-mnist",
+    data_dir: DataDirOpt = None,
+    reward_size: Annotated[int | None, typer.Option(help="Training images held out as the reward split, which "
+                                                         "calibrates (default: 5000, or a tenth of a smaller "
+                                                         "training split).")] = None,
+    calibration_images: CalibrationOpt = 1024,
+    keep_float: KeepFloatOpt = "none",
+    int8_max_loss: MaxLossOpt = 1.0,
+    force: ForceOpt = False,
+) -> None:
+    """int8 static quantization (onnxruntime, QDQ, per-channel weights) of any float ONNX classifier, calibrated on
+    the reward split; checked (zeros kept, onnx.checker, onnxruntime) and compared with the float model on test."""
+    settings = settings_for("int8", calibration_images, keep_float, int8_max_loss)
+    _print_int8(quantize_file(model, out, DataSettings(data, data_dir, reward_size), settings, _command(), force))
+
+
+def _print_int8(r: dict) -> None:
+    a = r["accuracy"]
+    console.print(f"[green]wrote {r['path']}[/]: int8 test accuracy {a['int8_accuracy']:.2%} (float "
+                  f"{a['float_accuracy']:.2%}), {r['bytes'] / 1e6:.3f} MB (float {r['float_bytes'] / 1e6:.3f} MB), "
+                  f"all {r['zeros']['float_zeros']:,} zero weights kept")
 
 
 def main() -> None:

@@ -99,9 +99,13 @@ def read_metadata(proto: onnx.ModelProto) -> dict[str, str]:
 
 def weight_initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     """The prunable weights of an ONNX graph: the constant weight input of Conv, Gemm and MatMul nodes,
-    dense or stored as `sparse_initializer` (densified here)."""
+    dense or stored as `sparse_initializer` (densified here), or an int8 initializer behind a
+    DequantizeLinear (a QDQ model; dequantized here, so exact zeros stay exact)."""
     constants = {t.name: t for t in proto.graph.initializer}
     sparse = {s.values.name: s for s in proto.graph.sparse_initializer}
+    dequantized = {node.output[0]: node for node in proto.graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in constants
+                   and all(name in constants for name in node.input[1:] if name)}
     out = {}
     for node in proto.graph.node:
         slot = WEIGHT_OPS.get(node.op_type)
@@ -113,9 +117,26 @@ def weight_initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         elif name in sparse:
             out[name] = numpy_helper.to_array(onnx.helper.make_tensor(
                 name, sparse[name].values.data_type, sparse[name].dims, _densify(sparse[name]).ravel()))
+        elif name in dequantized:  # named after the stored int8 initializer
+            node_dq = dequantized[name]
+            name = node_dq.input[0]
+            out[name] = _dequantize(node_dq, constants)
         if name in out and out[name].ndim < 2:  # a constant vector on a MatMul is not a layer weight
             del out[name]
     return out
+
+
+def _dequantize(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto]) -> np.ndarray:
+    """A DequantizeLinear of initializers, evaluated: (q − zero_point) · scale, per tensor or along `axis`."""
+    q = numpy_helper.to_array(constants[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
+    zero = (numpy_helper.to_array(constants[node.input[2]]).astype(np.float64)
+            if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+    if scale.ndim == 1 and q.ndim > 1:  # per channel: broadcast along `axis` (default 1)
+        shape = [1] * q.ndim
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % q.ndim] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
 
 
 def _densify(sparse: onnx.SparseTensorProto) -> np.ndarray:
@@ -141,12 +162,13 @@ SPARSE_STORAGE_MAX_DENSITY = 1 / 3  # a float32 value plus an int64 index take 1
 def to_sparse_storage(model_bytes: bytes, max_density: float = SPARSE_STORAGE_MAX_DENSITY) -> bytes:
     """Move every weight initializer of density ≤ `max_density` into `sparse_initializer` (1-D int64
     linear indices, as onnx.checker requires). onnxruntime densifies them on load: this saves disk and
-    download, not compute."""
+    download, not compute. The values are moved as stored (int8 ones too, behind their DequantizeLinear), so
+    densifying gives back the same tensor."""
     proto = onnx.load_from_string(model_bytes)
     weights = weight_initializers(proto)
     keep = []
     for tensor in proto.graph.initializer:
-        w = weights.get(tensor.name)
+        w = numpy_helper.to_array(tensor) if tensor.name in weights else None
         if w is None or np.count_nonzero(w) > max_density * w.size:
             keep.append(tensor)
             continue

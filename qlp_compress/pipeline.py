@@ -15,7 +15,7 @@ import onnx
 from torch import nn
 
 from qlp_compress import data as datasets
-from qlp_compress import export, runtime
+from qlp_compress import export, quantize, runtime
 from qlp_compress.allocate import ALLOCATORS, AllocationSettings, allocate
 from qlp_compress.errors import Interrupted, QLPError, UsageError
 from qlp_compress.finetune import TrainSettings, recalibrate_batchnorm, train
@@ -351,6 +351,7 @@ class CompressSettings:
     finetune: TrainSettings | None = None  # None = no fine-tuning
     sparse_storage: bool = True  # also write model.sparse.onnx
     latency_repeats: int = 30  # timed runs per latency figure
+    quantize: quantize.QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
 
 
 def default_out_dir(model_path: Path, method: str, target: float) -> Path:
@@ -409,6 +410,10 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
     if settings.sparse_storage:
         raw = (out / "model.sparse.onnx").read_bytes()
         measured["sparse_storage"] = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6))}
+    int8 = None
+    if settings.quantize is not None:  # after pruning and fine-tuning, on the verified file
+        int8 = quantize.quantize_beside(ws, out / "model.onnx", settings.quantize, measured["finetuned"]["accuracy"])
+        measured["int8"] = measure_onnx(out / "model.int8.onnx", ws, settings.latency_repeats)
     readback, _ = export.onnx_sparsity(onnx.load(str(out / "model.onnx")))
     report = {
         "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "device": ws.device,
@@ -424,6 +429,7 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
         "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
                                                             "lr": settings.finetune.lr},
         "file_layers_read_back": len(readback), "command": command,
+        "int8": int8, "cpu": quantize.cpu_capability(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_report(out, report, policy)
@@ -433,7 +439,8 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
     return report
 
 
-def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool = False) -> dict:
+def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool = False,
+                    int8: quantize.QuantizeSettings | None = None) -> dict:
     """Fine-tune a model that is already pruned: its zero weights are the masks, held at zero."""
     module = copy.deepcopy(ws.loaded.module)
     masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
@@ -446,15 +453,21 @@ def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: 
     metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256, "qlp.command": command,
                 "qlp.finetuned_test_accuracy": f"{measured['accuracy']:.4f}"}
     export_verified(module, export.with_metadata(data, metadata), ws, out)
+    if int8 is not None:
+        measured["int8"] = quantize.quantize_beside(ws, out, int8, measured["accuracy"])
     out.with_suffix(".ckpt").unlink(missing_ok=True)
     return measured
 
 
-def export_model(ws: Workspace, out: Path, sparse_path: Path | None = None) -> dict:
-    """The loaded model as a verified ONNX file (and its sparse-storage variant)."""
+def export_model(ws: Workspace, out: Path, sparse_path: Path | None = None,
+                 int8: quantize.QuantizeSettings | None = None) -> dict:
+    """The loaded model as a verified ONNX file (and its sparse-storage and int8 variants)."""
     metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256}
     data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
-    return export_verified(ws.loaded.module, data, ws, out, sparse_path=sparse_path)
+    result = export_verified(ws.loaded.module, data, ws, out, sparse_path=sparse_path)
+    if int8 is not None:
+        result["int8"] = quantize.quantize_beside(ws, out, int8)
+    return result
 
 
 def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,

@@ -102,7 +102,10 @@ def report_table(report: dict) -> Table:
                         f"({report['data']}, test split, onnxruntime)")
     for column in ("model", "top-1", "batch 1 median / p90", "batch 64 median / p90", "file", "gzip"):
         table.add_column(column, justify="right" if column != "model" else "left")
-    for key, label in (("dense", "dense"), ("pruned", "pruned (no fine-tune)"), ("finetuned", "fine-tuned")):
+    for key, label in (("dense", "dense"), ("pruned", "pruned (no fine-tune)"), ("finetuned", "fine-tuned"),
+                       ("int8", "fine-tuned, int8")):
+        if key not in m:
+            continue
         row = m[key]
         lat = {r["batch"]: r for r in row["latency"]}
         table.add_row(label, f"{row['accuracy']:.2%}", f"{lat[1]['median_ms']:.2f} / {lat[1]['p90_ms']:.2f} ms",
@@ -125,10 +128,13 @@ def report_markdown(report: dict, plots: list[str]) -> str:
              f"- method **{report['method']}**, target sparsity {report['target_sparsity']:g}, achieved "
              f"{report['achieved_sparsity']:.4f} (read back from model.onnx: {report['file_global_sparsity']:.4f})",
              f"- data {report['data']}; accuracy on the test split ({report['test_images']} images) through "
-             f"onnxruntime ({provider})", f"- command: `{report['command']}`", "",
+             f"onnxruntime ({provider})", *_cpu_line(report), f"- command: `{report['command']}`", "",
              "| model | top-1 | batch 1 median / p90 (ms) | batch 64 median / p90 (ms) | file (MB) | gzip (MB) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for key, label in (("dense", "dense"), ("pruned", "pruned, not fine-tuned"), ("finetuned", "fine-tuned")):
+    for key, label in (("dense", "dense"), ("pruned", "pruned, not fine-tuned"), ("finetuned", "fine-tuned"),
+                       ("int8", "fine-tuned, int8 (model.int8.onnx)")):
+        if key not in m:
+            continue
         row = m[key]
         lat = {r["batch"]: r for r in row["latency"]}
         lines.append(f"| {label} | {row['accuracy']:.2%} | {lat[1]['median_ms']:.2f} / {lat[1]['p90_ms']:.2f} | "
@@ -140,6 +146,7 @@ def report_markdown(report: dict, plots: list[str]) -> str:
     v = report["verification"]
     lines += ["", f"Verification: onnxruntime vs PyTorch max abs diff {v['max_abs_diff']:.2e}, same top-1: "
               f"{v['same_top1']}; {v['layers_matched']} layers' zero patterns found in the file.", ""]
+    lines += _int8_lines(report.get("int8"))
     if report["search"]:
         s = report["search"]
         lines += [f"Search: {s['episodes']} episodes, {s['wall_seconds']:.0f} s, {s['seconds_per_episode']:.2f} s "
@@ -154,6 +161,28 @@ def report_markdown(report: dict, plots: list[str]) -> str:
     lines += [f"| {r['name']} | {r['weights']:,} | {r['sparsity']:.2%} |" for r in report["layers"]]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _cpu_line(report: dict) -> list[str]:
+    from qlp_compress.quantize import describe_cpu
+
+    return [f"- CPU: {describe_cpu(report['cpu'])} (int8 speed depends on VNNI/AMX)"] if report.get("cpu") else []
+
+
+def _int8_lines(int8: dict | None) -> list[str]:
+    """What the int8 row is: how it was quantized and what was checked."""
+    if not int8:
+        return []
+    a, z = int8["accuracy"], int8["zeros"]
+    kept = ", ".join(int8["float_layers"]) or "none"
+    return [f"int8 (onnxruntime static quantization, {int8['format']}: {int8['weights']} weights, "
+            f"{int8['activations']} activations; pre-processing: {int8['preprocess']}): calibrated on "
+            f"{int8['calibration_images']} {int8['calibration_split']}-split images; layers kept in float: {kept}. "
+            f"Test accuracy {a['int8_accuracy']:.2%} against {a['float_accuracy']:.2%} in float "
+            f"({a['loss_points']:+.2f} points lost"
+            + (f", **over the {a['max_loss_points']:g}-point limit**" if a["warning"] else "") + "). "
+            f"All {z['float_zeros']:,} zero weights of model.onnx are exactly zero in model.int8.onnx "
+            f"({z['rounded_to_zero']:,} more weights rounded to zero).", ""]
 
 
 def plot_layer_sparsity(path: Path, sparsities: dict[str, list[float]], layers: list[str]) -> Path:

@@ -213,10 +213,18 @@ def test_channel_search_cli_end_to_end(tiny, tmp_path):
     # the policy applies again through prune --policy, and a bad --speedup is a one-line usage error
     again = subprocess.run([sys.executable, "-m", "qlp_compress", "prune", str(model), "--structure", "channel",
                             "--policy", str(out / "policy.json"), "--data", str(data), "--latency-batch", "8",
-                            "--threads", "1", "--round-to", "2", "--out", str(tmp_path / "again"), "--device", "cpu"],
+                            "--threads", "1", "--round-to", "2", "--out", str(tmp_path / "again"), "--device", "cpu",
+                            "--quantize", "int8", "--calibration-images", "100"],
                            capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert json.loads((tmp_path / "again" / "report.json").read_text())["groups"] == report["groups"]
+    again_report = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again_report["groups"] == report["groups"]
+    # int8 composes with channel mode: the smaller network, quantized, timed against the dense fp32 model
+    int8 = onnx.load(str(tmp_path / "again" / "model.int8.onnx"))
+    assert any(n.op_type == "DequantizeLinear" for n in int8.graph.node)
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in int8.graph.initializer)
+    assert set(again_report["int8"]["measured_speedup"]) >= {"1", "64"}
+    assert again_report["int8"]["calibration_images"] == 100
     bad = subprocess.run([sys.executable, "-m", "qlp_compress", "search", str(model), "--structure", "channel",
                           "--speedup", "0.5", "--data", str(data)], capture_output=True, text=True, timeout=300,
                          env=env)

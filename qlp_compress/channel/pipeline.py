@@ -36,6 +36,7 @@ from qlp_compress.finetune import TrainSettings, recalibrate_batchnorm
 from qlp_compress.io import atomic_write_json, atomic_write_text
 from qlp_compress.pipeline import BN_RECALIBRATION_IMAGES, Workspace, export_bytes, export_verified, train_interruptible
 from qlp_compress.qlp.search import SearchSettings, run_search
+from qlp_compress.quantize import QuantizeSettings, cpu_capability, describe_cpu, quantize_beside
 from qlp_compress.runtime import open_session, session_accuracy
 
 METHODS = (*SEARCHES, *BASELINES)
@@ -57,6 +58,7 @@ class ChannelSettings:
     distill: bool = True  # fine-tune with KL to the dense model's logits too (+0.67 points in the one benchmark cell
     #                       measured: qlp 1.5×, 0.1 epoch, seed 0)
     speed_rounds: int = 15  # interleaved rounds per measured speedup
+    quantize: QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
 
 
 def check_method(method: str) -> None:
@@ -217,6 +219,14 @@ def compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings
                                                             "lr": settings.finetune.lr, "distill": settings.distill},
         "command": command, "wall_seconds": round(time.perf_counter() - started + ctx.seconds, 1),
     }
+    if settings.quantize is not None:  # int8 on top of the smaller network, timed against the dense fp32 model
+        report["int8"] = quantize_beside(ws, out / "model.onnx", settings.quantize, measured["finetuned"]["accuracy"])
+        int8_bytes = (out / "model.int8.onnx").read_bytes()
+        report["int8"]["measured_speedup"] = {
+            str(b): measure_speedup(ctx.dense_onnx, int8_bytes, ws.input_shape, b, settings.latency.threads,
+                                    rounds=settings.speed_rounds)["speedup"]
+            for b in sorted({*SPEEDUP_BATCHES, settings.latency.batch})}
+        report["cpu"] = cpu_capability()
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
     for leftover in work.glob("*"):
@@ -265,6 +275,12 @@ def report_markdown(r: dict) -> str:
              f"- groups left whole (not safely prunable): "
              f"{', '.join(g['group'] + ' (' + g['why'] + ')' for g in r['left_whole']) or 'none'}", "",
              "| group | channels | width |", "|---|---:|---:|"]
+    if r.get("int8"):
+        a, s = r["int8"]["accuracy"], r["int8"]["measured_speedup"]
+        lines[4:4] = [f"- int8 (`model.int8.onnx`, onnxruntime static QDQ): test accuracy {a['int8_accuracy']:.2%} "
+                      f"({-a['loss_points']:+.2f} points against the float file); measured speedup over the dense "
+                      f"fp32 model: {', '.join(f'batch {b}: {v:.2f}×' for b, v in s.items())} "
+                      f"({describe_cpu(r['cpu'])})"]
     lines += [f"| {g['name']} | {g['channels']} | {g['width']} |" for g in r["groups"]]
     lines += ["", f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
