@@ -24,7 +24,11 @@ from qlp_compress.qlp.reward import RewardSettings
 from qlp_compress.qlp.search import SearchSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"replay-only demonstrations": AgentSettings(demo_learning=False), "DQfD": AgentSettings()}
+VARIANTS = {  # the same budget and reward; only how the agent learns from the demonstrations differs
+    "replay-only demonstrations": AgentSettings(demo_learning=False),
+    "DQfD margin 0.8 (DQfD's own)": AgentSettings(demo_margin=0.8, demo_share=0.25, pretrain_steps=300),
+    "DQfD margin 0.05": AgentSettings(demo_margin=0.05, demo_share=0.1, pretrain_steps=100),
+}
 
 
 def main() -> None:
@@ -33,14 +37,17 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--reward-images", type=int, default=500)
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dqfd.json")
     args = parser.parse_args()
     ws = open_workspace(ROOT / "models" / "resnet20_fmnist.onnx", ModelSettings(), DataSettings("fashion-mnist"),
                         "cpu")
     done = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name, agent in VARIANTS.items():
-            key = {"variant": name, "seed": seed, "target": args.target, "episodes": args.episodes}
+        for name in args.variants.split(","):
+            agent = VARIANTS[name]
+            key = {"variant": name, "seed": seed, "target": args.target, "episodes": args.episodes,
+                   "demo_margin": agent.demo_margin if agent.demo_learning else None}
             if any(all(r.get(k) == v for k, v in key.items()) for r in done["runs"]):
                 continue
             started = time.perf_counter()

@@ -39,10 +39,10 @@ class AgentSettings:
     exploration_fraction: float = 0.6  # share of each stage's episodes over which ε decays linearly
     max_grad_norm: float = 10.0  # gradient clipping of the Q-network
     demo_learning: bool = True  # DQfD (see above); False: demonstrations are ordinary replay transitions
-    demo_margin: float = 0.8  # l(a_E, a) of the large-margin loss for a ≠ a_E (DQfD's value)
+    demo_margin: float = 0.05  # l(a_E, a) for a ≠ a_E (DQfD: 0.8, for Atari returns; our returns are accuracies)
     demo_loss_weight: float = 1.0  # weight of the large-margin loss (DQfD's λ2)
-    demo_share: float = 0.25  # share of every batch drawn from the demonstrations' buffer
-    pretrain_steps: int = 300  # gradient steps on the demonstrations alone after each stage's demonstrations
+    demo_share: float = 0.1  # share of every batch drawn from the demonstrations' buffer
+    pretrain_steps: int = 100  # gradient steps on the demonstrations alone after each stage's demonstrations
 
 
 @contextlib.contextmanager
