@@ -188,6 +188,13 @@ def verify_onnx(module: nn.Module, model_bytes: bytes, x: torch.Tensor, masks: M
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         expected = module.eval().cpu()(x).numpy()
+    for side, out in (("onnxruntime", got), ("PyTorch", expected)):
+        if not np.isfinite(out).all():
+            raise QLPError(f"the exported model outputs NaN or inf on real images ({side}); it cannot be verified: "
+                           "re-export the model from a healthy checkpoint (and check --mean/--std)")
+    if got.shape != expected.shape:
+        raise QLPError(f"the exported ONNX outputs shape {list(got.shape)} but the PyTorch model "
+                       f"{list(expected.shape)}; rerun with --debug and report it")
     max_diff = float(np.abs(got - expected).max())
     same_top1 = bool((got.argmax(1) == expected.argmax(1)).all())
     if max_diff > atol or not same_top1:

@@ -9,6 +9,7 @@ of a zoo architecture (`arch`). Every failure is a QLPError or UsageError with a
 from __future__ import annotations
 
 import functools
+import math
 import pickle
 import re
 import warnings
@@ -84,8 +85,10 @@ def load_model(path: Path, arch: str | None = None, trust_pickle: bool = False, 
     check_file_size(path, "model")
     if (mean is None) != (std is None):
         raise UsageError("--mean and --std go together; give both (one value per input channel)")
-    if std is not None and any(s <= 0 for s in std):
-        raise UsageError("--std values must be positive")
+    if std is not None and not all(math.isfinite(s) and s > 0 for s in std):
+        raise UsageError(f"--std must be finite numbers above zero, got {list(std)}; e.g. --std 0.353")
+    if mean is not None and not all(math.isfinite(m) for m in mean):
+        raise UsageError(f"--mean must be finite numbers, got {list(mean)}; e.g. --mean 0.286")
     request = _Request(path, arch, trust_pickle, num_classes, in_channels,
                        tuple(map(float, mean)) if mean is not None else None,
                        tuple(map(float, std)) if std is not None else None,
@@ -172,27 +175,52 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse external data outside the model's folder (a crafted file could read any file), then load it."""
+    """Check every external-data reference against the files beside the model, then load it. External data is
+    read relative to the model file (wherever the current folder is) and only from the model's folder: a
+    crafted file could otherwise read any file."""
     folder = path.parent.resolve()
     external = [t for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    targets = set()
     for tensor in external:
-        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
-        target = (folder / location).resolve()
-        if not location or not target.is_relative_to(folder):
-            raise QLPError(f"{path} points its tensor {tensor.name!r} at external data {location!r} outside the "
-                           "model's folder; refusing to read it: keep the data files beside the model")
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path} keeps tensor {tensor.name[:80]!r} in external data"
+        if not location:
+            raise QLPError(f"{where} but names no file for it (an empty location); re-export the model, or "
+                           "re-save it with onnx.save_model(..., save_as_external_data=True)")
+        try:
+            target = (folder / location).resolve()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise QLPError(f"{where} {location[:80]!r}, which is not a usable file name ({type(e).__name__}); "
+                           "re-export the model") from e
+        if not target.is_relative_to(folder):
+            raise QLPError(f"{path} points its tensor {tensor.name[:80]!r} at external data {location[:80]!r} outside "
+                           "the model's folder; refusing to read it: keep the data files beside the model")
+        if target.is_dir():
+            raise QLPError(f"{where} {location[:80]!r}, which is a folder, not a file; put the data file beside the "
+                           "model under that name")
         if not target.is_file():
-            raise QLPError(f"{path} keeps tensor {tensor.name!r} in {location!r}, which is missing; put that file "
-                           "beside the model")
+            raise QLPError(f"{where} {location[:80]!r}, which is missing; put that file beside the model")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise QLPError(f"{where} {location[:80]!r} at a position that is not a whole number; re-export the "
+                           "model") from None
+        size = target.stat().st_size
+        if offset < 0 or (length is not None and length < 0) or offset + (length or 0) > size:
+            raise QLPError(f"{where} {location[:80]!r}, {length if length is not None else 'all'} bytes from offset "
+                           f"{offset}, but that file holds {size} bytes; copy the data file beside the model again, "
+                           "or re-export the model")
+        targets.add(target)
     if external:
-        targets = {(folder / entry.value).resolve() for tensor in external for entry in tensor.external_data
-                   if entry.key == "location"}
         check_size(path.stat().st_size + sum(t.stat().st_size for t in targets), f"{path} with its external data",
                    "model")
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
-            load_external_data_for_model(proto, str(folder))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown keys: the checks above and below decide
+                load_external_data_for_model(proto, str(folder))
         except Exception as e:
             raise QLPError(f"the external data of {path} is unreadable ({type(e).__name__}); copy the data files "
                            "beside the model again") from e
@@ -484,6 +512,10 @@ def _check_faithful(module: nn.Module, x: np.ndarray, expected: np.ndarray, path
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful: output {shape} against "
                        f"{list(expected.shape)} from {reference}; {REEXPORT_HINT}")
     got_np = got.float().numpy()
+    for side, out in ((reference, expected), ("its PyTorch conversion", got_np)):
+        if not np.isfinite(out).all():
+            raise QLPError(f"{path} outputs NaN or inf on images in [0, 1] ({side}); re-export the model from a "
+                           "healthy checkpoint")
     diff = float(np.abs(got_np - expected).max()) if expected.size else 0.0
     tolerance = VERIFY_ATOL * max(1.0, float(np.abs(expected).max()) if expected.size else 1.0)
     same_top1 = expected.ndim != 2 or bool((got_np.argmax(1) == expected.argmax(1)).all())
@@ -564,7 +596,9 @@ def _load_pytorch(request: _Request) -> LoadedModel:
 
 def _torch_load(path: Path, trust_pickle: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the outcome is reported below
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower() and "weights_only" not in str(e):
             raise QLPError(f"{path} is a damaged PyTorch file ({_first_line(e)}); save the model again") from e

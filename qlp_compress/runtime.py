@@ -37,7 +37,7 @@ def providers_for(device: str) -> list[str]:
 
 def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failure is reported below, in one line
     if threads:
         options.intra_op_num_threads = threads
     source = str(model) if isinstance(model, Path) else model
@@ -46,7 +46,8 @@ def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0) -> 
     except Exception as e:
         name = model if isinstance(model, Path) else "the model"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QLPError(f"onnxruntime cannot load {name}: {first[:300]}; check the file with onnx.checker") from e
+        first = first if len(first) <= 300 else first[:299] + "…"
+        raise QLPError(f"onnxruntime cannot load {name}: {first}; check the file with onnx.checker") from e
 
 
 @dataclass(frozen=True)
