@@ -323,8 +323,10 @@ def compare_cmd(
     for name in names:
         validate.choice("--methods", name, (*METHODS, *ALLOCATORS))
     search = SearchSettings(target=sparsity[0], episodes=episodes, seed=seed)
-    if any(name in METHODS for name in names):
-        validate.curriculum(episodes, search.stages)
+    if "qlp" in names:  # random search plays the final target only
+        validate.curriculum(episodes, search.stages, stages_option=False)
+    elif any(name in METHODS for name in names):
+        validate.whole("--episodes", episodes, 1, "400")
     validate.whole("--reward-images", reward_images, 1, "1000")
     validate.fraction("--min-density", min_density, 0, 1, "0.05", high_open=True)
     _check_finetune("--finetune-epochs", finetune_epochs, lr, seed)

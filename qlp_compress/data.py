@@ -229,12 +229,23 @@ def _cifar_latin1(text, encoding="utf-8"):
     return text.encode("latin1")
 
 
+def _cifar_frombuffer(buffer, dtype, shape, order):
+    """How numpy pickles arrays at protocol 5: the bytes, their dtype, the shape."""
+    if not (isinstance(buffer, bytes | bytearray) and isinstance(dtype, np.dtype) and isinstance(shape, tuple)
+            and order in ("C", "F")):
+        raise _NotACifarBatch("it rebuilds an array in an unusual way")
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order)
+
+
 _NDARRAY = object()  # stands for numpy.ndarray in a pickle: only ever an argument of _cifar_reconstruct
 _NUMPY_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]  # numpy.core.multiarray._reconstruct, in any numpy version
-# Every global a CIFAR-10 batch refers to (pickled by Python 2 or 3, with numpy 1 or 2); nothing else is looked up.
+# Every global a CIFAR-10 batch refers to (pickled by Python 2 or 3 at any protocol, with numpy 1 or 2); nothing else
+# is looked up.
 _CIFAR_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): _cifar_reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _cifar_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _cifar_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _cifar_frombuffer,
     ("numpy", "ndarray"): _NDARRAY,
     ("numpy", "dtype"): _cifar_dtype,
     ("_codecs", "encode"): _cifar_latin1,

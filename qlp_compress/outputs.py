@@ -44,9 +44,13 @@ class Lock:
 
     def __init__(self, path: Path, what: str):
         self.path, self.what, self.fd = path, what, None
+        self.created: Path | None = None  # the outermost folder created for the lock file
 
     def acquire(self) -> None:
+        folder = self.path.parent.absolute()
+        self.created = next((p for p in reversed((folder, *folder.parents)) if not p.exists()), None)
         try:
+            folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise QLPError(f"cannot create {self.path} ({e.strerror}); choose a writable --out") from e
@@ -58,6 +62,7 @@ class Lock:
             same = os.path.samestat(os.fstat(fd), os.stat(self.path))
         except (BlockingIOError, FileNotFoundError):
             os.close(fd)
+            self.created = None
             raise QLPError(f"another qlp-compress run is using {self.what} (it holds {self.path}); wait for it to "
                            "finish or stop it, or choose another --out") from None
         if not same:  # the other run finished and deleted its lock file just now
@@ -67,13 +72,28 @@ class Lock:
         self.fd = fd
 
     def release(self, delete: bool = True) -> None:
+        """Release the lock; with `delete`, remove the lock file and the folders made for it while empty."""
         if self.fd is None:
             return
         if delete:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+            if self.created is not None:
+                remove_empty(self.path.parent.absolute(), self.created)
         os.close(self.fd)  # closing releases the flock
         self.fd = None
+
+
+def remove_empty(folder: Path, outermost: Path) -> None:
+    """Remove `folder` and its parents up to `outermost` (included) while they are empty."""
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == outermost:
+            return
+        folder = folder.parent
 
 
 def check_unlocked(path: Path, what: str) -> None:
@@ -205,9 +225,12 @@ class OutputRun:
             try:
                 self._swap()
             except OSError as e:
-                self._roll_back(new)
-                raise QLPError(f"putting the new files in {self.out} failed ({e.strerror}); the previous files are "
-                               "as they were: free some disk space or fix the folder's permissions and rerun") from e
+                if self._roll_back(new):
+                    raise QLPError(f"putting the new files in {self.out} failed ({e.strerror}); the previous files "
+                                   "are as they were: free some disk space or fix the folder's permissions and "
+                                   "rerun") from e
+                raise QLPError(f"putting the new files in {self.out} failed ({e.strerror}), and some previous files "
+                               f"could not be put back: they are in {self.old}; move them back by hand") from e
             self.committed = True
 
     def _swap(self) -> None:
@@ -222,8 +245,9 @@ class OutputRun:
                 os.replace(self.staging / name, self.out / name)
         self.journal.unlink()
 
-    def _roll_back(self, new: list[str]) -> None:
-        """After a failed swap: the staged files that went in come out, the previous ones go back."""
+    def _roll_back(self, new: list[str]) -> bool:
+        """After a failed swap: the staged files that went in come out, the previous ones go back. False when a
+        previous file could not be put back (it then stays in .work/old, which is kept)."""
         for name in new:
             if (self.out / name).exists() and not (self.staging / name).exists():
                 with contextlib.suppress(OSError):
@@ -232,6 +256,7 @@ class OutputRun:
             with contextlib.suppress(OSError):
                 os.replace(path, self.out / path.name)
         self.journal.unlink(missing_ok=True)
+        return not (self.old.exists() and any(self.old.iterdir()))
 
     def __exit__(self, kind, error, traceback) -> None:
         self._cleanup()
@@ -240,8 +265,9 @@ class OutputRun:
         """After success: remove .work. After a failure: remove the staged files, and .work and the folders this
         run created when no checkpoint is left in them (a checkpoint stays for --resume)."""
         shutil.rmtree(self.staging, ignore_errors=True)
-        shutil.rmtree(self.old, ignore_errors=True)
-        keep = not self.committed and any((self.work / name).exists() for name in CHECKPOINTS)
+        if self.committed or not (self.old.exists() and any(self.old.iterdir())):  # never a file not put back
+            shutil.rmtree(self.old, ignore_errors=True)
+        keep = not self.committed and any((self.work / name).exists() for name in (*CHECKPOINTS, "old"))
         if self.committed:
             for name in CHECKPOINTS:
                 (self.work / name).unlink(missing_ok=True)
@@ -250,12 +276,4 @@ class OutputRun:
             with contextlib.suppress(OSError):
                 self.work.rmdir()
         if not self.committed and self.created is not None:
-            folder = self.out.absolute()
-            while True:  # the folders this run created, innermost first, while they are empty
-                try:
-                    folder.rmdir()
-                except OSError:
-                    break
-                if folder == self.created:
-                    break
-                folder = folder.parent
+            remove_empty(self.out.absolute(), self.created)

@@ -126,10 +126,12 @@ def _train_and_export(arch: str, data: datasets.ImageData, splits: datasets.Spli
 def load_onnx_file(path: Path) -> onnx.ModelProto:
     """An ONNX file, parsed and checked by onnx.checker, with its external data (read relative to the file, and
     only from its folder)."""
-    from qlp_compress.importer import read_onnx
+    from qlp_compress.importer import _graph_io, read_onnx
 
     check_file_size(path, "model")
-    return read_onnx(path)
+    proto = read_onnx(path)
+    _graph_io(proto, path)  # one image input, one logits output, both float
+    return proto
 
 
 def evaluate_model(model_path: Path, data_settings: DataSettings | None, device: str = "auto",
