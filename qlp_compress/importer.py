@@ -148,6 +148,7 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     if not proto.HasField("graph") or not proto.graph.node:
         raise QLPError(f"{path} is not an ONNX or PyTorch model file (no ONNX graph in it); give a .onnx, "
                        "TorchScript or torch.save file")
+    _check_text(proto, path)
     _load_external_data(proto, path)
     try:
         onnx.checker.check_model(proto)
@@ -155,6 +156,23 @@ def read_onnx(path: Path) -> onnx.ModelProto:
         detail = " ".join(str(e).split())[:300] or type(e).__name__
         raise QLPError(f"{path} fails onnx.checker: {detail}; re-export the model or fix the graph") from e
     return proto
+
+
+def _check_text(message, path: Path, where: str = "model") -> None:
+    """Every text field of an ONNX message must be UTF-8 (protobuf hands damaged text over as bytes, which
+    onnxruntime and onnx2torch cannot read)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else (value,)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in values):
+                raise QLPError(f"{path} is a damaged ONNX file: its {where}.{field.name} is not UTF-8 text; export "
+                               "or download it again")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in values:
+                _check_text(item, path, field.name)
 
 
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

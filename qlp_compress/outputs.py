@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qlp_compress.errors import QLPError, UsageError
 from qlp_compress.interrupts import deferred_interrupts
-from qlp_compress.io import atomic_write_json
+from qlp_compress.io import atomic_path, atomic_write_json
 
 try:
     import fcntl
@@ -116,6 +116,58 @@ def check_unlocked(path: Path, what: str) -> None:
 def file_lock(out: Path) -> Lock:
     """The lock of a one-file output: a hidden `.NAME.lock` beside it."""
     return Lock(out.parent / f".{out.name}.lock", str(out))
+
+
+def write_together(files: dict[Path, bytes]) -> None:
+    """Write several files as a set: each to a hidden temporary file beside it first (where a full disk fails
+    before anything is touched), then each replaces its previous version in one rename. The previous versions
+    are kept as hard links until all are in place, so a failed rename puts them back."""
+    pid = os.getpid()
+    staged: dict[Path, Path] = {}
+    kept: dict[Path, Path | bytes | None] = {}  # the previous version: a hard link, its bytes, or None (no file)
+    try:
+        for path, data in files.items():
+            with atomic_path(path.parent / f".{path.name}.{pid}.new") as tmp:
+                staged[path] = tmp.with_name(f".{path.name}.{pid}.new")
+                tmp.write_bytes(data)
+        with deferred_interrupts():
+            for path in files:
+                kept[path] = _keep(path, path.parent / f".{path.name}.{pid}.old")
+            done: list[Path] = []
+            try:
+                for path, tmp in staged.items():
+                    os.replace(tmp, path)
+                    done.append(path)
+            except OSError as e:
+                for path in done:
+                    _restore(path, kept[path])
+                raise QLPError(f"putting {', '.join(str(p) for p in files)} in place failed ({e.strerror}); the "
+                               "previous files are as they were: free some disk space or choose another --out") from e
+    finally:
+        for leftover in (*staged.values(), *(k for k in kept.values() if isinstance(k, Path))):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _keep(path: Path, link: Path) -> Path | bytes | None:
+    if not path.exists():
+        return None
+    try:
+        os.link(path, link)
+        return link
+    except OSError:  # a file system without hard links: keep the bytes
+        return path.read_bytes()
+
+
+def _restore(path: Path, kept: Path | bytes | None) -> None:
+    with contextlib.suppress(OSError, QLPError):
+        if kept is None:
+            path.unlink()
+        elif isinstance(kept, Path):
+            os.replace(kept, path)
+        else:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(kept)
 
 
 # ------------------------------------------------------------------------------------------ the folder

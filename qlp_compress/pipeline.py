@@ -21,7 +21,7 @@ from qlp_compress.finetune import TrainSettings, recalibrate_batchnorm, train
 from qlp_compress.interrupts import sigterm_as_interrupt
 from qlp_compress.io import atomic_write_bytes, atomic_write_text, check_file_size
 from qlp_compress.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
-from qlp_compress.outputs import OutputRun, check_unlocked, check_writable, file_lock
+from qlp_compress.outputs import OutputRun, check_unlocked, check_writable, file_lock, write_together
 from qlp_compress.policy import Policy
 from qlp_compress.qlp.env import PruningEnv
 from qlp_compress.qlp.reward import Reward, RewardSettings
@@ -320,10 +320,8 @@ def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, p
             if abs(zeros - pruned_count(s, n)) > 1:
                 raise QLPError(f"layer {name} has {zeros} zero weights in the export but the policy prunes "
                                f"{pruned_count(s, n)}; rerun with --debug and report it")
-    atomic_write_bytes(path, data)
-    if path.read_bytes() != data:
-        raise QLPError(f"{path} does not hold what was written; check the disk and rerun")
     result = {"path": str(path), "bytes": len(data), **{k: v for k, v in check.items() if k != "onnx_weight"}}
+    files = {path: data}
     if sparse_path is not None:
         sparse = export.to_sparse_storage(data)
         # no full_check: ONNX shape inference does not accept sparse tensors as Conv/Gemm weights
@@ -335,10 +333,12 @@ def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, p
         if not (np.array_equal(dense_out, sparse_out) and dense_w.keys() == sparse_w.keys()
                 and all(np.array_equal(dense_w[k], sparse_w[k]) for k in dense_w)):
             raise QLPError("the sparse-storage file differs from the dense one; rerun with --debug and report it")
-        atomic_write_bytes(sparse_path, sparse)
-        if sparse_path.read_bytes() != sparse:
-            raise QLPError(f"{sparse_path} does not hold what was written; check the disk and rerun")
+        files[sparse_path] = sparse
         result.update(sparse_path=str(sparse_path), sparse_bytes=len(sparse))
+    write_together(files)  # both files or neither: a failure leaves the previous ones
+    for written, content in files.items():
+        if written.read_bytes() != content:
+            raise QLPError(f"{written} does not hold what was written; check the disk and rerun")
     return result
 
 

@@ -549,6 +549,19 @@ def test_a_failed_force_run_leaves_the_previous_outputs(work, qlp, monkeypatch, 
     assert snapshot(work) == before  # every old output, byte for byte, and nothing new (no .work left)
 
 
+def test_export_writes_its_two_files_together(work, qlp, monkeypatch) -> None:
+    """export --sparse-storage writes FILE.onnx and FILE.sparse.onnx: a failure at the second keeps the first."""
+    args = ("export", "lenet.onnx", "--data", "data.npz", "--out", "e.onnx", "--sparse-storage")
+    assert qlp(*args, cwd=work).code == 0
+    (work / "e.onnx").write_bytes(b"the user's own e.onnx")  # so that a rewrite would show
+    before = snapshot(work)
+    monkeypatch.setattr(outputs.os, "replace", full_disk_for("e.sparse.onnx", work))
+    run = qlp(*args, "--force", cwd=work)
+    monkeypatch.undo()
+    assert run.code == 1 and "No space left on device" in run.line and "previous files are as they were" in run.line
+    assert snapshot(work) == before
+
+
 def test_interrupted_force_run_keeps_the_previous_outputs_and_prune_resumes(work, qlp) -> None:
     """SIGINT during prune's fine-tuning into an existing folder (--force): the old outputs stay, all of them, and
     `prune --resume` (the advice given) continues; the finished run replaces every output."""
