@@ -144,6 +144,8 @@ def _random_value(rng: random.Random) -> int:
 
 
 def _mutate_node(proto: onnx.ModelProto, rng: random.Random) -> str:
+    if not proto.graph.node:
+        return "no node left to change"
     node = rng.choice(list(proto.graph.node))
     choice = rng.randrange(7)
     if choice == 0:
@@ -184,6 +186,8 @@ def _mutate_node(proto: onnx.ModelProto, rng: random.Random) -> str:
 
 
 def _mutate_initializer(proto: onnx.ModelProto, rng: random.Random) -> str:
+    if not proto.graph.initializer:
+        return "no initializer left to change"
     tensor = rng.choice(list(proto.graph.initializer))
     choice = rng.randrange(7)
     if choice == 0 and tensor.dims:
@@ -242,7 +246,7 @@ def _mutate_model(proto: onnx.ModelProto, rng: random.Random) -> str:
                                                                       TensorProto.UINT8, 0))
         return "input type changed"
     if choice == 4:
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or not proto.graph.output:
             del proto.graph.output[:]
             return "graph outputs removed"
         proto.graph.output.append(copy.deepcopy(proto.graph.output[0]))
@@ -253,7 +257,7 @@ def _mutate_model(proto: onnx.ModelProto, rng: random.Random) -> str:
     if choice == 6:
         proto.metadata_props.add(key="[/red]" * rng.randrange(1, 4), value="x" * rng.randrange(0, 10000))
         return "metadata added"
-    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    dims = proto.graph.output[0].type.tensor_type.shape.dim if proto.graph.output else []
     if dims:
         dims[-1].dim_value = rng.choice((1, 3, 1000))
     return "output class count changed"

@@ -411,7 +411,7 @@ def main() -> None:
     except QLPError as e:
         _fail(str(e), e.exit_code, debug)
     except KeyboardInterrupt:
-        _fail("interrupted; rerun the command (add --resume to continue a search or fine-tuning)", 130, debug)
+        _fail(_interrupted(args), 130, debug)
     except MemoryError:
         _fail("out of memory; ask for less (a smaller model, data set, --episodes or batch) or use a machine with "
               "more memory", 1, debug)
@@ -419,8 +419,18 @@ def main() -> None:
         first = next((line for line in str(e).splitlines() if line.strip()), "")[:300]
         _fail(f"unexpected {type(e).__name__}: {first} (rerun with --debug for details, and report it)", 1, debug)
     if code == 130:  # Typer turns a KeyboardInterrupt outside our handlers into exit code 130, silently
-        _fail("interrupted; rerun the command (add --resume to continue a search or fine-tuning)", 130, False)
+        _fail(_interrupted(args), 130, False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+RESUMABLE = ("search", "prune", "finetune", "train")  # the commands with --resume
+
+
+def _interrupted(args: list[str]) -> str:
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in RESUMABLE:
+        return "interrupted; rerun the same command with --resume to continue from its last checkpoint"
+    return "interrupted; rerun the command"
 
 
 def _fail(message: str, code: int, debug: bool) -> None:

@@ -248,7 +248,15 @@ def _check_finite(proto: onnx.ModelProto, path: Path) -> None:
     """Refuse NaN or inf in the stored float tensors: magnitude order and accuracy mean nothing for them."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     for tensor in _tensors(proto.graph):
-        if tensor.data_type in floats and not np.isfinite(numpy_helper.to_array(tensor).astype(np.float64)).all():
+        if tensor.data_type not in floats:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except (ValueError, TypeError) as e:  # its data does not fit its shape and type
+            raise QLPError(f"{path} is a damaged ONNX file: tensor {tensor.name[:80]!r} does not hold the data its "
+                           f"shape {list(tensor.dims)[:8]} and type need ({_first_line(e)[:100]}); export or download "
+                           "it again") from e
+        if not np.isfinite(values.astype(np.float64)).all():
             raise QLPError(f"tensor {tensor.name!r} of {path} holds NaN or inf values; re-export the model from a "
                            "healthy checkpoint")
 

@@ -150,12 +150,19 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
         data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
         runtime.check_input_fits(session, data.input_shape, data.num_classes)
         input_shape = data.input_shape
-        result.update(data=data.name, accuracy=runtime.session_accuracy(session, data.test),
-                      test_images=len(data.test))
     if any(d < 0 for d in input_shape):
         raise UsageError(f"{model_path} has a symbolic image size; pass --data so latency can use real images")
+    try:
+        if data_settings is not None:
+            result.update(data=data.name, accuracy=runtime.session_accuracy(session, data.test),
+                          test_images=len(data.test))
+        latency = [vars(runtime.measure_latency(session, input_shape, b, repeats=repeats)) for b in latency_batches]
+    except runtime.ORT_ERRORS as e:
+        raise QLPError(f"onnxruntime cannot run {model_path} on images of shape {list(input_shape)} "
+                       f"({runtime.ort_message(e)}); check that the file is an image classifier taking (N, C, H, W), "
+                       "or re-export it") from e
     result.update(
-        latency=[vars(runtime.measure_latency(session, input_shape, b, repeats=repeats)) for b in latency_batches],
+        latency=latency,
         file_bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 6)),
         weights=sum(n for n, _ in per_layer.values()), global_sparsity=global_sparsity,
         layers={name: {"weights": n, "sparsity": z / n} for name, (n, z) in per_layer.items()},

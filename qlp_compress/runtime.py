@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,21 @@ from qlp_compress.data import iterate_batches
 from qlp_compress.errors import QLPError, UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
+# what onnxruntime raises when a session cannot load or run a model (its exception classes share no base but Exception)
+ORT_ERRORS = tuple(v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+                   if isinstance(v, type) and issubclass(v, Exception))
+
+
+def ort_message(e: BaseException, limit: int = 240) -> str:
+    """The gist of an onnxruntime error on one line: the node and its status message, without source paths."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    if "Status Message:" in text:
+        text = text.split("Status Message:", 1)[1].strip()
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : |/onnxruntime_src/\S+:\d+ ", "", text)
+    if node:
+        text = f"{node.group(1)} node {node.group(2)!r}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def resolve_device(device: str) -> str:
@@ -45,9 +61,7 @@ def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0) -> 
         return ort.InferenceSession(source, options, providers=providers_for(device))
     except Exception as e:
         name = model if isinstance(model, Path) else "the model"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        first = first if len(first) <= 300 else first[:299] + "…"
-        raise QLPError(f"onnxruntime cannot load {name}: {first}; check the file with onnx.checker") from e
+        raise QLPError(f"onnxruntime cannot load {name}: {ort_message(e)}; check the file with onnx.checker") from e
 
 
 @dataclass(frozen=True)
