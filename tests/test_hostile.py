@@ -760,6 +760,37 @@ def test_a_second_resume_while_the_first_runs_is_refused(work, qlp) -> None:
     assert not (work / "locked" / ".work").exists()
 
 
+def _damaged(work: Path, how: str) -> str:
+    """lenet.onnx damaged in one of the ways the fuzz run found (a case each, kept as a regression test)."""
+    proto = onnx.load(str(work / "lenet.onnx"))
+    if how == "non-UTF-8 text":  # protobuf will not store invalid text: store valid text, then damage its bytes
+        proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batQh"
+    elif how == "data type":
+        weight = next(t for t in proto.graph.initializer if len(t.dims) == 4)
+        weight.data_type = TensorProto.FLOAT16  # its raw data now holds twice as many values as its shape
+    elif how == "group":
+        conv = [n for n in proto.graph.node if n.op_type == "Conv"][1]
+        next(a for a in conv.attribute if a.name == "group").i = 4  # 6 input channels are not 4 groups
+    raw = proto.SerializeToString().replace(b"batQh", b"bat\xdbh")
+    (work / "damaged.onnx").write_bytes(raw)
+    return "damaged.onnx"
+
+
+@pytest.mark.parametrize("how, evaluate_says, export_says", [
+    ("non-UTF-8 text", "is not UTF-8 text", "is not UTF-8 text"),
+    ("data type", "onnxruntime cannot load", "does not hold the data its shape"),
+    ("group", "onnxruntime cannot", "damaged.onnx"),
+])
+def test_damage_the_fuzz_run_found(work, qlp, how, evaluate_says, export_says) -> None:
+    name = _damaged(work, how)
+    for command, says in ((("evaluate", name, "--data", "data.npz", "--repeats", "1", *DEVICE), evaluate_says),
+                          (("export", name, "--data", "data.npz", "--out", "x.onnx"), export_says)):
+        run = qlp(*command, cwd=work)
+        assert run.code == 1, run.stderr[-2000:]
+        assert [line for line in run.stderr.splitlines() if line.strip()] == [run.line]
+        assert says in run.line, run.line
+
+
 # ------------------------------------------------------------------------------------------------ 10. messages
 
 
