@@ -12,12 +12,13 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from qlp_compress import __version__
+from qlp_compress import __version__, validate
 from qlp_compress.allocate import ALLOCATORS, AllocationSettings
 from qlp_compress.errors import QLPError, UsageError
-from qlp_compress.finetune import TrainSettings
+from qlp_compress.finetune import SCHEDULES, TrainSettings
 from qlp_compress.interrupts import sigterm_as_interrupt
 from qlp_compress.masks import find_prunable_layers
+from qlp_compress.outputs import check_out_dir
 from qlp_compress.pipeline import (
     CompressSettings,
     DataSettings,
@@ -25,7 +26,6 @@ from qlp_compress.pipeline import (
     Workspace,
     check_can_write,
     check_demonstrations,
-    check_out_dir,
     check_sparsity,
     compare,
     compress,
@@ -34,13 +34,12 @@ from qlp_compress.pipeline import (
     export_model,
     finetune_pruned,
     open_workspace,
-    prepare_out_dir,
     train_model,
 )
-from qlp_compress.policy import load_policy
+from qlp_compress.policy import check_policy, read_policy
 from qlp_compress.qlp.env import EnvSettings
-from qlp_compress.qlp.reward import RewardSettings
-from qlp_compress.qlp.search import SearchSettings
+from qlp_compress.qlp.reward import ENGINES, RewardSettings
+from qlp_compress.qlp.search import METHODS, SearchSettings
 from qlp_compress.quantize import int8_path, quantize_file, settings_for
 from qlp_compress.report import compare_table, console, evaluation_table, sparsity_table
 from qlp_compress.runtime import resolve_device
@@ -89,11 +88,18 @@ def train_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Train a zoo model on the fine-tune split and export it to ONNX with its test accuracy."""
+    validate.choice("architecture", arch, tuple(ARCHS))
+    validate.positive("--epochs", epochs, "15")
+    validate.whole("--batch-size", batch_size, 1, "128")
+    validate.positive("--lr", lr, "0.1")
+    validate.positive("--weight-decay", weight_decay, "5e-4", zero_ok=True)
+    validate.choice("--schedule", schedule, tuple(SCHEDULES))
+    validate.seed(seed)
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                              schedule=schedule, seed=seed, device=resolve_device(device))
     result = train_model(arch, DataSettings(data, data_dir), settings, out, _command(), resume=resume, force=force)
-    console.print(f"[green]wrote {out}[/]: test accuracy {result['test_accuracy']:.2%} "
-                  f"(onnxruntime, {result['data']}), trained in {result['train_seconds'] / 60:.1f} min")
+    console.print(f"[green]wrote {escape(str(out))}[/]: test accuracy {result['test_accuracy']:.2%} "
+                  f"(onnxruntime, {escape(result['data'])}), trained in {result['train_seconds'] / 60:.1f} min")
 
 
 @app.command("evaluate")
@@ -107,6 +113,7 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
 ) -> None:
     """Top-1 accuracy, latency (batch 1 and 64), file size and sparsity, measured with onnxruntime."""
+    validate.whole("--repeats", repeats, 1, "30")
     result = evaluate_model(model, DataSettings(data, data_dir) if data else None, device, repeats=repeats)
     if as_json:
         print(json.dumps(result, indent=2))
@@ -192,6 +199,12 @@ def _command() -> str:
     return "qlp-compress " + shlex.join(sys.argv[1:])
 
 
+def _check_finetune(epochs_option: str, epochs: float, lr: float, seed: int) -> None:
+    validate.positive(epochs_option, epochs, "2", zero_ok=True)
+    validate.positive("--lr", lr, "0.01")
+    validate.seed(seed)
+
+
 def _finetune_settings(epochs: float, lr: float, seed: int, device: str) -> TrainSettings | None:
     if epochs <= 0:
         return None
@@ -267,10 +280,21 @@ def search_cmd(
     int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     resolve_device(device)
     demos = _demonstrations(demonstrations)
+    validate.choice("--method", method, (*METHODS, *ALLOCATORS))
+    validate.curriculum(episodes, stages)
+    validate.whole("--passes", passes, 1, "4")
+    validate.whole("--reward-images", reward_images, 1, "1000")
+    if reward_size is not None:
+        validate.whole("--reward-size", reward_size, 1, "5000")
+    validate.whole("--bn-recalibrate", bn_recalibrate, 0, "256")
+    validate.whole("--reward-finetune-steps", reward_finetune_steps, 0, "10")
+    validate.fraction("--reward-finetune-from", reward_finetune_from, 0, 1, "0.95", low_open=True)
+    validate.choice("--reward-engine", reward_engine, ENGINES)
+    _check_finetune("--finetune-epochs", finetune_epochs, lr, seed)
+    validate.normalisation(mean, std)
     out = out or default_out_dir(model, method, sparsity)
     check_out_dir(out, force, resume)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std, reward_size)
-    prepare_out_dir(out, force, resume)
     search = SearchSettings(target=sparsity, episodes=episodes, stages=stages, method=method, seed=seed,
                             demonstrations=demos, env=EnvSettings(passes=passes))
     reward = RewardSettings(images=reward_images, engine=reward_engine, bn_recalibrate=bn_recalibrate,
@@ -279,8 +303,9 @@ def search_cmd(
     settings = CompressSettings(method=method, target=sparsity, search=search, reward=reward,
                                 finetune=_finetune_settings(finetune_epochs if finetune else 0, lr, seed, device),
                                 sparse_storage=sparse_storage, quantize=int8)
-    report = compress(model, ws, settings, out, _command(), resume=resume)
-    console.print(f"[green]wrote {out}[/]: model.onnx at sparsity {report['achieved_sparsity']:.4f}, test accuracy "
+    report = compress(model, ws, settings, out, _command(), resume=resume, force=force)
+    console.print(f"[green]wrote {escape(str(out))}[/]: model.onnx at sparsity {report['achieved_sparsity']:.4f}, "
+                  f"test accuracy "
                   f"{report['accuracy']['finetuned']:.2%} (dense {report['accuracy']['dense']:.2%})")
 
 
@@ -307,9 +332,9 @@ def _channel_search(model, method, speedup, latency_batch, threads, round_to, di
     out = out or model.parent / f"{model.stem}.{method}-{speedup:g}x"
     check_out_dir(out, force, resume)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std, reward_size)
-    prepare_out_dir(out, force, resume)
     with search_progress(f"{method} channel search", episodes) as on_episode:
-        report = compress_channels(model, ws, settings, out, _command(), resume=resume, on_episode=on_episode)
+        report = compress_channels(model, ws, settings, out, _command(), resume=resume, on_episode=on_episode,
+                                   force=force)
     _print_channel_report(out, report)
 
 
@@ -342,6 +367,7 @@ def prune_cmd(
     trust_pickle: TrustOpt = False,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    resume: ResumeOpt = False,
     force: ForceOpt = False,
     structure: StructureOpt = "weight",
     speedup: SpeedupOpt = 2.0,
@@ -356,36 +382,42 @@ def prune_cmd(
 ) -> None:
     """Prune by a baseline allocation (or a policy.json), optionally fine-tune, export and report. With
     --structure channel the methods are uniform, l1 (global filter norm) and bn-slimming."""
+    resolve_device(device)
     int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
     if _structure(structure):
         from qlp_compress.channel.pipeline import compress_channels
 
         method = "l1" if method == "lamp" else method
+        _check_finetune("--finetune-epochs", finetune_epochs, lr, seed)
         settings = _channel_settings(method, speedup, latency_batch, threads, round_to,
                                      _finetune_settings(finetune_epochs, lr, seed, device), distill, quantize=int8)
         out = out or model.parent / f"{model.stem}.{method}-{speedup:g}x"
-        check_out_dir(out, force, False)
+        check_out_dir(out, force, resume)
         ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std)
-        prepare_out_dir(out, force, False)
-        _print_channel_report(out, compress_channels(model, ws, settings, out, _command(), policy_path=policy))
+        _print_channel_report(out, compress_channels(model, ws, settings, out, _command(), resume=resume,
+                                                     policy_path=policy, force=force))
         return
-    if policy is None:
-        check_sparsity(sparsity)
-        out = out or default_out_dir(model, method, sparsity)
-    if out is not None:
-        check_out_dir(out, force, False)
-    ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std)
-    chosen = None
-    if policy is not None:
-        layers = find_prunable_layers(ws.loaded.module)
-        chosen = load_policy(policy, ws.loaded.sha256, [x.name for x in layers], [x.numel for x in layers])
+    chosen = read_policy(policy) if policy is not None else None  # its fields are checked before anything else
+    if chosen is not None:
         method, sparsity = chosen.method, chosen.target
-    out = prepare_out_dir(out or default_out_dir(model, method, sparsity), force, False)
+    else:
+        check_sparsity(sparsity)
+        validate.choice("--method", method, (*ALLOCATORS, *METHODS))
+    validate.fraction("--min-density", min_density, 0, 1, "0.05", high_open=True)
+    _check_finetune("--finetune-epochs", finetune_epochs, lr, seed)
+    validate.normalisation(mean, std)
+    out = out or default_out_dir(model, method, sparsity)
+    check_out_dir(out, force, resume)
+    ws = _workspace(model, data, data_dir, device, arch, trust_pickle, mean, std)
+    if chosen is not None:
+        layers = find_prunable_layers(ws.loaded.module)
+        check_policy(chosen, policy, ws.loaded.sha256, [x.name for x in layers], [x.numel for x in layers])
     settings = CompressSettings(method=method, target=sparsity, allocation=AllocationSettings(min_density=min_density),
                                 finetune=_finetune_settings(finetune_epochs, lr, seed, device),
                                 sparse_storage=sparse_storage, quantize=int8)
-    report = compress(model, ws, settings, out, _command(), policy=chosen)
-    console.print(f"[green]wrote {out}[/]: test accuracy {report['accuracy']['finetuned']:.2%} at sparsity "
+    report = compress(model, ws, settings, out, _command(), resume=resume, policy=chosen, force=force)
+    console.print(f"[green]wrote {escape(str(out))}[/]: test accuracy {report['accuracy']['finetuned']:.2%} at "
+                  f"sparsity "
                   f"{report['achieved_sparsity']:.4f}")
 
 
@@ -432,27 +464,37 @@ def compare_cmd(
                                      search=SearchSettings(target=0.5, episodes=episodes, seed=seed),
                                      reward=ChannelRewardSettings(images=reward_images))
         out = out or model.parent / f"{model.stem}.compare-channel"
-        check_out_dir(out, force, False)
+        check_out_dir(out, force, False, resumable=False)
         ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
-        prepare_out_dir(out, force, False)
-        compare_channels(ws, names, targets, settings, out, _command())
-        console.print(f"[green]wrote {out}/compare.json and compare.md[/]")
+        compare_channels(ws, names, targets, settings, out, _command(), force=force)
+        console.print(f"[green]wrote {escape(str(out))}/compare.json and compare.md[/]")
         return
     if not sparsity:
         raise UsageError("compare needs --sparsity (repeat for several), or --structure channel with --speedup")
     for target in sparsity:
         check_sparsity(target)
     resolve_device(device)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if not names:
+        raise UsageError(f"--methods lists no method; give e.g. --methods {','.join((*METHODS, *ALLOCATORS))}")
+    for name in names:
+        validate.choice("--methods", name, (*METHODS, *ALLOCATORS))
+    search = SearchSettings(target=sparsity[0], episodes=episodes, seed=seed)
+    if "qlp" in names:  # random search plays the final target only
+        validate.curriculum(episodes, search.stages, stages_option=False)
+    elif any(name in METHODS for name in names):
+        validate.whole("--episodes", episodes, 1, "400")
+    validate.whole("--reward-images", reward_images, 1, "1000")
+    validate.fraction("--min-density", min_density, 0, 1, "0.05", high_open=True)
+    _check_finetune("--finetune-epochs", finetune_epochs, lr, seed)
     out = out or model.parent / f"{model.stem}.compare"
-    check_out_dir(out, force, False)
+    check_out_dir(out, force, False, resumable=False)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
-    prepare_out_dir(out, force, False)
-    rows = compare(ws, [m.strip() for m in methods.split(",") if m.strip()], sparsity,
-                   SearchSettings(target=sparsity[0], episodes=episodes, seed=seed),
-                   RewardSettings(images=reward_images, device=ws.device), AllocationSettings(min_density=min_density),
-                   _finetune_settings(finetune_epochs, lr, seed, device), out, _command())
+    rows = compare(ws, names, sparsity, search, RewardSettings(images=reward_images, device=ws.device),
+                   AllocationSettings(min_density=min_density), _finetune_settings(finetune_epochs, lr, seed, device),
+                   out, _command(), force=force)
     console.print(compare_table(rows))
-    console.print(f"[green]wrote {out}/compare.json and compare.md[/]")
+    console.print(f"[green]wrote {escape(str(out))}/compare.json and compare.md[/]")
 
 
 @app.command("finetune")
@@ -476,13 +518,15 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune an already pruned model with its zeros held (masks = its zero weights); export verified ONNX."""
     int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
-    check_can_write(out, force or resume)
+    resolve_device(device)
+    _check_finetune("--epochs", epochs, lr, seed)
+    check_can_write(out, force, out.with_suffix(".ckpt"), resume)
     if int8:
         check_can_write(int8_path(out), force or resume)
     ws = _workspace(model, data, data_dir, device, arch, trust_pickle, None, None)
     result = finetune_pruned(ws, _finetune_settings(epochs, lr, seed, device) or TrainSettings(epochs=0), out,
-                             _command(), resume, int8=int8)
-    console.print(f"[green]wrote {out}[/]: test accuracy {result['accuracy']:.2%} at sparsity "
+                             _command(), resume, force, int8=int8)
+    console.print(f"[green]wrote {escape(str(out))}[/]: test accuracy {result['accuracy']:.2%} at sparsity "
                   f"{result['global_sparsity']:.4f}")
     if int8:
         _print_int8(result["int8"])
@@ -508,12 +552,15 @@ def export_cmd(
 ) -> None:
     """Export a PyTorch or ONNX model to a verified ONNX file (exact zeros kept, dynamic batch)."""
     int8 = settings_for(quantize, calibration_images, keep_float, int8_max_loss)
+    validate.normalisation(mean, std)
     check_can_write(out, force)
+    if sparse_storage:
+        check_can_write(out.with_suffix(".sparse.onnx"), force)
     if int8:
         check_can_write(int8_path(out), force)
     ws = _workspace(model, data, data_dir, "cpu", arch, trust_pickle, mean, std)
     result = export_model(ws, out, out.with_suffix(".sparse.onnx") if sparse_storage else None, int8=int8)
-    console.print(f"[green]wrote {out}[/] ({result['bytes'] / 1e6:.3f} MB, verified: max abs diff "
+    console.print(f"[green]wrote {escape(str(out))}[/] ({result['bytes'] / 1e6:.3f} MB, verified: max abs diff "
                   f"{result['max_abs_diff']:.1e})")
     if int8:
         _print_int8(result["int8"])
@@ -549,10 +596,14 @@ def _print_int8(r: dict) -> None:
 def main() -> None:
     """Entry point: a failure prints one line (no traceback unless --debug) and exits 1, 2 for usage errors
     (ours and Typer's), or 130 when Ctrl-C or SIGTERM stopped the run."""
-    debug = "--debug" in sys.argv
+    args = sys.argv[1:]
+    end = args.index("--") if "--" in args else len(args)
+    debug = "--debug" in args[:end]
+    if debug:  # accepted before and after the command name: Typer knows it only before
+        args = [a for a in args[:end] if a != "--debug"] + args[end:]
     try:
         with sigterm_as_interrupt():
-            code = app(standalone_mode=False)
+            code = app(args=["--debug", *args] if debug else args, standalone_mode=False)
     except typer.TyperException as e:  # Typer's usage errors: a bad option value, a missing argument, ...
         if type(e).__name__ == "NoArgsIsHelpError":  # no command: the help text was shown
             sys.exit(e.exit_code)
@@ -562,13 +613,26 @@ def main() -> None:
     except QLPError as e:
         _fail(str(e), e.exit_code, debug)
     except KeyboardInterrupt:
-        _fail("interrupted; rerun the command (add --resume to continue a search or fine-tuning)", 130, debug)
+        _fail(_interrupted(args), 130, debug)
+    except MemoryError:
+        _fail("out of memory; ask for less (a smaller model, data set, --episodes or batch) or use a machine with "
+              "more memory", 1, debug)
     except Exception as e:  # an unexpected failure: still one line, unless --debug
         first = next((line for line in str(e).splitlines() if line.strip()), "")[:300]
         _fail(f"unexpected {type(e).__name__}: {first} (rerun with --debug for details, and report it)", 1, debug)
     if code == 130:  # Typer turns a KeyboardInterrupt outside our handlers into exit code 130, silently
-        _fail("interrupted; rerun the command (add --resume to continue a search or fine-tuning)", 130, False)
+        _fail(_interrupted(args), 130, False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+RESUMABLE = ("search", "prune", "finetune", "train")  # the commands with --resume
+
+
+def _interrupted(args: list[str]) -> str:
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command in RESUMABLE:
+        return "interrupted; rerun the same command with --resume to continue from its last checkpoint"
+    return "interrupted; rerun the command"
 
 
 def _fail(message: str, code: int, debug: bool) -> None:

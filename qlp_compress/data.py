@@ -166,55 +166,175 @@ def _fashion_mnist_from_arrays(a: dict[str, np.ndarray]) -> ImageData:
     return ImageData("fashion-mnist", train, test, 10, tuple(train.x.shape[1:]))
 
 
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]  # the five training batches, then test
+CIFAR10_FOLDERS = ("cifar-10-batches-py", "cifar-10-batches-bin")
+HOW_TO_GET_CIFAR10 = ("download cifar-10-python.tar.gz (or cifar-10-binary.tar.gz) from "
+                      "https://www.cs.toronto.edu/~kriz/cifar.html, unpack it and pass --data-dir to the folder "
+                      "holding cifar-10-batches-py (or cifar-10-batches-bin)")
+
+
 def load_cifar10(data_dir: Path | None = None, download: bool = True) -> ImageData:
-    """CIFAR-10 from the standard python pickles (`cifar-10-batches-py`), else torchvision's download."""
+    """CIFAR-10 from the python version (`cifar-10-batches-py`: pickles, read without running any code) or the
+    binary version (`cifar-10-batches-bin`), else torchvision's download."""
     roots = [p for p in (data_dir, Path(os.environ["QLP_DATA_DIR"]) if os.environ.get("QLP_DATA_DIR") else None,
                          cache_dir()) if p]
     for root in roots:
-        folder = root if (root / "data_batch_1").is_file() else root / "cifar-10-batches-py"
-        if (folder / "test_batch").is_file():
-            return _read_cifar10_folder(folder)
+        for folder in (root, *(root / name for name in CIFAR10_FOLDERS)):
+            if (folder / "test_batch").is_file():
+                return _read_cifar10_folder(folder, _read_cifar10_pickle, "")
+            if (folder / "test_batch.bin").is_file():
+                return _read_cifar10_folder(folder, _read_cifar10_binary, ".bin")
         if root == data_dir and data_dir.is_dir():  # a folder the user gave must hold the data
-            raise QLPError(f"CIFAR-10 not found in --data-dir {data_dir}: unpack cifar-10-python.tar.gz there, so "
-                           "that it holds cifar-10-batches-py/ (data_batch_1..5, test_batch)")
+            raise QLPError(f"CIFAR-10 not found in --data-dir {data_dir} (no test_batch or test_batch.bin in it, "
+                           f"its cifar-10-batches-py/ or its cifar-10-batches-bin/): {HOW_TO_GET_CIFAR10}")
     if download:
         try:
             from torchvision.datasets import CIFAR10
 
             CIFAR10(str(cache_dir()), train=True, download=True)
-            return _read_cifar10_folder(cache_dir() / "cifar-10-batches-py")
+            return _read_cifar10_folder(cache_dir() / "cifar-10-batches-py", _read_cifar10_pickle, "")
         except Exception:
             pass
-    raise QLPError(
-        "CIFAR-10 not found: download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, "
-        "unpack it and pass --data-dir to the folder holding cifar-10-batches-py"
-    )
+    raise QLPError(f"CIFAR-10 not found: {HOW_TO_GET_CIFAR10}")
 
 
-def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # the binary version: a label byte, then the red, green and blue planes
+
+
+class _NotACifarBatch(Exception):
+    """What is wrong with a file that should be a CIFAR-10 batch."""
+
+
+def _cifar_reconstruct(subtype, shape, dtype):
+    """numpy's array reconstruction, for plain arrays only."""
+    if subtype is not _NDARRAY:
+        raise _NotACifarBatch("it rebuilds an array of another type")
+    return _NUMPY_RECONSTRUCT(np.ndarray, shape, dtype)
+
+
+def _cifar_dtype(spec, align=False, copy=False):
+    """A numpy dtype of plain numbers (never of Python objects)."""
+    if not isinstance(spec, str | bytes):
+        raise _NotACifarBatch("it declares an unusual array type")
+    dtype = np.dtype(spec.decode("latin1") if isinstance(spec, bytes) else spec, bool(align), bool(copy))
+    if dtype.kind not in "biuf":
+        raise _NotACifarBatch(f"it declares arrays of {dtype}")
+    return dtype
+
+
+def _cifar_latin1(text, encoding="utf-8"):
+    """`_codecs.encode(text, "latin1")`: how Python 3 pickles bytes at protocol 2."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise _NotACifarBatch("it encodes text in an unusual way")
+    return text.encode("latin1")
+
+
+def _cifar_frombuffer(buffer, dtype, shape, order):
+    """How numpy pickles arrays at protocol 5: the bytes, their dtype, the shape."""
+    if not (isinstance(buffer, bytes | bytearray) and isinstance(dtype, np.dtype) and isinstance(shape, tuple)
+            and order in ("C", "F")):
+        raise _NotACifarBatch("it rebuilds an array in an unusual way")
+    return np.frombuffer(buffer, dtype).reshape(shape, order=order)
+
+
+_NDARRAY = object()  # stands for numpy.ndarray in a pickle: only ever an argument of _cifar_reconstruct
+_NUMPY_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]  # numpy.core.multiarray._reconstruct, in any numpy version
+# Every global a CIFAR-10 batch refers to (pickled by Python 2 or 3 at any protocol, with numpy 1 or 2); nothing else
+# is looked up.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _cifar_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _cifar_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _cifar_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _cifar_frombuffer,
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _cifar_dtype,
+    ("_codecs", "encode"): _cifar_latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads the dicts, lists, numbers, bytes and numpy arrays a CIFAR-10 batch is made of; any other global
+    (a function or a class, which unpickling would call) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _CIFAR_GLOBALS.get((module, name))
+        if allowed is None:
+            raise _NotACifarBatch(f"it refers to {module}.{name}, which a CIFAR-10 batch never does; it was not run")
+        return allowed
+
+    def persistent_load(self, pid):
+        raise _NotACifarBatch("it refers to outside objects")
+
+
+def _read_cifar10_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of the python version: a dict with b"data" (N × 3072 uint8) and b"labels" (N class numbers)."""
+    with open(path, "rb") as f:
+        try:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+        except _NotACifarBatch:
+            raise
+        except Exception as e:  # UnpicklingError, EOFError, ValueError, TypeError, MemoryError, ...
+            raise _NotACifarBatch(f"not a readable pickle: {type(e).__name__}") from e
+    if not isinstance(d, dict):
+        raise _NotACifarBatch(f"it holds a {type(d).__name__}, not a dict")
+    x = d.get(b"data", d.get("data"))
+    y = d.get(b"labels", d.get("labels"))
+    if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
+        raise _NotACifarBatch("no uint8 array 'data' of shape (N, 3072)")
+    if isinstance(y, np.ndarray) and y.ndim == 1 and y.dtype.kind in "iu":
+        y = y.astype(np.int64)
+    elif isinstance(y, list) and all(type(v) is int for v in y):  # checked first: a list of lists is refused
+        y = np.asarray(y, dtype=np.int64) if y else np.zeros(0, np.int64)
+    else:
+        raise _NotACifarBatch("no list of integer 'labels'")
+    return x.reshape(-1, 3, 32, 32), y
+
+
+def _read_cifar10_binary(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of the binary version: records of a label byte and 3072 pixel bytes."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % CIFAR10_RECORD:
+        raise _NotACifarBatch(f"{raw.size} bytes, not a whole number of {CIFAR10_RECORD}-byte records")
+    records = raw.reshape(-1, CIFAR10_RECORD)
+    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0].astype(np.int64)
+
+
+def _read_cifar10_batch(path: Path, read=_read_cifar10_pickle) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise QLPError(f"CIFAR-10 batch {path} is missing; re-extract the whole CIFAR-10 archive there")
     try:
-        with open(path, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        y = np.asarray(d[b"labels"], dtype=np.int64)
+        check_size(path.stat().st_size, str(path), "data")
+        x, y = read(path)
+        if len(x) == 0 or len(x) != len(y):
+            raise _NotACifarBatch(f"{len(x)} images but {len(y)} labels")
+        if y.min() < 0 or y.max() > 9:
+            raise _NotACifarBatch(f"labels outside 0..9 (found {int(y.min())}..{int(y.max())})")
         return x, y
-    except Exception as e:
-        raise QLPError(f"{path} is not a CIFAR-10 batch ({e}); re-extract cifar-10-python.tar.gz") from e
+    except _NotACifarBatch as e:
+        raise QLPError(f"{path} is not a CIFAR-10 batch ({e}); replace it with an intact copy from the CIFAR-10 "
+                       "archive") from None
+    except OSError as e:
+        raise QLPError(f"{path} cannot be read ({e.strerror}); check its permissions") from e
 
 
-def _read_cifar10_folder(folder: Path) -> ImageData:
-    parts = [_read_cifar10_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
-    x_test, y_test = _read_cifar10_batch(folder / "test_batch")
-    train = TensorImages(torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                         torch.from_numpy(np.concatenate([p[1] for p in parts])))
-    test = TensorImages(torch.from_numpy(x_test), torch.from_numpy(y_test))
+def _read_cifar10_folder(folder: Path, read, suffix: str) -> ImageData:
+    parts = [_read_cifar10_batch(folder / f"{name}{suffix}", read) for name in CIFAR10_FILES]
+    train = TensorImages(torch.from_numpy(np.concatenate([p[0] for p in parts[:-1]])),
+                         torch.from_numpy(np.concatenate([p[1] for p in parts[:-1]])))
+    test = TensorImages(torch.from_numpy(parts[-1][0].copy()), torch.from_numpy(parts[-1][1]))
     return ImageData("cifar10", train, test, 10, (3, 32, 32))
 
 
-def load_npz(path: Path, seed: int = 0) -> ImageData:
-    """A .npz with `x` (N, C, H, W; uint8 0..255 or float in [0, 1]) and `y`; optional `x_test`, `y_test`.
+MAX_LABEL = 2**31 - 1  # class numbers beyond this are not class numbers
 
-    Without test arrays, a fixed-seed sixth of the images becomes the test split.
+
+def load_npz(path: Path, seed: int = 0) -> ImageData:
+    """A .npz with `x` (N, C, H, W; uint8 0..255 or float in [0, 1]) and `y` (N,) integer class numbers 0..C-1;
+    optional `x_test`, `y_test` (both or neither).
+
+    Without test arrays, a fixed-seed sixth of the images becomes the test split. Whatever does not fit is
+    refused with a message that names it: labels as a column or one-hot, pixels of another type, NaN, splits
+    of different image sizes, too few images.
     """
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -223,32 +343,87 @@ def load_npz(path: Path, seed: int = 0) -> ImageData:
     except QLPError:
         raise
     except Exception as e:
-        raise QLPError(f"{path} is not a readable .npz file ({e}); save it with numpy.savez(x=..., y=...)") from e
+        raise QLPError(f"{path} is not a readable .npz file ({_short(e)}); save it with numpy.savez(x=..., "
+                       "y=...)") from e
     if "x" not in arrays or "y" not in arrays:
         raise QLPError(f"{path} has arrays {sorted(arrays)}; it needs `x` (N, C, H, W) and `y` (N,)")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        have, lack = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
+        raise QLPError(f"{path} has `{have}` but no `{lack}`; give both test arrays or neither")
 
-    def tensors(x, y, what):
-        x = np.asarray(x)
-        if x.dtype != np.uint8:
-            x = x.astype(np.float32)
-            if not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-                raise QLPError(f"{path}: float {what} must lie in [0, 1]; divide uint8 pixels by 255")
-        y = np.asarray(y)
-        if y.dtype.kind == "f" and not np.array_equal(y, np.round(y)):
-            raise QLPError(f"{path}: labels must be whole class numbers 0..C-1, found fractions")
-        return TensorImages(torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
-
-    full = tensors(arrays["x"], arrays["y"], "x")
-    if "x_test" in arrays and "y_test" in arrays:
-        train, test = full, tensors(arrays["x_test"], arrays["y_test"], "x_test")
+    full = TensorImages(_npz_images(path, arrays["x"], "x"), _npz_labels(path, arrays["y"], len(arrays["x"]), "y"))
+    if "x_test" in arrays:
+        test = TensorImages(_npz_images(path, arrays["x_test"], "x_test"),
+                            _npz_labels(path, arrays["y_test"], len(arrays["x_test"]), "y_test"))
+        if test.x.shape[1:] != full.x.shape[1:]:
+            raise QLPError(f"{path}: the test images `x_test` have shape {list(test.x.shape[1:])} but the training "
+                           f"images `x` have {list(full.x.shape[1:])}; give both splits images of one shape")
+        train = full
     else:
+        if len(full) < 3:
+            raise QLPError(f"{path} holds {len(full)} image(s); without `x_test` it needs at least 3 (for the "
+                           "reward, fine-tune and test splits): add images")
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))
         n_test = max(1, len(full) // 6)
         train, test = full.subset(order[n_test:]), full.subset(order[:n_test])
+    if len(train) < 2:
+        raise QLPError(f"{path} holds {len(train)} training image(s) in `x`; at least 2 are needed (for the reward "
+                       "and fine-tune splits): add images")
     labels = torch.cat([train.y, test.y])
-    if labels.min() < 0:
-        raise QLPError(f"{path}: labels must be 0..C-1, found {int(labels.min())}")
     return ImageData(str(path), train, test, int(labels.max()) + 1, tuple(train.x.shape[1:]))
+
+
+def _short(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:150]}" if text else type(e).__name__
+
+
+def _npz_images(path: Path, x: np.ndarray, what: str) -> torch.Tensor:
+    """uint8 pixels 0..255, or float pixels in [0, 1] (as float32), shape (N, C, H, W) with N ≥ 1."""
+    if x.ndim != 4 or 0 in x.shape[1:]:
+        raise QLPError(f"{path}: `{what}` has shape {list(x.shape)}; give images as (N, C, H, W), e.g. "
+                       f"x[:, None] for grey (N, H, W) images")
+    if len(x) == 0:
+        raise QLPError(f"{path}: `{what}` holds no images; give at least one")
+    if x.dtype.kind == "f":
+        x = x.astype(np.float32)
+        if not np.isfinite(x).all():
+            raise QLPError(f"{path}: `{what}` holds NaN or inf pixel values; give pixels as uint8 0..255 or float in "
+                           "[0, 1]")
+        if x.min() < 0 or x.max() > 1:
+            raise QLPError(f"{path}: float `{what}` must lie in [0, 1], found {x.min():g}..{x.max():g}; divide "
+                           "uint8 pixels by 255")
+    elif x.dtype != np.uint8:
+        raise QLPError(f"{path}: `{what}` has dtype {x.dtype}; give pixels as uint8 0..255 or float in [0, 1] (e.g. "
+                       "x.astype(np.float32) / 65535 for 16-bit images)")
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _npz_labels(path: Path, y: np.ndarray, n: int, what: str) -> torch.Tensor:
+    """(N,) whole class numbers 0..C-1: integers, or floats that are whole numbers (a conversion that is
+    certain). A column (N, 1) or one-hot labels (N, C) are refused: reading them could only be a guess."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        raise QLPError(f"{path}: labels `{what}` have shape {list(y.shape)} (a column); give one class number per "
+                       f"image, shape ({y.shape[0]},): {what}.reshape(-1)")
+    if y.ndim == 2:
+        raise QLPError(f"{path}: labels `{what}` have shape {list(y.shape)}, which looks one-hot (one column per "
+                       f"class); give class numbers, shape ({y.shape[0]},): {what}.argmax(1)")
+    if y.ndim != 1:
+        raise QLPError(f"{path}: labels `{what}` have shape {list(y.shape)}; give one class number per image, "
+                       "shape (N,)")
+    if len(y) != n:
+        raise QLPError(f"{path}: {n} images but {len(y)} labels in `{what}`; give one label per image")
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all():
+            raise QLPError(f"{path}: labels `{what}` hold NaN or inf; give whole class numbers 0..C-1")
+        if not np.array_equal(y, np.round(y)):
+            raise QLPError(f"{path}: labels `{what}` must be whole class numbers 0..C-1, found fractions")
+    elif y.dtype.kind not in "iu":
+        raise QLPError(f"{path}: labels `{what}` have dtype {y.dtype}; give integer class numbers 0..C-1")
+    if y.min() < 0 or y.max() > MAX_LABEL:
+        bad = y.min() if y.min() < 0 else y.max()
+        raise QLPError(f"{path}: labels `{what}` must be class numbers 0..C-1, found {bad:g}")
+    return torch.from_numpy(y.astype(np.int64))
 
 
 def load_image_folder(path: Path, image_size: int = 224) -> ImageData:
@@ -322,6 +497,9 @@ def make_splits(data: ImageData, reward_size: int | None = None, seed: int = 0) 
 
     The default reward size is 5,000 images, or a tenth of the training split when that is smaller."""
     n = len(data.train)
+    if n < 2:
+        raise QLPError(f"{data.name} has {n} training image(s); at least 2 are needed (for the reward and fine-tune "
+                       "splits): give a larger data set")
     if reward_size is None:
         reward_size = min(DEFAULT_REWARD_SIZE, max(1, n // 10))
     if not 0 < reward_size < n:

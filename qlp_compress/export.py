@@ -223,6 +223,13 @@ def verify_onnx(module: nn.Module, model_bytes: bytes, x: torch.Tensor, masks: M
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         expected = module.eval().cpu()(x).numpy()
+    for side, out in (("onnxruntime", got), ("PyTorch", expected)):
+        if not np.isfinite(out).all():
+            raise QLPError(f"the exported model outputs NaN or inf on real images ({side}); it cannot be verified: "
+                           "re-export the model from a healthy checkpoint (and check --mean/--std)")
+    if got.shape != expected.shape:
+        raise QLPError(f"the exported ONNX outputs shape {list(got.shape)} but the PyTorch model "
+                       f"{list(expected.shape)}; rerun with --debug and report it")
     agree, max_diff, same_top1 = outputs_agree(got, expected)
     if not agree:
         raise QLPError(f"the exported ONNX differs from the PyTorch model (max abs diff {max_diff:.2e}, "

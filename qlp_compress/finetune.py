@@ -133,15 +133,21 @@ def train(
         if state.get("settings") != asdict(settings):
             from qlp_compress.errors import UsageError
 
-            raise UsageError(f"{checkpoint} was written with other settings; rerun without --resume or with "
-                             "the same options")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        history, start_epoch = state["history"], state["epoch"] + 1
+            raise UsageError(f"{checkpoint} was written with other settings; rerun with the same options, or pass "
+                             "--force instead of --resume to start over")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["python_rng"])
+            history, start_epoch = state["history"], state["epoch"] + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            from qlp_compress.errors import QLPError
+
+            raise QLPError(f"checkpoint {checkpoint} is damaged ({type(e).__name__}); pass --force instead of "
+                           "--resume to start over") from e
 
     step = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, n_epochs):

@@ -9,6 +9,7 @@ of a zoo architecture (`arch`). Every failure is a QLPError or UsageError with a
 from __future__ import annotations
 
 import functools
+import math
 import pickle
 import re
 import warnings
@@ -84,8 +85,10 @@ def load_model(path: Path, arch: str | None = None, trust_pickle: bool = False, 
     check_file_size(path, "model")
     if (mean is None) != (std is None):
         raise UsageError("--mean and --std go together; give both (one value per input channel)")
-    if std is not None and any(s <= 0 for s in std):
-        raise UsageError("--std values must be positive")
+    if std is not None and not all(math.isfinite(s) and s > 0 for s in std):
+        raise UsageError(f"--std must be finite numbers above zero, got {list(std)}; e.g. --std 0.353")
+    if mean is not None and not all(math.isfinite(m) for m in mean):
+        raise UsageError(f"--mean must be finite numbers, got {list(mean)}; e.g. --mean 0.286")
     request = _Request(path, arch, trust_pickle, num_classes, in_channels,
                        tuple(map(float, mean)) if mean is not None else None,
                        tuple(map(float, std)) if std is not None else None,
@@ -149,6 +152,7 @@ def read_onnx(path: Path) -> onnx.ModelProto:
     if not proto.HasField("graph") or not proto.graph.node:
         raise QLPError(f"{path} is not an ONNX or PyTorch model file (no ONNX graph in it); give a .onnx, "
                        "TorchScript or torch.save file")
+    _check_text(proto, path)
     _load_external_data(proto, path)
     _check_ir_version(proto, path)
     try:
@@ -172,6 +176,23 @@ def _check_ir_version(proto: onnx.ModelProto, path: Path) -> None:
                                               min(max_ir_version(), onnx.IR_VERSION)))
 
 
+def _check_text(message, path: Path, where: str = "model") -> None:
+    """Every text field of an ONNX message must be UTF-8 (protobuf hands damaged text over as bytes, which
+    onnxruntime and onnx2torch cannot read)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        values = value if repeated else (value,)
+        if field.type == FieldDescriptor.TYPE_STRING:
+            if any(isinstance(v, bytes) for v in values):
+                raise QLPError(f"{path} is a damaged ONNX file: its {where}.{field.name} is not UTF-8 text; export "
+                               "or download it again")
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            for item in values:
+                _check_text(item, path, field.name)
+
+
 def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every tensor stored in `graph` and its subgraphs (where external data can hide)."""
     yield from graph.initializer
@@ -190,27 +211,52 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse external data outside the model's folder (a crafted file could read any file), then load it."""
+    """Check every external-data reference against the files beside the model, then load it. External data is
+    read relative to the model file (wherever the current folder is) and only from the model's folder: a
+    crafted file could otherwise read any file."""
     folder = path.parent.resolve()
     external = [t for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    targets = set()
     for tensor in external:
-        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "")
-        target = (folder / location).resolve()
-        if not location or not target.is_relative_to(folder):
-            raise QLPError(f"{path} points its tensor {tensor.name!r} at external data {location!r} outside the "
-                           "model's folder; refusing to read it: keep the data files beside the model")
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        where = f"{path} keeps tensor {tensor.name[:80]!r} in external data"
+        if not location:
+            raise QLPError(f"{where} but names no file for it (an empty location); re-export the model, or "
+                           "re-save it with onnx.save_model(..., save_as_external_data=True)")
+        try:
+            target = (folder / location).resolve()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise QLPError(f"{where} {location[:80]!r}, which is not a usable file name ({type(e).__name__}); "
+                           "re-export the model") from e
+        if not target.is_relative_to(folder):
+            raise QLPError(f"{path} points its tensor {tensor.name[:80]!r} at external data {location[:80]!r} outside "
+                           "the model's folder; refusing to read it: keep the data files beside the model")
+        if target.is_dir():
+            raise QLPError(f"{where} {location[:80]!r}, which is a folder, not a file; put the data file beside the "
+                           "model under that name")
         if not target.is_file():
-            raise QLPError(f"{path} keeps tensor {tensor.name!r} in {location!r}, which is missing; put that file "
-                           "beside the model")
+            raise QLPError(f"{where} {location[:80]!r}, which is missing; put that file beside the model")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise QLPError(f"{where} {location[:80]!r} at a position that is not a whole number; re-export the "
+                           "model") from None
+        size = target.stat().st_size
+        if offset < 0 or (length is not None and length < 0) or offset + (length or 0) > size:
+            raise QLPError(f"{where} {location[:80]!r}, {length if length is not None else 'all'} bytes from offset "
+                           f"{offset}, but that file holds {size} bytes; copy the data file beside the model again, "
+                           "or re-export the model")
+        targets.add(target)
     if external:
-        targets = {(folder / entry.value).resolve() for tensor in external for entry in tensor.external_data
-                   if entry.key == "location"}
         check_size(path.stat().st_size + sum(t.stat().st_size for t in targets), f"{path} with its external data",
                    "model")
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
-            load_external_data_for_model(proto, str(folder))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown keys: the checks above and below decide
+                load_external_data_for_model(proto, str(folder))
         except Exception as e:
             raise QLPError(f"the external data of {path} is unreadable ({type(e).__name__}); copy the data files "
                            "beside the model again") from e
@@ -220,7 +266,15 @@ def _check_finite(proto: onnx.ModelProto, path: Path) -> None:
     """Refuse NaN or inf in the stored float tensors: magnitude order and accuracy mean nothing for them."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
     for tensor in _tensors(proto.graph):
-        if tensor.data_type in floats and not np.isfinite(numpy_helper.to_array(tensor).astype(np.float64)).all():
+        if tensor.data_type not in floats:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except (ValueError, TypeError) as e:  # its data does not fit its shape and type
+            raise QLPError(f"{path} is a damaged ONNX file: tensor {tensor.name[:80]!r} does not hold the data its "
+                           f"shape {list(tensor.dims)[:8]} and type need ({_first_line(e)[:100]}); export or download "
+                           "it again") from e
+        if not np.isfinite(values.astype(np.float64)).all():
             raise QLPError(f"tensor {tensor.name!r} of {path} holds NaN or inf values; re-export the model from a "
                            "healthy checkpoint")
 
@@ -527,7 +581,12 @@ def _check_faithful(module: nn.Module, x: np.ndarray, expected: np.ndarray, path
         shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful: output {shape} against "
                        f"{list(expected.shape)} from {reference}; {REEXPORT_HINT}")
-    agree, diff, same_top1 = export.outputs_agree(got.float().numpy(), expected)
+    got_np = got.float().numpy()
+    for side, out in ((reference, expected), ("its PyTorch conversion", got_np)):
+        if not np.isfinite(out).all():
+            raise QLPError(f"{path} outputs NaN or inf on images in [0, 1] ({side}); re-export the model from a "
+                           "healthy checkpoint")
+    agree, diff, same_top1 = export.outputs_agree(got_np, expected)
     if not agree:
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful (max abs diff {diff:.2e} against "
                        f"{reference}, same top-1: {same_top1}); {REEXPORT_HINT}, and report the file")
@@ -605,7 +664,9 @@ def _load_pytorch(request: _Request) -> LoadedModel:
 
 def _torch_load(path: Path, trust_pickle: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the outcome is reported below
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower() and "weights_only" not in str(e):
             raise QLPError(f"{path} is a damaged PyTorch file ({_first_line(e)}); save the model again") from e

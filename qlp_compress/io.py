@@ -101,17 +101,25 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save into memory, then an atomic write: a full disk is an OSError (a one-line QLPError), not the
+    RuntimeError torch's own file writer raises."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint this tool wrote (tensors, numbers, lists, dicts only: weights_only loading)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError(f"a {type(state).__name__}, not a dict")
+        return state
     except Exception as e:
-        raise QLPError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it and run without "
-                       "--resume") from e
+        raise QLPError(f"checkpoint {path} is unreadable ({type(e).__name__}); pass --force instead of --resume to "
+                       "start over") from e
 
 
 def sha256_file(path: Path) -> str:

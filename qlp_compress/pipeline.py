@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,6 +21,7 @@ from qlp_compress.finetune import TrainSettings, recalibrate_batchnorm, train
 from qlp_compress.interrupts import sigterm_as_interrupt
 from qlp_compress.io import atomic_write_bytes, atomic_write_text, check_file_size
 from qlp_compress.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
+from qlp_compress.outputs import OutputRun, check_unlocked, check_writable, file_lock, write_together
 from qlp_compress.policy import Policy
 from qlp_compress.qlp.env import PruningEnv
 from qlp_compress.qlp.reward import Reward, RewardSettings
@@ -43,22 +43,20 @@ class DataSettings:
     split_seed: int = 0  # fixes which images form the reward split
 
 
-def check_can_write(path: Path, force: bool) -> None:
-    """Refuse an output file that exists (without --force) or cannot be written, before any work is done."""
+def check_can_write(path: Path, force: bool, checkpoint: Path | None = None, resume: bool = False) -> None:
+    """Refuse, before any work is done, an output file that exists (without --force) or cannot be written, and a
+    checkpoint beside it that would be overwritten (without --resume or --force) or that a running run holds."""
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder; give the name of the file to write")
     if path.exists() and not force:
-        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out")
-    _check_writable(path.parent, path)
-
-
-def _check_writable(folder: Path, out: Path) -> None:
-    """`folder` exists and is writable, or can be created in a writable folder."""
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise QLPError(f"cannot create {out}: {existing} is a file, not a folder; choose another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise QLPError(f"cannot write in {existing} (permission denied); choose a writable --out")
+        how = "; --resume continues an interrupted run only, it does not overwrite" if resume else ""
+        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out{how}")
+    check_writable(path.parent, path)
+    lock = file_lock(path)
+    check_unlocked(lock.path, str(path))
+    if checkpoint is not None and checkpoint.exists() and not (resume or force):
+        raise UsageError(f"{checkpoint} already exists (the checkpoint of an interrupted run); pass --resume to "
+                         "continue it, --force to start over, or choose another --out")
 
 
 def check_sparsity(target: float) -> None:
@@ -85,7 +83,8 @@ def train_interruptible(model: nn.Module, dataset, settings: TrainSettings, what
 def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings, out: Path, command: str,
                 resume: bool = False, force: bool = False, checkpoint: Path | None = None) -> dict:
     """Train a zoo model on the fine-tune split, export it to ONNX with metadata, measure test accuracy."""
-    check_can_write(out, force or resume)
+    checkpoint = checkpoint or out.with_suffix(".ckpt")
+    check_can_write(out, force, checkpoint, resume)
     data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
     mean, std = stats_for(data.name, data.input_shape[0])
@@ -93,7 +92,16 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
 
     torch.manual_seed(settings.seed)
     model = build_model(arch, data.input_shape[0], data.num_classes, mean, std)
-    checkpoint = checkpoint or out.with_suffix(".ckpt")
+    lock = file_lock(out)
+    lock.acquire()
+    try:
+        return _train_and_export(arch, data, splits, model, settings, out, command, checkpoint, resume)
+    finally:
+        lock.release()
+
+
+def _train_and_export(arch: str, data: datasets.ImageData, splits: datasets.Splits, model: nn.Module,
+                      settings: TrainSettings, out: Path, command: str, checkpoint: Path, resume: bool) -> dict:
     history = train_interruptible(model, splits.finetune, settings, f"train {arch}", checkpoint, resume)
     train_seconds = sum(h.get("seconds", 0.0) for h in history)  # a resumed run counts every epoch
     model_bytes = export.to_onnx_bytes(model, data.input_shape)
@@ -116,13 +124,13 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
 
 
 def load_onnx_file(path: Path) -> onnx.ModelProto:
+    """An ONNX file, parsed and checked by onnx.checker, with its external data (read relative to the file, and
+    only from its folder)."""
+    from qlp_compress.importer import _graph_io, read_onnx
+
     check_file_size(path, "model")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise QLPError(f"{path} is not a readable ONNX file ({type(e).__name__}); re-export the model") from e
-    if not proto.graph.node:
-        raise QLPError(f"{path} has an empty ONNX graph; re-export the model")
+    proto = read_onnx(path)
+    _graph_io(proto, path)  # one image input, one logits output, both float
     return proto
 
 
@@ -130,8 +138,10 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
                    latency_batches: tuple[int, ...] = (1, 64), repeats: int = 30) -> dict:
     """Accuracy on the test split, latency, file size and sparsity of an ONNX file, through onnxruntime."""
     device = runtime.resolve_device(device)
+    if repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {repeats}; e.g. --repeats 30")
     proto = load_onnx_file(model_path)
-    session = runtime.open_session(model_path, device)
+    session = runtime.open_session(model_path, device)  # onnxruntime reads external data relative to the file
     per_layer, global_sparsity = export.onnx_sparsity(proto)
     raw = model_path.read_bytes()
     input_shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape[1:])
@@ -140,12 +150,19 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
         data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
         runtime.check_input_fits(session, data.input_shape, data.num_classes)
         input_shape = data.input_shape
-        result.update(data=data.name, accuracy=runtime.session_accuracy(session, data.test),
-                      test_images=len(data.test))
     if any(d < 0 for d in input_shape):
         raise UsageError(f"{model_path} has a symbolic image size; pass --data so latency can use real images")
+    try:
+        if data_settings is not None:
+            result.update(data=data.name, accuracy=runtime.session_accuracy(session, data.test),
+                          test_images=len(data.test))
+        latency = [vars(runtime.measure_latency(session, input_shape, b, repeats=repeats)) for b in latency_batches]
+    except runtime.ORT_ERRORS as e:
+        raise QLPError(f"onnxruntime cannot run {model_path} on images of shape {list(input_shape)} "
+                       f"({runtime.ort_message(e)}); check that the file is an image classifier taking (N, C, H, W), "
+                       "or re-export it") from e
     result.update(
-        latency=[vars(runtime.measure_latency(session, input_shape, b, repeats=repeats)) for b in latency_batches],
+        latency=latency,
         file_bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 6)),
         weights=sum(n for n, _ in per_layer.values()), global_sparsity=global_sparsity,
         layers={name: {"weights": n, "sparsity": z / n} for name, (n, z) in per_layer.items()},
@@ -212,6 +229,9 @@ def open_workspace(model_path: Path, model_settings: ModelSettings, data_setting
     if logits.ndim != 2 or logits.shape[1] != data.num_classes:
         raise UsageError(f"{model_path} outputs shape {list(logits.shape[1:])} but {data.name} has "
                          f"{data.num_classes} classes; pick the data set the model was trained on")
+    if not torch.isfinite(logits).all():
+        raise QLPError(f"{model_path} outputs NaN or inf on {data.name} images; re-export the model from a healthy "
+                       "checkpoint (and check --mean/--std)")
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
     return Workspace(loaded, data, splits, device)
 
@@ -307,10 +327,8 @@ def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, p
             if abs(zeros - pruned_count(s, n)) > 1:
                 raise QLPError(f"layer {name} has {zeros} zero weights in the export but the policy prunes "
                                f"{pruned_count(s, n)}; rerun with --debug and report it")
-    atomic_write_bytes(path, data)
-    if path.read_bytes() != data:
-        raise QLPError(f"{path} does not hold what was written; check the disk and rerun")
     result = {"path": str(path), "bytes": len(data), **{k: v for k, v in check.items() if k != "onnx_weight"}}
+    files = {path: data}
     if sparse_path is not None:
         sparse = export.to_sparse_storage(data)
         # no full_check: ONNX shape inference does not accept sparse tensors as Conv/Gemm weights
@@ -322,10 +340,12 @@ def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, p
         if not (np.array_equal(dense_out, sparse_out) and dense_w.keys() == sparse_w.keys()
                 and all(np.array_equal(dense_w[k], sparse_w[k]) for k in dense_w)):
             raise QLPError("the sparse-storage file differs from the dense one; rerun with --debug and report it")
-        atomic_write_bytes(sparse_path, sparse)
-        if sparse_path.read_bytes() != sparse:
-            raise QLPError(f"{sparse_path} does not hold what was written; check the disk and rerun")
+        files[sparse_path] = sparse
         result.update(sparse_path=str(sparse_path), sparse_bytes=len(sparse))
+    write_together(files)  # both files or neither: a failure leaves the previous ones
+    for written, content in files.items():
+        if written.read_bytes() != content:
+            raise QLPError(f"{written} does not hold what was written; check the disk and rerun")
     return result
 
 
@@ -355,35 +375,26 @@ class CompressSettings:
 
 
 def default_out_dir(model_path: Path, method: str, target: float) -> Path:
+    if method not in (*METHODS, *ALLOCATORS):  # a name read from a file never becomes part of a path unchecked
+        raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
     return model_path.parent / f"{model_path.stem}.{method}-{target:g}"
 
 
-def check_out_dir(out: Path, force: bool, resume: bool) -> None:
-    """Refuse, without creating anything, an output folder that may not (exists) or cannot be written."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; choose a folder")
-    if out.exists() and any(out.iterdir()) and not (force or resume):
-        raise UsageError(f"output folder {out} already exists; pass --force to overwrite, --resume to continue, "
-                         "or choose another --out")
-    _check_writable(out, out)
-
-
-def prepare_out_dir(out: Path, force: bool, resume: bool) -> Path:
-    """An output folder that may be written: new, or existing with --force or --resume."""
-    check_out_dir(out, force, resume)
-    try:
-        (out / ".work").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QLPError(f"cannot create {out} ({e.strerror}); choose a writable --out") from e
-    return out
-
-
 def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: Path, command: str,
-             resume: bool = False, policy: Policy | None = None) -> dict:
-    """Search (or allocate) → prune → fine-tune → export → verify → report, all files under `out`."""
+             resume: bool = False, policy: Policy | None = None, force: bool = False) -> dict:
+    """Search (or allocate) → prune → fine-tune → export → verify → report, all files under `out`, written as a
+    set (qlp_compress.outputs): an existing folder is replaced only with `force`, and only when the run succeeds."""
+    with OutputRun(out, force, resume) as run:
+        report = _compress(model_path, ws, settings, out, run, command, resume, policy)
+        run.commit()
+    return report
+
+
+def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: Path, run: OutputRun, command: str,
+              resume: bool, policy: Policy | None) -> dict:
     from qlp_compress.report import search_progress, write_report
 
-    work = out / ".work"
+    work, staged = run.work, run.staging
     started = time.perf_counter()
     if policy is None and settings.method not in METHODS:  # a baseline allocator: closed form, no search
         policy = find_policy(ws, settings.method, settings.target, allocation=settings.allocation)
@@ -392,7 +403,7 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
         with search_progress(f"{settings.method} search", search.episodes) as on_episode:
             policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
                                  checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
-    policy.save(out / "policy.json")
+    policy.save(staged / "policy.json")
     pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume)
     tuned_bytes = export_bytes(tuned, ws)
     measured = {"dense": measure_onnx(export_bytes(ws.loaded.module, ws), ws, settings.latency_repeats),
@@ -405,16 +416,20 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
                 "qlp.pruned_test_accuracy": f"{measured['pruned']['accuracy']:.4f}",
                 "qlp.finetuned_test_accuracy": f"{measured['finetuned']['accuracy']:.4f}", "qlp.command": command,
                 **{k: v for k, v in ws.loaded.metadata.items() if not k.startswith("qlp.")}}
-    verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, out / "model.onnx",
-                                   policy, out / "model.sparse.onnx" if settings.sparse_storage else None)
+    verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, staged / "model.onnx",
+                                   policy, staged / "model.sparse.onnx" if settings.sparse_storage else None)
+    verification["path"] = str(out / "model.onnx")  # where the file will be once the run's files are in place
     if settings.sparse_storage:
-        raw = (out / "model.sparse.onnx").read_bytes()
+        verification["sparse_path"] = str(out / "model.sparse.onnx")
+        raw = (staged / "model.sparse.onnx").read_bytes()
         measured["sparse_storage"] = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6))}
     int8 = None
     if settings.quantize is not None:  # after pruning and fine-tuning, on the verified file
-        int8 = quantize.quantize_beside(ws, out / "model.onnx", settings.quantize, measured["finetuned"]["accuracy"])
-        measured["int8"] = measure_onnx(out / "model.int8.onnx", ws, settings.latency_repeats)
-    readback, _ = export.onnx_sparsity(onnx.load(str(out / "model.onnx")))
+        int8 = quantize.quantize_beside(ws, staged / "model.onnx", settings.quantize,
+                                        measured["finetuned"]["accuracy"])
+        int8["path"] = str(out / "model.int8.onnx")
+        measured["int8"] = measure_onnx(staged / "model.int8.onnx", ws, settings.latency_repeats)
+    readback, _ = export.onnx_sparsity(onnx.load(str(staged / "model.onnx")))
     report = {
         "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "device": ws.device,
         "method": policy.method, "target_sparsity": policy.target, "achieved_sparsity": policy.achieved,
@@ -432,16 +447,25 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
         "int8": int8, "cpu": quantize.cpu_capability(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
-    write_report(out, report, policy)
-    for leftover in work.glob("*"):
-        leftover.unlink()
-    work.rmdir()
+    write_report(staged, report, policy)
     return report
 
 
 def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool = False,
-                    int8: quantize.QuantizeSettings | None = None) -> dict:
-    """Fine-tune a model that is already pruned: its zero weights are the masks, held at zero."""
+                    force: bool = False, int8: quantize.QuantizeSettings | None = None) -> dict:
+    """Fine-tune a model that is already pruned: its zero weights are the masks, held at zero. `out` is written
+    only when it does not exist or with `force`; its checkpoint (OUT.ckpt) is continued with `resume`."""
+    check_can_write(out, force, out.with_suffix(".ckpt"), resume)
+    lock = file_lock(out)
+    lock.acquire()
+    try:
+        return _finetune_pruned(ws, settings, out, command, resume, int8)
+    finally:
+        lock.release()
+
+
+def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool,
+                     int8: quantize.QuantizeSettings | None) -> dict:
     module = copy.deepcopy(ws.loaded.module)
     masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
     if settings.epochs > 0:
@@ -464,24 +488,39 @@ def export_model(ws: Workspace, out: Path, sparse_path: Path | None = None,
     """The loaded model as a verified ONNX file (and its sparse-storage and int8 variants)."""
     metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256}
     data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
-    result = export_verified(ws.loaded.module, data, ws, out, sparse_path=sparse_path)
-    if int8 is not None:
-        result["int8"] = quantize.quantize_beside(ws, out, int8)
-    return result
+    lock = file_lock(out)
+    lock.acquire()
+    try:
+        result = export_verified(ws.loaded.module, data, ws, out, sparse_path=sparse_path)
+        if int8 is not None:
+            result["int8"] = quantize.quantize_beside(ws, out, int8)
+        return result
+    finally:
+        lock.release()
 
 
 def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
             reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
-            out: Path, command: str) -> list[dict]:
+            out: Path, command: str, force: bool = False) -> list[dict]:
     """Every method at every target: same masks rule, same fine-tuning budget, test accuracy via onnxruntime.
 
-    Writes compare.json after every cell, so an interrupted comparison keeps what it measured."""
-    from qlp_compress.io import atomic_write_json
-    from qlp_compress.report import compare_markdown, search_progress
-
+    compare.json and compare.md are written as a set at the end (qlp_compress.outputs); the rows measured so far
+    are also kept in OUT/.work/compare.json after every cell, so an interrupted comparison keeps what it measured."""
     for method in methods:
         if method not in ALLOCATORS and method not in METHODS:
             raise UsageError(f"unknown method {method!r}; use {', '.join((*METHODS, *ALLOCATORS))}")
+    with OutputRun(out, force, False, resumable=False) as run:
+        rows = _compare(ws, methods, targets, search, reward_settings, allocation, finetune, run, command)
+        run.commit()
+    return rows
+
+
+def _compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
+             reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
+             run: OutputRun, command: str) -> list[dict]:
+    from qlp_compress.io import atomic_write_json
+    from qlp_compress.report import compare_markdown, search_progress
+
     dense_accuracy = measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=1)["accuracy"]
     rows = []
     for target in targets:
@@ -502,8 +541,8 @@ def compare(ws: Workspace, methods: list[str], targets: list[float], search: Sea
                          if finetune else None,
                          "best_reward": policy.best_reward, "search_seconds": round(search_seconds, 1),
                          "sparsities": policy.sparsities})
-            atomic_write_json(out / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
-                                                     "layers": policy.layers, "rows": rows})
-    atomic_write_text(out / "compare.md", compare_markdown(rows, command))
-    (out / ".work").rmdir()
+            document = {"command": command, "model_sha256": ws.loaded.sha256, "layers": policy.layers, "rows": rows}
+            atomic_write_json(run.work / "compare.json", document)
+    atomic_write_json(run.staging / "compare.json", document)
+    atomic_write_text(run.staging / "compare.md", compare_markdown(rows, command))
     return rows

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from qlp_compress.io import atomic_path, atomic_write_json, atomic_write_text
 
@@ -33,11 +34,11 @@ def training_progress(title: str) -> Iterator[Callable[[dict], None]]:
 
 def evaluation_table(result: dict) -> Table:
     """The `evaluate` result as a table: accuracy, latency, size, sparsity per layer."""
-    table = Table(title=f"{result['model']}", show_header=True)
+    table = Table(title=Text(str(result["model"])), show_header=True)
     table.add_column("measure")
     table.add_column("value", justify="right")
     if result.get("accuracy") is not None:
-        table.add_row(f"top-1 accuracy ({result['data']}, test, {result['test_images']} images)",
+        table.add_row(Text(f"top-1 accuracy ({result['data']}, test, {result['test_images']} images)"),
                       f"{result['accuracy']:.2%}")
     for lat in result["latency"]:
         table.add_row(f"latency batch {lat['batch']} ({lat['provider']})",
@@ -64,7 +65,7 @@ def sparsity_table(per_layer: dict[str, dict]) -> Table:
     table.add_column("weights", justify="right")
     table.add_column("sparsity", justify="right")
     for name, row in per_layer.items():
-        table.add_row(name, f"{row['weights']:,}", f"{row['sparsity']:.2%}")
+        table.add_row(Text(name), f"{row['weights']:,}", f"{row['sparsity']:.2%}")
     return table
 
 
@@ -98,8 +99,8 @@ def write_report(out: Path, report: dict, policy) -> None:
 
 def report_table(report: dict) -> Table:
     m = report["measured"]
-    table = Table(title=f"{report['model']} → {report['method']} at sparsity {report['target_sparsity']:g} "
-                        f"({report['data']}, test split, onnxruntime)")
+    table = Table(title=Text(f"{report['model']} → {report['method']} at sparsity {report['target_sparsity']:g} "
+                             f"({report['data']}, test split, onnxruntime)"))
     for column in ("model", "top-1", "batch 1 median / p90", "batch 64 median / p90", "file", "gzip"):
         table.add_column(column, justify="right" if column != "model" else "left")
     for key, label in (("dense", "dense"), ("pruned", "pruned (no fine-tune)"), ("finetuned", "fine-tuned"),

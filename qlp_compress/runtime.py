@@ -17,6 +17,21 @@ from qlp_compress.data import iterate_batches
 from qlp_compress.errors import QLPError, UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
+# what onnxruntime raises when a session cannot load or run a model (its exception classes share no base but Exception)
+ORT_ERRORS = tuple(v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
+                   if isinstance(v, type) and issubclass(v, Exception))
+
+
+def ort_message(e: BaseException, limit: int = 240) -> str:
+    """The gist of an onnxruntime error on one line: the node and its status message, without source paths."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
+    if "Status Message:" in text:
+        text = text.split("Status Message:", 1)[1].strip()
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : |/onnxruntime_src/\S+:\d+ ", "", text)
+    if node:
+        text = f"{node.group(1)} node {node.group(2)!r}: {text}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def resolve_device(device: str) -> str:
@@ -41,7 +56,7 @@ def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0,
                  name: object = None) -> ort.InferenceSession:
     """An onnxruntime session; `name` is how errors call the model (default: its path, or "the model")."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failure is reported below, in one line
     if threads:
         options.intra_op_num_threads = threads
     source = str(model) if isinstance(model, Path) else model
@@ -53,8 +68,7 @@ def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0,
         if newer:
             raise QLPError(ir_version_message(name, int(newer[1]), f"onnxruntime {ort.__version__}",
                                               int(newer[2]))) from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QLPError(f"onnxruntime cannot load {name}: {first[:300]}; check the file with onnx.checker") from e
+        raise QLPError(f"onnxruntime cannot load {name}: {ort_message(e)}; check the file with onnx.checker") from e
 
 
 @functools.cache

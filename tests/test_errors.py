@@ -471,12 +471,13 @@ def test_interrupted_search_and_finetune_resume(tiny, tmp_path, search_signal, f
 
 
 def test_kill_9_leaves_no_half_written_output(tiny, tmp_path):
-    """kill -9 mid-search, mid-fine-tuning and mid-export (each run resuming the one before): every output file
-    there is is whole, and a last --resume finishes the job."""
+    """kill -9 mid-search, mid-fine-tuning and mid-export (each run resuming the one before): the outputs, written
+    to OUT/.work/out/ until all are complete, never appear in OUT before that; every file written is whole, and a
+    last --resume finishes the job."""
     out = tmp_path / "run"
     args = (*RUN, "--out", str(out))
-    for after, delay, resume in ((".work/search.ckpt", 0.0, ()), ("policy.json", 0.2, ("--resume",)),
-                                 ("model.onnx", 0.0, ("--resume",))):
+    for after, delay, resume in ((".work/search.ckpt", 0.0, ()), (".work/out/policy.json", 0.2, ("--resume",)),
+                                 (".work/out/model.onnx", 0.0, ("--resume",))):
         if (out / after).exists():
             (out / after).unlink()  # wait for this run to write it again
         process = start(*args, *resume, cwd=tiny)
@@ -485,9 +486,8 @@ def test_kill_9_leaves_no_half_written_output(tiny, tmp_path):
         process.kill()  # SIGKILL: nothing runs after it
         process.communicate(timeout=60)
         assert process.returncode == -signal.SIGKILL
-        for path in out.iterdir():
-            if path.name == ".work":
-                continue
+        assert [p.name for p in out.iterdir()] == [".work"]  # no output in place before all are complete
+        for path in (out / ".work" / "out").iterdir():
             if path.name.endswith(".tmp"):  # an atomic write cut short: a hidden temporary name, never an output's
                 assert path.name.startswith(".")
                 continue
@@ -496,6 +496,4 @@ def test_kill_9_leaves_no_half_written_output(tiny, tmp_path):
             load_checkpoint(path)
     resumed = run_cli(*args, "--resume", cwd=tiny)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for leftover in out.glob(".*.tmp"):  # what the killed writes left (the user may delete them)
-        leftover.unlink()
-    check_outputs(out)
+    check_outputs(out)  # the killed writes' temporary files went with .work/

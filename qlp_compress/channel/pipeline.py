@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -34,6 +35,7 @@ from qlp_compress.channel.search import (
 from qlp_compress.errors import QLPError, UsageError
 from qlp_compress.finetune import TrainSettings, recalibrate_batchnorm
 from qlp_compress.io import atomic_write_json, atomic_write_text
+from qlp_compress.outputs import OutputRun
 from qlp_compress.pipeline import BN_RECALIBRATION_IMAGES, Workspace, export_bytes, export_verified, train_interruptible
 from qlp_compress.qlp.search import SearchSettings, run_search
 from qlp_compress.quantize import QuantizeSettings, cpu_capability, describe_cpu, quantize_beside
@@ -161,11 +163,21 @@ def measure(ws: Workspace, ctx: ChannelContext, onnx_bytes: bytes, module: nn.Mo
 
 def compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings, out: Path, command: str,
                       resume: bool = False, ctx: ChannelContext | None = None,
-                      on_episode: Callable[[dict], None] | None = None, policy_path: Path | None = None) -> dict:
+                      on_episode: Callable[[dict], None] | None = None, policy_path: Path | None = None,
+                      force: bool = False) -> dict:
     """Widths (found, or read from `policy_path`) → prune → fine-tune → export (verified) → report, all under
-    `out`."""
+    `out`, written as a set (qlp_compress.outputs): an existing folder is replaced only with `force`."""
+    with OutputRun(out, force, resume) as run:
+        report = _compress_channels(model_path, ws, settings, out, run, command, resume, ctx, on_episode, policy_path)
+        run.commit()
+    return report
+
+
+def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings, out: Path, run: OutputRun,
+                       command: str, resume: bool, ctx: ChannelContext | None,
+                       on_episode: Callable[[dict], None] | None, policy_path: Path | None) -> dict:
     started = time.perf_counter()
-    work = out / ".work"
+    work, staged = run.work, run.staging
     ctx = ctx or open_channels(ws, settings.latency)
     if policy_path is not None:
         chosen = load_channel_policy(policy_path, ws, ctx)
@@ -177,7 +189,7 @@ def compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings
         found = find_widths(ws, ctx, settings, checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
     widths = found["widths"]
     policy = policy_json(ws, ctx, settings, found)
-    atomic_write_json(out / "policy.json", policy)
+    atomic_write_json(staged / "policy.json", policy)
     pruned, tuned = prune_finetune(ws, ctx, widths, found["criterion"], settings.finetune, settings.distill,
                                    work / "finetune.ckpt", resume)
     x, _ = datasets.materialize(ws.splits.reward, limit=1)
@@ -199,7 +211,8 @@ def compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings
                 "qlp.pruned_test_accuracy": f"{measured['pruned']['accuracy']:.4f}",
                 "qlp.finetuned_test_accuracy": f"{measured['finetuned']['accuracy']:.4f}", "qlp.command": command,
                 **{k: v for k, v in ws.loaded.metadata.items() if not k.startswith("qlp.")}}
-    verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, out / "model.onnx")
+    verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, staged / "model.onnx")
+    verification["path"] = str(out / "model.onnx")  # where it will be once the run's files are in place
     report = {
         "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "structure": "channel",
         "method": settings.method, "target_speedup": settings.speedup, "latency_batch": settings.latency.batch,
@@ -220,18 +233,16 @@ def compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings
         "command": command, "wall_seconds": round(time.perf_counter() - started + ctx.seconds, 1),
     }
     if settings.quantize is not None:  # int8 on top of the smaller network, timed against the dense fp32 model
-        report["int8"] = quantize_beside(ws, out / "model.onnx", settings.quantize, measured["finetuned"]["accuracy"])
-        int8_bytes = (out / "model.int8.onnx").read_bytes()
+        report["int8"] = quantize_beside(ws, staged / "model.onnx", settings.quantize,
+                                         measured["finetuned"]["accuracy"])
+        int8_bytes = (staged / "model.int8.onnx").read_bytes()
         report["int8"]["measured_speedup"] = {
             str(b): measure_speedup(ctx.dense_onnx, int8_bytes, ws.input_shape, b, settings.latency.threads,
                                     rounds=settings.speed_rounds)["speedup"]
             for b in sorted({*SPEEDUP_BATCHES, settings.latency.batch})}
         report["cpu"] = cpu_capability()
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", report_markdown(report))
-    for leftover in work.glob("*"):
-        leftover.unlink()
-    work.rmdir()
+    atomic_write_json(staged / "report.json", report)
+    atomic_write_text(staged / "report.md", report_markdown(report))
     return report
 
 
@@ -287,12 +298,21 @@ def report_markdown(r: dict) -> str:
 
 
 def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings, out: Path,
-                     command: str) -> list[dict]:
-    """Every method at every speedup target: same table, same fine-tuning; compare.json after every cell."""
+                     command: str, force: bool = False) -> list[dict]:
+    """Every method at every speedup target: same table, same fine-tuning. compare.json and compare.md are
+    written as a set at the end; the rows so far are kept in OUT/.work/compare.json after every cell."""
     for m in methods:
         check_method(m)
     for s in speedups:
         check_speedup(s)
+    with OutputRun(out, force, False, resumable=False) as run:
+        rows = _compare_channels(ws, methods, speedups, settings, run, command)
+        run.commit()
+    return rows
+
+
+def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings,
+                      run: OutputRun, command: str) -> list[dict]:
     ctx = open_channels(ws, settings.latency)
     rows = []
     for speedup in speedups:
@@ -309,7 +329,7 @@ def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], s
                          "measured_speedup": {b: v["speedup"] for b, v in result["speedup"].items()},
                          "macs": result["macs"], "params": result["params"],
                          "search_seconds": found["search_seconds"]})
-            atomic_write_json(out / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
+            atomic_write_json(run.work / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
                                                      "structure": "channel",
                                                      "groups": [g.name for g in ctx.space.groups], "rows": rows})
     header = "| method | target | predicted | measured (batch: speedup) | pruned acc | fine-tuned acc | MACs |"
@@ -319,8 +339,8 @@ def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], s
         tuned_acc = f"{r['finetuned_accuracy']:.2%}" if r["finetuned_accuracy"] is not None else "–"
         lines.append(f"| {r['method']} | {r['target_speedup']:g}× | {r['predicted_speedup']:.2f}× | {speed} | "
                      f"{r['pruned_accuracy']:.2%} | {tuned_acc} | {r['macs'] / 1e6:.2f} M |")
-    atomic_write_text(out / "compare.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
-    (out / ".work").rmdir()
+    os.replace(run.work / "compare.json", run.staging / "compare.json")
+    atomic_write_text(run.staging / "compare.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
     return rows
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qlp_compress.errors import Interrupted, UsageError
+from qlp_compress.errors import Interrupted, QLPError, UsageError
 from qlp_compress.interrupts import deferred_interrupts, sigterm_as_interrupt
 from qlp_compress.io import atomic_torch_save, load_checkpoint
 from qlp_compress.qlp.agent import AgentSettings, DQNAgent
@@ -249,12 +249,16 @@ def _save(path: Path, settings: SearchSettings, agent: DQNAgent, progress: Searc
 def _load(path: Path, settings: SearchSettings, agent: DQNAgent) -> SearchProgress:
     state = load_checkpoint(path)
     if _normalise(state.get("settings")) != _normalise(asdict(settings)):
-        raise UsageError(f"{path} belongs to a search with other settings; rerun with the same options, or "
-                         "without --resume to start over")
-    agent.load_state_dict(state["agent"])
-    p = state["progress"]
-    return SearchProgress(episode=p["episode"], history=p["history"], best=[StageBest(**b) for b in p["best"]],
-                          reward_seconds=p["reward_seconds"], total_seconds=p["total_seconds"])
+        raise UsageError(f"{path} belongs to a search with other settings; rerun with the same options, or pass "
+                         "--force instead of --resume to start over")
+    try:
+        agent.load_state_dict(state["agent"])
+        p = state["progress"]
+        return SearchProgress(episode=p["episode"], history=p["history"], best=[StageBest(**b) for b in p["best"]],
+                              reward_seconds=p["reward_seconds"], total_seconds=p["total_seconds"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise QLPError(f"checkpoint {path} is damaged ({type(e).__name__}); pass --force instead of --resume to "
+                       "start over") from e
 
 
 def _normalise(settings: dict | None) -> dict | None:
