@@ -186,12 +186,17 @@ def match_layers(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarr
     """Map each PyTorch layer to the ONNX weight with its shape and zero pattern.
 
     The exporter folds BatchNorm into convolutions and renames the weights, but folding scales whole
-    output channels, so a layer's zero pattern survives: it identifies the layer."""
+    output channels, so a layer's zero pattern survives: it identifies the layer. A Linear layer exported as
+    MatMul stores its weight transposed (in × out), so a 2-D pattern is also looked for transposed."""
+    def same_pattern(w: np.ndarray, keep: np.ndarray) -> bool:
+        if w.shape == keep.shape and np.array_equal(w != 0, keep):
+            return True
+        return keep.ndim == 2 and w.shape == keep.T.shape and np.array_equal(w != 0, keep.T)
+
     unused = dict(weights)
     found = {}
     for layer, keep in masks.items():
-        match = next((name for name, w in unused.items()
-                      if w.shape == keep.shape and np.array_equal(w != 0, keep)), None)
+        match = next((name for name, w in unused.items() if same_pattern(w, keep)), None)
         if match is not None:
             found[layer] = match
             del unused[match]

@@ -63,12 +63,19 @@ def _set_allowzero(node: onnx.NodeProto, value: int) -> None:
 
 def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Values that are initializers or outputs of Constant nodes (with a tensor value)."""
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    tensors = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attribute = next((a for a in node.attribute if a.name == "value"), None)
             if attribute is not None and attribute.HasField("t"):
-                values[node.output[0]] = numpy_helper.to_array(attribute.t)
+                tensors[node.output[0]] = attribute.t
+    values = {}
+    for name, tensor in tensors.items():  # only int64 vectors can be Reshape shapes; damaged ones are skipped
+        if tensor.data_type == onnx.TensorProto.INT64 and len(tensor.dims) == 1:
+            try:
+                values[name] = numpy_helper.to_array(tensor)
+            except Exception:
+                continue
     return values
 
 

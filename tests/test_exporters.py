@@ -125,3 +125,15 @@ def test_ir_version_newer_than_onnxruntime_reads_is_a_one_line_error(tmp_path):
                                        r"\d+\); re-save it with an older IR version .* or upgrade") as info:
         load_model(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_linear_exported_as_matmul_is_matched_transposed():
+    """The TorchScript exporter writes a Linear whose input rank it cannot tell as MatMul with the weight stored
+    in × out; its zero pattern must still identify the layer."""
+    from qlp_compress.export import match_layers
+
+    rng = np.random.default_rng(0)
+    keep = rng.random((10, 40)) < 0.5
+    weight = rng.normal(size=(10, 40)) * keep
+    assert match_layers({"onnx::MatMul_1": weight.T}, {"fc": keep}) == {"fc": "onnx::MatMul_1"}
+    assert match_layers({"onnx::MatMul_1": weight.T}, {"fc": ~keep}) == {}
