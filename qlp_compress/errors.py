@@ -17,3 +17,9 @@ class Interrupted(QLPError):
     """Ctrl-C or SIGTERM stopped a run after its checkpoint was kept (exit code 130, as a shell reports SIGINT)."""
 
     exit_code = 130
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type when it has none."""
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

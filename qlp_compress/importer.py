@@ -8,7 +8,6 @@ of a zoo architecture (`arch`). Every failure is a QLPError or UsageError with a
 
 from __future__ import annotations
 
-import functools
 import math
 import pickle
 import re
@@ -22,16 +21,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 from torch import fx, nn
 
 from qlp_compress import export, zoo
-from qlp_compress.errors import QLPError, UsageError
-from qlp_compress.io import check_file_size, check_size, sha256_file
+from qlp_compress.errors import QLPError, UsageError, first_line
+from qlp_compress.io import check_file_size, sha256_file
+from qlp_compress.onnx2torch_compat import linear_from_matmul, unsupported_operators
+from qlp_compress.onnx_file import check_finite, read_onnx
 from qlp_compress.onnx_rewrite import rewrite_for_conversion
 
 if TYPE_CHECKING:  # onnx2torch (and the torchvision it imports) loads on the first conversion, not on import
-    from onnx2torch.onnx_node import OnnxNode
+    pass
 
 # onnx2torch's Slice indexes with a list; torch warns about it on every forward (the result is correct)
 warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
@@ -121,7 +121,7 @@ def _sniff(path: Path) -> str:
 def _load_onnx(request: _Request) -> LoadedModel:
     path = request.path
     proto = read_onnx(path)
-    _check_finite(proto, path)
+    check_finite(proto, path)
     input_name, output_name, dims = _graph_io(proto, path)
     file_shape = tuple(d for d in dims if d is not None) if dims is not None and None not in dims else None
     shape = _verify_shape(path, dims, request.verify_input_shape)
@@ -137,146 +137,6 @@ def _load_onnx(request: _Request) -> LoadedModel:
         module=_normalised(module, request, shape[0]), source=path, sha256=sha256_file(path), format="onnx",
         input_name=input_name, output_name=output_name, input_shape=file_shape,
         num_classes=int(expected.shape[1]) if expected.ndim == 2 else None, metadata=export.read_metadata(proto))
-
-
-def read_onnx(path: Path) -> onnx.ModelProto:
-    """Parse, load external data kept inside the model's folder, and run onnx.checker."""
-    data = path.read_bytes()
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception as e:
-        if data[:1] == b"\x08":  # an ONNX file starts with its ir_version field
-            raise QLPError(f"{path} is a truncated or corrupt ONNX file; export or download it again") from e
-        raise QLPError(f"{path} is not an ONNX or PyTorch model file; give a .onnx, TorchScript or torch.save "
-                       "file") from e
-    if not proto.HasField("graph") or not proto.graph.node:
-        raise QLPError(f"{path} is not an ONNX or PyTorch model file (no ONNX graph in it); give a .onnx, "
-                       "TorchScript or torch.save file")
-    _check_text(proto, path)
-    _load_external_data(proto, path)
-    _check_ir_version(proto, path)
-    try:
-        onnx.checker.check_model(proto)
-    except Exception as e:
-        detail = " ".join(str(e).split())[:300] or type(e).__name__
-        raise QLPError(f"{path} fails onnx.checker: {detail}; re-export the model or fix the graph") from e
-    return proto
-
-
-def _check_ir_version(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse, with the fix, a file newer than onnx's checker or onnxruntime reads (else a bare "Unsupported")."""
-    import onnxruntime as ort
-
-    from qlp_compress.runtime import ir_version_message, max_ir_version
-
-    for reader, limit in ((f"onnxruntime {ort.__version__}", max_ir_version()), (f"onnx {onnx.__version__}",
-                                                                                   onnx.IR_VERSION)):
-        if proto.ir_version > limit:
-            raise QLPError(ir_version_message(path, proto.ir_version, reader,
-                                              min(max_ir_version(), onnx.IR_VERSION)))
-
-
-def _check_text(message, path: Path, where: str = "model") -> None:
-    """Every text field of an ONNX message must be UTF-8 (protobuf hands damaged text over as bytes, which
-    onnxruntime and onnx2torch cannot read)."""
-    from google.protobuf.descriptor import FieldDescriptor
-
-    for field, value in message.ListFields():
-        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-        values = value if repeated else (value,)
-        if field.type == FieldDescriptor.TYPE_STRING:
-            if any(isinstance(v, bytes) for v in values):
-                raise QLPError(f"{path} is a damaged ONNX file: its {where}.{field.name} is not UTF-8 text; export "
-                               "or download it again")
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            for item in values:
-                _check_text(item, path, field.name)
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in `graph` and its subgraphs (where external data can hide)."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from _tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from _tensors(subgraph)
-
-
-def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
-    """Check every external-data reference against the files beside the model, then load it. External data is
-    read relative to the model file (wherever the current folder is) and only from the model's folder: a
-    crafted file could otherwise read any file."""
-    folder = path.parent.resolve()
-    external = [t for t in _tensors(proto.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
-    targets = set()
-    for tensor in external:
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        where = f"{path} keeps tensor {tensor.name[:80]!r} in external data"
-        if not location:
-            raise QLPError(f"{where} but names no file for it (an empty location); re-export the model, or "
-                           "re-save it with onnx.save_model(..., save_as_external_data=True)")
-        try:
-            target = (folder / location).resolve()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise QLPError(f"{where} {location[:80]!r}, which is not a usable file name ({type(e).__name__}); "
-                           "re-export the model") from e
-        if not target.is_relative_to(folder):
-            raise QLPError(f"{path} points its tensor {tensor.name[:80]!r} at external data {location[:80]!r} outside "
-                           "the model's folder; refusing to read it: keep the data files beside the model")
-        if target.is_dir():
-            raise QLPError(f"{where} {location[:80]!r}, which is a folder, not a file; put the data file beside the "
-                           "model under that name")
-        if not target.is_file():
-            raise QLPError(f"{where} {location[:80]!r}, which is missing; put that file beside the model")
-        try:
-            offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
-        except ValueError:
-            raise QLPError(f"{where} {location[:80]!r} at a position that is not a whole number; re-export the "
-                           "model") from None
-        size = target.stat().st_size
-        if offset < 0 or (length is not None and length < 0) or offset + (length or 0) > size:
-            raise QLPError(f"{where} {location[:80]!r}, {length if length is not None else 'all'} bytes from offset "
-                           f"{offset}, but that file holds {size} bytes; copy the data file beside the model again, "
-                           "or re-export the model")
-        targets.add(target)
-    if external:
-        check_size(path.stat().st_size + sum(t.stat().st_size for t in targets), f"{path} with its external data",
-                   "model")
-        from onnx.external_data_helper import load_external_data_for_model
-
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # unknown keys: the checks above and below decide
-                load_external_data_for_model(proto, str(folder))
-        except Exception as e:
-            raise QLPError(f"the external data of {path} is unreadable ({type(e).__name__}); copy the data files "
-                           "beside the model again") from e
-
-
-def _check_finite(proto: onnx.ModelProto, path: Path) -> None:
-    """Refuse NaN or inf in the stored float tensors: magnitude order and accuracy mean nothing for them."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    for tensor in _tensors(proto.graph):
-        if tensor.data_type not in floats:
-            continue
-        try:
-            values = numpy_helper.to_array(tensor)
-        except (ValueError, TypeError) as e:  # its data does not fit its shape and type
-            raise QLPError(f"{path} is a damaged ONNX file: tensor {tensor.name[:80]!r} does not hold the data its "
-                           f"shape {list(tensor.dims)[:8]} and type need ({_first_line(e)[:100]}); export or download "
-                           "it again") from e
-        if not np.isfinite(values.astype(np.float64)).all():
-            raise QLPError(f"tensor {tensor.name!r} of {path} holds NaN or inf values; re-export the model from a "
-                           "healthy checkpoint")
 
 
 def _graph_io(proto: onnx.ModelProto, path: Path) -> tuple[str, str, tuple[int | None, ...] | None]:
@@ -364,7 +224,7 @@ def _onnxruntime_output(proto: onnx.ModelProto, x: np.ndarray, path: Path, fixed
                                for i in range(0, len(x), step)])
     except Exception as e:
         raise QLPError(f"onnxruntime cannot run {path} on a batch of {step} images of shape {list(x.shape[1:])} "
-                       f"({_first_line(e)}); check that the file is an image classifier taking (N, C, H, W)") from e
+                       f"({first_line(e)}); check that the file is an image classifier taking (N, C, H, W)") from e
 
 
 def _check_rewrite(proto: onnx.ModelProto, x: np.ndarray, expected: np.ndarray, path: Path,
@@ -403,7 +263,7 @@ def onnx_to_torch(proto: onnx.ModelProto, path: Path,
             proto = version_converter.convert_version(proto, MIN_OPSET)
         except Exception as e:
             raise QLPError(f"{path} uses opset {_opset(proto)}, which onnx.version_converter cannot bring up to "
-                           f"{MIN_OPSET} ({_first_line(e)}); {REEXPORT_HINT}") from e
+                           f"{MIN_OPSET} ({first_line(e)}); {REEXPORT_HINT}") from e
     proto = _slim(proto)
     problem = None
     for candidate in _down_converted(proto):
@@ -459,113 +319,16 @@ def _convert(proto: onnx.ModelProto, path: Path) -> fx.GraphModule:
             module = convert(proto)
     except NotImplementedError as e:
         ops = sorted(set(re.findall(r"operation_type='(\w+)'", str(e))))
-        raise _Unconvertible(f"operators onnx2torch cannot convert: {', '.join(ops) if ops else _first_line(e)} "
+        raise _Unconvertible(f"operators onnx2torch cannot convert: {', '.join(ops) if ops else first_line(e)} "
                              f"(opset {_opset(proto)})") from e
     except Exception as e:
-        raise QLPError(f"onnx2torch failed on {path} ({type(e).__name__}: {_first_line(e)}); {REEXPORT_HINT}") from e
+        raise QLPError(f"onnx2torch failed on {path} ({type(e).__name__}: {first_line(e)}); {REEXPORT_HINT}") from e
     linear_from_matmul(module)
     return module.float().eval()
 
 
 def _opset(proto: onnx.ModelProto) -> int:
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def unsupported_operators(proto: onnx.ModelProto) -> list[str]:
-    """Operator types in `proto` that onnx2torch's converter registry has no converter for."""
-    from onnx2torch.node_converters import get_converter
-
-    _register_compat_converters()
-    versions = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
-    missing = set()
-    for node in proto.graph.node:
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        try:
-            get_converter(node.op_type, versions.get(domain, 1), domain)
-        except NotImplementedError:
-            missing.add(f"{domain}.{node.op_type}" if domain else node.op_type)
-    return sorted(missing)
-
-
-def linear_from_matmul(module: fx.GraphModule) -> None:
-    """Turn onnx2torch's MatMul (and Gemm it left generic) with a constant 2-D weight into nn.Linear, folding a
-    following Add of a constant bias: the weight must be a module parameter for the pruner to find it."""
-    from onnx2torch.node_converters.binary_math_operations import OnnxBinaryMathOperation
-    from onnx2torch.node_converters.gemm import OnnxGemm
-    from onnx2torch.node_converters.matmul import OnnxMatMul
-
-    graph = module.graph
-    changed = False
-    for node in list(graph.nodes):
-        if node.op != "call_module":
-            continue
-        op = module.get_submodule(node.target)
-        args = [*node.args, *node.kwargs.values()]
-        if isinstance(op, OnnxMatMul) and len(args) == 2:
-            weight, bias, scale = _constant(module, args[1]), None, 1.0
-        elif isinstance(op, OnnxGemm) and not op.trans_a and len(args) in (2, 3):
-            weight, scale = _constant(module, args[1]), op.alpha
-            weight = weight.T if weight is not None and op.trans_b else weight
-            bias = _constant(module, args[2]) if len(args) == 3 else None
-            if len(args) == 3 and bias is None:
-                continue
-        else:
-            continue
-        if weight is None or weight.ndim != 2 or _constant(module, args[0]) is not None:
-            continue
-        out_features = weight.shape[1]
-        if bias is not None:
-            if bias.numel() != out_features or bias.shape[-1] != out_features:
-                continue
-            bias = bias.reshape(-1) * op.beta
-        users = list(node.users)
-        add = users[0] if len(users) == 1 and bias is None else None
-        if add is not None and add.op == "call_module" and not add.kwargs and len(add.args) == 2:
-            add_op = module.get_submodule(add.target)
-            other = add.args[1] if add.args[0] is node else add.args[0]
-            candidate = _constant(module, other)
-            if (isinstance(add_op, OnnxBinaryMathOperation) and add_op.math_op_function is torch.add
-                    and add_op.broadcast is None and candidate is not None
-                    and candidate.numel() == out_features and candidate.shape[-1] == out_features):
-                bias = candidate.reshape(-1)
-            else:
-                add = None
-        else:
-            add = None
-        linear = nn.Linear(weight.shape[0], out_features, bias=bias is not None)
-        with torch.no_grad():
-            linear.weight.copy_(weight.T * scale)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        module.add_submodule(node.target, linear)
-        node.args, node.kwargs = (args[0],), {}
-        if add is not None:
-            add.replace_all_uses_with(node)
-            graph.erase_node(add)
-        changed = True
-    if changed:
-        graph.eliminate_dead_code()
-        module.delete_all_unused_submodules()
-        used = {n.target for n in graph.nodes if n.op == "get_attr"}
-        for name, _ in list(module.named_buffers()):
-            if name.startswith("initializers.") and name not in used:
-                delattr(module.get_submodule("initializers"), name.split(".", 1)[1])
-        module.recompile()
-
-
-def _constant(module: fx.GraphModule, arg: object) -> torch.Tensor | None:
-    """The tensor behind an fx argument that reads a stored constant, else None."""
-    if not (isinstance(arg, fx.Node) and arg.op == "get_attr" and isinstance(arg.target, str)):
-        return None
-    value: object = module
-    for part in arg.target.split("."):
-        value = getattr(value, part, None)
-    return value.detach().float() if isinstance(value, torch.Tensor) else None
 
 
 def _check_faithful(module: nn.Module, x: np.ndarray, expected: np.ndarray, path: Path, reference: str) -> None:
@@ -575,7 +338,7 @@ def _check_faithful(module: nn.Module, x: np.ndarray, expected: np.ndarray, path
             warnings.simplefilter("ignore")
             got = module(torch.from_numpy(x))
     except Exception as e:
-        raise QLPError(f"the PyTorch conversion of {path} cannot run ({type(e).__name__}: {_first_line(e)}); "
+        raise QLPError(f"the PyTorch conversion of {path} cannot run ({type(e).__name__}: {first_line(e)}); "
                        f"{REEXPORT_HINT}") from e
     if not isinstance(got, torch.Tensor) or tuple(got.shape) != expected.shape:
         shape = list(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
@@ -622,7 +385,7 @@ def _load_torchscript(request: _Request) -> LoadedModel:
             warnings.simplefilter("ignore")  # torch.jit is deprecated; reading old files is still what users need
             script = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as e:
-        raise QLPError(f"{path} is not a loadable TorchScript file ({type(e).__name__}: {_first_line(e)}); "
+        raise QLPError(f"{path} is not a loadable TorchScript file ({type(e).__name__}: {first_line(e)}); "
                        "save it again with torch.jit.save") from e
     shape = request.verify_input_shape
     if shape is None:
@@ -635,7 +398,7 @@ def _load_torchscript(request: _Request) -> LoadedModel:
         model_bytes = export.to_onnx_bytes(script, shape)
     except Exception as e:
         raise QLPError(f"the TorchScript model {path} cannot run and export on images of shape {list(shape)} "
-                       f"({type(e).__name__}: {_first_line(e)}); save a state dict and pass --arch instead") from e
+                       f"({type(e).__name__}: {first_line(e)}); save a state dict and pass --arch instead") from e
     if not isinstance(expected, torch.Tensor):
         raise QLPError(f"{path} returns {type(expected).__name__}, not a tensor of logits; the tool compresses "
                        "image classifiers with one output")
@@ -669,18 +432,18 @@ def _torch_load(path: Path, trust_pickle: bool) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" not in str(e).lower() and "weights_only" not in str(e):
-            raise QLPError(f"{path} is a damaged PyTorch file ({_first_line(e)}); save the model again") from e
+            raise QLPError(f"{path} is a damaged PyTorch file ({first_line(e)}); save the model again") from e
         if not trust_pickle:
             raise QLPError(f"{path} is a pickled Python object (e.g. a whole nn.Module), and loading it runs code "
                            "from the file: pass --trust-pickle (only for files you trust), or save "
                            "model.state_dict() and pass --arch") from e
     except Exception as e:
-        raise QLPError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {_first_line(e)}); save the "
+        raise QLPError(f"{path} is not a readable PyTorch file ({type(e).__name__}: {first_line(e)}); save the "
                        "model again with torch.save") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise QLPError(f"{path} cannot be unpickled ({type(e).__name__}: {_first_line(e)}); run from a project "
+        raise QLPError(f"{path} cannot be unpickled ({type(e).__name__}: {first_line(e)}); run from a project "
                        "where the model's classes can be imported, or save a state dict and pass --arch") from e
 
 
@@ -729,7 +492,7 @@ def _from_state_dict(state: Mapping[str, torch.Tensor], request: _Request) -> Lo
         model[1].load_state_dict(body, strict=True)
     except RuntimeError as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else _first_line(e)
+        detail = lines[1] if len(lines) > 1 else first_line(e)
         raise QLPError(f"{path} does not fit --arch {arch} with {num_classes} classes and {in_channels} input "
                        f"channels ({detail[:200]}); check --arch and --data") from e
     return LoadedModel(
@@ -743,121 +506,3 @@ LOADERS: dict[str, Callable[[_Request], LoadedModel]] = {
     "torchscript": _load_torchscript,
     "pytorch": _load_pytorch,
 }
-
-
-# ------------------------------------------------------------------------------- onnx2torch compatibility
-
-
-def _axes_input_to_attribute(node: OnnxNode, graph) -> OnnxNode:
-    """Reduce* of opset 18 reads its axes from an input; the opset-13 converter wants an attribute."""
-    from onnx2torch.onnx_node import OnnxNode
-    from onnx2torch.utils.common import get_const_value
-
-    def unsupported(why: str) -> NotImplementedError:
-        return NotImplementedError(f"Converter is not implemented (operation_type='{node.operation_type}', "
-                                   f"version=18: {why})")
-
-    axes: list[int] = []
-    if len(node.input_values) > 1 and node.input_values[1]:
-        try:
-            axes = [int(a) for a in torch.as_tensor(get_const_value(node.input_values[1], graph)).flatten()]
-        except KeyError as e:
-            raise unsupported("axes computed in the graph") from e
-    if not axes and node.attributes.get("noop_with_empty_axes", 0):  # the identity, which opset 13 cannot say
-        raise unsupported("noop_with_empty_axes")
-    proto = onnx.NodeProto()
-    proto.CopyFrom(node.proto)
-    del proto.input[1:]
-    if axes:
-        proto.attribute.append(onnx.helper.make_attribute("axes", axes))
-    return OnnxNode(proto, unique_name=node.unique_name)
-
-
-def _all_ones(name: str) -> Callable:
-    return lambda node: all(v == 1 for v in node.attributes.get(name, [1]))
-
-
-# Operator versions of opsets 16–21 that onnx2torch 1.5 has no converter for, although the previous version's
-# converter computes the same thing on float tensors (the new version added types, or an input or attribute
-# that the node leaves at its default). Each entry: operator, versions, the condition a node must meet (or a
-# rewrite into the previous version's form). Whatever is converted is still checked against onnxruntime.
-_SAME = None
-_COMPAT: tuple[tuple[str, tuple[int, ...], Callable | None], ...] = (
-    *((op, versions, _SAME) for op, versions in (
-        ("Cast", (19, 21)), ("Constant", (19, 21)), ("ConstantOfShape", (20, 21)), ("Equal", (19,)),
-        ("Flatten", (21,)), ("GreaterOrEqual", (16,)), ("LessOrEqual", (16,)), ("Identity", (19, 21)),
-        ("IsInf", (20,)), ("IsNaN", (20,)), ("Reshape", (19, 21)), ("Shape", (19, 21)), ("Transpose", (21,)),
-        ("Unsqueeze", (21,)), ("Split", (18,)))),
-    ("AveragePool", (19,), _all_ones("dilations")),
-    ("Pad", (18,), lambda node: len(node.input_values) < 4 or not node.input_values[3]),
-    ("Pad", (19,), lambda node: node.attributes.get("mode", "constant") != "wrap"),
-    ("Pad", (21,), _SAME),
-    ("Resize", (18,), lambda node: not node.attributes.get("antialias", 0) and "axes" not in node.attributes
-     and node.attributes.get("keep_aspect_ratio_policy", "stretch") == "stretch"),
-    ("Resize", (19,), lambda node: node.attributes.get("coordinate_transformation_mode") != "half_pixel_symmetric"),
-    ("ScatterND", (18,), lambda node: node.attributes.get("reduction", "none") not in ("max", "min")),
-    *((op, (18,), _axes_input_to_attribute) for op in (
-        "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
-        "ReduceProd", "ReduceSumSquare")),
-    ("ReduceMax", (20,), _SAME),
-    ("ReduceMin", (20,), _SAME),
-)
-
-
-def _activation(make: Callable[[OnnxNode], nn.Module]) -> Callable:
-    """A converter for an elementwise activation that torch has as a module."""
-
-    def convert(node, graph):
-        from onnx2torch.utils.common import OperationConverterResult, onnx_mapping_from_node
-
-        return OperationConverterResult(make(node), onnx_mapping_from_node(node))
-
-    return convert
-
-
-# Activations that became single operators in recent opsets (the exporter's default, 20, writes GELU as Gelu)
-# and that onnx.version_converter cannot take back to an older opset.
-_NEW_ACTIVATIONS: dict[tuple[str, int], Callable] = {
-    ("Gelu", 20): _activation(lambda node: nn.GELU(approximate=node.attributes.get("approximate", "none"))),
-    ("Mish", 18): _activation(lambda node: nn.Mish()),
-}
-
-
-@functools.cache
-def _register_compat_converters() -> None:
-    """Route the operator versions in _COMPAT to the previous version's converter, and add _NEW_ACTIVATIONS,
-    through onnx2torch's own registry (add_converter); what a newer onnx2torch converts itself is left alone."""
-    from onnx2torch.node_converters.registry import add_converter, get_converter
-
-    def has(op: str, version: int) -> bool:
-        try:
-            get_converter(op, version)
-            return True
-        except NotImplementedError:
-            return False
-
-    for (op, version), converter in _NEW_ACTIVATIONS.items():
-        if not has(op, version):
-            add_converter(op, version)(converter)
-    for op, versions, rule in sorted(_COMPAT, key=lambda entry: entry[1]):
-        for version in versions:
-            if has(op, version):
-                continue
-            previous = next((v for v in range(version - 1, 0, -1) if has(op, v)), None)
-            if previous is not None:
-                add_converter(op, version)(_compat_converter(op, version, get_converter(op, previous), rule))
-
-
-def _compat_converter(op: str, version: int, previous: Callable, rule: Callable | None) -> Callable:
-    def convert(node, graph):
-        if rule is not None:
-            result = rule(node) if rule is not _axes_input_to_attribute else rule(node, graph)
-            if result is False:
-                raise NotImplementedError(f"Converter is not implemented (operation_type='{op}', version={version}: "
-                                          "it uses a feature of that version)")
-            if result is not True:
-                node = result
-        return previous(node, graph)
-
-    return convert
-

@@ -143,7 +143,8 @@ class DQNAgent:
         parts = [self.demo_replay.sample(n_demo, self.rng)] if n_demo else []
         if n_demo < s.batch_size:
             parts.append(self.replay.sample(s.batch_size - n_demo, self.rng))
-        states, actions, rewards, next_states, dones = (torch.cat(x) for x in zip(*parts, strict=True))
+        batch = parts[0] if len(parts) == 1 else tuple(torch.cat(x) for x in zip(*parts, strict=True))
+        states, actions, rewards, next_states, dones = batch
         with torch.no_grad():
             next_actions = self.q(next_states).argmax(1, keepdim=True)  # chosen by the online network
             next_values = self.target(next_states).gather(1, next_actions).squeeze(1)  # valued by the target
