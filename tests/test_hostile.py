@@ -206,7 +206,7 @@ def cifar_classifier(path: Path) -> None:
 
 def test_cifar_pickles_are_read_exactly_as_numpy_wrote_them() -> None:
     """The restricted reader gives what an unrestricted pickle.load gives, for each way a batch can be pickled."""
-    from qlp_compress.data import _read_cifar10_pickle
+    from qlp_compress.cifar import read_cifar10_pickle as _read_cifar10_pickle
 
     rng = np.random.default_rng(0)
     rows, labels = rng.integers(0, 256, (3, 3072), dtype=np.uint8), [3, 0, 9]
