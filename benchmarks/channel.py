@@ -21,21 +21,24 @@ import subprocess
 import time
 from pathlib import Path
 
-from qlp_compress.channel.latency import LatencySettings
-from qlp_compress.channel.pipeline import (
+from qlp_compress.base.errors import QLPError
+from qlp_compress.base.io import atomic_write_json, atomic_write_text
+from qlp_compress.deploy.engine import open_session, session_accuracy
+from qlp_compress.deploy.latency import LatencySettings
+from qlp_compress.reward.channels import ChannelRewardSettings
+from qlp_compress.search.curriculum import SearchSettings
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.workflows import (
     ChannelSettings,
+    DataSettings,
+    ModelSettings,
+    export_bytes,
     find_widths,
     measure,
     open_channels,
+    open_workspace,
     prune_finetune,
 )
-from qlp_compress.channel.search import ChannelRewardSettings
-from qlp_compress.errors import QLPError
-from qlp_compress.finetune import TrainSettings
-from qlp_compress.io import atomic_write_json, atomic_write_text
-from qlp_compress.pipeline import DataSettings, ModelSettings, export_bytes, open_workspace
-from qlp_compress.qlp.search import SearchSettings
-from qlp_compress.runtime import open_session, session_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("qlp", "uniform", "l1", "bn-slimming", "random")

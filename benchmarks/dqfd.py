@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from qlp_compress.io import atomic_write_json
-from qlp_compress.pipeline import DataSettings, ModelSettings, find_policy, open_workspace
-from qlp_compress.qlp.agent import AgentSettings
-from qlp_compress.qlp.reward import RewardSettings
-from qlp_compress.qlp.search import SearchSettings
+from qlp_compress.base.io import atomic_write_json
+from qlp_compress.reward.weights import RewardSettings
+from qlp_compress.search.agent import AgentSettings
+from qlp_compress.search.curriculum import SearchSettings
+from qlp_compress.workflows import DataSettings, ModelSettings, find_policy, open_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # the same budget and reward; only how the agent learns from the demonstrations differs

@@ -80,13 +80,13 @@ def make_base(folder: Path, rng: np.random.Generator) -> None:
     """The shipped model, a small Fashion-MNIST-shaped .npz, a LeNet-5 and a valid policy.json for it."""
     import torch
 
-    from qlp_compress import export
-    from qlp_compress.allocate import AllocationSettings, allocate
+    from qlp_compress.base.io import sha256_file
+    from qlp_compress.deploy import export
     from qlp_compress.importer import load_model
-    from qlp_compress.io import sha256_file
-    from qlp_compress.masks import find_prunable_layers
-    from qlp_compress.policy import Policy
-    from qlp_compress.zoo import build_model
+    from qlp_compress.pruning.allocate import AllocationSettings, allocate
+    from qlp_compress.pruning.masks import find_prunable_layers
+    from qlp_compress.pruning.policy import Policy
+    from qlp_compress.train.zoo import build_model
 
     shutil.copy(SHIPPED, folder / "resnet20.onnx")
     x = rng.integers(0, 256, (96, 1, 28, 28), dtype=np.uint8)
@@ -437,7 +437,7 @@ def _alarm(signum, frame):
 
 
 def run_case(case: Case, folder: Path) -> Outcome:
-    from qlp_compress import cli
+    from qlp_compress.cli import commands as cli
 
     before = {name: _digest(folder / name) for name in case.inputs}
     listing = set(os.listdir(folder))

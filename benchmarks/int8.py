@@ -27,11 +27,11 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from qlp_compress import export, quantize, runtime
+from qlp_compress.base.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from qlp_compress.data import materialize
-from qlp_compress.finetune import TrainSettings
-from qlp_compress.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from qlp_compress.pipeline import (
+from qlp_compress.deploy import engine, export, quantize
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.workflows import (
     DataSettings,
     ModelSettings,
     export_bytes,
@@ -82,7 +82,7 @@ def sparse_storage(int8: bytes, x: np.ndarray) -> dict:
             result[f"checker_full_check_{full}".lower()] = "fails: " + " ".join(str(e).split())[:300]
     outputs = []
     for model in (int8, sparse):
-        s = runtime.open_session(model)
+        s = engine.open_session(model)
         outputs.append(s.run(None, {s.get_inputs()[0].name: x})[0])
     result["onnxruntime_same_outputs"] = bool(np.array_equal(*outputs))
     return result
@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict:
     x_check = materialize(ws.splits.test, limit=256)[0].numpy()
     for model, float_path in floats.items():
         raw = float_path.read_bytes()
-        float_test = runtime.session_accuracy(runtime.open_session(raw), ws.splits.test)
+        float_test = engine.session_accuracy(engine.open_session(raw), ws.splits.test)
         for variant, options in VARIANTS.items():
             if "activations" in (options or {}) and model != "dense":
                 continue
@@ -142,9 +142,9 @@ def run(args: argparse.Namespace) -> dict:
                            calibration_images=info["calibration_images"], preprocess=info["preprocess"],
                            activations=info["activations"])
             data = path.read_bytes()
-            s = runtime.open_session(data)
+            s = engine.open_session(data)
             row.update(test_accuracy=float_test if info is None else info["accuracy"]["int8_accuracy"],
-                       reward_accuracy=runtime.session_accuracy(s, ws.splits.reward),
+                       reward_accuracy=engine.session_accuracy(s, ws.splits.reward),
                        bytes=len(data), gzip_bytes=len(gzip.compress(data, 6)))
             if info is not None and model != "dense":
                 row["sparse_storage"] = sparse_storage(data, x_check)

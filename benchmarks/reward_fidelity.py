@@ -24,14 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qlp_compress.allocate import AllocationSettings, allocate, proportional
+from qlp_compress.base.io import atomic_write_json
 from qlp_compress.data import materialize
-from qlp_compress.finetune import TrainSettings, accuracy
-from qlp_compress.io import atomic_write_json
-from qlp_compress.masks import find_prunable_layers
-from qlp_compress.pipeline import DataSettings, ModelSettings, open_workspace, prune_and_finetune
-from qlp_compress.policy import Policy
-from qlp_compress.qlp.reward import Reward, RewardSettings
+from qlp_compress.pruning.allocate import AllocationSettings, allocate, proportional
+from qlp_compress.pruning.masks import find_prunable_layers
+from qlp_compress.pruning.policy import Policy
+from qlp_compress.reward.weights import Reward, RewardSettings
+from qlp_compress.train.finetune import TrainSettings, accuracy
+from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_and_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 BLENDS = {"lamp": 0.0, "blend 0.25": 0.25, "blend 0.5": 0.5, "blend 0.75": 0.75, "erk": 1.0}  # weight of ERK

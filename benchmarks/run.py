@@ -28,12 +28,16 @@ import onnxruntime as ort
 import torch
 from bench_report import write_markdown
 
-from qlp_compress.allocate import AllocationSettings
-from qlp_compress.errors import QLPError
-from qlp_compress.export import to_sparse_storage
-from qlp_compress.finetune import TrainSettings
-from qlp_compress.io import atomic_write_json
-from qlp_compress.pipeline import (
+from qlp_compress.base.errors import QLPError
+from qlp_compress.base.io import atomic_write_json
+from qlp_compress.deploy.export import to_sparse_storage
+from qlp_compress.pruning.allocate import AllocationSettings
+from qlp_compress.pruning.policy import Policy
+from qlp_compress.reward.weights import RewardSettings
+from qlp_compress.search.curriculum import SearchSettings
+from qlp_compress.search.env import EnvSettings
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.workflows import (
     DataSettings,
     ModelSettings,
     export_bytes,
@@ -42,10 +46,6 @@ from qlp_compress.pipeline import (
     open_workspace,
     prune_and_finetune,
 )
-from qlp_compress.policy import Policy
-from qlp_compress.qlp.env import EnvSettings
-from qlp_compress.qlp.reward import RewardSettings
-from qlp_compress.qlp.search import SearchSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("global", "lamp", "erk", "uniform")

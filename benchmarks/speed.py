@@ -24,11 +24,11 @@ import onnxruntime as ort
 import torch
 
 from qlp_compress.data import load_fashion_mnist, make_splits, materialize
+from qlp_compress.deploy.engine import open_session
 from qlp_compress.importer import load_model
-from qlp_compress.qlp.env import PruningEnv
-from qlp_compress.qlp.reward import Reward, RewardSettings
-from qlp_compress.qlp.search import SearchSettings, run_search
-from qlp_compress.runtime import open_session
+from qlp_compress.reward.weights import Reward, RewardSettings
+from qlp_compress.search.curriculum import SearchSettings, run_search
+from qlp_compress.search.env import PruningEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from qlp_compress import export
-from qlp_compress.zoo import build_model
+from qlp_compress.deploy import export
+from qlp_compress.train.zoo import build_model
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from qlp_compress.allocate import ALLOCATORS, AllocationSettings, allocate
-from qlp_compress.errors import UsageError
-from qlp_compress.masks import MagnitudePruner, global_sparsity, pruned_count
+from qlp_compress.base.errors import UsageError
+from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings, allocate
+from qlp_compress.pruning.masks import MagnitudePruner, global_sparsity, pruned_count
 
 TARGETS = [0.5, 0.9, 0.98]
 

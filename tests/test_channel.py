@@ -16,15 +16,16 @@ import torch
 from conftest import make_tiny_task
 from torch import nn
 
-from qlp_compress import export
-from qlp_compress.channel.groups import ChannelSpace
-from qlp_compress.channel.latency import LatencySettings, LatencyTable, allowed_widths
-from qlp_compress.channel.rewrite import FixedChannelMap, rewrite_channel_maps
-from qlp_compress.channel.search import ChannelEnv, allocate_widths
+from qlp_compress.deploy import export
+from qlp_compress.deploy.engine import open_session
+from qlp_compress.deploy.latency import LatencySettings, LatencyTable, allowed_widths
 from qlp_compress.importer import load_model
-from qlp_compress.qlp.env import EnvSettings
-from qlp_compress.runtime import open_session
-from qlp_compress.zoo import build_model
+from qlp_compress.pruning.channel_groups import ChannelSpace
+from qlp_compress.pruning.shortcuts import FixedChannelMap, rewrite_channel_maps
+from qlp_compress.pruning.widths import allocate_widths
+from qlp_compress.search.channel_env import ChannelEnv
+from qlp_compress.search.env import EnvSettings
+from qlp_compress.train.zoo import build_model
 
 X = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from qlp_compress import data
+from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.data import (
-    FASHION_MNIST_FILES,
     ImageData,
     TensorImages,
+    fashion_mnist,
     iterate_batches,
     load_cifar10,
     load_dataset,
@@ -25,9 +25,8 @@ from qlp_compress.data import (
     load_npz,
     make_splits,
     materialize,
-    read_idx,
 )
-from qlp_compress.errors import QLPError, UsageError
+from qlp_compress.data.fashion_mnist import FASHION_MNIST_FILES, read_idx
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -63,7 +62,7 @@ def no_system_data(tmp_path, monkeypatch) -> None:
     """No Debian package, an empty user cache and no $QLP_DATA_DIR: only what a test puts in place is found."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", empty / "debian")
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", empty / "debian")
     monkeypatch.setenv("XDG_CACHE_HOME", str(empty / "cache"))
     monkeypatch.delenv("QLP_DATA_DIR", raising=False)
 

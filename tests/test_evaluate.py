@@ -10,12 +10,12 @@ import onnx
 import pytest
 import torch
 
-from qlp_compress import export, runtime
-from qlp_compress.errors import UsageError
-from qlp_compress.finetune import TrainSettings, accuracy
-from qlp_compress.masks import find_prunable_layers
-from qlp_compress.pipeline import DataSettings, evaluate_model, train_model
-from qlp_compress.zoo import build_model, stats_for
+from qlp_compress.base.errors import UsageError
+from qlp_compress.deploy import engine, export
+from qlp_compress.pruning.masks import find_prunable_layers
+from qlp_compress.train.finetune import TrainSettings, accuracy
+from qlp_compress.train.zoo import build_model, stats_for
+from qlp_compress.workflows import DataSettings, evaluate_model, train_model
 
 FAST = TrainSettings(epochs=0.2, batch_size=32, lr=0.05, warmup_epochs=0.1, seed=0)
 
@@ -33,7 +33,7 @@ def write_npz(path: Path, n: int = 200, n_test: int = 40, shape=(1, 28, 28), cla
 
 def onnx_accuracy_by_hand(path: Path, x_u8: np.ndarray, y: np.ndarray) -> float:
     """The reference: one onnxruntime run over the test images as written, top-1 against the labels."""
-    session = runtime.open_session(path)
+    session = engine.open_session(path)
     logits = session.run(None, {"input": x_u8.astype(np.float32) / 255})[0]
     return float((logits.argmax(1) == y).mean())
 
@@ -66,7 +66,7 @@ def test_train_model_writes_onnx_with_its_measured_test_accuracy(trained) -> Non
     from qlp_compress.data import load_npz
 
     test = load_npz(folder / "tiny.npz").test
-    assert runtime.session_accuracy(runtime.open_session(out), test, batch_size=7) == pytest.approx(measured)
+    assert engine.session_accuracy(engine.open_session(out), test, batch_size=7) == pytest.approx(measured)
 
 
 def test_train_model_refuses_to_overwrite(trained) -> None:

@@ -17,10 +17,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from qlp_compress.errors import QLPError
+from qlp_compress.base.errors import QLPError
+from qlp_compress.deploy.engine import max_ir_version
 from qlp_compress.importer import load_model
-from qlp_compress.onnx_rewrite import rewrite_for_conversion
-from qlp_compress.runtime import max_ir_version
+from qlp_compress.importer.onnx_rewrite import rewrite_for_conversion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +130,7 @@ def test_ir_version_newer_than_onnxruntime_reads_is_a_one_line_error(tmp_path):
 def test_a_linear_exported_as_matmul_is_matched_transposed():
     """The TorchScript exporter writes a Linear whose input rank it cannot tell as MatMul with the weight stored
     in × out; its zero pattern must still identify the layer."""
-    from qlp_compress.export import match_layers
+    from qlp_compress.deploy.export import match_layers
 
     rng = np.random.default_rng(0)
     keep = rng.random((10, 40)) < 0.5

@@ -28,10 +28,12 @@ import torch
 from conftest import make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 
-from qlp_compress import cli, export, outputs
-from qlp_compress import io as qio
-from qlp_compress.errors import QLPError
-from qlp_compress.runtime import open_session
+from qlp_compress.base import io as qio
+from qlp_compress.base import outputs
+from qlp_compress.base.errors import QLPError
+from qlp_compress.cli import commands as cli
+from qlp_compress.deploy import export
+from qlp_compress.deploy.engine import open_session
 
 DEVICE = ("--device", "cpu")
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -206,7 +208,7 @@ def cifar_classifier(path: Path) -> None:
 
 def test_cifar_pickles_are_read_exactly_as_numpy_wrote_them() -> None:
     """The restricted reader gives what an unrestricted pickle.load gives, for each way a batch can be pickled."""
-    from qlp_compress.cifar import read_cifar10_pickle as _read_cifar10_pickle
+    from qlp_compress.data.cifar import read_cifar10_pickle as _read_cifar10_pickle
 
     rng = np.random.default_rng(0)
     rows, labels = rng.integers(0, 256, (3, 3072), dtype=np.uint8), [3, 0, 9]
@@ -386,7 +388,7 @@ def test_a_model_that_outputs_nan_is_refused(work, qlp) -> None:
 
 
 def test_verification_fails_on_non_finite_output_on_either_side() -> None:
-    from qlp_compress.zoo import build_model
+    from qlp_compress.train.zoo import build_model
 
     torch.manual_seed(0)
     model = build_model("lenet5", 1, 4, (0.2,), (0.3,)).eval()
@@ -795,7 +797,7 @@ def test_damage_the_fuzz_run_found(work, qlp, how, evaluate_says, export_says) -
 
 
 def test_resume_with_other_settings_gives_advice_that_works(work, qlp, monkeypatch) -> None:
-    from qlp_compress.qlp import search
+    from qlp_compress.search import curriculum as search
 
     real, calls = search._play_episode, []
 

@@ -15,12 +15,13 @@ import torchvision
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from qlp_compress import export, zoo
-from qlp_compress.errors import QLPError, UsageError
+from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.io import sha256_file
+from qlp_compress.deploy import export
+from qlp_compress.deploy.engine import open_session
 from qlp_compress.importer import load_model, unsupported_operators
-from qlp_compress.io import sha256_file
-from qlp_compress.masks import find_prunable_layers
-from qlp_compress.runtime import open_session
+from qlp_compress.pruning.masks import find_prunable_layers
+from qlp_compress.train import zoo
 
 ATOL = 1e-4
 IMAGE = (3, 64, 64)  # small images keep torchvision models fast on a CPU
@@ -241,7 +242,7 @@ def test_dense_layers_become_linear(tmp_path, kind):
 
 def test_unfaithful_conversion_is_refused(tmp_path, monkeypatch):
     """A conversion that changes the outputs (simulated: a weight nudged after onnx2torch) never loads."""
-    from qlp_compress import importer
+    from qlp_compress.importer import from_onnx as importer
 
     def nudged(module):
         original(module)

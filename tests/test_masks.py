@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from qlp_compress.errors import QLPError
-from qlp_compress.masks import (
+from qlp_compress.base.errors import QLPError
+from qlp_compress.pruning.masks import (
     MagnitudePruner,
     apply_masks,
     check_finite,

@@ -12,9 +12,9 @@ import onnx
 import pytest
 from conftest import make_tiny_task
 
-from qlp_compress import export
-from qlp_compress.masks import pruned_count
-from qlp_compress.runtime import open_session
+from qlp_compress.deploy import export
+from qlp_compress.deploy.engine import open_session
+from qlp_compress.pruning.masks import pruned_count
 
 
 @pytest.fixture(scope="module")

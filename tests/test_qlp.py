@@ -16,23 +16,23 @@ from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import TensorDataset
 
+from qlp_compress.base.errors import UsageError
+from qlp_compress.base.io import load_checkpoint
 from qlp_compress.data import TensorImages, to_float
-from qlp_compress.errors import UsageError
-from qlp_compress.finetune import train
-from qlp_compress.io import load_checkpoint
-from qlp_compress.masks import find_prunable_layers
-from qlp_compress.qlp import agent as agent_module
-from qlp_compress.qlp.agent import AgentSettings, DQNAgent
-from qlp_compress.qlp.env import DEFAULT_ACTIONS, EnvSettings, PruningEnv
-from qlp_compress.qlp.reward import BRIEF_FINETUNE, Reward, RewardSettings
-from qlp_compress.qlp.search import (
+from qlp_compress.pruning.masks import find_prunable_layers
+from qlp_compress.reward.weights import BRIEF_FINETUNE, Reward, RewardSettings
+from qlp_compress.search import agent as agent_module
+from qlp_compress.search.agent import AgentSettings, DQNAgent
+from qlp_compress.search.curriculum import (
     SearchInterrupted,
     SearchSettings,
     curriculum_targets,
     run_search,
     stage_episodes,
 )
-from qlp_compress.zoo import build_model
+from qlp_compress.search.env import DEFAULT_ACTIONS, EnvSettings, PruningEnv
+from qlp_compress.train.finetune import train
+from qlp_compress.train.zoo import build_model
 
 # ------------------------------------------------------------------ a synthetic problem with a known optimum
 

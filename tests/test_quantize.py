@@ -16,11 +16,11 @@ import torch
 from conftest import make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 
-from qlp_compress import export, quantize
+from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.data import load_dataset, make_splits, materialize
-from qlp_compress.errors import QLPError, UsageError
-from qlp_compress.pipeline import DataSettings
-from qlp_compress.runtime import open_session
+from qlp_compress.deploy import export, quantize
+from qlp_compress.deploy.engine import open_session
+from qlp_compress.workflows import DataSettings
 
 ENV = {"OMP_NUM_THREADS": "1"}
 

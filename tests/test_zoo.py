@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from qlp_compress.errors import UsageError
-from qlp_compress.export import INPUT_NAME, OUTPUT_NAME, to_onnx_bytes
-from qlp_compress.runtime import open_session
-from qlp_compress.zoo import ARCHS, CifarResNet, Normalize, build_model, stats_for
+from qlp_compress.base.errors import UsageError
+from qlp_compress.deploy.engine import open_session
+from qlp_compress.deploy.export import INPUT_NAME, OUTPUT_NAME, to_onnx_bytes
+from qlp_compress.train.zoo import ARCHS, CifarResNet, Normalize, build_model, stats_for
 
 # Smallest convenient image side per architecture (the torchvision ones downsample 32×)
 SIDE = {"lenet5": 28, "resnet20": 16, "resnet32": 16, "resnet56": 16, "resnet18": 32, "resnet50": 32,

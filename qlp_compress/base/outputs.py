@@ -1,0 +1,331 @@
+"""An output folder written as a set: a run's files are all new or all as they were, never a mix.
+
+A run that writes a folder (`search`, `prune`, `compare`) works in `OUT/.work/`: its checkpoints (for
+`--resume`), a lock file that keeps a second run out, and `out/`, where its output files are written. Only when
+every file is complete are they put in place: the previous run's files move to `.work/old/`, the new ones move
+in, and `.work/` is deleted. An error or an interrupt before or during that swap puts the previous files back.
+A list of the new files (`.work/commit.json`) is written first, so a run killed outright (kill -9, a power
+cut) in the middle of the swap is finished by the next run in that folder.
+
+Commands that write one file (`finetune`, `export`, `train`) write it atomically (qlp_compress.base.io) and lock it
+with a hidden `.NAME.lock` beside it while they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.interrupts import deferred_interrupts
+from qlp_compress.base.io import atomic_path, atomic_write_json
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs are not guarded against each other there
+    fcntl = None
+
+WORK = ".work"  # the run's working folder inside OUT
+# every file a folder-writing run may leave in OUT: a new run replaces all of these that it finds
+OUTPUT_NAMES = ("model.onnx", "model.sparse.onnx", "model.int8.onnx", "policy.json", "report.json", "report.md",
+                "sparsity.png", "reward.png", "compare.json", "compare.md")
+CHECKPOINTS = ("search.ckpt", "finetune.ckpt", "compare.json")  # what --resume continues from (in .work)
+
+
+# ----------------------------------------------------------------------------------------------- locks
+
+
+class Lock:
+    """An exclusive advisory lock (flock) on `path`, created if needed; refused at once if another process
+    holds it. The lock goes with the process: a run killed outright leaves no stale lock."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.fd = path, what, None
+        self.created: Path | None = None  # the outermost folder created for the lock file
+
+    def acquire(self) -> None:
+        folder = self.path.parent.absolute()
+        self.created = next((p for p in reversed((folder, *folder.parents)) if not p.exists()), None)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise QLPError(f"cannot create {self.path} ({e.strerror}); choose a writable --out") from e
+        if fcntl is None:
+            self.fd = fd
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+        except (BlockingIOError, FileNotFoundError):
+            os.close(fd)
+            self.created = None
+            raise QLPError(f"another qlp-compress run is using {self.what} (it holds {self.path}); wait for it to "
+                           "finish or stop it, or choose another --out") from None
+        if not same:  # the other run finished and deleted its lock file just now
+            os.close(fd)
+            raise QLPError(f"another qlp-compress run was using {self.what} and has just finished; check its "
+                           "output, then rerun the command if needed")
+        self.fd = fd
+
+    def release(self, delete: bool = True) -> None:
+        """Release the lock; with `delete`, remove the lock file and the folders made for it while empty."""
+        if self.fd is None:
+            return
+        if delete:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            if self.created is not None:
+                remove_empty(self.path.parent.absolute(), self.created)
+        os.close(self.fd)  # closing releases the flock
+        self.fd = None
+
+
+def remove_empty(folder: Path, outermost: Path) -> None:
+    """Remove `folder` and its parents up to `outermost` (included) while they are empty."""
+    while True:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == outermost:
+            return
+        folder = folder.parent
+
+
+def check_unlocked(path: Path, what: str) -> None:
+    """Refuse at once (before any loading) when a running process holds the lock at `path`."""
+    if fcntl is None or not path.exists():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise QLPError(f"another qlp-compress run is using {what} (it holds {path}); wait for it to finish or "
+                       "stop it, or choose another --out") from None
+    finally:
+        os.close(fd)
+
+
+def file_lock(out: Path) -> Lock:
+    """The lock of a one-file output: a hidden `.NAME.lock` beside it."""
+    return Lock(out.parent / f".{out.name}.lock", str(out))
+
+
+def write_together(files: dict[Path, bytes]) -> None:
+    """Write several files as a set: each to a hidden temporary file beside it first (where a full disk fails
+    before anything is touched), then each replaces its previous version in one rename. The previous versions
+    are kept as hard links until all are in place, so a failed rename puts them back."""
+    pid = os.getpid()
+    staged: dict[Path, Path] = {}
+    kept: dict[Path, Path | bytes | None] = {}  # the previous version: a hard link, its bytes, or None (no file)
+    try:
+        for path, data in files.items():
+            with atomic_path(path.parent / f".{path.name}.{pid}.new") as tmp:
+                staged[path] = tmp.with_name(f".{path.name}.{pid}.new")
+                tmp.write_bytes(data)
+        with deferred_interrupts():
+            for path in files:
+                kept[path] = _keep(path, path.parent / f".{path.name}.{pid}.old")
+            done: list[Path] = []
+            try:
+                for path, tmp in staged.items():
+                    os.replace(tmp, path)
+                    done.append(path)
+            except OSError as e:
+                for path in done:
+                    _restore(path, kept[path])
+                raise QLPError(f"putting {', '.join(str(p) for p in files)} in place failed ({e.strerror}); the "
+                               "previous files are as they were: free some disk space or choose another --out") from e
+    finally:
+        for leftover in (*staged.values(), *(k for k in kept.values() if isinstance(k, Path))):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+
+def _keep(path: Path, link: Path) -> Path | bytes | None:
+    if not path.exists():
+        return None
+    try:
+        os.link(path, link)
+        return link
+    except OSError:  # a file system without hard links: keep the bytes
+        return path.read_bytes()
+
+
+def _restore(path: Path, kept: Path | bytes | None) -> None:
+    with contextlib.suppress(OSError, QLPError):
+        if kept is None:
+            path.unlink()
+        elif isinstance(kept, Path):
+            os.replace(kept, path)
+        else:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(kept)
+
+
+# ------------------------------------------------------------------------------------------ the folder
+
+
+def check_writable(folder: Path, out: Path) -> None:
+    """`folder` exists and is writable, or can be created in a writable folder."""
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise QLPError(f"cannot create {out}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QLPError(f"cannot write in {existing} (permission denied); choose a writable --out")
+
+
+def _listing(folder: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in folder.iterdir())
+    except OSError as e:
+        raise QLPError(f"cannot read the output folder {folder} ({e.strerror}); choose another --out") from e
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+def check_out_dir(out: Path, force: bool, resume: bool, resumable: bool = True) -> None:
+    """Refuse, without creating anything, an output folder that may not (or cannot) be written:
+
+    - files of an earlier run are replaced only with --force (with or without --resume);
+    - an interrupted run (OUT/.work) is continued with --resume or started over with --force;
+    - a folder that another run is using is refused."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    names = _listing(out) if out.is_dir() else []
+    files = [n for n in names if n != WORK]
+    work = out / WORK
+    if WORK in names:
+        check_unlocked(work / "lock", str(out))
+    if files and not force:
+        if resume and WORK in names:
+            raise UsageError(f"output folder {out} already exists and holds files of an earlier run "
+                             f"({_shown(files)}) that the resumed run would replace; add --force to --resume to "
+                             "allow that, or choose another --out")
+        if resume:
+            raise UsageError(f"output folder {out} already exists and holds a finished run ({_shown(files)}); "
+                             "there is nothing to resume: pass --force to run again and replace its files, or "
+                             "choose another --out")
+        how = "--resume to continue, " if resumable else ""
+        raise UsageError(f"output folder {out} already exists; pass --force to overwrite, {how}or choose another "
+                         "--out")
+    if WORK in names and not (force or resume):
+        how = "pass --resume to continue it, --force to start over" if resumable else "pass --force to start over"
+        raise UsageError(f"output folder {out} already exists and holds an interrupted run ({work}); {how}, or "
+                         "choose another --out")
+    check_writable(out, out)
+
+
+class OutputRun:
+    """A run that writes the folder `out` as a set (see the module docstring).
+
+        with OutputRun(out, force, resume) as run:
+            write files under run.staging ... ; checkpoints under run.work
+            run.commit()
+    """
+
+    def __init__(self, out: Path, force: bool, resume: bool, resumable: bool = True):
+        self.out, self.force, self.resume, self.resumable = Path(out), force, resume, resumable
+        self.work = self.out / WORK
+        self.staging = self.work / "out"
+        self.old = self.work / "old"
+        self.journal = self.work / "commit.json"
+        self.lock = Lock(self.work / "lock", str(self.out))
+        self.created: Path | None = None  # the outermost folder this run created (removed again on failure)
+        self.committed = False
+
+    def __enter__(self) -> OutputRun:
+        check_out_dir(self.out, self.force, self.resume, self.resumable)
+        folder = self.out.absolute()
+        self.created = next((p for p in reversed((folder, *folder.parents)) if not p.exists()), None)
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QLPError(f"cannot create {self.work} ({e.strerror}); choose a writable --out") from e
+        self.lock.acquire()
+        try:
+            if self.journal.exists():  # a run killed during its swap: finish it first
+                self._swap()
+            if not self.resume:  # start over: an earlier run's checkpoints are not continued
+                for name in CHECKPOINTS:
+                    (self.work / name).unlink(missing_ok=True)
+            shutil.rmtree(self.staging, ignore_errors=True)
+            shutil.rmtree(self.old, ignore_errors=True)
+            self.staging.mkdir()
+        except OSError as e:
+            self._cleanup()
+            raise QLPError(f"cannot prepare {self.work} ({e.strerror}); choose a writable --out") from e
+        except BaseException:
+            self._cleanup()
+            raise
+        return self
+
+    def commit(self) -> None:
+        """Put the staged files in place of the previous run's, as one set."""
+        with deferred_interrupts():
+            new = sorted(p.name for p in self.staging.iterdir())
+            atomic_write_json(self.journal, {"new": new})
+            try:
+                self._swap()
+            except OSError as e:
+                if self._roll_back(new):
+                    raise QLPError(f"putting the new files in {self.out} failed ({e.strerror}); the previous files "
+                                   "are as they were: free some disk space or fix the folder's permissions and "
+                                   "rerun") from e
+                raise QLPError(f"putting the new files in {self.out} failed ({e.strerror}), and some previous files "
+                               f"could not be put back: they are in {self.old}; move them back by hand") from e
+            self.committed = True
+
+    def _swap(self) -> None:
+        """Move the previous outputs to .work/old and the staged ones in; safe to repeat after an interruption."""
+        new = set(json.loads(self.journal.read_text())["new"])
+        self.old.mkdir(exist_ok=True)
+        for name in OUTPUT_NAMES:  # previous files: those not yet replaced by a staged one
+            if (self.out / name).exists() and ((self.staging / name).exists() or name not in new):
+                os.replace(self.out / name, self.old / name)
+        for name in sorted(new):
+            if (self.staging / name).exists():
+                os.replace(self.staging / name, self.out / name)
+        self.journal.unlink()
+
+    def _roll_back(self, new: list[str]) -> bool:
+        """After a failed swap: the staged files that went in come out, the previous ones go back. False when a
+        previous file could not be put back (it then stays in .work/old, which is kept)."""
+        for name in new:
+            if (self.out / name).exists() and not (self.staging / name).exists():
+                with contextlib.suppress(OSError):
+                    os.replace(self.out / name, self.staging / name)
+        for path in self.old.glob("*") if self.old.exists() else ():
+            with contextlib.suppress(OSError):
+                os.replace(path, self.out / path.name)
+        self.journal.unlink(missing_ok=True)
+        return not (self.old.exists() and any(self.old.iterdir()))
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        """After success: remove .work. After a failure: remove the staged files, and .work and the folders this
+        run created when no checkpoint is left in them (a checkpoint stays for --resume)."""
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if self.committed or not (self.old.exists() and any(self.old.iterdir())):  # never a file not put back
+            shutil.rmtree(self.old, ignore_errors=True)
+        keep = not self.committed and any((self.work / name).exists() for name in (*CHECKPOINTS, "old"))
+        if self.committed:
+            for name in CHECKPOINTS:
+                (self.work / name).unlink(missing_ok=True)
+        self.lock.release(delete=not keep)
+        if not keep:
+            with contextlib.suppress(OSError):
+                self.work.rmdir()
+        if not self.committed and self.created is not None:
+            remove_empty(self.out.absolute(), self.created)

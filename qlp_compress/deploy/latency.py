@@ -1,0 +1,339 @@
+"""A per-layer onnxruntime latency table, measured once per model and machine, and direct speedup measurement.
+
+Each Conv2d / Linear layer is timed alone (Conv + bias + ReLU, or Gemm, as onnxruntime runs it after
+fusing BatchNorm) at its input size, the chosen batch and thread count, for every width its input and
+output groups may take (multiples of `round_to`, and the full width). The rest of the network (adds,
+pooling, the input normalisation) is the measured dense latency minus the layers' sum, scaled with the
+activation volume. A pruned network's latency is predicted as the sum; widths between grid points are
+interpolated (only when `round_to` is 1).
+
+Timings on a shared machine only ever get slower, so a table entry is the minimum of its runs; the
+speedups reported for a model are medians of runs of the two models interleaved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from qlp_compress.base.errors import UsageError
+from qlp_compress.base.io import atomic_write_json, cache_dir
+from qlp_compress.pruning.channel_groups import ChannelSpace, LayerShape
+
+CALIBRATION_FRACTIONS = (0.75, 0.5, 0.0)  # uniform widths timed directly to calibrate the table (0: narrowest)
+GRID_STEP = 8  # channel step of the table when widths are not rounded (round_to = 1)
+TABLE_FORMAT = "qlp-compress/latency/v3"
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    """How latency is measured and which widths are allowed."""
+
+    batch: int = 64  # images per run; the speedup target holds at this batch size
+    threads: int = 2  # onnxruntime intra-op threads (fixed, so tables and speedups are reproducible)
+    round_to: int = 8  # group widths are multiples of this (or the full width); 1 = any width
+    repeats: int = 7  # timed runs per table entry (the minimum is kept)
+
+
+def check_latency_settings(settings: LatencySettings) -> None:
+    if settings.batch < 1 or settings.threads < 1 or settings.round_to < 1 or settings.repeats < 1:
+        raise UsageError(f"--latency-batch, --threads and --round-to must be ≥ 1 (got {settings.batch}, "
+                         f"{settings.threads}, {settings.round_to})")
+
+
+def session(model: bytes, threads: int) -> ort.InferenceSession:
+    """A CPU session with a fixed thread count; no spinning, which on a shared machine makes times erratic."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def allowed_widths(size: int, round_to: int) -> list[int]:
+    """Widths a group of `size` channels may take, ascending: multiples of round_to below size, and size."""
+    if round_to <= 1:
+        return list(range(1, size + 1))
+    return [w for w in range(round_to, size, round_to)] + [size]
+
+
+def _grid(size: int, round_to: int) -> list[int]:
+    return allowed_widths(size, round_to if round_to > 1 else GRID_STEP)
+
+
+def _layer_model(kind: str, cin: int, cout: int, layer: LayerShape, batch: int) -> bytes:
+    rng = np.random.default_rng(0)
+    if kind == "conv":
+        groups = cin if layer.depthwise else 1
+        w = rng.random((cout, cin // groups, *layer.kernel), dtype=np.float32)
+        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=list(layer.stride),
+                                  pads=list(layer.padding) * 2, dilations=list(layer.dilation), group=groups),
+                 helper.make_node("Relu", ["c"], ["y"])]
+        shape = [batch, cin, *layer.in_hw]
+    else:
+        w = rng.random((cout, cin), dtype=np.float32)
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
+        shape = [batch, cin]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.random(cout, dtype=np.float32), "b")]
+    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
+
+
+def time_model(model: bytes, input_shape: Sequence[int], threads: int, repeats: int, warmup: int = 2) -> float:
+    """Minimum wall time of one run, in milliseconds."""
+    s = session(model, threads)
+    name = s.get_inputs()[0].name
+    x = np.random.default_rng(0).random(tuple(input_shape), dtype=np.float32)
+    for _ in range(warmup):
+        s.run(None, {name: x})
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        s.run(None, {name: x})
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000.0
+
+
+def _machine() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), "")
+    return {"host": platform.node(), "cpu": cpu or platform.processor(), "onnxruntime": ort.__version__}
+
+
+def _channels(full: int, group: int | None, width: int | None, sizes: Sequence[int]) -> int:
+    """A layer's channel count when its group has `width` of its sizes[group] channels (flatten-aware)."""
+    if group is None or width is None:
+        return full
+    return max(1, round(full * width / sizes[group]))
+
+
+class LatencyTable:
+    """Predicted onnxruntime latency of the network at any group widths."""
+
+    def __init__(self, space: ChannelSpace, data: dict):
+        self.space = space
+        self.data = data
+        self.sizes = space.sizes
+        self.settings = LatencySettings(**data["settings"])
+        # dense (original) and rewritten dense model, timed interleaved: the rewrite's own cost is their ratio
+        self.rewrite = data["rewrite"]
+        self.entries = {k: float(v) for k, v in data["entries"].items()}
+        self.allowed = [allowed_widths(s, self.settings.round_to) for s in self.sizes]
+        full = self.sizes
+        # what the layer table misses (adds, pooling, reorders); ≥ 0: timed alone, layers carry overheads
+        # that the fused network does not
+        self.rest_ms = max(0.0, float(self.rewrite["pruned_min_ms"]) - self._layers_ms(full))
+        self._volume_full = self._volume(full)
+        self.full_ms = self.predict_ms(full)
+        self.scale, self.offset = self._calibrate(data.get("calibration", []))
+
+    # --------------------------------------------------------------------------------- building
+
+    @classmethod
+    def build(cls, space: ChannelSpace, dense_onnx: bytes, rewritten_onnx: bytes, input_shape: Sequence[int],
+              settings: LatencySettings, model_sha256: str, to_onnx: Callable[[nn.Module], bytes],
+              cache: Path | None = None, on_progress=None) -> LatencyTable:
+        """Measure (or read from the cache) the table of `space` on this machine; `to_onnx` exports a pruned
+        network for the calibration runs."""
+        layers = [asdict(layer) for layer in space.layers]
+        key = {"format": TABLE_FORMAT, "model_sha256": model_sha256, "layers": layers, "sizes": space.sizes,
+               "machine": _machine(), "settings": asdict(settings), "input_shape": list(input_shape)}
+        key = json.loads(json.dumps(key))  # as it reads back from the file (tuples become lists)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        folder = cache if cache is not None else cache_dir() / "latency"
+        path = folder / f"{digest}.json"
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                if data.get("key") == key:
+                    return cls(space, {**data, "cached": str(path)})
+            except (OSError, ValueError):
+                pass
+        started = time.perf_counter()
+        rewrite = measure_speedup(dense_onnx, rewritten_onnx, input_shape, settings.batch, settings.threads)
+        entries: dict[str, float] = {}
+        todo = []
+        for layer in space.layers:
+            for cin, cout in cls._points(layer, space.sizes, settings.round_to):
+                k = cls._key(layer, cin, cout)
+                if k not in entries:
+                    entries[k] = -1.0
+                    todo.append((k, layer, cin, cout))
+        for done, (k, layer, cin, cout) in enumerate(todo):
+            shape = [settings.batch, cin, *layer.in_hw] if layer.kind == "conv" else [settings.batch, cin]
+            entries[k] = time_model(_layer_model(layer.kind, cin, cout, layer, settings.batch), shape,
+                                    settings.threads, settings.repeats)
+            if on_progress:
+                on_progress(done + 1, len(todo))
+        calibration = []  # uniform widths measured directly against the dense model, interleaved
+        for fraction in CALIBRATION_FRACTIONS:
+            widths = [min(allowed_widths(n, settings.round_to), key=lambda w, n=n: (abs(w - n * fraction), -w))
+                      for n in space.sizes]
+            measured = measure_speedup(dense_onnx, to_onnx(space.prune(widths)), input_shape, settings.batch,
+                                       settings.threads, rounds=9)
+            calibration.append({"widths": widths, "speedup": measured["speedup"]})
+        data = {"key": key, "settings": asdict(settings), "rewrite": rewrite, "entries": entries,
+                "calibration": calibration, "seconds": round(time.perf_counter() - started, 1)}
+        with contextlib.suppress(OSError):  # a read-only cache only costs the measurement next time
+            atomic_write_json(path, data)
+        return cls(space, {**data, "cached": None})
+
+    @staticmethod
+    def _points(layer: LayerShape, sizes: Sequence[int], round_to: int) -> list[tuple[int, int]]:
+        def options(full: int, group: int | None) -> list[int]:
+            if group is None:
+                return [full]
+            return sorted({_channels(full, group, w, sizes) for w in _grid(sizes[group], round_to)})
+
+        if layer.depthwise:
+            return [(c, c) for c in options(layer.out_channels, layer.out_group)]
+        return [(a, b) for a in options(layer.in_channels, layer.in_group)
+                for b in options(layer.out_channels, layer.out_group)]
+
+    @staticmethod
+    def _key(layer: LayerShape, cin: int, cout: int) -> str:
+        return json.dumps([layer.kind, cin, cout, layer.kernel, layer.stride, layer.padding, layer.dilation,
+                           layer.depthwise, layer.in_hw])
+
+    # ------------------------------------------------------------------------------- predicting
+
+    def _layer_ms(self, layer: LayerShape, widths: Sequence[int]) -> float:
+        cin = _channels(layer.in_channels, layer.in_group, widths[layer.in_group] if layer.in_group is not None
+                        else None, self.sizes)
+        cout = _channels(layer.out_channels, layer.out_group, widths[layer.out_group]
+                         if layer.out_group is not None else None, self.sizes)
+        if layer.depthwise:
+            cin = cout
+        exact = self.entries.get(self._key(layer, cin, cout))
+        if exact is not None:
+            return exact
+        points = self._points(layer, self.sizes, self.settings.round_to)  # interpolate on the grid
+        ins = sorted({a for a, _ in points})
+        outs = sorted({b for _, b in points})
+
+        def at(a: int, b: int) -> float:
+            return self.entries[self._key(layer, a, a if layer.depthwise else b)]
+
+        def bracket(grid: list[int], v: int) -> tuple[int, int, float]:
+            if len(grid) == 1 or v <= grid[0]:
+                return grid[0], grid[0], 0.0
+            hi = next((g for g in grid if g >= v), grid[-1])
+            lo = max(g for g in grid if g <= hi and (g < v or g == hi))
+            return lo, hi, 0.0 if hi == lo else (v - lo) / (hi - lo)
+
+        a0, a1, ta = bracket(ins, cin)
+        if layer.depthwise:
+            return at(a0, a0) * (1 - ta) + at(a1, a1) * ta
+        b0, b1, tb = bracket(outs, cout)
+        return ((at(a0, b0) * (1 - tb) + at(a0, b1) * tb) * (1 - ta)
+                + (at(a1, b0) * (1 - tb) + at(a1, b1) * tb) * ta)
+
+    def _layers_ms(self, widths: Sequence[int]) -> float:
+        return sum(self._layer_ms(layer, widths) for layer in self.space.layers)
+
+    def _volume(self, widths: Sequence[int]) -> float:
+        """Output activations of the timed layers (what the untimed elementwise ops scale with)."""
+        total = 0.0
+        for layer in self.space.layers:
+            cout = _channels(layer.out_channels, layer.out_group,
+                             widths[layer.out_group] if layer.out_group is not None else None, self.sizes)
+            total += cout * (np.prod(layer.in_hw) if layer.in_hw else 1) / (np.prod(layer.stride) or 1)
+        return float(total)
+
+    def predict_ms(self, widths: Sequence[int]) -> float:
+        """The table's latency at these widths (the layers' sum plus the scaled rest)."""
+        return self._layers_ms(widths) + self.rest_ms * self._volume(widths) / self._volume_full
+
+    def _calibrate(self, calibration: list[dict]) -> tuple[float, float]:
+        """(a, b) of the latency relative to the dense model ≈ a·(table at widths ÷ table at full widths) + b,
+        least squares over the dense model (weight 3) and the directly measured calibration widths.
+
+        Layers timed alone carry reorder and call overheads that the fused network does not, more so at small
+        widths; the affine fit corrects the level and keeps the table's ranking of widths."""
+        points = [(1.0, 1.0 / float(self.rewrite["speedup"]))] * 3
+        points += [(self.predict_ms(c["widths"]) / self.full_ms, 1.0 / float(c["speedup"])) for c in calibration]
+        x, y = np.array([p for p, _ in points]), np.array([q for _, q in points])
+        if len(set(x.tolist())) < 2:
+            return float(y[0]), 0.0
+        a, b = np.polyfit(x, y, 1)
+        if a <= 0:  # noise swamped the measurement: keep the table's own ratios
+            return float(y[0]), 0.0
+        return float(a), float(b)
+
+    def speedup(self, widths: Sequence[int]) -> float:
+        """Predicted dense (original model) latency ÷ latency at these widths: the table's ratio to the full
+        widths, calibrated against direct measurements (see _calibrate)."""
+        relative = self.scale * self.predict_ms(widths) / self.full_ms + self.offset
+        return 1.0 / max(relative, 1e-6)
+
+    def reduction(self, widths: Sequence[int]) -> float:
+        """Predicted fraction of the dense latency removed: 1 − 1/speedup."""
+        return 1.0 - 1.0 / self.speedup(widths)
+
+    def snap(self, group: int, channels: float) -> int:
+        """The allowed width of `group` nearest to `channels` (at least the smallest allowed)."""
+        options = self.allowed[group]
+        return min(options, key=lambda w: (abs(w - channels), -w))
+
+    def max_speedup(self) -> float:
+        return self.speedup([a[0] for a in self.allowed])
+
+    def summary(self) -> dict:
+        return {"batch": self.settings.batch, "threads": self.settings.threads, "round_to": self.settings.round_to,
+                "dense_ms": round(self.rewrite["dense_ms"], 4),
+                "rewritten_dense_ms": round(self.rewrite["pruned_ms"], 4),
+                "rewrite_speedup": round(self.rewrite["speedup"], 4), "table_full_ms": round(self.full_ms, 4),
+                "rest_ms": round(self.rest_ms, 4), "calibration": self.data.get("calibration"),
+                "calibration_fit": [round(self.scale, 4), round(self.offset, 4)], "entries": len(self.entries),
+                "measure_seconds": self.data.get("seconds"), "cached": self.data.get("cached"),
+                "machine": _machine()}
+
+
+def measure_speedup(reference: bytes, candidate: bytes, input_shape: Sequence[int], batch: int, threads: int,
+                    rounds: int = 15, per_round: int = 3) -> dict:
+    """Latency of both models, interleaved run for run (so load on the machine hits both alike): medians and
+    the median of the per-round ratios."""
+    sessions = [session(reference, threads), session(candidate, threads)]
+    names = [s.get_inputs()[0].name for s in sessions]
+    x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
+    for s, n in zip(sessions, names, strict=True):
+        for _ in range(2):
+            s.run(None, {n: x})
+    times: list[list[float]] = [[], []]
+    ratios = []
+    for r in range(rounds):
+        round_times: list[list[float]] = [[], []]
+        for i in (0, 1) if r % 2 == 0 else (1, 0):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                sessions[i].run(None, {names[i]: x})
+                round_times[i].append((time.perf_counter() - t0) * 1000.0)
+        for i in (0, 1):
+            times[i].extend(round_times[i])
+        ratios.append(float(np.median(round_times[0]) / np.median(round_times[1])))
+    return {"batch": batch, "threads": threads, "dense_ms": float(np.median(times[0])),
+            "pruned_ms": float(np.median(times[1])), "pruned_min_ms": float(np.min(times[1])),
+            "speedup": float(np.median(ratios)),
+            "runs": rounds * per_round}
+
+
+def onnx_input_shape(model: bytes) -> list[int]:
+    proto = onnx.load_from_string(model)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value for d in dims[1:]]

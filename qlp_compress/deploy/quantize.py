@@ -1,0 +1,345 @@
+"""int8: onnxruntime static quantization of a float ONNX classifier, verified.
+
+The recipe is onnxruntime's own (`onnxruntime.quantization`): its pre-processing (graph optimisation, which
+folds BatchNorm into the convolutions, and shape inference), then `quantize_static` in QDQ format with
+per-channel symmetric int8 weights and uint8 activations, calibrated (min/max) on images of the *reward*
+split. Measured on the shipped ResNet-20 (AVX-512 VNNI CPU, docs/benchmarks_int8.md): uint8 activations run
+about 2× faster than float, int8 activations slower than float (onnxruntime's x86 kernels are u8×s8), at
+the same reward-split accuracy.
+
+Pruning must survive: a weight that is exactly zero in the float file is exactly zero in the int8 file
+(symmetric weights have zero point 0, so 0.0 → 0). This is read back from the written bytes and checked.
+The int8 graph is checked with onnx.checker, loaded in onnxruntime, run on real images (finite outputs)
+and its test accuracy is compared with the float model's; the comparison only reports (a warning above
+`max_loss`), it never steers a choice.
+"""
+
+from __future__ import annotations
+
+import gzip
+import platform
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from torch.utils.data import Dataset
+
+from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.io import atomic_write_bytes
+from qlp_compress.data import iterate_batches
+from qlp_compress.deploy import engine, export
+
+MODES = ("none", "int8")  # values of --quantize
+KEEP_FLOAT_CHOICES = ("first", "last")  # prunable layers --keep-float can leave in float
+QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QAttention"}
+INT8_FILE_SUFFIX = ".int8.onnx"
+ACTIVATION_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}  # activations → onnxruntime's QuantType member
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How a float model becomes int8."""
+
+    calibration_images: int = 1024  # reward-split images the activation ranges are calibrated on (min/max)
+    keep_float: tuple[str, ...] = ()  # "first" and/or "last": prunable layers left in float
+    max_loss: float = 1.0  # test-accuracy loss, in points, above which a warning is printed (never steers)
+    batch_size: int = 64  # images per calibration batch (a fixed batch dimension in the model wins)
+    activations: str = "uint8"  # "uint8" (onnxruntime's fast u8×s8 x86 kernels) or "int8" (measured slower)
+
+
+def parse_mode(text: str) -> str:
+    if text not in MODES:
+        raise UsageError(f"--quantize must be one of {', '.join(MODES)}, got {text!r}; e.g. --quantize int8")
+    return text
+
+
+def parse_keep_float(text: str) -> tuple[str, ...]:
+    """"first,last" → ("first", "last"); "none" or "" → ()."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if names in ((), ("none",)):
+        return ()
+    bad = [n for n in names if n not in KEEP_FLOAT_CHOICES]
+    if bad:
+        raise UsageError(f"--keep-float: unknown layer {bad[0]!r}; use first, last, first,last or none")
+    return names
+
+
+def settings_for(mode: str, calibration_images: int = 1024, keep_float: str = "none",
+                 max_loss: float = 1.0) -> QuantizeSettings | None:
+    """The command line's --quantize options as settings (None for --quantize none), checked."""
+    keep = parse_keep_float(keep_float)
+    if calibration_images < 1:
+        raise UsageError(f"--calibration-images must be at least 1, got {calibration_images}")
+    if not max_loss >= 0:
+        raise UsageError(f"--int8-max-loss must be a number of points ≥ 0, got {max_loss}")
+    if parse_mode(mode) == "none":
+        return None
+    return QuantizeSettings(calibration_images=calibration_images, keep_float=keep, max_loss=max_loss)
+
+
+def int8_path(float_path: Path) -> Path:
+    """model.onnx → model.int8.onnx (beside it)."""
+    return float_path.with_name(float_path.name.removesuffix(".onnx") + INT8_FILE_SUFFIX)
+
+
+# ------------------------------------------------------------------------------------------- the CPU
+
+
+def cpu_capability(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The CPU's name and the int8 dot-product instructions onnxruntime's kernels can use, from /proc/cpuinfo
+    (Linux); elsewhere only the platform's processor name. int8 speedups depend on these."""
+    info = {"model": platform.processor() or platform.machine(), "family": None, "model_number": None}
+    flags: set[str] = set()
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        text = ""
+    for line in text.split("\n\n", 1)[0].splitlines():  # the first processor's block
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name":
+            info["model"] = value
+        elif key == "cpu family":
+            info["family"] = int(value) if value.isdigit() else value
+        elif key == "model":
+            info["model_number"] = int(value) if value.isdigit() else value
+        elif key == "flags":
+            flags = set(value.split())
+    info.update(avx2="avx2" in flags, avx512_vnni="avx512_vnni" in flags, avx_vnni="avx_vnni" in flags,
+                amx=bool({"amx_int8", "amx_tile"} & flags), flags_read=bool(flags))
+    return info
+
+
+def describe_cpu(cpu: dict) -> str:
+    """"Intel(R) Xeon(R) Processor (family 6, model 207): AVX-512 VNNI, AVX-VNNI; no AMX"."""
+    name = cpu["model"] + (f" (family {cpu['family']}, model {cpu['model_number']})" if cpu.get("family") else "")
+    if not cpu.get("flags_read"):
+        return f"{name}: instruction set unknown (no /proc/cpuinfo)"
+    labels = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "amx": "AMX"}
+    has = [label for key, label in labels.items() if cpu[key]]
+    lacks = [label for key, label in labels.items() if not cpu[key]]
+    return f"{name}: {', '.join(has) or 'no int8 dot-product instructions'}" + (
+        f"; no {', no '.join(lacks)}" if lacks and has else "")
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def check_float_model(proto: onnx.ModelProto, name: str) -> None:
+    """A model that can be quantized: float32 input, float32 weights, not already quantized."""
+    quantized = sorted({n.op_type for n in proto.graph.node if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        raise UsageError(f"{name} is already quantized (it has {', '.join(quantized)} nodes); give the float "
+                         "model it came from")
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise UsageError(f"{name} has {len(inputs)} inputs; int8 quantization here takes an image classifier "
+                         "with one image input")
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem != onnx.TensorProto.FLOAT:
+        raise UsageError(f"{name} takes {onnx.TensorProto.DataType.Name(elem).lower()} input, not float32; "
+                         "quantize the float32 model")
+    if not _weight_inputs(proto):
+        raise UsageError(f"{name} has no Conv, Gemm or MatMul with a constant weight; nothing to quantize")
+    odd = {onnx.TensorProto.DataType.Name(t.data_type).lower() for t in _weight_tensors(proto)
+           if t.data_type != onnx.TensorProto.FLOAT}
+    if odd:
+        raise UsageError(f"{name} holds {', '.join(sorted(odd))} weights, not float32; quantize the float32 model")
+
+
+def _weight_inputs(proto: onnx.ModelProto) -> list[tuple[onnx.NodeProto, str]]:
+    """(node, weight name) of every Conv/Gemm/MatMul whose weight is an initializer, in graph order."""
+    constants = {t.name for t in proto.graph.initializer} | {s.values.name for s in proto.graph.sparse_initializer}
+    found = []
+    for node in proto.graph.node:
+        slot = export.WEIGHT_OPS.get(node.op_type)
+        if slot is not None and len(node.input) > slot and node.input[slot] in constants:
+            found.append((node, node.input[slot]))
+    return found
+
+
+def _weight_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    by_name = {t.name: t for t in proto.graph.initializer} | {s.values.name: s.values
+                                                               for s in proto.graph.sparse_initializer}
+    return [by_name[w] for _, w in _weight_inputs(proto)]
+
+
+def layer_weights(proto: onnx.ModelProto) -> list[np.ndarray]:
+    """The weight of every Conv/Gemm/MatMul in graph order, as stored: float, or int8 dequantized."""
+    return list(export.weight_initializers(proto).values())
+
+
+def check_zeros_kept(float_proto: onnx.ModelProto, int8_proto: onnx.ModelProto) -> dict:
+    """Every weight that is exactly zero in the float model is exactly zero in the int8 model.
+
+    The layers are paired in graph order (pre-processing folds BatchNorm into the convolutions, which
+    renames weights but keeps their order, shape and zero positions). Raises QLPError otherwise."""
+    before, after = layer_weights(float_proto), layer_weights(int8_proto)
+    if len(before) != len(after) or any(a.shape != b.shape for a, b in zip(before, after, strict=False)):
+        raise QLPError(f"cannot pair the int8 model's {len(after)} weight layers with the float model's "
+                       f"{len(before)}; rerun with --debug and report it")
+    zeros = rounded = 0
+    for i, (a, b) in enumerate(zip(before, after, strict=True)):
+        zero = a == 0
+        lost = int(np.count_nonzero(b[zero]))
+        if lost:
+            raise QLPError(f"weight layer {i} has {lost} weights that are zero in the float model but not in the "
+                           "int8 model; rerun with --debug and report it")
+        zeros += int(zero.sum())
+        rounded += int(((b == 0) & ~zero).sum())
+    return {"layers": len(before), "weights": int(sum(a.size for a in before)), "float_zeros": zeros,
+            "rounded_to_zero": rounded}
+
+
+# ------------------------------------------------------------------------------------------- quantization
+
+
+class CalibrationImages:
+    """Feeds `quantize_static` the first `images` images of `dataset` (the reward split), in batches.
+
+    An onnxruntime.quantization.CalibrationDataReader (which counts any class with `get_next` as one; not
+    subclassed, so that importing this module does not load onnxruntime.quantization)."""
+
+    def __init__(self, dataset: Dataset, input_name: str, images: int, batch_size: int):
+        self.dataset, self.input_name, self.images, self.batch_size = dataset, input_name, images, batch_size
+        self.rewind()
+
+    def rewind(self) -> None:
+        self._batches: Iterator = iterate_batches(self.dataset, self.batch_size, limit=self.images)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self.input_name: batch[0].numpy()}
+
+
+def _named(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every unnamed node a unique name (nodes_to_exclude selects nodes by name)."""
+    used = {n.name for n in proto.graph.node if n.name}
+    for i, node in enumerate(proto.graph.node):
+        if not node.name:
+            node.name = next(f"{node.op_type}_{i}_{k}" for k in range(len(used) + 1)
+                             if f"{node.op_type}_{i}_{k}" not in used)
+            used.add(node.name)
+    return proto
+
+
+def _preprocess(src: Path, dst: Path) -> str:
+    """onnxruntime's quantization pre-processing; when its symbolic shape inference fails, it is retried
+    without it, and when the whole step fails the model is quantized as it is. Returns what was done."""
+    from onnxruntime.quantization import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+        return "quant_pre_process"
+    except Exception as first:
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+            return f"quant_pre_process without symbolic shape inference ({type(first).__name__})"
+        except Exception as second:
+            dst.write_bytes(src.read_bytes())
+            return f"none: pre-processing failed ({type(second).__name__}: {str(second).splitlines()[0][:120]})"
+
+
+def _batch_size(proto: onnx.ModelProto, wanted: int) -> int:
+    """The model's fixed batch dimension if it has one, else `wanted`."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inp = next(i for i in proto.graph.input if i.name not in initializers)
+    dims = inp.type.tensor_type.shape.dim
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else wanted
+
+
+def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSettings,
+                  name: str = "the model") -> tuple[bytes, dict]:
+    """Quantize a float ONNX model statically (QDQ, per-channel symmetric int8 weights, uint8 activations)
+    with min/max ranges from `calibration` (the reward split); check it and return (int8 bytes, what was done).
+
+    Checks: onnx.checker (full), loads in onnxruntime, finite outputs on calibration images, and every
+    weight that was exactly zero is still exactly zero."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    float_proto = onnx.load_from_string(model_bytes)
+    check_float_model(float_proto, name)
+    images = min(settings.calibration_images, len(calibration))
+    if images < 1:
+        raise UsageError("the reward split is empty; int8 calibration needs reward-split images")
+    with tempfile.TemporaryDirectory(prefix="qlp-int8-") as tmp:
+        src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
+        src.write_bytes(model_bytes)
+        preprocess = _preprocess(src, pre)
+        pre_proto = _named(onnx.load(str(pre)))
+        onnx.save(pre_proto, str(pre))
+        layers = [node.name for node, _ in _weight_inputs(pre_proto)]
+        exclude = list(dict.fromkeys(layers[0 if k == "first" else -1] for k in settings.keep_float))
+        input_name = next(i.name for i in pre_proto.graph.input
+                          if i.name not in {t.name for t in pre_proto.graph.initializer})
+        reader = CalibrationImages(calibration, input_name, images, _batch_size(pre_proto, settings.batch_size))
+        try:
+            quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=getattr(QuantType, ACTIVATION_TYPES[settings.activations]),
+                            weight_type=QuantType.QInt8,
+                            nodes_to_exclude=exclude or None, extra_options={"WeightSymmetric": True})
+        except Exception as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
+            raise QLPError(f"onnxruntime could not quantize {name}: {first}; rerun with --debug, and try "
+                           "--keep-float first,last") from e
+        int8_bytes = dst.read_bytes()
+    int8_proto = onnx.load_from_string(int8_bytes)
+    try:
+        onnx.checker.check_model(int8_proto, full_check=True)
+    except Exception as e:
+        raise QLPError(f"the int8 model of {name} fails onnx.checker: {' '.join(str(e).split())[:200]}; rerun "
+                       "with --debug and report it") from e
+    zeros = check_zeros_kept(float_proto, int8_proto)
+    session = engine.open_session(int8_bytes)
+    x = next(iterate_batches(calibration, _batch_size(int8_proto, settings.batch_size)))[0].numpy()
+    if not np.isfinite(session.run(None, {session.get_inputs()[0].name: x})[0]).all():
+        raise QLPError(f"the int8 model of {name} gives NaN or inf outputs; try --keep-float first,last or "
+                       "check the float model")
+    info = {"format": "QDQ", "weights": "int8, per channel, symmetric",
+            "activations": f"{settings.activations} (min/max)",
+            "preprocess": preprocess, "calibration_images": images, "calibration_split": "reward",
+            "keep_float": list(settings.keep_float), "float_layers": exclude, "zeros": zeros}
+    return int8_bytes, info
+
+
+def compare_accuracy(float_accuracy: float, int8_accuracy: float, max_loss: float) -> dict:
+    """Test-accuracy loss in points; a warning on stderr when it exceeds `max_loss` (reporting only)."""
+    from qlp_compress.base.messages import console
+
+    loss = (float_accuracy - int8_accuracy) * 100
+    warn = loss > max_loss
+    if warn:
+        console.print(f"[yellow]warning:[/] the int8 model loses {loss:.2f} points of test accuracy (float "
+                      f"{float_accuracy:.2%}, int8 {int8_accuracy:.2%}), over --int8-max-loss {max_loss:g}; try "
+                      "--keep-float first,last or more --calibration-images", highlight=False, soft_wrap=True)
+    return {"float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy, "loss_points": round(loss, 4),
+            "max_loss_points": max_loss, "warning": warn}
+
+
+def write_int8(float_bytes: bytes, path: Path, calibration: Dataset, test: Dataset, settings: QuantizeSettings,
+               float_accuracy: float | None = None, name: str = "the model", metadata: dict | None = None) -> dict:
+    """Quantize, compare test accuracy with the float model's (reporting only), add metadata, write `path`
+    atomically and check that it holds what was verified. Returns what was done and measured."""
+    int8_bytes, info = quantize_int8(float_bytes, calibration, settings, name)
+    batch = _batch_size(onnx.load_from_string(float_bytes), 256)
+    if float_accuracy is None:
+        float_accuracy = engine.session_accuracy(engine.open_session(float_bytes), test, batch)
+    int8_accuracy = engine.session_accuracy(engine.open_session(int8_bytes), test, batch)
+    info["accuracy"] = compare_accuracy(float_accuracy, int8_accuracy, settings.max_loss)
+    int8_bytes = export.with_metadata(int8_bytes, {
+        "qlp.quantize": f"int8 QDQ: per-channel symmetric int8 weights, {settings.activations} activations "
+                        "(onnxruntime)",
+        "qlp.calibration_images": info["calibration_images"], "qlp.calibration_split": "reward",
+        "qlp.keep_float": ",".join(settings.keep_float) or "none",
+        "qlp.float_test_accuracy": f"{float_accuracy:.4f}", "qlp.int8_test_accuracy": f"{int8_accuracy:.4f}",
+        **(metadata or {})})
+    atomic_write_bytes(path, int8_bytes)
+    if path.read_bytes() != int8_bytes:
+        raise QLPError(f"{path} does not hold what was written; check the disk and rerun")
+    info.update(path=str(path), bytes=len(int8_bytes), gzip_bytes=len(gzip.compress(int8_bytes, 6)),
+                float_bytes=len(float_bytes), float_gzip_bytes=len(gzip.compress(float_bytes, 6)))
+    return info

@@ -1,0 +1,105 @@
+"""Channel widths: the speedup target as a latency fraction, and the baseline width allocations (uniform width,
+global filter-norm ranking, BatchNorm-scale ranking) over a latency table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.pruning.channel_groups import ChannelSpace
+
+if TYPE_CHECKING:
+    from qlp_compress.deploy.latency import LatencyTable
+
+BASELINES = ("uniform", "l1", "bn-slimming")  # closed-form width allocations (prune --method)
+SEARCHES = ("qlp", "random")
+
+
+def speedup_to_target(speedup: float) -> float:
+    """The fraction of latency to remove for `speedup` (2× → 0.5)."""
+    return 1.0 - 1.0 / speedup
+
+
+def check_speedup(speedup: float) -> None:
+    if not speedup > 1.0 or speedup != speedup or speedup == float("inf"):
+        raise UsageError(f"--speedup must be a number above 1, got {speedup}; e.g. --speedup 2 asks for half the "
+                         "dense latency")
+
+
+def widths_from(space_sizes: Sequence[int], sparsities: Sequence[float]) -> list[int]:
+    return [max(1, round(n * (1.0 - s))) for n, s in zip(space_sizes, sparsities, strict=True)]
+
+
+def _by_fraction(table: LatencyTable, target: float) -> list[int]:
+    """uniform: the smallest common fraction removed from every group that meets the target."""
+    for f in np.linspace(0.0, 1.0, 401):
+        widths = [table.snap(i, n * (1.0 - f)) for i, n in enumerate(table.sizes)]
+        if table.reduction(widths) >= target - 1e-9:
+            return widths
+    raise _unreachable(table, target)
+
+
+def _by_ranking(table: LatencyTable, scores: Sequence[Sequence[float] | None], target: float) -> list[int]:
+    """Remove channels in increasing score order across all groups (groups without scores stay whole) until
+    the predicted latency meets the target."""
+    ranked = sorted((s, g) for g, group_scores in enumerate(scores) if group_scores is not None
+                    for s in group_scores)
+    removed = [0] * len(table.sizes)
+    lo, hi = 0, len(ranked)
+
+    def widths_after(k: int) -> list[int]:
+        counts = [0] * len(table.sizes)
+        for _, g in ranked[:k]:
+            counts[g] += 1
+        return [table.snap(g, n - counts[g]) if counts[g] else n for g, n in enumerate(table.sizes)]
+
+    if table.reduction(widths_after(hi)) < target - 1e-9:
+        raise _unreachable(table, target)
+    while lo < hi:  # the fewest channels whose removal meets the target (the prediction falls with k)
+        mid = (lo + hi) // 2
+        if table.reduction(widths_after(mid)) >= target - 1e-9:
+            hi = mid
+        else:
+            lo = mid + 1
+    del removed
+    return widths_after(lo)
+
+
+def _unreachable(table: LatencyTable, target: float) -> QLPError:
+    return QLPError(f"this allocation cannot reach a {1 / (1 - target):.2f}× predicted speedup (the table predicts "
+                    f"at most {table.max_speedup():.2f}× at the narrowest widths); ask for a smaller --speedup")
+
+
+def allocate_widths(method: str, space: ChannelSpace, table: LatencyTable, target: float) -> list[int]:
+    """Per-group widths of a baseline at latency-reduction `target`."""
+    if method == "uniform":
+        return _by_fraction(table, target)
+    if method == "l1":
+        return _by_ranking(table, [g.l1 for g in space.groups], target)
+    if method == "bn-slimming":
+        if all(g.bn is None for g in space.groups):
+            raise UsageError("bn-slimming ranks channels by BatchNorm scale, and this model has no BatchNorm; use "
+                             "--method l1 or uniform")
+        return _by_ranking(table, [g.bn for g in space.groups], target)
+    raise UsageError(f"unknown channel method {method!r}; use one of {', '.join((*SEARCHES, *BASELINES))}")
+
+
+CRITERION_OF = {"uniform": "l1", "l1": "l1", "bn-slimming": "bn", "qlp": "l1", "random": "l1"}
+
+
+def demonstration_allocator(space: ChannelSpace, table: LatencyTable) -> Callable[[str, float], np.ndarray]:
+    def allocation(name: str, target: float) -> np.ndarray:
+        widths = allocate_widths(name, space, table, target)
+        return 1.0 - np.asarray(widths) / np.asarray(space.sizes)
+
+    return allocation
+
+
+def default_demonstrations(space: ChannelSpace) -> tuple[str, ...]:
+    names = ["l1", "uniform"]
+    if any(g.bn is not None for g in space.groups):
+        names.insert(1, "bn-slimming")
+    return tuple(names)

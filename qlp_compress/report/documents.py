@@ -1,0 +1,97 @@
+"""report.json, report.md, compare.md: the files a run leaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlp_compress.base.io import atomic_write_json, atomic_write_text
+from qlp_compress.base.messages import console
+from qlp_compress.report.plots import plot_layer_sparsity, plot_reward_curve
+from qlp_compress.report.tables import report_table
+
+
+def write_report(out: Path, report: dict, policy) -> None:
+    """report.json, report.md and the plots (sparsity.png, reward.png) in `out`."""
+    atomic_write_json(out / "report.json", report)
+    plots = [plot_layer_sparsity(out / "sparsity.png", {policy.method: policy.sparsities}, policy.layers)]
+    if policy.search.get("rewards"):
+        plots.append(plot_reward_curve(out / "reward.png", policy.search["rewards"],
+                                       policy.search.get("stage_of_episode")))
+    atomic_write_text(out / "report.md", report_markdown(report, [p.name for p in plots]))
+    console.print(report_table(report))
+
+
+
+def report_markdown(report: dict, plots: list[str]) -> str:
+    m = report["measured"]
+    provider = m["dense"]["latency"][0]["provider"]
+    lines = [f"# qlp-compress report: {Path(report['model']).name}", "",
+             f"- method **{report['method']}**, target sparsity {report['target_sparsity']:g}, achieved "
+             f"{report['achieved_sparsity']:.4f} (read back from model.onnx: {report['file_global_sparsity']:.4f})",
+             f"- data {report['data']}; accuracy on the test split ({report['test_images']} images) through "
+             f"onnxruntime ({provider})", *_cpu_line(report), f"- command: `{report['command']}`", "",
+             "| model | top-1 | batch 1 median / p90 (ms) | batch 64 median / p90 (ms) | file (MB) | gzip (MB) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key, label in (("dense", "dense"), ("pruned", "pruned, not fine-tuned"), ("finetuned", "fine-tuned"),
+                       ("int8", "fine-tuned, int8 (model.int8.onnx)")):
+        if key not in m:
+            continue
+        row = m[key]
+        lat = {r["batch"]: r for r in row["latency"]}
+        lines.append(f"| {label} | {row['accuracy']:.2%} | {lat[1]['median_ms']:.2f} / {lat[1]['p90_ms']:.2f} | "
+                     f"{lat[64]['median_ms']:.2f} / {lat[64]['p90_ms']:.2f} | {row['bytes'] / 1e6:.3f} | "
+                     f"{row['gzip_bytes'] / 1e6:.3f} |")
+    if "sparse_storage" in m:
+        lines.append(f"| fine-tuned, sparse storage | same | same | same | {m['sparse_storage']['bytes'] / 1e6:.3f} | "
+                     f"{m['sparse_storage']['gzip_bytes'] / 1e6:.3f} |")
+    v = report["verification"]
+    lines += ["", f"Verification: onnxruntime vs PyTorch max abs diff {v['max_abs_diff']:.2e}, same top-1: "
+              f"{v['same_top1']}; {v['layers_matched']} layers' zero patterns found in the file.", ""]
+    lines += _int8_lines(report.get("int8"))
+    if report["search"]:
+        s = report["search"]
+        lines += [f"Search: {s['episodes']} episodes, {s['wall_seconds']:.0f} s, {s['seconds_per_episode']:.2f} s "
+                  f"per episode, {s['share_outside_reward']:.1%} of the time outside the reward "
+                  f"({s['reward_engine']} engine, {s['reward_images']} reward images).", ""]
+        lines += ["| stage | target | best reward | episode | found by |", "|---:|---:|---:|---:|---|"]
+        lines += [f"| {i + 1} | {st['target']:.4f} | {st['reward']:.4f} | {st['episode']} | "
+                  f"{st['demonstration'] + ' demonstration' if st.get('demonstration') else 'the agent'} |"
+                  for i, st in enumerate(report["stages"])]
+        lines.append("")
+    lines += ["| layer | weights | sparsity |", "|---|---:|---:|"]
+    lines += [f"| {r['name']} | {r['weights']:,} | {r['sparsity']:.2%} |" for r in report["layers"]]
+    lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def _cpu_line(report: dict) -> list[str]:
+    from qlp_compress.deploy.quantize import describe_cpu
+
+    return [f"- CPU: {describe_cpu(report['cpu'])} (int8 speed depends on VNNI/AMX)"] if report.get("cpu") else []
+
+
+def _int8_lines(int8: dict | None) -> list[str]:
+    """What the int8 row is: how it was quantized and what was checked."""
+    if not int8:
+        return []
+    a, z = int8["accuracy"], int8["zeros"]
+    kept = ", ".join(int8["float_layers"]) or "none"
+    return [f"int8 (onnxruntime static quantization, {int8['format']}: {int8['weights']} weights, "
+            f"{int8['activations']} activations; pre-processing: {int8['preprocess']}): calibrated on "
+            f"{int8['calibration_images']} {int8['calibration_split']}-split images; layers kept in float: {kept}. "
+            f"Test accuracy {a['int8_accuracy']:.2%} against {a['float_accuracy']:.2%} in float "
+            f"({a['loss_points']:+.2f} points lost"
+            + (f", **over the {a['max_loss_points']:g}-point limit**" if a["warning"] else "") + "). "
+            f"All {z['float_zeros']:,} zero weights of model.onnx are exactly zero in model.int8.onnx "
+            f"({z['rounded_to_zero']:,} more weights rounded to zero).", ""]
+
+
+def compare_markdown(rows: list[dict], command: str) -> str:
+    lines = ["# qlp-compress compare", "", f"`{command}`", "",
+             f"Dense test accuracy: {rows[0]['dense_accuracy']:.2%}." if rows else "", "",
+             "| sparsity | method | pruned | fine-tuned | search s |", "|---:|---|---:|---:|---:|"]
+    for r in rows:
+        tuned = "-" if r["finetuned_accuracy"] is None else f"{r['finetuned_accuracy']:.2%}"
+        lines.append(f"| {r['target']:g} | {r['method']} | {r['pruned_accuracy']:.2%} | {tuned} | "
+                     f"{r['search_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"

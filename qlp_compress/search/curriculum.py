@@ -1,0 +1,278 @@
+"""The QLP search: DQN episodes in the pruning environment through a curriculum of increasing targets.
+
+Each stage of the curriculum is a block of episodes at one target sparsity; the replay buffer and the
+networks carry over from stage to stage, and the best episode of every stage is kept, so one search gives
+a policy for each intermediate sparsity too.
+
+Demonstrations (our addition, see docs/method.md): each stage opens with one episode per baseline
+allocation named in `demonstrations` (LAMP, ERK, …), played through the same game by steering every
+step towards that allocation. They count as episodes and reward evaluations, go into the replay buffer
+like any other episode, and compete for the stage's best; the search then explores from what they teach.
+
+Random search ("random") plays the same game with uniformly random actions, all at the final target, for
+the same number of reward evaluations.
+
+Interrupts: a checkpoint holds everything (agent, replay, RNG states, history, best-so-far) as of the
+end of an episode. Ctrl-C or SIGTERM during an episode drops that episode and writes the checkpoint as of
+the last one; `resume` continues and ends with the same policy as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qlp_compress.base.errors import Interrupted, QLPError, UsageError
+from qlp_compress.base.interrupts import deferred_interrupts, sigterm_as_interrupt
+from qlp_compress.base.io import atomic_torch_save, load_checkpoint
+from qlp_compress.search.agent import AgentSettings, DQNAgent
+from qlp_compress.search.env import EnvSettings, PruningEnv
+
+METHODS = ("qlp", "random")
+
+
+class SearchInterrupted(Interrupted):
+    """The search stopped on Ctrl-C/SIGTERM after writing its checkpoint (exit code 130)."""
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """One search."""
+
+    target: float  # final global sparsity
+    episodes: int = 400  # total episodes (= reward evaluations) over all stages
+    stages: int = 4  # curriculum stages; 1 = no curriculum
+    first_target: float = 0.5  # sparsity of the first stage (capped at half the final target)
+    final_share: float = 0.5  # share of the episodes spent at the final target
+    stage_targets: tuple[float, ...] = ()  # explicit curriculum (increasing, ending at target); overrides stages
+    method: str = "qlp"  # "qlp" (DQN with curriculum) or "random" (random actions, final target only)
+    demonstrations: tuple[str, ...] = ("lamp", "erk", "global", "uniform")  # baseline allocations replayed at the
+    #                                                                       start of every stage (qlp only)
+    seed: int = 0  # agent initialisation, exploration and replay sampling
+    checkpoint_every: int = 10  # episodes between checkpoint writes
+    env: EnvSettings = field(default_factory=EnvSettings)  # the pruning game
+    agent: AgentSettings = field(default_factory=AgentSettings)  # DQN hyper-parameters
+
+
+def curriculum_targets(target: float, stages: int, first_target: float = 0.5) -> list[float]:
+    """Increasing targets ending at `target`, evenly spaced in log-density (0.5→0.71→0.83→0.9 for 0.9)."""
+    if stages <= 1:
+        return [target]
+    first = first_target if target > first_target else target / 2
+    d0, d1 = 1.0 - first, 1.0 - target
+    return [round(1.0 - d0 * (d1 / d0) ** (k / (stages - 1)), 6) for k in range(stages - 1)] + [target]
+
+
+def stage_episodes(total: int, stages: int, final_share: float = 0.5) -> list[int]:
+    """Episodes per stage: the final stage gets `final_share` of them, the earlier stages equal blocks."""
+    if stages == 1:
+        return [total]
+    base = round(total * (1.0 - final_share)) // (stages - 1)
+    return [base] * (stages - 1) + [total - base * (stages - 1)]
+
+
+@dataclass
+class StageBest:
+    target: float
+    reward: float = -float("inf")
+    sparsities: list[float] | None = None
+    episode: int = -1
+    demonstration: str | None = None  # the baseline whose demonstration this is, None when the agent found it
+
+
+@dataclass
+class SearchProgress:
+    """Everything a search accumulates besides the agent; saved in checkpoints."""
+
+    episode: int = 0  # episodes completed
+    history: list[dict] = field(default_factory=list)  # one record per episode
+    best: list[StageBest] = field(default_factory=list)  # one per stage
+    reward_seconds: float = 0.0  # wall time inside the reward function
+    total_seconds: float = 0.0  # wall time of the episodes, reward included
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    settings: SearchSettings
+    best: list[StageBest]  # the best episode of each stage; the last is the answer
+    history: list[dict]
+    reward_seconds: float
+    total_seconds: float
+
+    @property
+    def final(self) -> StageBest:
+        return self.best[-1]
+
+
+def _epsilon(a: AgentSettings, stage: int, episode_in_stage: int, stage_length: int, method: str) -> float:
+    if method == "random":
+        return 1.0
+    start = a.eps_start if stage == 0 else a.eps_restart
+    progress = min(1.0, episode_in_stage / max(1.0, a.exploration_fraction * stage_length))
+    return float(start + (a.eps_end - start) * progress)  # a numpy scalar here would make the checkpoint unloadable
+
+
+def run_search(
+    env: PruningEnv,
+    settings: SearchSettings,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_episode: Callable[[dict], None] | None = None,
+    allocation: Callable[[str, float], np.ndarray] | None = None,
+) -> SearchResult:
+    """Run (or resume) a search; returns the best policy of every stage.
+
+    `allocation(name, target)` gives the per-layer sparsities of a baseline allocator, for the
+    demonstrations; without it the search plays none."""
+    if settings.method not in METHODS:
+        raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
+    if not 0.0 < settings.target < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {settings.target}")
+    if settings.method == "random":
+        targets = [settings.target]
+    elif settings.stage_targets:
+        targets = list(settings.stage_targets)
+        if targets[-1] != settings.target or any(a >= b for a, b in itertools.pairwise(targets)):
+            raise UsageError(f"curriculum targets {targets} must increase and end at the target {settings.target}")
+    else:
+        targets = curriculum_targets(settings.target, settings.stages, settings.first_target)
+    stages = len(targets)
+    lengths = stage_episodes(settings.episodes, stages, settings.final_share)
+    if min(lengths) < 1:
+        raise UsageError(f"--episodes {settings.episodes} is fewer than the {stages} curriculum stages")
+    agent = DQNAgent(env.state_size, env.n_actions, settings.agent, settings.seed)
+    progress = SearchProgress(best=[StageBest(t) for t in targets])
+    if resume and checkpoint is not None and checkpoint.exists():
+        progress = _load(checkpoint, settings, agent)
+
+    stage_of = np.repeat(np.arange(stages), lengths)
+    stage_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    learn = settings.method == "qlp"
+    demos = settings.demonstrations if learn and allocation is not None else ()
+    rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
+    with sigterm_as_interrupt():
+        try:
+            while progress.episode < settings.episodes:
+                k = int(stage_of[progress.episode])
+                in_stage = progress.episode - stage_start[k]
+                eps = _epsilon(settings.agent, k, in_stage, lengths[k], settings.method)
+                rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
+                if in_stage < len(demos):
+                    wanted = np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
+                    record, transitions = _play_episode(env, targets[k], lambda _, g=1.0 - wanted:
+                                                        env.action_towards(g), exact=wanted)
+                    record.update(epsilon=0.0, demonstration=demos[in_stage],
+                                  last_demonstration=in_stage == len(demos) - 1)
+                else:
+                    record, transitions = _play_episode(env, targets[k], lambda state, e=eps: agent.act(state, e))
+                    record["epsilon"] = round(eps, 4)
+                best = _finish_episode(settings, agent, progress, checkpoint, learn, record, transitions, k,
+                                       targets[k])
+                if on_episode:
+                    on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
+        except KeyboardInterrupt:  # anywhere in the loop: keep the episodes that finished, drop the one running
+            if progress.episode == episode_at_start:  # the running episode did not count
+                agent.rng.bit_generator.state = rng_at_start  # as if it never started
+            if checkpoint is not None:
+                with deferred_interrupts():
+                    _save(checkpoint, settings, agent, progress)
+            where = f"; rerun the same command with --resume to continue (checkpoint {checkpoint})" \
+                if checkpoint else "; rerun the command to start again"
+            raise SearchInterrupted(f"search interrupted after {progress.episode} episodes{where}") from None
+    return SearchResult(settings, progress.best, progress.history, progress.reward_seconds, progress.total_seconds)
+
+
+def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchProgress, checkpoint: Path | None,
+                    learn: bool, record: dict, transitions: list[tuple], k: int, target: float) -> StageBest:
+    """Learn from a finished episode and record it, as one unit that an interrupt cannot split."""
+    with deferred_interrupts():
+        if learn:
+            agent.learn_from_episode(transitions, demonstration=record.get("demonstration") is not None)
+            if record.get("last_demonstration"):
+                agent.pretrain()  # the stage's demonstrations are all in: DQfD's pre-training on them
+        record.pop("last_demonstration", None)
+        record.update(stage=k + 1, target=target, episode=progress.episode + 1)
+        progress.history.append(record)
+        progress.reward_seconds += record.pop("_reward_seconds")
+        progress.total_seconds += record["seconds"]
+        best = progress.best[k]
+        if record["succeeded"] and record["reward"] > best.reward:
+            best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), \
+                progress.episode + 1
+            best.demonstration = record.get("demonstration")
+        record.pop("_sparsities", None)
+        progress.episode += 1
+        if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
+                                       or progress.episode == settings.episodes):
+            _save(checkpoint, settings, agent, progress)
+    return best
+
+
+def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray], int],
+                  exact: np.ndarray | None = None) -> tuple[dict, list[tuple]]:
+    """One episode; `exact` (a demonstration's allocation) is what its reward measures and what it records,
+    so that a demonstration is never worse than its allocator because of the action grid; its transitions
+    still show how the game's actions reach that allocation."""
+    started = time.perf_counter()
+    reward_seconds = 0.0
+    state = env.reset(target)
+    exact_sparsities = env.exact_sparsities(exact) if exact is not None else None
+    transitions = []
+    done = False
+    while not done:
+        action = choose(state)
+        t0 = time.perf_counter()
+        next_state, reward, done = env.step(action, evaluate_at=exact_sparsities)
+        if done:
+            reward_seconds = time.perf_counter() - t0
+        transitions.append((state, action, reward, next_state, float(done)))
+        state = next_state
+    succeeded = env.met_target()
+    record = {"reward": float(reward), "steps": len(transitions),
+              "reached": env.global_sparsity(), "succeeded": bool(succeeded),
+              "seconds": time.perf_counter() - started, "_reward_seconds": reward_seconds if succeeded else 0.0,
+              "_sparsities": [float(s) for s in (env.sparsities() if exact_sparsities is None else exact_sparsities)]
+              if succeeded else None}
+    return record, transitions
+
+
+def _save(path: Path, settings: SearchSettings, agent: DQNAgent, progress: SearchProgress) -> None:
+    atomic_torch_save({"settings": asdict(settings), "agent": agent.state_dict(),
+                       "progress": {**asdict(progress), "best": [asdict(b) for b in progress.best]}}, path)
+
+
+def _load(path: Path, settings: SearchSettings, agent: DQNAgent) -> SearchProgress:
+    state = load_checkpoint(path)
+    if _normalise(state.get("settings")) != _normalise(asdict(settings)):
+        raise UsageError(f"{path} belongs to a search with other settings; rerun with the same options, or pass "
+                         "--force instead of --resume to start over")
+    try:
+        agent.load_state_dict(state["agent"])
+        p = state["progress"]
+        return SearchProgress(episode=p["episode"], history=p["history"], best=[StageBest(**b) for b in p["best"]],
+                              reward_seconds=p["reward_seconds"], total_seconds=p["total_seconds"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise QLPError(f"checkpoint {path} is damaged ({type(e).__name__}); pass --force instead of --resume to "
+                       "start over") from e
+
+
+def _normalise(settings: dict | None) -> dict | None:
+    """Settings minus what may change between a run and its resumption (the checkpoint interval)."""
+    if settings is None:
+        return None
+    out = dict(settings)
+    out.pop("checkpoint_every", None)
+    return _tuples_to_lists(out)
+
+
+def _tuples_to_lists(x):
+    if isinstance(x, dict):
+        return {k: _tuples_to_lists(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_tuples_to_lists(v) for v in x]
+    return x

@@ -1,0 +1,226 @@
+"""The PyTorch training loop: trains a dense model (`train`) or fine-tunes a pruned one with its masks held.
+
+Masked weights stay exactly zero: their gradients are zeroed before each step and the weights and the
+momentum buffers are re-masked after it, so neither weight decay nor momentum can regrow them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from qlp_compress.base.io import atomic_torch_save, load_checkpoint
+from qlp_compress.data import iterate_batches
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How to train or fine-tune."""
+
+    epochs: float = 15.0  # passes over the data; a fraction (0.05) trains on part of one epoch
+    batch_size: int = 128  # images per step
+    lr: float = 0.1  # peak learning rate of SGD
+    momentum: float = 0.9  # SGD momentum (Nesterov)
+    weight_decay: float = 5e-4  # L2 penalty on all parameters
+    schedule: str = "cosine"  # "cosine" (linear warm-up then cosine to 0) or "onecycle"
+    warmup_epochs: float = 1.0  # linear warm-up length for "cosine"
+    augment: bool = True  # random crop (padding 1/8 of the side) and horizontal flip
+    seed: int = 0  # shuffling, augmentation and initialisation
+    device: str = "cpu"  # torch device to train on
+
+
+def _cosine(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return factor
+
+
+SCHEDULES = {
+    "cosine": lambda opt, s, total, per_epoch: torch.optim.lr_scheduler.LambdaLR(
+        opt, _cosine(total, min(total // 2, int(s.warmup_epochs * per_epoch)))),
+    "onecycle": lambda opt, s, total, per_epoch: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=s.lr, total_steps=total),
+}
+
+
+def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random horizontal flip and random crop after zero padding, each image drawn independently."""
+    n, c, h, w = x.shape
+    pad = max(1, h // 8)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    return padded[torch.arange(n, device=x.device)[:, None, None, None],
+                  torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+class MaskHolder:
+    """Keeps pruned weights at exactly zero during training."""
+
+    def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor], device: torch.device):
+        modules = dict(model.named_modules())
+        self.pairs = [(modules[name].weight, keep.to(device)) for name, keep in masks.items()]
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        for w, keep in self.pairs:
+            if w.grad is not None:
+                w.grad.mul_(keep)
+
+    @torch.no_grad()
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for w, keep in self.pairs:
+            w.mul_(keep)
+            buf = optimizer.state.get(w, {}).get("momentum_buffer")
+            if buf is not None:
+                buf.mul_(keep)
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    settings: TrainSettings,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    on_step: Callable[[dict], None] | None = None,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 4.0,
+) -> list[dict]:
+    """Train `model` in place; returns one record per epoch (loss, accuracy on the training batches).
+
+    With `checkpoint`, the state is saved atomically after every epoch; with `resume`, training continues
+    from it and ends where an uninterrupted run would have ended.
+    """
+    device = torch.device(settings.device)
+    model.to(device)
+    steps_per_epoch = math.ceil(len(dataset) / settings.batch_size)
+    total_steps = max(1, round(settings.epochs * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:  # fixed parameters (channel-mode shortcut maps) are never trained
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BatchNorm and biases
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": settings.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0)
+    scheduler = SCHEDULES[settings.schedule](optimizer, settings, total_steps, steps_per_epoch)
+    generator = torch.Generator().manual_seed(settings.seed)
+    holder = MaskHolder(model, masks, device) if masks else None
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    history: list[dict] = []
+    start_epoch = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if state.get("settings") != asdict(settings):
+            from qlp_compress.base.errors import UsageError
+
+            raise UsageError(f"{checkpoint} was written with other settings; rerun with the same options, or pass "
+                             "--force instead of --resume to start over")
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            random.setstate(state["python_rng"])
+            history, start_epoch = state["history"], state["epoch"] + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            from qlp_compress.base.errors import QLPError
+
+            raise QLPError(f"checkpoint {checkpoint} is damaged ({type(e).__name__}); pass --force instead of "
+                           "--resume to start over") from e
+
+    step = start_epoch * steps_per_epoch
+    for epoch in range(start_epoch, n_epochs):
+        epoch_started = time.perf_counter()
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for x, y in iterate_batches(dataset, settings.batch_size, shuffle=True, generator=generator):
+            if step >= total_steps:
+                break
+            if settings.augment:
+                x = augment(x, generator)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None:  # distillation: KL to the teacher's softened logits (Hinton et al. 2015)
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(x) / distill_temperature, 1)
+                kl = F.kl_div(F.log_softmax(logits / distill_temperature, 1), target, log_target=True,
+                              reduction="batchmean") * distill_temperature**2
+                loss = (1.0 - distill_weight) * loss + distill_weight * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if holder:
+                holder.before_step()
+            optimizer.step()
+            if holder:
+                holder.after_step(optimizer)
+            scheduler.step()
+            step += 1
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if on_step:
+                on_step({"epoch": epoch + 1, "epochs": n_epochs, "step": step, "steps": total_steps,
+                         "loss": loss_sum / seen, "accuracy": correct / seen})
+        history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen),
+                        "seconds": round(time.perf_counter() - epoch_started, 2)})
+        if checkpoint is not None:
+            atomic_torch_save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "history": history, "epoch": epoch, "settings": asdict(settings),
+            }, checkpoint)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy of `model` (in eval mode) over the batches."""
+    model.eval()
+    correct = seen = 0
+    for x, y in batches:
+        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+        seen += len(y)
+    return correct / max(1, seen)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Re-estimate BatchNorm running statistics from the batches (cumulative average), then eval mode."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over the given batches
+    model.train()
+    for x in batches:
+        model(x)
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+    model.eval()

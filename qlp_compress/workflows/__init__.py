@@ -1,0 +1,51 @@
+"""Workflows: what each command does, as library calls. The CLI and the benchmarks call these and nothing below
+them. May import every part except the CLI.
+
+- workspace: data and model settings, the loaded model with its splits, checks before work starts, verified
+  export and measurement of ONNX files;
+- weights: weight mode (unstructured zeros): search / allocate, prune, fine-tune, export, report; finetune; export;
+- channels: channel mode (whole channels removed for a measured speedup);
+- compare, evaluate, train, quantize: the commands of the same names."""
+
+from qlp_compress.workflows.channels import (
+    ChannelSettings,
+    compare_channels,
+    compress_channels,
+    find_widths,
+    measure,
+    open_channels,
+    prune_finetune,
+)
+from qlp_compress.workflows.compare import compare
+from qlp_compress.workflows.evaluate import evaluate_model
+from qlp_compress.workflows.quantize import quantize_beside, quantize_file
+from qlp_compress.workflows.train import train_model
+from qlp_compress.workflows.weights import (
+    CompressSettings,
+    check_demonstrations,
+    compress,
+    default_out_dir,
+    export_model,
+    find_policy,
+    finetune_pruned,
+    prune_and_finetune,
+)
+from qlp_compress.workflows.workspace import (
+    DataSettings,
+    ModelSettings,
+    Workspace,
+    check_can_write,
+    check_sparsity,
+    export_bytes,
+    export_verified,
+    load_onnx_file,
+    measure_onnx,
+    open_workspace,
+)
+
+__all__ = ["ChannelSettings", "CompressSettings", "DataSettings", "ModelSettings", "Workspace", "check_can_write",
+           "check_demonstrations", "check_sparsity", "compare", "compare_channels", "compress", "compress_channels",
+           "default_out_dir", "evaluate_model", "export_bytes", "export_model", "export_verified", "find_policy",
+           "find_widths", "finetune_pruned", "load_onnx_file", "measure", "measure_onnx", "open_channels",
+           "open_workspace", "prune_and_finetune", "prune_finetune", "quantize_beside", "quantize_file",
+           "train_model"]

@@ -1,0 +1,354 @@
+"""Channel mode's workflows: widths (QLP, random search or a baseline) → smaller dense network → fine-tune →
+verified ONNX export → report with measured speedups. The weight mode's workflows are in pipeline.py."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from qlp_compress import data as datasets
+from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.io import atomic_write_json, atomic_write_text
+from qlp_compress.base.outputs import OutputRun
+from qlp_compress.deploy import export
+from qlp_compress.deploy.engine import open_session, session_accuracy
+from qlp_compress.deploy.latency import LatencySettings, LatencyTable, check_latency_settings, measure_speedup
+from qlp_compress.deploy.quantize import QuantizeSettings, cpu_capability, describe_cpu
+from qlp_compress.pruning.channel_groups import ChannelSpace, count_macs_params
+from qlp_compress.pruning.widths import (
+    BASELINES,
+    CRITERION_OF,
+    SEARCHES,
+    allocate_widths,
+    check_speedup,
+    default_demonstrations,
+    demonstration_allocator,
+    speedup_to_target,
+    widths_from,
+)
+from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
+from qlp_compress.search.channel_env import ChannelEnv
+from qlp_compress.search.curriculum import SearchSettings, run_search
+from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
+from qlp_compress.workflows.quantize import quantize_beside
+from qlp_compress.workflows.workspace import (
+    BN_RECALIBRATION_IMAGES,
+    Workspace,
+    export_bytes,
+    export_verified,
+    train_interruptible,
+)
+
+METHODS = (*SEARCHES, *BASELINES)
+POLICY_FORMAT = "qlp-compress/channel-policy/v1"
+SPEEDUP_BATCHES = (1, 64)  # every report gives the measured speedup at these batch sizes
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """One channel-mode run."""
+
+    method: str = "qlp"  # qlp, random, uniform, l1 (global filter norm) or bn-slimming
+    speedup: float = 2.0  # target: dense ÷ pruned onnxruntime latency at latency.batch, predicted by the table
+    latency: LatencySettings = field(default_factory=LatencySettings)  # how latency is measured
+    search: SearchSettings | None = None  # for qlp/random (target and method are filled in)
+    reward: ChannelRewardSettings = field(default_factory=ChannelRewardSettings)  # how the search scores widths
+    demonstrations: tuple[str, ...] | None = None  # baselines played first in every stage (None: all that apply)
+    finetune: TrainSettings | None = None  # None = no fine-tuning
+    distill: bool = True  # fine-tune with KL to the dense model's logits too (+0.67 points in the one benchmark cell
+    #                       measured: qlp 1.5×, 0.1 epoch, seed 0)
+    speed_rounds: int = 15  # interleaved rounds per measured speedup
+    quantize: QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UsageError(f"unknown channel method {method!r}; use one of {', '.join(METHODS)}")
+
+
+@dataclass
+class ChannelContext:
+    """The groups and the latency table of the loaded model."""
+
+    space: ChannelSpace
+    table: LatencyTable
+    dense_onnx: bytes
+    seconds: float
+
+
+def open_channels(ws: Workspace, settings: LatencySettings, cache: Path | None = None) -> ChannelContext:
+    started = time.perf_counter()
+    check_latency_settings(settings)
+    x, _ = datasets.materialize(ws.splits.reward, limit=2)
+    space = ChannelSpace(ws.loaded.module, x)
+    if not space.groups:
+        reasons = "; ".join(f"{n}: {r}" for n, r in space.unsafe) or "no Conv/Linear output channels outside the " \
+                                                                       "classifier"
+        raise QLPError(f"no channel group of this model can be pruned safely ({reasons}); use --structure weight")
+    dense = export_bytes(ws.loaded.module, ws)
+    table = LatencyTable.build(space, dense, export_bytes(space.model, ws), ws.input_shape, settings,
+                               ws.loaded.sha256, lambda m: export_bytes(m, ws), cache=cache)
+    return ChannelContext(space, table, dense, time.perf_counter() - started)
+
+
+def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, checkpoint: Path | None = None,
+                resume: bool = False, on_episode: Callable[[dict], None] | None = None) -> dict:
+    """The per-group widths of `settings.method` at the speedup target, and how they were found."""
+    check_method(settings.method)
+    check_speedup(settings.speedup)
+    target = speedup_to_target(settings.speedup)
+    if ctx.table.max_speedup() < settings.speedup:
+        raise UsageError(f"--speedup {settings.speedup:g} is beyond this model's reach: the latency table predicts "
+                         f"at most {ctx.table.max_speedup():.2f}× at the narrowest widths (--round-to "
+                         f"{settings.latency.round_to}); ask for less")
+    started = time.perf_counter()
+    info: dict = {"method": settings.method, "criterion": CRITERION_OF[settings.method]}
+    if settings.method in BASELINES:
+        widths = allocate_widths(settings.method, ctx.space, ctx.table, target)
+    else:
+        reward = ChannelReward(ctx.space, ws.splits.reward, replace(settings.reward, device=ws.device))
+        search = replace(settings.search or SearchSettings(target=target), target=target, method=settings.method)
+        demos = settings.demonstrations if settings.demonstrations is not None else default_demonstrations(ctx.space)
+        search = replace(search, demonstrations=tuple(demos))
+        env = ChannelEnv(ctx.table, reward, search.env)
+        result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
+                            allocation=demonstration_allocator(ctx.space, ctx.table))
+        if result.final.sparsities is None:
+            raise QLPError(f"no episode reached a {settings.speedup:g}× predicted speedup in {search.episodes} "
+                           "episodes; raise --episodes or --passes")
+        widths = widths_from(ctx.space.sizes, result.final.sparsities)
+        info.update(best_reward=result.final.reward, demonstration=result.final.demonstration,
+                    episodes=len(result.history), reward_evaluations=reward.evaluations,
+                    distinct_networks_scored=len(reward.cache), reward_failures=len(reward.failures),
+                    reward_seconds=round(result.reward_seconds, 2),
+                    stages=[{"target_speedup": round(1 / (1 - b.target), 4), "reward": b.reward, "episode": b.episode,
+                             "demonstration": b.demonstration,
+                             "widths": widths_from(ctx.space.sizes, b.sparsities) if b.sparsities else None}
+                            for b in result.best],
+                    rewards=[round(h["reward"], 5) for h in result.history])
+    info.update(widths=widths, predicted_speedup=ctx.table.speedup(widths),
+                search_seconds=round(time.perf_counter() - started, 2))
+    return info
+
+
+def prune_finetune(ws: Workspace, ctx: ChannelContext, widths: list[int], criterion: str,
+                   settings: TrainSettings | None, distill: bool, checkpoint: Path | None = None,
+                   resume: bool = False) -> tuple[nn.Module, nn.Module]:
+    """(pruned network with BatchNorm re-estimated, fine-tuned copy). The pruned network is dense: no masks."""
+    pruned = ctx.space.prune(widths, criterion)
+    batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
+    recalibrate_batchnorm(pruned, (x for x, _ in batches))
+    tuned = copy.deepcopy(pruned)
+    if settings is not None and settings.epochs > 0:
+        teacher = copy.deepcopy(ws.loaded.module) if distill else None
+        train_interruptible(tuned, ws.splits.finetune, settings, "fine-tune", checkpoint, resume, teacher=teacher)
+    for m in (pruned, tuned):
+        m.cpu().eval()
+    return pruned, tuned
+
+
+def measure(ws: Workspace, ctx: ChannelContext, onnx_bytes: bytes, module: nn.Module, settings: ChannelSettings,
+            batches: tuple[int, ...] = SPEEDUP_BATCHES) -> dict:
+    """Test accuracy (onnxruntime), MACs, parameters and the speedup over the dense model, measured interleaved."""
+    x, _ = datasets.materialize(ws.splits.reward, limit=1)
+    macs, params = count_macs_params(module, x)
+    speed = {str(b): measure_speedup(ctx.dense_onnx, onnx_bytes, ws.input_shape, b, settings.latency.threads,
+                                     rounds=settings.speed_rounds)
+             for b in sorted({*batches, settings.latency.batch})}
+    return {"accuracy": session_accuracy(open_session(onnx_bytes), ws.splits.test), "macs": macs, "params": params,
+            "speedup": speed, "bytes": len(onnx_bytes)}
+
+
+def compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings, out: Path, command: str,
+                      resume: bool = False, ctx: ChannelContext | None = None,
+                      on_episode: Callable[[dict], None] | None = None, policy_path: Path | None = None,
+                      force: bool = False) -> dict:
+    """Widths (found, or read from `policy_path`) → prune → fine-tune → export (verified) → report, all under
+    `out`, written as a set (qlp_compress.base.outputs): an existing folder is replaced only with `force`."""
+    with OutputRun(out, force, resume) as run:
+        report = _compress_channels(model_path, ws, settings, out, run, command, resume, ctx, on_episode, policy_path)
+        run.commit()
+    return report
+
+
+def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSettings, out: Path, run: OutputRun,
+                       command: str, resume: bool, ctx: ChannelContext | None,
+                       on_episode: Callable[[dict], None] | None, policy_path: Path | None) -> dict:
+    started = time.perf_counter()
+    work, staged = run.work, run.staging
+    ctx = ctx or open_channels(ws, settings.latency)
+    if policy_path is not None:
+        chosen = load_channel_policy(policy_path, ws, ctx)
+        widths = [int(w) for w in widths_array(chosen)]
+        found = {"method": chosen["method"], "criterion": chosen["criterion"], "widths": widths,
+                 "predicted_speedup": ctx.table.speedup(widths), "search_seconds": 0.0, "from_policy": str(policy_path)}
+        settings = replace(settings, method=chosen["method"], speedup=float(chosen["target_speedup"]))
+    else:
+        found = find_widths(ws, ctx, settings, checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
+    widths = found["widths"]
+    policy = policy_json(ws, ctx, settings, found)
+    atomic_write_json(staged / "policy.json", policy)
+    pruned, tuned = prune_finetune(ws, ctx, widths, found["criterion"], settings.finetune, settings.distill,
+                                   work / "finetune.ckpt", resume)
+    x, _ = datasets.materialize(ws.splits.reward, limit=1)
+    dense_macs, dense_params = count_macs_params(ws.loaded.module, x)
+    pruned_bytes, tuned_bytes = export_bytes(pruned, ws), export_bytes(tuned, ws)
+    measured = {"pruned": measure(ws, ctx, pruned_bytes, pruned, settings, batches=()),
+                "finetuned": measure(ws, ctx, tuned_bytes, tuned, settings)}
+    dense_accuracy = session_accuracy(open_session(ctx.dense_onnx), ws.splits.test)
+    at = measured["finetuned"]["speedup"]
+    metadata = {"qlp.source_sha256": ws.loaded.sha256, "qlp.structure": "channel", "qlp.method": settings.method,
+                "qlp.target_speedup": f"{settings.speedup:g}", "qlp.latency_batch": settings.latency.batch,
+                "qlp.threads": settings.latency.threads,
+                "qlp.predicted_speedup": f"{found['predicted_speedup']:.4f}",
+                "qlp.measured_speedup": ",".join(f"b{b}:{v['speedup']:.4f}" for b, v in at.items()),
+                "qlp.widths": json.dumps({g.name: w for g, w in zip(ctx.space.groups, widths, strict=True)}),
+                "qlp.macs": measured["finetuned"]["macs"], "qlp.dense_macs": dense_macs,
+                "qlp.params": measured["finetuned"]["params"], "qlp.dense_params": dense_params,
+                "qlp.dataset": ws.data.name, "qlp.dense_test_accuracy": f"{dense_accuracy:.4f}",
+                "qlp.pruned_test_accuracy": f"{measured['pruned']['accuracy']:.4f}",
+                "qlp.finetuned_test_accuracy": f"{measured['finetuned']['accuracy']:.4f}", "qlp.command": command,
+                **{k: v for k, v in ws.loaded.metadata.items() if not k.startswith("qlp.")}}
+    verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, staged / "model.onnx")
+    verification["path"] = str(out / "model.onnx")  # where it will be once the run's files are in place
+    report = {
+        "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "structure": "channel",
+        "method": settings.method, "target_speedup": settings.speedup, "latency_batch": settings.latency.batch,
+        "threads": settings.latency.threads, "round_to": settings.latency.round_to,
+        "predicted_speedup": found["predicted_speedup"],
+        "measured_speedup": {b: v["speedup"] for b, v in at.items()},
+        "accuracy": {"dense": dense_accuracy, "pruned": measured["pruned"]["accuracy"],
+                     "finetuned": measured["finetuned"]["accuracy"]},
+        "macs": {"dense": dense_macs, "pruned": measured["finetuned"]["macs"]},
+        "params": {"dense": dense_params, "pruned": measured["finetuned"]["params"]},
+        "groups": [{"name": g.name, "channels": g.size, "width": w} for g, w in zip(ctx.space.groups, widths,
+                                                                                    strict=True)],
+        "left_whole": [{"group": n, "why": r} for n, r in ctx.space.unsafe],
+        "channel_maps": ctx.space.channel_maps, "latency_table": ctx.table.summary(), "search": found,
+        "measured": measured, "verification": verification,
+        "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
+                                                            "lr": settings.finetune.lr, "distill": settings.distill},
+        "command": command, "wall_seconds": round(time.perf_counter() - started + ctx.seconds, 1),
+    }
+    if settings.quantize is not None:  # int8 on top of the smaller network, timed against the dense fp32 model
+        report["int8"] = quantize_beside(ws, staged / "model.onnx", settings.quantize,
+                                         measured["finetuned"]["accuracy"])
+        int8_bytes = (staged / "model.int8.onnx").read_bytes()
+        report["int8"]["measured_speedup"] = {
+            str(b): measure_speedup(ctx.dense_onnx, int8_bytes, ws.input_shape, b, settings.latency.threads,
+                                    rounds=settings.speed_rounds)["speedup"]
+            for b in sorted({*SPEEDUP_BATCHES, settings.latency.batch})}
+        report["cpu"] = cpu_capability()
+    atomic_write_json(staged / "report.json", report)
+    atomic_write_text(staged / "report.md", report_markdown(report))
+    return report
+
+
+def policy_json(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, found: dict) -> dict:
+    return {"format": POLICY_FORMAT, "structure": "channel", "method": settings.method,
+            "target_speedup": settings.speedup, "latency": asdict(settings.latency),
+            "model_sha256": ws.loaded.sha256, "criterion": found["criterion"],
+            "groups": [{"name": g.name, "channels": g.size, "width": w}
+                       for g, w in zip(ctx.space.groups, found["widths"], strict=True)],
+            "predicted_speedup": found["predicted_speedup"],
+            "search": {k: v for k, v in found.items() if k not in ("widths", "criterion")}}
+
+
+def load_channel_policy(path: Path, ws: Workspace, ctx: ChannelContext) -> dict:
+    try:
+        policy = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise QLPError(f"{path} is not a readable policy.json ({e}); give the file a search wrote") from e
+    if policy.get("format") != POLICY_FORMAT:
+        raise UsageError(f"{path} is not a channel policy; use --structure weight for weight policies")
+    if policy.get("model_sha256") != ws.loaded.sha256:
+        raise UsageError(f"{path} was found for another model file; run the search on this model")
+    names = [g["name"] for g in policy["groups"]]
+    if names != [g.name for g in ctx.space.groups]:
+        raise UsageError(f"{path} names other channel groups than this model has; run the search again")
+    return policy
+
+
+def report_markdown(r: dict) -> str:
+    speed = ", ".join(f"batch {b}: {v:.2f}×" for b, v in r["measured_speedup"].items())
+    lines = [f"# Channel pruning: {r['method']} at {r['target_speedup']:g}× (batch {r['latency_batch']}, "
+             f"{r['threads']} threads)", "",
+             f"- model: `{r['model']}` ({r['data']})",
+             f"- predicted speedup (latency table): {r['predicted_speedup']:.2f}×; measured (onnxruntime, interleaved "
+             f"medians): {speed}",
+             f"- test accuracy: dense {r['accuracy']['dense']:.2%}, pruned {r['accuracy']['pruned']:.2%}, "
+             f"fine-tuned {r['accuracy']['finetuned']:.2%}",
+             f"- MACs: {r['macs']['dense'] / 1e6:.2f} M → {r['macs']['pruned'] / 1e6:.2f} M; parameters: "
+             f"{r['params']['dense']:,} → {r['params']['pruned']:,}",
+             f"- shortcut maps rewritten into fixed 1×1 convolutions: {len(r['channel_maps'])}",
+             f"- groups left whole (not safely prunable): "
+             f"{', '.join(g['group'] + ' (' + g['why'] + ')' for g in r['left_whole']) or 'none'}", "",
+             "| group | channels | width |", "|---|---:|---:|"]
+    if r.get("int8"):
+        a, s = r["int8"]["accuracy"], r["int8"]["measured_speedup"]
+        lines[4:4] = [f"- int8 (`model.int8.onnx`, onnxruntime static QDQ): test accuracy {a['int8_accuracy']:.2%} "
+                      f"({-a['loss_points']:+.2f} points against the float file); measured speedup over the dense "
+                      f"fp32 model: {', '.join(f'batch {b}: {v:.2f}×' for b, v in s.items())} "
+                      f"({describe_cpu(r['cpu'])})"]
+    lines += [f"| {g['name']} | {g['channels']} | {g['width']} |" for g in r["groups"]]
+    lines += ["", f"Command: `{r['command']}`", ""]
+    return "\n".join(lines)
+
+
+def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings, out: Path,
+                     command: str, force: bool = False) -> list[dict]:
+    """Every method at every speedup target: same table, same fine-tuning. compare.json and compare.md are
+    written as a set at the end; the rows so far are kept in OUT/.work/compare.json after every cell."""
+    for m in methods:
+        check_method(m)
+    for s in speedups:
+        check_speedup(s)
+    with OutputRun(out, force, False, resumable=False) as run:
+        rows = _compare_channels(ws, methods, speedups, settings, run, command)
+        run.commit()
+    return rows
+
+
+def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings,
+                      run: OutputRun, command: str) -> list[dict]:
+    ctx = open_channels(ws, settings.latency)
+    rows = []
+    for speedup in speedups:
+        for method in methods:
+            cell = replace(settings, method=method, speedup=speedup)
+            found = find_widths(ws, ctx, cell)
+            pruned, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], cell.finetune, cell.distill)
+            tuned_bytes = export_bytes(tuned, ws)
+            result = measure(ws, ctx, tuned_bytes, tuned, cell)
+            rows.append({"method": method, "target_speedup": speedup, "widths": found["widths"],
+                         "predicted_speedup": found["predicted_speedup"],
+                         "pruned_accuracy": session_accuracy(open_session(export_bytes(pruned, ws)), ws.splits.test),
+                         "finetuned_accuracy": result["accuracy"] if cell.finetune else None,
+                         "measured_speedup": {b: v["speedup"] for b, v in result["speedup"].items()},
+                         "macs": result["macs"], "params": result["params"],
+                         "search_seconds": found["search_seconds"]})
+            atomic_write_json(run.work / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
+                                                     "structure": "channel",
+                                                     "groups": [g.name for g in ctx.space.groups], "rows": rows})
+    header = "| method | target | predicted | measured (batch: speedup) | pruned acc | fine-tuned acc | MACs |"
+    lines = [header, "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        speed = ", ".join(f"{b}: {v:.2f}×" for b, v in r["measured_speedup"].items())
+        tuned_acc = f"{r['finetuned_accuracy']:.2%}" if r["finetuned_accuracy"] is not None else "–"
+        lines.append(f"| {r['method']} | {r['target_speedup']:g}× | {r['predicted_speedup']:.2f}× | {speed} | "
+                     f"{r['pruned_accuracy']:.2%} | {tuned_acc} | {r['macs'] / 1e6:.2f} M |")
+    os.replace(run.work / "compare.json", run.staging / "compare.json")
+    atomic_write_text(run.staging / "compare.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
+    return rows
+
+
+def widths_array(policy: dict) -> np.ndarray:
+    return np.asarray([g["width"] for g in policy["groups"]])

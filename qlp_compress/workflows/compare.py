@@ -1,0 +1,73 @@
+"""The `compare` workflow (weights): every method at every target sparsity, the same fine-tuning budget, one table."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qlp_compress.base.errors import UsageError
+from qlp_compress.base.io import atomic_write_text
+from qlp_compress.base.outputs import OutputRun
+from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings
+from qlp_compress.reward.weights import RewardSettings
+from qlp_compress.search.curriculum import METHODS, SearchSettings
+from qlp_compress.train.finetune import TrainSettings
+
+if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
+    pass
+
+
+from qlp_compress.workflows.weights import find_policy, prune_and_finetune
+from qlp_compress.workflows.workspace import Workspace, export_bytes, measure_onnx
+
+
+def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
+            reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
+            out: Path, command: str, force: bool = False) -> list[dict]:
+    """Every method at every target: same masks rule, same fine-tuning budget, test accuracy via onnxruntime.
+
+    compare.json and compare.md are written as a set at the end (qlp_compress.base.outputs); the rows measured so far
+    are also kept in OUT/.work/compare.json after every cell, so an interrupted comparison keeps what it measured."""
+    for method in methods:
+        if method not in ALLOCATORS and method not in METHODS:
+            raise UsageError(f"unknown method {method!r}; use {', '.join((*METHODS, *ALLOCATORS))}")
+    with OutputRun(out, force, False, resumable=False) as run:
+        rows = _compare(ws, methods, targets, search, reward_settings, allocation, finetune, run, command)
+        run.commit()
+    return rows
+
+
+def _compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
+             reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
+             run: OutputRun, command: str) -> list[dict]:
+    from qlp_compress.base.io import atomic_write_json
+    from qlp_compress.report.documents import compare_markdown
+    from qlp_compress.report.progress import search_progress
+
+    dense_accuracy = measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=1)["accuracy"]
+    rows = []
+    for target in targets:
+        for method in methods:
+            started = time.perf_counter()
+            if method in METHODS:
+                with search_progress(f"{method} @ {target:g}", search.episodes) as on_episode:
+                    policy = find_policy(ws, method, target, replace(search, target=target), reward_settings,
+                                         on_episode=on_episode)
+            else:
+                policy = find_policy(ws, method, target, allocation=allocation)
+            search_seconds = time.perf_counter() - started
+            pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+            rows.append({"method": method, "target": target, "achieved": policy.achieved,
+                         "dense_accuracy": dense_accuracy,
+                         "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, repeats=1)["accuracy"],
+                         "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, repeats=1)["accuracy"]
+                         if finetune else None,
+                         "best_reward": policy.best_reward, "search_seconds": round(search_seconds, 1),
+                         "sparsities": policy.sparsities})
+            document = {"command": command, "model_sha256": ws.loaded.sha256, "layers": policy.layers, "rows": rows}
+            atomic_write_json(run.work / "compare.json", document)
+    atomic_write_json(run.staging / "compare.json", document)
+    atomic_write_text(run.staging / "compare.md", compare_markdown(rows, command))
+    return rows

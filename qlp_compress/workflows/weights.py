@@ -1,0 +1,253 @@
+"""The weight-mode workflows (unstructured zeros, the paper's method): search or allocate per-layer sparsities,
+prune, fine-tune, export, verify, report; `finetune` of an already pruned model; `export`."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+from torch import nn
+
+from qlp_compress import data as datasets
+from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.outputs import OutputRun, file_lock
+from qlp_compress.deploy import export, quantize
+from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings, allocate
+from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, find_prunable_layers
+from qlp_compress.pruning.policy import Policy
+from qlp_compress.reward.weights import Reward, RewardSettings
+from qlp_compress.search.curriculum import METHODS, SearchSettings, run_search
+from qlp_compress.search.env import PruningEnv
+from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
+
+if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
+    pass
+
+
+from qlp_compress.workflows.quantize import quantize_beside
+from qlp_compress.workflows.workspace import (
+    BN_RECALIBRATION_IMAGES,
+    Workspace,
+    check_can_write,
+    check_sparsity,
+    export_bytes,
+    export_verified,
+    measure_onnx,
+    train_interruptible,
+)
+
+
+def check_demonstrations(names: tuple[str, ...]) -> None:
+    unknown = [n for n in names if n not in ALLOCATORS]
+    if unknown:
+        raise UsageError(f"--demonstrations: unknown allocation {unknown[0]!r}; use a comma-separated list of "
+                         f"{', '.join(ALLOCATORS)}, or none")
+
+
+def find_policy(ws: Workspace, method: str, target: float, search: SearchSettings | None = None,
+                reward_settings: RewardSettings | None = None, allocation: AllocationSettings | None = None,
+                checkpoint: Path | None = None, resume: bool = False,
+                on_episode: Callable[[dict], None] | None = None) -> Policy:
+    """Per-layer sparsities by QLP, random search or a baseline allocator."""
+    check_sparsity(target)
+    layers = find_prunable_layers(ws.loaded.module)
+    names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
+    common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256}
+    weights = {layer.name: layer.weight.detach() for layer in layers}
+
+    def baseline(name: str, goal: float) -> list[float]:
+        sparsities = allocate(name, weights, goal, allocation or AllocationSettings())
+        return [sparsities[n] for n in names]
+
+    if method in ALLOCATORS:
+        return Policy(method=method, sparsities=baseline(method, target), **common)
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
+    search = replace(search or SearchSettings(target=target), target=target, method=method)
+    check_demonstrations(search.demonstrations)
+    reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings or RewardSettings(device=ws.device))
+    env = PruningEnv(reward.numels, reward, search.env)
+    result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
+                        allocation=baseline)
+    if result.final.sparsities is None:
+        raise QLPError(f"no episode reached sparsity {target} in {search.episodes} episodes; raise --episodes "
+                       "or --passes")
+    outside = result.total_seconds - result.reward_seconds
+    stats = {"episodes": len(result.history), "reward_evaluations": reward.evaluations,
+             "reward_engine": reward.engine, "reward_images": len(reward.y),
+             "wall_seconds": round(result.total_seconds, 2), "reward_seconds": round(result.reward_seconds, 2),
+             "seconds_per_episode": round(result.total_seconds / max(1, len(result.history)), 4),
+             "share_outside_reward": round(outside / max(1e-9, result.total_seconds), 4),
+             "rewards": [round(h["reward"], 5) for h in result.history],
+             "stage_of_episode": [h["stage"] for h in result.history]}
+    stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities,
+               "demonstration": b.demonstration} for b in result.best]
+    return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
+                  stages=stages, search=stats, seed=search.seed, **common)
+
+
+
+
+def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
+                       checkpoint: Path | None = None, resume: bool = False) -> tuple[nn.Module, nn.Module, dict]:
+    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None.
+
+    The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
+    pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
+    pruned = copy.deepcopy(ws.loaded.module)
+    masks = MagnitudePruner(pruned).masks(policy.by_layer())
+    apply_masks(pruned, masks)
+    batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
+    recalibrate_batchnorm(pruned, (x for x, _ in batches))
+    tuned = copy.deepcopy(pruned)
+    if settings is not None and settings.epochs > 0:
+        train_interruptible(tuned, ws.splits.finetune, settings, "fine-tune", checkpoint, resume, masks=masks)
+    return pruned.cpu().eval(), tuned.cpu().eval(), masks
+
+
+@dataclass(frozen=True)
+class CompressSettings:
+    """One compression run: how to choose the sparsities, fine-tune and export."""
+
+    method: str = "qlp"  # "qlp", "random", or a baseline allocator name
+    target: float = 0.9  # global sparsity of the prunable weights
+    search: SearchSettings | None = None  # for qlp/random (target and method are filled in)
+    reward: RewardSettings | None = None  # how the search reward is measured
+    allocation: AllocationSettings | None = None  # for the baseline allocators
+    finetune: TrainSettings | None = None  # None = no fine-tuning
+    sparse_storage: bool = True  # also write model.sparse.onnx
+    latency_repeats: int = 30  # timed runs per latency figure
+    quantize: quantize.QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
+
+
+def default_out_dir(model_path: Path, method: str, target: float) -> Path:
+    if method not in (*METHODS, *ALLOCATORS):  # a name read from a file never becomes part of a path unchecked
+        raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
+    return model_path.parent / f"{model_path.stem}.{method}-{target:g}"
+
+
+def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: Path, command: str,
+             resume: bool = False, policy: Policy | None = None, force: bool = False) -> dict:
+    """Search (or allocate) → prune → fine-tune → export → verify → report, all files under `out`, written as a
+    set (qlp_compress.base.outputs): an existing folder is replaced only with `force`, and only when the run
+    succeeds."""
+    with OutputRun(out, force, resume) as run:
+        report = _compress(model_path, ws, settings, out, run, command, resume, policy)
+        run.commit()
+    return report
+
+
+def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: Path, run: OutputRun, command: str,
+              resume: bool, policy: Policy | None) -> dict:
+    from qlp_compress.report.documents import write_report
+    from qlp_compress.report.progress import search_progress
+
+    work, staged = run.work, run.staging
+    started = time.perf_counter()
+    if policy is None and settings.method not in METHODS:  # a baseline allocator: closed form, no search
+        policy = find_policy(ws, settings.method, settings.target, allocation=settings.allocation)
+    if policy is None:
+        search = settings.search or SearchSettings(target=settings.target)
+        with search_progress(f"{settings.method} search", search.episodes) as on_episode:
+            policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
+                                 checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
+    policy.save(staged / "policy.json")
+    pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume)
+    tuned_bytes = export_bytes(tuned, ws)
+    measured = {"dense": measure_onnx(export_bytes(ws.loaded.module, ws), ws, settings.latency_repeats),
+                "pruned": measure_onnx(export_bytes(pruned, ws), ws, settings.latency_repeats),
+                "finetuned": measure_onnx(tuned_bytes, ws, settings.latency_repeats)}
+    metadata = {"qlp.source_sha256": ws.loaded.sha256, "qlp.method": policy.method,
+                "qlp.target_sparsity": policy.target, "qlp.achieved_sparsity": f"{policy.achieved:.6f}",
+                "qlp.policy": ",".join(f"{s:.4f}" for s in policy.sparsities), "qlp.dataset": ws.data.name,
+                "qlp.dense_test_accuracy": f"{measured['dense']['accuracy']:.4f}",
+                "qlp.pruned_test_accuracy": f"{measured['pruned']['accuracy']:.4f}",
+                "qlp.finetuned_test_accuracy": f"{measured['finetuned']['accuracy']:.4f}", "qlp.command": command,
+                **{k: v for k, v in ws.loaded.metadata.items() if not k.startswith("qlp.")}}
+    verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, staged / "model.onnx",
+                                   policy, staged / "model.sparse.onnx" if settings.sparse_storage else None)
+    verification["path"] = str(out / "model.onnx")  # where the file will be once the run's files are in place
+    if settings.sparse_storage:
+        verification["sparse_path"] = str(out / "model.sparse.onnx")
+        raw = (staged / "model.sparse.onnx").read_bytes()
+        measured["sparse_storage"] = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6))}
+    int8 = None
+    if settings.quantize is not None:  # after pruning and fine-tuning, on the verified file
+        int8 = quantize_beside(ws, staged / "model.onnx", settings.quantize,
+                                        measured["finetuned"]["accuracy"])
+        int8["path"] = str(out / "model.int8.onnx")
+        measured["int8"] = measure_onnx(staged / "model.int8.onnx", ws, settings.latency_repeats)
+    readback, _ = export.onnx_sparsity(onnx.load(str(staged / "model.onnx")))
+    report = {
+        "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "device": ws.device,
+        "method": policy.method, "target_sparsity": policy.target, "achieved_sparsity": policy.achieved,
+        "file_global_sparsity": measured["finetuned"]["global_sparsity"],
+        "test_images": len(ws.splits.test), "accuracy": {k: v["accuracy"] for k, v in measured.items()
+                                                         if "accuracy" in v},
+        "measured": measured, "verification": verification,
+        "layers": [{"name": n, "weights": w, "sparsity": s}
+                   for n, w, s in zip(policy.layers, policy.numels, policy.sparsities, strict=True)],
+        "search": {k: v for k, v in policy.search.items() if k not in ("rewards", "stage_of_episode")},
+        "stages": [{k: v for k, v in s.items() if k != "sparsities"} for s in policy.stages],
+        "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
+                                                            "lr": settings.finetune.lr},
+        "file_layers_read_back": len(readback), "command": command,
+        "int8": int8, "cpu": quantize.cpu_capability(),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_report(staged, report, policy)
+    return report
+
+
+def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool = False,
+                    force: bool = False, int8: quantize.QuantizeSettings | None = None) -> dict:
+    """Fine-tune a model that is already pruned: its zero weights are the masks, held at zero. `out` is written
+    only when it does not exist or with `force`; its checkpoint (OUT.ckpt) is continued with `resume`."""
+    check_can_write(out, force, out.with_suffix(".ckpt"), resume)
+    lock = file_lock(out)
+    lock.acquire()
+    try:
+        return _finetune_pruned(ws, settings, out, command, resume, int8)
+    finally:
+        lock.release()
+
+
+def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool,
+                     int8: quantize.QuantizeSettings | None) -> dict:
+    module = copy.deepcopy(ws.loaded.module)
+    masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
+    if settings.epochs > 0:
+        train_interruptible(module, ws.splits.finetune, settings, "fine-tune", out.with_suffix(".ckpt"), resume,
+                            masks=masks)
+    module.cpu().eval()
+    data = export_bytes(module, ws)
+    measured = measure_onnx(data, ws, repeats=1)
+    metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256, "qlp.command": command,
+                "qlp.finetuned_test_accuracy": f"{measured['accuracy']:.4f}"}
+    export_verified(module, export.with_metadata(data, metadata), ws, out)
+    if int8 is not None:
+        measured["int8"] = quantize_beside(ws, out, int8, measured["accuracy"])
+    out.with_suffix(".ckpt").unlink(missing_ok=True)
+    return measured
+
+
+def export_model(ws: Workspace, out: Path, sparse_path: Path | None = None,
+                 int8: quantize.QuantizeSettings | None = None) -> dict:
+    """The loaded model as a verified ONNX file (and its sparse-storage and int8 variants)."""
+    metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256}
+    data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
+    lock = file_lock(out)
+    lock.acquire()
+    try:
+        result = export_verified(ws.loaded.module, data, ws, out, sparse_path=sparse_path)
+        if int8 is not None:
+            result["int8"] = quantize_beside(ws, out, int8)
+        return result
+    finally:
+        lock.release()

@@ -1,0 +1,212 @@
+"""What every workflow shares: the data and model settings, the loaded model with its splits (Workspace), checks
+before work starts, interruptible training, and verified export and measurement of ONNX files."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import onnx
+from torch import nn
+
+from qlp_compress import data as datasets
+from qlp_compress.base.errors import Interrupted, QLPError, UsageError
+from qlp_compress.base.interrupts import sigterm_as_interrupt
+from qlp_compress.base.io import check_file_size
+from qlp_compress.base.outputs import check_unlocked, check_writable, file_lock, write_together
+from qlp_compress.deploy import engine, export
+from qlp_compress.pruning.masks import check_finite, find_prunable_layers, pruned_count
+from qlp_compress.pruning.policy import Policy
+from qlp_compress.report.progress import training_progress
+from qlp_compress.train.finetune import TrainSettings, train
+
+if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
+    from qlp_compress.importer import LoadedModel
+
+
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data and how it is split."""
+
+    data: str = "fashion-mnist"  # a name ("fashion-mnist", "cifar10"), a .npz file or an image folder
+    data_dir: Path | None = None  # where to look first for a named data set
+    reward_size: int | None = None  # training images held out for the reward (None: 5,000 or a tenth)
+    split_seed: int = 0  # fixes which images form the reward split
+
+
+def check_can_write(path: Path, force: bool, checkpoint: Path | None = None, resume: bool = False) -> None:
+    """Refuse, before any work is done, an output file that exists (without --force) or cannot be written, and a
+    checkpoint beside it that would be overwritten (without --resume or --force) or that a running run holds."""
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give the name of the file to write")
+    if path.exists() and not force:
+        how = "; --resume continues an interrupted run only, it does not overwrite" if resume else ""
+        raise UsageError(f"{path} already exists; pass --force to overwrite it or choose another --out{how}")
+    check_writable(path.parent, path)
+    lock = file_lock(path)
+    check_unlocked(lock.path, str(path))
+    if checkpoint is not None and checkpoint.exists() and not (resume or force):
+        raise UsageError(f"{checkpoint} already exists (the checkpoint of an interrupted run); pass --resume to "
+                         "continue it, --force to start over, or choose another --out")
+
+
+def check_sparsity(target: float) -> None:
+    """A target sparsity must lie strictly between 0 and 1 (NaN is refused too)."""
+    if not 0.0 < target < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {target}; e.g. --sparsity 0.9 removes "
+                         "90 % of the prunable weights")
+
+
+def train_interruptible(model: nn.Module, dataset, settings: TrainSettings, what: str,
+                        checkpoint: Path | None = None, resume: bool = False, **kwargs) -> list[dict]:
+    """`finetune.train` with a progress bar, where Ctrl-C or SIGTERM stops with a one-line Interrupted error
+    (exit code 130); the checkpoint of the last finished epoch is kept for --resume."""
+    try:
+        with sigterm_as_interrupt(), training_progress(what) as on_step:
+            return train(model, dataset, settings, checkpoint=checkpoint, resume=resume, on_step=on_step, **kwargs)
+    except KeyboardInterrupt:
+        if checkpoint is None:
+            raise Interrupted(f"{what} interrupted; rerun the command to start again") from None
+        where = f"{checkpoint} keeps the last finished epoch" if checkpoint.exists() else "no epoch had finished yet"
+        raise Interrupted(f"{what} interrupted; rerun the same command with --resume to continue ({where})") from None
+
+
+
+
+def load_onnx_file(path: Path) -> onnx.ModelProto:
+    """An ONNX file, parsed and checked by onnx.checker, with its external data (read relative to the file, and
+    only from its folder)."""
+    from qlp_compress.importer import graph_io as _graph_io
+    from qlp_compress.importer import read_onnx
+
+    check_file_size(path, "model")
+    proto = read_onnx(path)
+    _graph_io(proto, path)  # one image input, one logits output, both float
+    return proto
+
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How to read the input model."""
+
+    arch: str | None = None  # zoo architecture for a bare state dict
+    trust_pickle: bool = False  # allow full-module pickles (runs code from the file)
+    mean: tuple[float, ...] | None = None  # fold this normalisation in front of the model
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """A loaded model with the data it is compressed on."""
+
+    loaded: LoadedModel
+    data: datasets.ImageData
+    splits: datasets.Splits
+    device: str  # resolved torch device
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.data.input_shape
+
+
+def open_workspace(model_path: Path, model_settings: ModelSettings, data_settings: DataSettings,
+                   device: str = "auto") -> Workspace:
+    """Load the data and the model, and check that they fit each other."""
+    import torch
+
+    from qlp_compress.importer import load_model
+
+    device = engine.resolve_device(device)
+    data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
+    loaded = load_model(model_path, arch=model_settings.arch, trust_pickle=model_settings.trust_pickle,
+                        num_classes=data.num_classes, in_channels=data.input_shape[0], mean=model_settings.mean,
+                        std=model_settings.std, verify_input_shape=data.input_shape)
+    check_finite(loaded.module)
+    try:
+        find_prunable_layers(loaded.module)
+    except QLPError as e:
+        raise QLPError(f"{model_path} has no prunable layer (Conv, or Linear/Gemm with a constant weight); nothing to "
+                       "compress: give a model with convolutional or fully connected layers") from e
+    if loaded.input_shape is not None and tuple(loaded.input_shape) != tuple(data.input_shape):
+        raise UsageError(f"{model_path} takes images of shape {list(loaded.input_shape)} but {data.name} has "
+                         f"{list(data.input_shape)}; pick the data set the model was trained on")
+    x, _ = next(datasets.iterate_batches(data.test, 2))
+    try:
+        with torch.no_grad():
+            logits = loaded.module.eval()(x)
+    except RuntimeError as e:
+        raise UsageError(f"{model_path} cannot run on {data.name} images of shape {list(data.input_shape)} "
+                         f"({str(e).splitlines()[0][:120]}); pick the data set the model was trained on") from e
+    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
+        raise UsageError(f"{model_path} outputs shape {list(logits.shape[1:])} but {data.name} has "
+                         f"{data.num_classes} classes; pick the data set the model was trained on")
+    if not torch.isfinite(logits).all():
+        raise QLPError(f"{model_path} outputs NaN or inf on {data.name} images; re-export the model from a healthy "
+                       "checkpoint (and check --mean/--std)")
+    splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
+    return Workspace(loaded, data, splits, device)
+
+
+
+
+BN_RECALIBRATION_IMAGES = 2048  # fine-tune images used to re-estimate BatchNorm right after pruning
+
+
+
+def export_bytes(module: nn.Module, ws: Workspace) -> bytes:
+    return export.to_onnx_bytes(module, ws.input_shape, ws.loaded.input_name, ws.loaded.output_name)
+
+
+def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, policy: Policy | None = None,
+                    sparse_path: Path | None = None) -> dict:
+    """Verify an export of `module` against it (outputs, zero patterns, per-layer sparsity = policy within one
+    weight), write it and check that the file holds exactly what was verified; the same for sparse storage."""
+    import numpy as np
+
+    loaded = ws.loaded
+    onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
+    x, _ = datasets.materialize(ws.splits.reward, limit=64)
+    masks = {layer.name: (layer.weight != 0).detach().cpu() for layer in find_prunable_layers(module)}
+    check = export.verify_onnx(module, data, x, masks)
+    if policy is not None:
+        file_weights = export.weight_initializers(onnx.load_from_string(data))
+        for name, n, s in zip(policy.layers, policy.numels, policy.sparsities, strict=True):
+            zeros = int((file_weights[check["onnx_weight"][name]] == 0).sum())
+            if abs(zeros - pruned_count(s, n)) > 1:
+                raise QLPError(f"layer {name} has {zeros} zero weights in the export but the policy prunes "
+                               f"{pruned_count(s, n)}; rerun with --debug and report it")
+    result = {"path": str(path), "bytes": len(data), **{k: v for k, v in check.items() if k != "onnx_weight"}}
+    files = {path: data}
+    if sparse_path is not None:
+        sparse = export.to_sparse_storage(data)
+        # no full_check: ONNX shape inference does not accept sparse tensors as Conv/Gemm weights
+        onnx.checker.check_model(onnx.load_from_string(sparse))
+        dense_out = engine.open_session(data).run(None, {loaded.input_name: x.numpy()})[0]
+        sparse_out = engine.open_session(sparse).run(None, {loaded.input_name: x.numpy()})[0]
+        dense_w = export.weight_initializers(onnx.load_from_string(data))
+        sparse_w = export.weight_initializers(onnx.load_from_string(sparse))
+        if not (np.array_equal(dense_out, sparse_out) and dense_w.keys() == sparse_w.keys()
+                and all(np.array_equal(dense_w[k], sparse_w[k]) for k in dense_w)):
+            raise QLPError("the sparse-storage file differs from the dense one; rerun with --debug and report it")
+        files[sparse_path] = sparse
+        result.update(sparse_path=str(sparse_path), sparse_bytes=len(sparse))
+    write_together(files)  # both files or neither: a failure leaves the previous ones
+    for written, content in files.items():
+        if written.read_bytes() != content:
+            raise QLPError(f"{written} does not hold what was written; check the disk and rerun")
+    return result
+
+
+def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30) -> dict:
+    """Test accuracy, latency (batch 1 and 64) and sizes of an ONNX model through onnxruntime."""
+    raw = model.read_bytes() if isinstance(model, Path) else model
+    session = engine.open_session(raw, ws.device)
+    return {"accuracy": engine.session_accuracy(session, ws.splits.test),
+            "latency": [vars(engine.measure_latency(session, ws.input_shape, b, repeats=repeats)) for b in (1, 64)],
+            "bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
+            "global_sparsity": export.onnx_sparsity(onnx.load_from_string(raw))[1]}
