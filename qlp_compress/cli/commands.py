@@ -16,13 +16,13 @@ from qlp_compress import __version__
 from qlp_compress.base import validate
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.interrupts import sigterm_as_interrupt
+from qlp_compress.base.messages import console
 from qlp_compress.base.outputs import check_out_dir
 from qlp_compress.deploy.engine import resolve_device
 from qlp_compress.deploy.quantize import int8_path, settings_for
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings
 from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import check_policy, read_policy
-from qlp_compress.base.messages import console
 from qlp_compress.report.tables import compare_table, evaluation_table, sparsity_table
 from qlp_compress.reward.weights import ENGINES, RewardSettings
 from qlp_compress.search.curriculum import METHODS, SearchSettings

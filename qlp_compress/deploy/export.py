@@ -18,7 +18,6 @@ from qlp_compress.base.io import atomic_write_bytes
 OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-VERIFY_ATOL = 1e-4  # max abs difference allowed between two runs of a model, per unit of its largest |logit| (≥ 1)
 WEIGHT_OPS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}  # op type → input slot of its weight
 
 
@@ -33,18 +32,25 @@ def to_onnx_bytes(model: nn.Module, input_shape: tuple[int, ...], input_name: st
 
     The graph's input and output are named afterwards: the TorchScript exporter refuses names such as
     "191" (which it exports itself when a user gives none), so imported models could not keep them."""
+    proto = simplify(export_graph(model, torch.zeros(1, *input_shape), opset=opset))
+    _rename_value(proto.graph, "qlp_input", input_name)
+    _rename_value(proto.graph, "qlp_output", output_name)
+    return proto.SerializeToString()
+
+
+def export_graph(model: nn.Module, example: torch.Tensor, opset: int = OPSET, fold_constants: bool = True,
+                 input_name: str = "qlp_input", output_name: str = "qlp_output") -> onnx.ModelProto:
+    """The one call of torch.onnx.export (TorchScript exporter, dynamic batch, BatchNorm preserved). Without
+    `fold_constants`, parameters stay initializers named after the module path (the reward writes them)."""
     model = model.eval().cpu()
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns about folding strided slices
-        torch.onnx.export(model, (torch.zeros(1, *input_shape),), buffer, dynamo=False, opset_version=opset,
-                          input_names=["qlp_input"], output_names=["qlp_output"],
-                          training=torch.onnx.TrainingMode.PRESERVE,
-                          dynamic_axes={"qlp_input": {0: "batch"}, "qlp_output": {0: "batch"}})
-    proto = simplify(onnx.load_from_string(buffer.getvalue()))
-    _rename_value(proto.graph, "qlp_input", input_name)
-    _rename_value(proto.graph, "qlp_output", output_name)
-    return proto.SerializeToString()
+        torch.onnx.export(model, (example.cpu(),), buffer, dynamo=False, opset_version=opset,
+                          input_names=[input_name], output_names=[output_name],
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=fold_constants,
+                          dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}})
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
@@ -203,17 +209,6 @@ def match_layers(weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarr
     return found
 
 
-def outputs_agree(got: np.ndarray, expected: np.ndarray) -> tuple[bool, float, bool]:
-    """Whether two runs of a classifier agree: finite, max abs difference within VERIFY_ATOL per unit of the
-    largest |logit| (at least 1), and the same top-1. Returns (agree, max abs diff, same top-1)."""
-    if got.shape != expected.shape:
-        return False, float("inf"), False
-    finite = bool(np.isfinite(got).all() and np.isfinite(expected).all())
-    diff = float(np.abs(got - expected).max()) if expected.size else 0.0
-    tolerance = VERIFY_ATOL * max(1.0, float(np.abs(expected).max()) if expected.size and finite else 1.0)
-    same_top1 = expected.ndim != 2 or bool((got.argmax(1) == expected.argmax(1)).all())
-    return finite and diff <= tolerance and same_top1, diff, same_top1
-
 
 
 def verify_onnx(module: nn.Module, model_bytes: bytes, x: torch.Tensor, masks: Mapping[str, torch.Tensor]) -> dict:
@@ -222,10 +217,9 @@ def verify_onnx(module: nn.Module, model_bytes: bytes, x: torch.Tensor, masks: M
     - onnxruntime and PyTorch outputs on the batch `x` agree (outputs_agree: finite, close, same top-1);
     - every pruned layer's zero pattern (the masks) found, exactly, in one weight of the file."""
     from qlp_compress.base.errors import QLPError
-    from qlp_compress.deploy.engine import open_session
+    from qlp_compress.deploy import engine
 
-    session = open_session(model_bytes)
-    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    got = engine.outputs(engine.open_session(model_bytes), x.numpy())
     with torch.no_grad():
         expected = module.eval().cpu()(x).numpy()
     for side, out in (("onnxruntime", got), ("PyTorch", expected)):
@@ -235,7 +229,7 @@ def verify_onnx(module: nn.Module, model_bytes: bytes, x: torch.Tensor, masks: M
     if got.shape != expected.shape:
         raise QLPError(f"the exported ONNX outputs shape {list(got.shape)} but the PyTorch model "
                        f"{list(expected.shape)}; rerun with --debug and report it")
-    agree, max_diff, same_top1 = outputs_agree(got, expected)
+    agree, max_diff, same_top1 = engine.outputs_agree(got, expected)
     if not agree:
         raise QLPError(f"the exported ONNX differs from the PyTorch model (max abs diff {max_diff:.2e}, "
                        f"same top-1: {same_top1}); rerun with --debug and report it")

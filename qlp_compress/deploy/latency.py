@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qlp_compress.base.errors import UsageError
 from qlp_compress.base.io import atomic_write_json, cache_dir
+from qlp_compress.deploy.engine import ORT_VERSION, measure_speedup, time_model
 from qlp_compress.pruning.channel_groups import ChannelSpace, LayerShape
 
 CALIBRATION_FRACTIONS = (0.75, 0.5, 0.0)  # uniform widths timed directly to calibrate the table (0: narrowest)
@@ -51,16 +51,6 @@ def check_latency_settings(settings: LatencySettings) -> None:
     if settings.batch < 1 or settings.threads < 1 or settings.round_to < 1 or settings.repeats < 1:
         raise UsageError(f"--latency-batch, --threads and --round-to must be ≥ 1 (got {settings.batch}, "
                          f"{settings.threads}, {settings.round_to})")
-
-
-def session(model: bytes, threads: int) -> ort.InferenceSession:
-    """A CPU session with a fixed thread count; no spinning, which on a shared machine makes times erratic."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def allowed_widths(size: int, round_to: int) -> list[int]:
@@ -93,27 +83,12 @@ def _layer_model(kind: str, cin: int, cout: int, layer: LayerShape, batch: int) 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
 
 
-def time_model(model: bytes, input_shape: Sequence[int], threads: int, repeats: int, warmup: int = 2) -> float:
-    """Minimum wall time of one run, in milliseconds."""
-    s = session(model, threads)
-    name = s.get_inputs()[0].name
-    x = np.random.default_rng(0).random(tuple(input_shape), dtype=np.float32)
-    for _ in range(warmup):
-        s.run(None, {name: x})
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        s.run(None, {name: x})
-        best = min(best, time.perf_counter() - t0)
-    return best * 1000.0
-
-
 def _machine() -> dict:
     cpu = ""
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), "")
-    return {"host": platform.node(), "cpu": cpu or platform.processor(), "onnxruntime": ort.__version__}
+    return {"host": platform.node(), "cpu": cpu or platform.processor(), "onnxruntime": ORT_VERSION}
 
 
 def _channels(full: int, group: int | None, width: int | None, sizes: Sequence[int]) -> int:
@@ -303,34 +278,6 @@ class LatencyTable:
                 "calibration_fit": [round(self.scale, 4), round(self.offset, 4)], "entries": len(self.entries),
                 "measure_seconds": self.data.get("seconds"), "cached": self.data.get("cached"),
                 "machine": _machine()}
-
-
-def measure_speedup(reference: bytes, candidate: bytes, input_shape: Sequence[int], batch: int, threads: int,
-                    rounds: int = 15, per_round: int = 3) -> dict:
-    """Latency of both models, interleaved run for run (so load on the machine hits both alike): medians and
-    the median of the per-round ratios."""
-    sessions = [session(reference, threads), session(candidate, threads)]
-    names = [s.get_inputs()[0].name for s in sessions]
-    x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
-    for s, n in zip(sessions, names, strict=True):
-        for _ in range(2):
-            s.run(None, {n: x})
-    times: list[list[float]] = [[], []]
-    ratios = []
-    for r in range(rounds):
-        round_times: list[list[float]] = [[], []]
-        for i in (0, 1) if r % 2 == 0 else (1, 0):
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                sessions[i].run(None, {names[i]: x})
-                round_times[i].append((time.perf_counter() - t0) * 1000.0)
-        for i in (0, 1):
-            times[i].extend(round_times[i])
-        ratios.append(float(np.median(round_times[0]) / np.median(round_times[1])))
-    return {"batch": batch, "threads": threads, "dense_ms": float(np.median(times[0])),
-            "pruned_ms": float(np.median(times[1])), "pruned_min_ms": float(np.min(times[1])),
-            "speedup": float(np.median(ratios)),
-            "runs": rounds * per_round}
 
 
 def onnx_input_shape(model: bytes) -> list[int]:

@@ -296,7 +296,7 @@ def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSe
     zeros = check_zeros_kept(float_proto, int8_proto)
     session = engine.open_session(int8_bytes)
     x = next(iterate_batches(calibration, _batch_size(int8_proto, settings.batch_size)))[0].numpy()
-    if not np.isfinite(session.run(None, {session.get_inputs()[0].name: x})[0]).all():
+    if not np.isfinite(engine.outputs(session, x)).all():
         raise QLPError(f"the int8 model of {name} gives NaN or inf outputs; try --keep-float first,last or "
                        "check the float model")
     info = {"format": "QDQ", "weights": "int8, per channel, symmetric",

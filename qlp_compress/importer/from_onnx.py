@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from qlp_compress.base.errors import QLPError, UsageError, first_line
 from qlp_compress.base.io import sha256_file
-from qlp_compress.deploy import export
+from qlp_compress.deploy import engine, export
 from qlp_compress.importer.model import (
     DOWN_OPSETS,
     MIN_OPSET,
@@ -118,17 +118,10 @@ def _free_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 def _onnxruntime_output(proto: onnx.ModelProto, x: np.ndarray, path: Path, fixed_batch: int | None) -> np.ndarray:
     """The file's own outputs on `x`: `fixed_batch` images at a time when it fixes its batch size."""
-    import onnxruntime as ort
-
-    from qlp_compress.deploy.engine import open_session
-
-    session = open_session(proto.SerializeToString(), name=path)
-    quiet = ort.RunOptions()
-    quiet.log_severity_level = 4  # a failure is reported below, in one line
+    session = engine.open_session(proto.SerializeToString(), name=path)
     step = fixed_batch or len(x)
     try:
-        return np.concatenate([session.run(None, {session.get_inputs()[0].name: x[i : i + step]}, quiet)[0]
-                               for i in range(0, len(x), step)])
+        return engine.outputs(session, x, step)
     except Exception as e:
         raise QLPError(f"onnxruntime cannot run {path} on a batch of {step} images of shape {list(x.shape[1:])} "
                        f"({first_line(e)}); check that the file is an image classifier taking (N, C, H, W)") from e
@@ -139,7 +132,7 @@ def _check_rewrite(proto: onnx.ModelProto, x: np.ndarray, expected: np.ndarray, 
     """onnxruntime parity between the file and its batch-free, rewritten graph, all images in one batch."""
     try:
         got = _onnxruntime_output(proto, x, path, None)
-        agree, diff, _ = export.outputs_agree(got, expected)
+        agree, diff, _ = engine.outputs_agree(got, expected)
     except QLPError as e:
         agree, diff = False, str(e)
     if agree:
@@ -256,7 +249,7 @@ def check_faithful(module: nn.Module, x: np.ndarray, expected: np.ndarray, path:
         if not np.isfinite(out).all():
             raise QLPError(f"{path} outputs NaN or inf on images in [0, 1] ({side}); re-export the model from a "
                            "healthy checkpoint")
-    agree, diff, same_top1 = export.outputs_agree(got_np, expected)
+    agree, diff, same_top1 = engine.outputs_agree(got_np, expected)
     if not agree:
         raise QLPError(f"the conversion of {path} to PyTorch is not faithful (max abs diff {diff:.2e} against "
                        f"{reference}, same top-1: {same_top1}); {REEXPORT_HINT}, and report the file")

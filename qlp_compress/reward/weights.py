@@ -22,21 +22,17 @@ steps, masks held, on reward-split images other than the measured ones) and then
 from __future__ import annotations
 
 import copy
-import io
 import math
-import warnings
 from dataclasses import dataclass, replace
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 from torch import fx, nn
 from torch.utils.data import Dataset, TensorDataset
 
 from qlp_compress.base.errors import UsageError
 from qlp_compress.data import materialize
-from qlp_compress.deploy.engine import open_session
+from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import MagnitudePruner, pruned_count
 from qlp_compress.train.finetune import TrainSettings, accuracy, recalibrate_batchnorm, train
 
@@ -156,40 +152,30 @@ class Reward:
             layer = folded.get_submodule(name)
             layer.weight = nn.Parameter(torch.randn(w.shape, generator=generator))
             layer.bias = nn.Parameter(torch.randn(b.shape, generator=generator))
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(folded, (self.x[:1].cpu(),), buffer, dynamo=False, opset_version=17,
-                              input_names=["x"], output_names=["logits"], do_constant_folding=False,
-                              dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-        self.graph = onnx.load_from_string(buffer.getvalue())
-        self.initializers = {t.name: t for t in self.graph.graph.initializer}
-        missing = [n for n in self.names
-                   if f"{n}.weight" not in self.initializers or f"{n}.bias" not in self.initializers]
-        if missing:
-            raise RuntimeError(f"the exported graph renamed the weights of {missing[0]}")
+        graph = export.export_graph(folded, self.x[:1], opset=17, fold_constants=False, input_name="x",
+                                    output_name="logits")
+        try:
+            self.swap = engine.InitializerSwap(graph, [f"{n}.{p}" for n in self.names for p in ("weight", "bias")],
+                                               self.settings.device)
+        except KeyError as e:
+            raise RuntimeError(f"the exported graph renamed the weight {e}") from e
         self.folded_weights, self.folded_biases = weights, biases
         self.orders = [o.cpu().numpy() for o in self.pruner.order]
         self.x_numpy = [b.cpu().numpy() for b in self.x.split(self.settings.batch_size)]
-        self.y_numpy = self.y.cpu().numpy()
+        self.y_numpy = [b.cpu().numpy() for b in self.y.split(self.settings.batch_size)]
         # check the folded graph against the model itself before trusting it
         with torch.inference_mode():
             expected = self.model(self.x[:8]).cpu().numpy()
-        got = self._session(weights, biases).run(None, {"x": self.x_numpy[0][:8]})[0]
-        if not np.allclose(got, expected, atol=1e-3, rtol=1e-3):
+        got = engine.outputs(self._session(weights, biases), self.x_numpy[0][:8])
+        if not engine.outputs_agree(got, expected)[0]:
             raise RuntimeError("BatchNorm folding changed the outputs")
 
-    def _session(self, weights: list[np.ndarray], biases: list[np.ndarray]) -> ort.InferenceSession:
-        """A session on the folded graph with these weights and biases written into its initializers.
-
-        A fresh session per call (about 30 ms on ResNet-20) lets onnxruntime pre-pack the weights as
-        constants and apply its layout optimisations. Feeding the weights as graph inputs instead was 2.5×
-        slower per image; SessionOptions.add_initializer is ignored by the ORT_ENABLE_ALL optimisations."""
+    def _session(self, weights: list[np.ndarray], biases: list[np.ndarray]):
+        """A session on the folded graph with these weights and biases written into its initializers."""
+        values = {}
         for name, w, b in zip(self.names, weights, biases, strict=True):
-            for tensor, value in ((self.initializers[f"{name}.weight"], w), (self.initializers[f"{name}.bias"], b)):
-                tensor.ClearField("float_data")
-                tensor.raw_data = value.tobytes()
-        return open_session(self.graph.SerializeToString(), self.settings.device)
+            values[f"{name}.weight"], values[f"{name}.bias"] = w, b
+        return self.swap.session(values)
 
     @torch.no_grad()
     def _folded_dense(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -218,12 +204,9 @@ class Reward:
                 w = dense.copy()
                 w.reshape(-1)[order[: pruned_count(per_layer[name], dense.size)]] = 0.0
                 weights.append(w)
-        session = self._session(weights, biases)
-        correct = 0
-        for xb, start in zip(self.x_numpy, range(0, len(self.y_numpy), self.settings.batch_size), strict=True):
-            logits = session.run(None, {"x": xb})[0]
-            correct += int((logits.argmax(1) == self.y_numpy[start : start + len(xb)]).sum())
-        return correct / len(self.y_numpy)
+        correct, seen = engine.correct_count(self._session(weights, biases), zip(self.x_numpy, self.y_numpy,
+                                                                                  strict=True))
+        return correct / seen
 
 
 class _LeafTracer(fx.Tracer):

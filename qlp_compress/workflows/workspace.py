@@ -168,7 +168,6 @@ def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, p
     weight), write it and check that the file holds exactly what was verified; the same for sparse storage."""
     import numpy as np
 
-    loaded = ws.loaded
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
     x, _ = datasets.materialize(ws.splits.reward, limit=64)
     masks = {layer.name: (layer.weight != 0).detach().cpu() for layer in find_prunable_layers(module)}
@@ -186,8 +185,8 @@ def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, p
         sparse = export.to_sparse_storage(data)
         # no full_check: ONNX shape inference does not accept sparse tensors as Conv/Gemm weights
         onnx.checker.check_model(onnx.load_from_string(sparse))
-        dense_out = engine.open_session(data).run(None, {loaded.input_name: x.numpy()})[0]
-        sparse_out = engine.open_session(sparse).run(None, {loaded.input_name: x.numpy()})[0]
+        dense_out = engine.outputs(engine.open_session(data), x.numpy())
+        sparse_out = engine.outputs(engine.open_session(sparse), x.numpy())
         dense_w = export.weight_initializers(onnx.load_from_string(data))
         sparse_w = export.weight_initializers(onnx.load_from_string(sparse))
         if not (np.array_equal(dense_out, sparse_out) and dense_w.keys() == sparse_w.keys()
