@@ -437,7 +437,7 @@ def _alarm(signum, frame):
 
 
 def run_case(case: Case, folder: Path) -> Outcome:
-    from qlp_compress.cli import commands as cli
+    from qlp_compress import cli
 
     before = {name: _digest(folder / name) for name in case.inputs}
     listing = set(os.listdir(folder))

@@ -1,3 +1,3 @@
-from qlp_compress.cli.commands import main
+from qlp_compress.cli.main import main
 
 main()

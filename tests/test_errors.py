@@ -27,10 +27,10 @@ from conftest import make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from qlp_compress import cli
 from qlp_compress.base import io as qio
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_path, atomic_write_bytes, load_checkpoint
-from qlp_compress.cli import commands as cli
 from qlp_compress.deploy import export
 
 PARALLEL = 3  # bad-input runs at a time (most of each run is starting Python and importing torch)

@@ -28,10 +28,10 @@ import torch
 from conftest import make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 
+from qlp_compress import cli
 from qlp_compress.base import io as qio
 from qlp_compress.base import outputs
 from qlp_compress.base.errors import QLPError
-from qlp_compress.cli import commands as cli
 from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session
 

@@ -70,3 +70,11 @@ def curriculum(episodes: int, stages: int, stages_option: bool = True) -> None:
         fewer = ", or fewer --stages" if stages_option else ""
         raise UsageError(f"--episodes {episodes} is too few for {stages} curriculum stages (each needs at least "
                          f"one episode); give --episodes {least} or more{fewer}")
+
+
+def sparsity(value: float) -> None:
+    """A target sparsity (the fraction of the prunable weights removed) lies strictly between 0 and 1; NaN is
+    refused too. The one check and wording of the target, wherever it is given."""
+    if not 0.0 < value < 1.0:
+        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {value}; e.g. --sparsity 0.9 removes "
+                         "90 % of the prunable weights")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from qlp_compress.base import validate
 from qlp_compress.base.errors import UsageError
 
 
@@ -41,8 +42,7 @@ Allocator = Callable[[Mapping[str, torch.Tensor], float, AllocationSettings], di
 def _check(weights: Mapping[str, torch.Tensor], sparsity: float) -> None:
     if not weights:
         raise UsageError("no prunable layers to allocate sparsity over")
-    if not 0.0 < sparsity < 1.0:
-        raise UsageError(f"target sparsity must be strictly between 0 and 1, got {sparsity}")
+    validate.sparsity(sparsity)
     for name, w in weights.items():
         if w.numel() == 0:
             raise UsageError(f"layer {name} has an empty weight tensor; there is nothing to prune in it")

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
-from qlp_compress.base.messages import console
 from qlp_compress.report.plots import plot_layer_sparsity, plot_reward_curve
-from qlp_compress.report.tables import report_table
 
 
 def write_report(out: Path, report: dict, policy) -> None:
@@ -18,7 +16,6 @@ def write_report(out: Path, report: dict, policy) -> None:
         plots.append(plot_reward_curve(out / "reward.png", policy.search["rewards"],
                                        policy.search.get("stage_of_episode")))
     atomic_write_text(out / "report.md", report_markdown(report, [p.name for p in plots]))
-    console.print(report_table(report))
 
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qlp_compress.base import validate
 from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.interrupts import deferred_interrupts, sigterm_as_interrupt
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
@@ -131,8 +132,7 @@ def run_search(
     demonstrations; without it the search plays none."""
     if settings.method not in METHODS:
         raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
-    if not 0.0 < settings.target < 1.0:
-        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {settings.target}")
+    validate.sparsity(settings.target)
     if settings.method == "random":
         targets = [settings.target]
     elif settings.stage_targets:

@@ -15,6 +15,7 @@ import onnx
 from torch import nn
 
 from qlp_compress import data as datasets
+from qlp_compress.base import validate
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.outputs import OutputRun, file_lock
 from qlp_compress.deploy import export, quantize
@@ -35,7 +36,6 @@ from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
     Workspace,
     check_can_write,
-    check_sparsity,
     export_bytes,
     export_verified,
     measure_onnx,
@@ -55,7 +55,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
                 checkpoint: Path | None = None, resume: bool = False,
                 on_episode: Callable[[dict], None] | None = None) -> Policy:
     """Per-layer sparsities by QLP, random search or a baseline allocator."""
-    check_sparsity(target)
+    validate.sparsity(target)
     layers = find_prunable_layers(ws.loaded.module)
     names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
     common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256}

@@ -54,13 +54,6 @@ def check_can_write(path: Path, force: bool, checkpoint: Path | None = None, res
                          "continue it, --force to start over, or choose another --out")
 
 
-def check_sparsity(target: float) -> None:
-    """A target sparsity must lie strictly between 0 and 1 (NaN is refused too)."""
-    if not 0.0 < target < 1.0:
-        raise UsageError(f"--sparsity must lie strictly between 0 and 1, got {target}; e.g. --sparsity 0.9 removes "
-                         "90 % of the prunable weights")
-
-
 def train_interruptible(model: nn.Module, dataset, settings: TrainSettings, what: str,
                         checkpoint: Path | None = None, resume: bool = False, **kwargs) -> list[dict]:
     """`finetune.train` with a progress bar, where Ctrl-C or SIGTERM stops with a one-line Interrupted error
