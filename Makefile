@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 QLP    := $(BIN)/qlp-compress
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test lint models bench bench-quick export-check fuzz clean
+.PHONY: setup data demo test test-fast lint architecture models bench bench-quick export-check fuzz clean
 
 setup: $(VENV)/.installed data
 
@@ -33,8 +33,16 @@ demo: setup
 test: setup
 	$(BIN)/pytest
 
+# The inner loop: everything but the end-to-end runs (under a minute on 2 cores).
+test-fast: setup
+	$(BIN)/pytest -m "not slow"
+
 lint: setup
-	$(BIN)/ruff check qlp_compress tests benchmarks
+	$(BIN)/ruff check qlp_compress tests benchmarks tools
+
+# Rewrite docs/architecture.md from the code (tests/test_architecture.py fails when it is stale).
+architecture: setup
+	$(BIN)/python tools/architecture.py
 
 # Rebuild the shipped baselines (about 1 h for ResNet-20 on 2 CPU cores; resumable with RESUME=--resume).
 models: setup

@@ -24,7 +24,7 @@ from pathlib import Path
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.deploy.engine import open_session, session_accuracy
-from qlp_compress.deploy.latency import LatencySettings
+from qlp_compress.pruning.latency import LatencySettings
 from qlp_compress.reward.channels import ChannelRewardSettings
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings

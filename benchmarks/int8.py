@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from qlp_compress.base import machine
 from qlp_compress.base.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from qlp_compress.data import materialize
 from qlp_compress.deploy import engine, export, quantize
@@ -166,13 +167,13 @@ def run(args: argparse.Namespace) -> dict:
             row["latency"][tb] = {**result[key], "speedup_vs_dense_float": round(result["dense · float"]["median_ms"]
                                                                                  / ms, 3),
                                   "speedup_vs_own_float": round(result[own_float]["median_ms"] / ms, 3)}
-    cpu = quantize.cpu_capability()
+    cpu = machine.cpu_capability()
     return {"model": str(args.model.relative_to(ROOT)) if args.model.is_relative_to(ROOT) else str(args.model),
             "data": ws.data.name, "test_images": len(ws.splits.test), "reward_images": len(ws.splits.reward),
             "sparsities": args.sparsities, "allocation": "lamp", "finetune_epochs": args.finetune_epochs,
             "finetune_lr": 0.01, "calibration_images": args.calibration_images, "threads": args.threads,
             "repeats_batch64": args.repeats, "repeats_batch1": args.repeats * 4,
-            "cpu": cpu, "cpu_description": quantize.describe_cpu(cpu), "onnxruntime": ort.__version__,
+            "cpu": cpu, "cpu_description": machine.describe_cpu(cpu), "onnxruntime": ort.__version__,
             "torch": torch.__version__, "wall_seconds": round(time.perf_counter() - started, 1),
             "command": "python benchmarks/int8.py " + " ".join(args.argv), "rows": rows}
 

@@ -18,9 +18,9 @@ from torch import nn
 
 from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session
-from qlp_compress.deploy.latency import LatencySettings, LatencyTable, allowed_widths
 from qlp_compress.importer import load_model
 from qlp_compress.pruning.channel_groups import ChannelSpace
+from qlp_compress.pruning.latency import LatencySettings, LatencyTable, allowed_widths
 from qlp_compress.pruning.shortcuts import FixedChannelMap, rewrite_channel_maps
 from qlp_compress.pruning.widths import allocate_widths
 from qlp_compress.search.channel_env import ChannelEnv

@@ -16,6 +16,7 @@ import torch
 from conftest import make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 
+from qlp_compress.base import machine
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.data import load_dataset, make_splits, materialize
 from qlp_compress.deploy import export, quantize
@@ -180,11 +181,11 @@ def test_cpu_capability_reads_the_flags(tmp_path):
     info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\n"
                     "model name\t: Test Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_tile amx_int8\n\n"
                     "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
-    cpu = quantize.cpu_capability(info)
+    cpu = machine.cpu_capability(info)
     assert cpu["model"] == "Test Xeon" and cpu["model_number"] == 143
     assert cpu["avx512_vnni"] and cpu["amx"] and cpu["avx2"] and not cpu["avx_vnni"]
-    assert quantize.describe_cpu(cpu) == "Test Xeon (family 6, model 143): AVX-512 VNNI, AMX; no AVX-VNNI"
-    assert "unknown" in quantize.describe_cpu(quantize.cpu_capability(tmp_path / "missing"))
+    assert machine.describe_cpu(cpu) == "Test Xeon (family 6, model 143): AVX-512 VNNI, AMX; no AVX-VNNI"
+    assert "unknown" in machine.describe_cpu(machine.cpu_capability(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize(("text", "expected"), [("first,last", ("first", "last")), ("last", ("last",)),

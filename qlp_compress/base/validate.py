@@ -59,19 +59,6 @@ def normalisation(mean: Sequence[float] | None, std: Sequence[float] | None) -> 
         raise UsageError(f"--std must be finite numbers above zero, got {list(std)}; e.g. --std 0.353")
 
 
-def curriculum(episodes: int, stages: int, stages_option: bool = True) -> None:
-    """Every curriculum stage needs at least one episode (`stages_option`: the command has --stages)."""
-    from qlp_compress.search.curriculum import stage_episodes
-
-    whole("--episodes", episodes, 1, "400")
-    whole("--stages", stages, 1, "4")
-    if stages > episodes or min(stage_episodes(episodes, stages)) < 1:
-        least = next(n for n in range(stages, 4 * stages + 2) if min(stage_episodes(n, stages)) >= 1)
-        fewer = ", or fewer --stages" if stages_option else ""
-        raise UsageError(f"--episodes {episodes} is too few for {stages} curriculum stages (each needs at least "
-                         f"one episode); give --episodes {least} or more{fewer}")
-
-
 def sparsity(value: float) -> None:
     """A target sparsity (the fraction of the prunable weights removed) lies strictly between 0 and 1; NaN is
     refused too. The one check and wording of the target, wherever it is given."""

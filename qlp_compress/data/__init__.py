@@ -1,5 +1,7 @@
 """Data: named data sets (Fashion-MNIST, CIFAR-10), user files (.npz, image folders), and the reward / fine-tune /
-test splits. May import: base. The rest of the package reads data only through this part."""
+test splits. The rest of the package reads data only through this part.
+
+May import: base."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Accepted: ONNX graphs (converted with onnx2torch and checked against onnxruntime
 whole pickled `nn.Module`s (only with `trust_pickle`: unpickling runs code from the file) and state dicts
 of a zoo architecture (`arch`). Every failure is a QLPError or UsageError with a one-line message.
 
-May import: base, train.zoo, deploy (export and the onnxruntime engine).
+May import: base, deploy, train.
 """
 
 from __future__ import annotations

@@ -42,11 +42,9 @@ def read_onnx(path: Path) -> onnx.ModelProto:
 
 def _check_ir_version(proto: onnx.ModelProto, path: Path) -> None:
     """Refuse, with the fix, a file newer than onnx's checker or onnxruntime reads (else a bare "Unsupported")."""
-    import onnxruntime as ort
+    from qlp_compress.deploy.engine import ORT_VERSION, ir_version_message, max_ir_version
 
-    from qlp_compress.deploy.engine import ir_version_message, max_ir_version
-
-    for reader, limit in ((f"onnxruntime {ort.__version__}", max_ir_version()), (f"onnx {onnx.__version__}",
+    for reader, limit in ((f"onnxruntime {ORT_VERSION}", max_ir_version()), (f"onnx {onnx.__version__}",
                                                                                    onnx.IR_VERSION)):
         if proto.ir_version > limit:
             raise QLPError(ir_version_message(path, proto.ir_version, reader,

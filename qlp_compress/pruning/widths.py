@@ -12,7 +12,7 @@ from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.pruning.channel_groups import ChannelSpace
 
 if TYPE_CHECKING:
-    from qlp_compress.deploy.latency import LatencyTable
+    from qlp_compress.pruning.latency import LatencyTable
 
 BASELINES = ("uniform", "l1", "bn-slimming")  # closed-form width allocations (prune --method)
 SEARCHES = ("qlp", "random")

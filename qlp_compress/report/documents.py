@@ -62,7 +62,7 @@ def report_markdown(report: dict, plots: list[str]) -> str:
 
 
 def _cpu_line(report: dict) -> list[str]:
-    from qlp_compress.deploy.quantize import describe_cpu
+    from qlp_compress.base.machine import describe_cpu
 
     return [f"- CPU: {describe_cpu(report['cpu'])} (int8 speed depends on VNNI/AMX)"] if report.get("cpu") else []
 

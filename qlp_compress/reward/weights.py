@@ -43,7 +43,7 @@ ENGINES = ("auto", "onnxruntime", "torch")
 class RewardSettings:
     """How the reward is measured."""
 
-    images: int = 2000  # reward-split images per evaluation (always the same ones)
+    images: int = 1000  # reward-split images per evaluation (always the same ones; the CLI default too)
     batch_size: int = 500  # images per forward pass
     engine: str = "auto"  # "onnxruntime" on CPU, "torch" on CUDA, or either by name
     bn_recalibrate: int = 256  # reward images used to re-estimate BatchNorm after pruning (0 = off); without

@@ -276,3 +276,14 @@ def _tuples_to_lists(x):
     if isinstance(x, list | tuple):
         return [_tuples_to_lists(v) for v in x]
     return x
+
+
+def check_budget(episodes: int, stages: int, stages_option: bool = True) -> None:
+    """Every curriculum stage needs at least one episode (`stages_option`: the command has --stages)."""
+    validate.whole("--episodes", episodes, 1, "400")
+    validate.whole("--stages", stages, 1, "4")
+    if stages > episodes or min(stage_episodes(episodes, stages)) < 1:
+        least = next(n for n in range(stages, 4 * stages + 2) if min(stage_episodes(n, stages)) >= 1)
+        fewer = ", or fewer --stages" if stages_option else ""
+        raise UsageError(f"--episodes {episodes} is too few for {stages} curriculum stages (each needs at least "
+                         f"one episode); give --episodes {least} or more{fewer}")

@@ -1,11 +1,14 @@
-"""Workflows: what each command does, as library calls. The CLI and the benchmarks call these and nothing below
-them. May import every part except the CLI.
+"""Workflows: what each command does, as library calls. The CLI calls these and nothing below them; the
+benchmarks call them too.
 
 - workspace: data and model settings, the loaded model with its splits, checks before work starts, verified
   export and measurement of ONNX files;
+- commands: one library call per command, taking the options vocabulary every command shares;
 - weights: weight mode (unstructured zeros): search / allocate, prune, fine-tune, export, report; finetune; export;
 - channels: channel mode (whole channels removed for a measured speedup);
-- compare, evaluate, train, quantize: the commands of the same names."""
+- compare, evaluate, train, quantize: the commands of the same names.
+
+May import: base, data, deploy, importer, pruning, report, reward, search, train."""
 
 from qlp_compress.workflows.channels import (
     ChannelSettings,

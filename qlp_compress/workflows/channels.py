@@ -17,12 +17,13 @@ from torch import nn
 from qlp_compress import data as datasets
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
+from qlp_compress.base.machine import cpu_capability, describe_cpu
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session, session_accuracy
-from qlp_compress.deploy.latency import LatencySettings, LatencyTable, check_latency_settings, measure_speedup
-from qlp_compress.deploy.quantize import QuantizeSettings, cpu_capability, describe_cpu
+from qlp_compress.deploy.quantize import QuantizeSettings
 from qlp_compress.pruning.channel_groups import ChannelSpace, count_macs_params
+from qlp_compress.pruning.latency import LatencySettings, LatencyTable, check_latency_settings, measure_speedup
 from qlp_compress.pruning.widths import (
     BASELINES,
     CRITERION_OF,

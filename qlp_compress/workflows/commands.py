@@ -11,9 +11,9 @@ from qlp_compress.base import validate
 from qlp_compress.base.errors import UsageError
 from qlp_compress.base.outputs import check_out_dir
 from qlp_compress.deploy.engine import resolve_device
-from qlp_compress.deploy.latency import LatencySettings, check_latency_settings
 from qlp_compress.deploy.quantize import QuantizeSettings, int8_path, settings_for
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings
+from qlp_compress.pruning.latency import LatencySettings, check_latency_settings
 from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import check_policy, read_policy
 from qlp_compress.pruning.widths import BASELINES as CHANNEL_BASELINES
@@ -21,11 +21,12 @@ from qlp_compress.pruning.widths import check_speedup
 from qlp_compress.reward.channels import ChannelRewardSettings
 from qlp_compress.reward.weights import ENGINES, RewardSettings
 from qlp_compress.search.curriculum import METHODS as SEARCHES
-from qlp_compress.search.curriculum import SearchSettings
+from qlp_compress.search.curriculum import SearchSettings, check_budget
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
-from qlp_compress.workflows import channels, compare, evaluate, quantize, train, weights
+from qlp_compress.workflows import channels, evaluate, quantize, train, weights
+from qlp_compress.workflows.compare import compare as compare_weights
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 STRUCTURES = ("weight", "channel")
@@ -113,7 +114,7 @@ def _check_choice(how: Choice, searching: bool) -> None:
         validate.sparsity(how.sparsity)
         validate.fraction("--min-density", how.min_density, 0, 1, "0.05", high_open=True)
     if searching and how.method in SEARCHES:
-        validate.curriculum(how.episodes, how.stages if how.method == "qlp" else 1, stages_option=how.method == "qlp")
+        check_budget(how.episodes, how.stages if how.method == "qlp" else 1, stages_option=how.method == "qlp")
         validate.whole("--passes", how.passes, 1, "4")
         validate.whole("--reward-images", how.reward_images, 1, "1000")
         validate.whole("--bn-recalibrate", how.bn_recalibrate, 0, "256")
@@ -230,7 +231,7 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
         rows = channels.compare_channels(ws, methods, targets, _channel_settings(how, run, None), out, run.command,
                                          force=run.force)
     else:
-        rows = compare.compare(ws, methods, targets, _search_settings(how, run, targets[0]),
+        rows = compare_weights(ws, methods, targets, _search_settings(how, run, targets[0]),
                                RewardSettings(images=how.reward_images, device=ws.device),
                                AllocationSettings(min_density=how.min_density), _finetune(run), out, run.command,
                                force=run.force)

@@ -15,7 +15,7 @@ import onnx
 from torch import nn
 
 from qlp_compress import data as datasets
-from qlp_compress.base import validate
+from qlp_compress.base import machine, validate
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.outputs import OutputRun, file_lock
 from qlp_compress.deploy import export, quantize
@@ -198,7 +198,7 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
         "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
                                                             "lr": settings.finetune.lr},
         "file_layers_read_back": len(readback), "command": command,
-        "int8": int8, "cpu": quantize.cpu_capability(),
+        "int8": int8, "cpu": machine.cpu_capability(),
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_report(staged, report, policy)
