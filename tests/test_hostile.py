@@ -18,14 +18,13 @@ import struct
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_task
+from conftest import Run, make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 
 from qlp_compress import cli
@@ -40,42 +39,7 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 # ------------------------------------------------------------------------------------------------ running the CLI
-
-
-@dataclass
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-
-    @property
-    def line(self) -> str:
-        """The one `error:` line of a failed run: the last line on stderr, and no traceback."""
-        assert "Traceback" not in self.stdout + self.stderr, self.stderr[-3000:]
-        lines = [line for line in self.stderr.splitlines() if line.strip()]
-        errors = [line for line in lines if line.startswith("error:")]
-        assert len(errors) == 1 and lines[-1] == errors[0], self.stderr[-3000:]
-        assert "unexpected" not in errors[0], errors[0]
-        return errors[0]
-
-
-@pytest.fixture
-def qlp(monkeypatch, capfd):
-    """qlp(*args, cwd=folder): the real CLI entry point in this process."""
-
-    def run(*args, cwd: Path) -> Run:
-        monkeypatch.chdir(cwd)
-        monkeypatch.setattr(sys, "argv", ["qlp-compress", *map(str, args)])
-        capfd.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        out, err = capfd.readouterr()
-        return Run(code, out, err)
-
-    return run
+# (in this process: the `qlp` fixture in conftest.py)
 
 
 def run_cli(*args, cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
