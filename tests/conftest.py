@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from qlp_compress.cli import commands as cli
+from qlp_compress import cli
 from qlp_compress.deploy import export
 from qlp_compress.train.zoo import build_model
 

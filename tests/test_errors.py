@@ -257,7 +257,7 @@ CASES: dict[str, Case] = {
                                *DEVICE), 2, ("between 0 and 1",)),
     "search_unknown_demonstration": Case(("search", "lenet.onnx", "--data", "data.npz", "--demonstrations",
                                           "lamp,snip", "--out", "out/new", *DEVICE), 2,
-                                         ("'snip'", "--demonstrations", "or none")),
+                                         ("'snip'", "--demonstrations", "none")),
     # policy.json
     "policy_for_another_model": Case(("prune", "lenet.onnx", "--policy", "other_policy.json", "--data", "data.npz",
                                       "--out", "out/new", *DEVICE), 2, ("another model", "its own policy")),

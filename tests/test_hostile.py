@@ -27,7 +27,6 @@ import torch
 from conftest import Run, make_tiny_task
 from onnx import TensorProto, helper, numpy_helper
 
-from qlp_compress import cli
 from qlp_compress.base import io as qio
 from qlp_compress.base import outputs
 from qlp_compress.base.errors import QLPError
