@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -26,6 +27,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def default_sigint() -> None:
+    """preexec_fn for a CLI subprocess that is sent SIGINT: a shell starts background jobs (`make test &`, nohup)
+    with SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt; restore the
+    default, as an interactive shell would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make_tiny_task(root: Path, n: int, n_train: int, steps: int) -> torch.nn.Module:

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_task, run_app
+from conftest import default_sigint, make_tiny_task, run_app
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -316,6 +316,7 @@ def test_bad_input_fails_in_one_line_and_damages_nothing(name, bad, qlp, monkeyp
         assert not (bad / case.args[case.args.index("--out") + 1]).exists()
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(bad):
     result = run_cli("--debug", "prune", "junk.onnx", "--data", "data.npz", "--out", "out/debug", *DEVICE, cwd=bad)
     assert result.returncode == 1
@@ -399,7 +400,7 @@ RUN = ("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--epi
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cli_args(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env={**os.environ, **ENV})
+                            env={**os.environ, **ENV}, preexec_fn=default_sigint)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -420,6 +421,7 @@ def stop(process: subprocess.Popen, signum: int) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("search_signal, finetune_signal", [(signal.SIGINT, signal.SIGTERM),
                                                             (signal.SIGTERM, signal.SIGINT)],
                          ids=["search-SIGINT,finetune-SIGTERM", "search-SIGTERM,finetune-SIGINT"])
@@ -456,6 +458,7 @@ def test_interrupted_search_and_finetune_resume(tiny, tmp_path, search_signal, f
     assert json.loads((out / "report.json").read_text())["finetune"]["epochs"] == EPOCHS
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_half_written_output(tiny, tmp_path):
     """kill -9 mid-search, mid-fine-tuning and mid-export (each run resuming the one before): the outputs, written
     to OUT/.work/out/ until all are complete, never appear in OUT before that; every file written is whole, and a

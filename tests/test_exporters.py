@@ -34,7 +34,7 @@ def matrix():
 
 
 CELLS = [  # arch, dynamo, opset (None: the exporter's default), external data
-    ("lenet5", True, None, True),  # what `torch.onnx.export(model, args, "m.onnx")` writes today
+    pytest.param(("lenet5", True, None, True), marks=pytest.mark.slow),  # `torch.onnx.export(model, args, "m.onnx")`
     ("lenet5", False, None, False),
 ]
 SLOW_CELLS = [("resnet20", True, 21, False), ("resnet20", False, 13, True), ("mobilenet_v2", True, None, False),

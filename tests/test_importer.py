@@ -89,6 +89,7 @@ def torchvision_models() -> dict[str, nn.Module]:
 NAMES = {"resnet18": ("pixel_values", None), "mobilenet_v2": ("images", "scores")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [13, 17, None], ids=["opset13", "opset17", "default"])
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_torchvision_import_and_round_trip(tmp_path, torchvision_models, arch, opset):

@@ -24,6 +24,7 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return root / "lenet.onnx", root / "data.npz"
 
 
+@pytest.mark.slow
 def test_search_end_to_end(tiny, tmp_path, qlp):
     model, data = tiny
     out = tmp_path / "run"
@@ -87,7 +88,8 @@ def test_search_end_to_end(tiny, tmp_path, qlp):
     assert before_zeros == after_zeros
 
 
-@pytest.mark.parametrize("method", ["lamp", "global", "erk", "uniform"])
+@pytest.mark.parametrize("method", ["lamp", *(pytest.param(m, marks=pytest.mark.slow) for m in ("global", "erk",
+                                                                                             "uniform"))])
 def test_prune_baselines_meet_target(tiny, tmp_path, method):
     model, data = tiny
     out = tmp_path / method
@@ -101,6 +103,7 @@ def test_prune_baselines_meet_target(tiny, tmp_path, method):
     assert file_sparsity == pytest.approx(removed / total, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_compare_table(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "cmp"

@@ -147,6 +147,7 @@ def test_a_demonstration_replays_an_allocation_within_one_action_step(target) ->
     assert np.abs(env.sparsities() - wanted).max() <= 0.1
 
 
+@pytest.mark.slow
 def test_demonstrations_open_every_stage_count_as_episodes_and_bound_the_result() -> None:
     allocations = {"uniform": lambda t: np.full(len(NUMELS), t), "optimal": lambda t: optimal_allocation(t)[0]}
     settings = SearchSettings(target=0.9, episodes=60, stages=3, demonstrations=("uniform", "optimal"), seed=0)
@@ -170,7 +171,8 @@ def test_demonstrations_open_every_stage_count_as_episodes_and_bound_the_result(
     assert all("demonstration" not in h for h in plain.history)
 
 
-@pytest.mark.parametrize("target", [0.5, 0.9, 0.98])
+@pytest.mark.parametrize("target", [pytest.param(0.5, marks=pytest.mark.slow), 0.9,
+                                    pytest.param(0.98, marks=pytest.mark.slow)])
 def test_a_demonstration_is_scored_at_its_exact_allocation(target) -> None:
     """The grid replay only steers the transitions; the reward and the recorded policy are the allocator's own
     allocation, met to the weight, so the search can never lose to a demonstration through the action grid."""
@@ -360,6 +362,7 @@ def history_key(result) -> list[tuple]:
     return [(r["reward"], r["steps"], r["reached"], r["succeeded"], r["epsilon"], r["stage"]) for r in result.history]
 
 
+@pytest.mark.slow
 def test_same_seed_same_search_other_seed_other_search() -> None:
     def search(seed):
         return run_search(PruningEnv(NUMELS, quadratic_reward),
@@ -385,6 +388,7 @@ class InterruptingReward:
         return quadratic_reward(s)
 
 
+@pytest.mark.slow
 def test_interrupted_search_resumes_to_the_same_result(tmp_path) -> None:
     settings = SearchSettings(target=0.9, episodes=80, seed=5, checkpoint_every=5, agent=SMALL_AGENT)
     reference_ckpt = tmp_path / "reference.pt"
@@ -497,6 +501,7 @@ def test_reward_engines_match_pytorch_prune() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is left alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
 def test_reward_fine_tunes_briefly_from_its_threshold_on_other_images(engine) -> None:
     model, data = reward_fixture()

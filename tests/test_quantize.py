@@ -225,6 +225,7 @@ def test_cli_quantize_any_float_onnx(tiny, tmp_path):
     assert [zp is None for _, zp in stored_weights(proto)] == [True, False, False, False, True]
 
 
+@pytest.mark.slow
 def test_cli_prune_and_search_with_int8(tiny, tmp_path):
     data = ("--data", str(tiny / "data.npz"), "--device", "cpu")
     ok("prune", tiny / "lenet.onnx", "--method", "lamp", "--sparsity", "0.8", "--finetune-epochs", "0.2",
@@ -247,6 +248,7 @@ def test_cli_prune_and_search_with_int8(tiny, tmp_path):
     onnx.checker.check_model(onnx.load(str(tmp_path / "s" / "model.int8.onnx")), full_check=True)
 
 
+@pytest.mark.slow
 def test_cli_finetune_and_export_with_int8(tiny, tmp_path):
     data = ("--data", str(tiny / "data.npz"))
     ok("finetune", tiny / "pruned.onnx", "--finetune-epochs", "0.1", "--quantize", "int8", "--out", "t.onnx",
