@@ -15,6 +15,8 @@ from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session
 from qlp_compress.pruning.masks import pruned_count
 
+pytestmark = pytest.mark.slow  # whole pipelines through the CLI; the parts have fast tests of their own
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[Path, Path]:
@@ -24,7 +26,6 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return root / "lenet.onnx", root / "data.npz"
 
 
-@pytest.mark.slow
 def test_search_end_to_end(tiny, tmp_path, qlp):
     model, data = tiny
     out = tmp_path / "run"
@@ -88,8 +89,7 @@ def test_search_end_to_end(tiny, tmp_path, qlp):
     assert before_zeros == after_zeros
 
 
-@pytest.mark.parametrize("method", ["lamp", *(pytest.param(m, marks=pytest.mark.slow) for m in ("global", "erk",
-                                                                                             "uniform"))])
+@pytest.mark.parametrize("method", ["lamp", "global", "erk", "uniform"])
 def test_prune_baselines_meet_target(tiny, tmp_path, method):
     model, data = tiny
     out = tmp_path / method
@@ -103,7 +103,6 @@ def test_prune_baselines_meet_target(tiny, tmp_path, method):
     assert file_sparsity == pytest.approx(removed / total, abs=1e-6)
 
 
-@pytest.mark.slow
 def test_compare_table(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "cmp"

@@ -425,8 +425,8 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path) -> None:
 # ------------------------------------------------------------------------------------------ reward engines
 
 
-def reward_fixture() -> tuple[nn.Module, TensorImages]:
-    """A ResNet-20 with non-trivial BatchNorm statistics and 300 random grey 28×28 images labelled with the
+def reward_fixture(n: int = 300) -> tuple[nn.Module, TensorImages]:
+    """A ResNet-20 with non-trivial BatchNorm statistics and `n` random grey 28×28 images labelled with the
     dense model's own predictions, so that accuracy starts at 1 and falls as pruning changes the outputs."""
     torch.manual_seed(0)
     model = build_model("resnet20", 1, 10, (0.5,), (0.5,))
@@ -446,7 +446,7 @@ def reward_fixture() -> tuple[nn.Module, TensorImages]:
         for _ in range(3):
             model(to_float(images(64)))
         model.eval()
-        x = images(300)
+        x = images(n)
         logits = model(to_float(x))
         model[1].fc.bias -= logits.mean(0)  # balance the classes
         y = model(to_float(x)).argmax(1)
@@ -471,8 +471,9 @@ def reference_accuracy(model: nn.Module, data: TensorImages, sparsities, recalib
         return int((pruned(x).argmax(1) == data.y).sum()) / len(data.y)
 
 
-def test_reward_engines_match_pytorch_prune() -> None:
-    model, data = reward_fixture()
+@pytest.mark.parametrize("n", [pytest.param(300, marks=pytest.mark.slow), 64])
+def test_reward_engines_match_pytorch_prune(n) -> None:
+    model, data = reward_fixture(n)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ort_reward = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=0, finetune_steps=0))
     torch_reward = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=0, finetune_steps=0))
