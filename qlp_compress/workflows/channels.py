@@ -305,14 +305,15 @@ def report_markdown(r: dict) -> str:
 
 
 def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings, out: Path,
-                     command: str, force: bool = False) -> list[dict]:
+                     command: str, force: bool = False, resume: bool = False) -> list[dict]:
     """Every method at every speedup target: same table, same fine-tuning. compare.json and compare.md are
-    written as a set at the end; the rows so far are kept in OUT/.work/compare.json after every cell."""
+    written as a set at the end; the rows so far are kept in OUT/.work/compare.json after every cell, and
+    `resume` continues from them."""
     for m in methods:
         check_method(m)
     for s in speedups:
         check_speedup(s)
-    with OutputRun(out, force, False, resumable=False) as run:
+    with OutputRun(out, force, resume) as run:
         rows = _compare_channels(ws, methods, speedups, settings, run, command)
         run.commit()
     return rows
@@ -320,10 +321,14 @@ def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], s
 
 def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings,
                       run: OutputRun, command: str) -> list[dict]:
+    from qlp_compress.workflows.compare import measured_rows
+
     ctx = open_channels(ws, settings.latency)
-    rows = []
+    rows = measured_rows(run.work / "compare.json", ws.loaded.sha256)
     for speedup in speedups:
         for method in methods:
+            if any(r["method"] == method and r["target_speedup"] == speedup for r in rows):
+                continue  # measured before the interruption
             cell = replace(settings, method=method, speedup=speedup)
             found = find_widths(ws, ctx, cell)
             pruned, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], cell.finetune, cell.distill)

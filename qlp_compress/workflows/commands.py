@@ -225,16 +225,16 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
                             **({"speedup": target} if how.structure == "channel" else {"sparsity": target})})
             _check_choice(one, searching=True)
     out = run.out or run.model.parent / f"{run.model.stem}.compare{'-channel' if how.structure == 'channel' else ''}"
-    check_out_dir(out, run.force, run.resume, resumable=False)
+    check_out_dir(out, run.force, run.resume)
     ws = _workspace(run)
     if how.structure == "channel":
         rows = channels.compare_channels(ws, methods, targets, _channel_settings(how, run, None), out, run.command,
-                                         force=run.force)
+                                         force=run.force, resume=run.resume)
     else:
         rows = compare_weights(ws, methods, targets, _search_settings(how, run, targets[0]),
                                RewardSettings(images=how.reward_images, device=ws.device),
                                AllocationSettings(min_density=how.min_density), _finetune(run), out, run.command,
-                               force=run.force)
+                               force=run.force, resume=run.resume)
     return {"out": str(out), "compare_json": str(out / "compare.json"), "compare_md": str(out / "compare.md"),
             "rows": rows}
 
