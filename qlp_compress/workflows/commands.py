@@ -18,6 +18,7 @@ from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import check_policy, read_policy
 from qlp_compress.pruning.widths import BASELINES as CHANNEL_BASELINES
 from qlp_compress.pruning.widths import check_speedup
+from qlp_compress.report.progress import search_progress
 from qlp_compress.reward.channels import ChannelRewardSettings
 from qlp_compress.reward.weights import ENGINES, RewardSettings
 from qlp_compress.search.curriculum import METHODS as SEARCHES
@@ -195,8 +196,12 @@ def search(run: RunOptions, how: Choice) -> dict:
     check_out_dir(out, run.force, run.resume)
     ws = _workspace(run)
     if how.structure == "channel":
-        return channels.compress_channels(run.model, ws, _channel_settings(how, run, int8), out, run.command,
-                                          resume=run.resume, policy_path=how.policy, force=run.force)
+        searching = how.method in SEARCHES and how.policy is None
+        with search_progress(f"{how.method} channel search", how.episodes if searching else 0) as on_episode:
+            report = channels.compress_channels(run.model, ws, _channel_settings(how, run, int8), out, run.command,
+                                                resume=run.resume, on_episode=on_episode, policy_path=how.policy,
+                                                force=run.force)
+        return {"out": str(out), **report}
     if chosen is not None:
         layers = find_prunable_layers(ws.loaded.module)
         check_policy(chosen, how.policy, ws.loaded.sha256, [x.name for x in layers], [x.numel for x in layers])
@@ -207,8 +212,9 @@ def search(run: RunOptions, how: Choice) -> dict:
         method=how.method, target=how.sparsity, search=_search_settings(how, run, how.sparsity), reward=reward,
         allocation=AllocationSettings(min_density=how.min_density), finetune=_finetune(run),
         sparse_storage=run.sparse_storage, quantize=int8)
-    return weights.compress(run.model, ws, settings, out, run.command, resume=run.resume, policy=chosen,
-                            force=run.force)
+    report = weights.compress(run.model, ws, settings, out, run.command, resume=run.resume, policy=chosen,
+                              force=run.force)
+    return {"out": str(out), **report}
 
 
 def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
