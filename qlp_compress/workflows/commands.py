@@ -136,7 +136,7 @@ def _demonstrations(how: Choice) -> tuple[str, ...] | None:
     for name in names:
         if name not in allowed:
             raise UsageError(f"--demonstrations: unknown {how.structure} allocation {name!r}; use a comma-separated "
-                             f"list of {', '.join(allowed)}, none, or {DEFAULT_DEMONSTRATIONS}")
+                             f"list of {', '.join(allowed)}, {DEFAULT_DEMONSTRATIONS} (all of them), or none")
     return names
 
 
