@@ -215,6 +215,7 @@ def test_channel_search_cli_end_to_end(tiny, tmp_path):
     again = subprocess.run([sys.executable, "-m", "qlp_compress", "prune", str(model), "--structure", "channel",
                             "--policy", str(out / "policy.json"), "--data", str(data), "--latency-batch", "8",
                             "--threads", "1", "--round-to", "2", "--out", str(tmp_path / "again"), "--device", "cpu",
+                            "--finetune-epochs", "0",
                             "--quantize", "int8", "--calibration-images", "100"],
                            capture_output=True, text=True, timeout=900, env=env)
     assert again.returncode == 0, again.stderr[-2000:]

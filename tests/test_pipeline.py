@@ -83,11 +83,11 @@ def test_search_end_to_end(tiny, tmp_path):
     # prune --policy applies the same per-layer sparsities; finetune keeps the zeros
     out2 = tmp_path / "replay"
     run_cli("prune", str(model), "--policy", str(out / "policy.json"), "--data", str(data), "--out", str(out2),
-            "--device", "cpu")
+            "--finetune-epochs", "0", "--device", "cpu")
     replay = json.loads((out2 / "policy.json").read_text())
     assert [x["sparsity"] for x in replay["layers"]] == [x["sparsity"] for x in policy["layers"]]
     tuned = tmp_path / "tuned.onnx"
-    run_cli("finetune", str(out2 / "model.onnx"), "--data", str(data), "--epochs", "0.5", "--out", str(tuned),
+    run_cli("finetune", str(out2 / "model.onnx"), "--data", str(data), "--finetune-epochs", "0.5", "--out", str(tuned),
             "--device", "cpu")
     before_w = export.weight_initializers(onnx.load(str(out2 / "model.onnx")))
     after_w = export.weight_initializers(onnx.load(str(tuned)))
@@ -101,7 +101,7 @@ def test_prune_baselines_meet_target(tiny, tmp_path, method):
     model, data = tiny
     out = tmp_path / method
     run_cli("prune", str(model), "--method", method, "--sparsity", "0.7", "--data", str(data), "--out", str(out),
-            "--no-sparse-storage", "--device", "cpu")
+            "--no-sparse-storage", "--finetune-epochs", "0", "--device", "cpu")
     policy = json.loads((out / "policy.json").read_text())
     total = sum(layer["weights"] for layer in policy["layers"])
     removed = sum(pruned_count(layer["sparsity"], layer["weights"]) for layer in policy["layers"])
@@ -113,7 +113,7 @@ def test_prune_baselines_meet_target(tiny, tmp_path, method):
 def test_compare_table(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "cmp"
-    run_cli("compare", str(model), "--sparsity", "0.6", "--methods", "random,lamp,uniform", "--episodes", "4",
+    run_cli("compare", str(model), "--sparsity", "0.6", "--method", "random,lamp,uniform", "--episodes", "4",
             "--reward-images", "100", "--data", str(data), "--finetune-epochs", "0", "--out", str(out),
             "--device", "cpu")
     rows = json.loads((out / "compare.json").read_text())["rows"]

@@ -21,7 +21,7 @@ from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.data import load_dataset, make_splits, materialize
 from qlp_compress.deploy import export, quantize
 from qlp_compress.deploy.engine import open_session
-from qlp_compress.workflows import DataSettings
+from qlp_compress.workflows import DataSettings, quantize_file
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -148,7 +148,7 @@ def test_calibration_reads_the_reward_split(tiny, tmp_path, monkeypatch):
         return batch
 
     monkeypatch.setattr(quantize.CalibrationImages, "get_next", recording)
-    result = quantize.quantize_file(tiny / "lenet.onnx", tmp_path / "q.onnx", DataSettings(str(tiny / "data.npz")),
+    result = quantize_file(tiny / "lenet.onnx", tmp_path / "q.onnx", DataSettings(str(tiny / "data.npz")),
                                     quantize.QuantizeSettings(calibration_images=70, batch_size=32))
     fed = np.concatenate(seen)
     reward, _ = materialize(splits_of(tiny).reward, limit=70)
@@ -225,7 +225,7 @@ def test_cli_quantize_any_float_onnx(tiny, tmp_path):
     out = tmp_path / "lenet.int8.onnx"
     result = ok(run_cli("quantize", str(tiny / "pruned.onnx"), "--out", str(out), "--data", str(tiny / "data.npz"),
                         "--calibration-images", "64", "--keep-float", "first,last", cwd=tmp_path))
-    assert "int8 test accuracy" in result.stderr
+    assert "int8 test accuracy" in result.stdout
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)
     meta = export.read_metadata(proto)
@@ -259,8 +259,8 @@ def test_cli_prune_and_search_with_int8(tiny, tmp_path):
 
 def test_cli_finetune_and_export_with_int8(tiny, tmp_path):
     data = ("--data", str(tiny / "data.npz"))
-    ok(run_cli("finetune", str(tiny / "pruned.onnx"), "--epochs", "0.1", "--quantize", "int8", "--out", "t.onnx",
-               "--device", "cpu", *data, cwd=tmp_path))
+    ok(run_cli("finetune", str(tiny / "pruned.onnx"), "--finetune-epochs", "0.1", "--quantize", "int8", "--out",
+               "t.onnx", "--device", "cpu", *data, cwd=tmp_path))
     tuned = stored_weights(onnx.load(str(tmp_path / "t.onnx")))
     for (f, _), (q, _) in zip(tuned, stored_weights(onnx.load(str(tmp_path / "t.int8.onnx"))), strict=True):
         assert (q[f == 0] == 0).all()
