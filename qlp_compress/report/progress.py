@@ -1,13 +1,67 @@
-"""Progress on stderr: the search's episodes and training's epochs."""
+"""Progress on stderr: the search's episodes, training's epochs, and every other phase that takes seconds (import,
+export, verification, measurement). `set_quiet(True)` silences all of it (the CLI's --quiet); warnings and errors
+still print."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.errors import LiveError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from qlp_compress.base.messages import console
+
+_quiet = False
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """Silence (or restore) every progress display of this module: phases, search and training bars."""
+    global _quiet
+    _quiet = bool(quiet)
+
+
+def is_quiet() -> bool:
+    return _quiet
+
+
+@contextlib.contextmanager
+def phase(title: str) -> Iterator[None]:
+    """One step of a command that takes a few seconds (import, export, measurement, …).
+
+    In a terminal: a transient spinner with the elapsed time, gone when the step ends. Outside one: a plain line
+    `title …` when it starts and `title: 12.3 s` when it ends. Silent when quiet, and inside another live display
+    (a phase within a phase, or within a progress bar, shows only the outer one)."""
+    if _quiet:
+        yield
+        return
+    started = time.perf_counter()
+    if console.is_terminal:
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                            transient=True)
+        try:
+            progress.start()
+        except LiveError:  # another display is live: it already tells the user something is running
+            yield
+            return
+        try:
+            progress.add_task(title, total=None)
+            yield
+        finally:
+            progress.stop()
+        return
+    console.print(f"{title} …", highlight=False, markup=False, soft_wrap=True)
+    yield
+    console.print(f"{title}: {time.perf_counter() - started:.1f} s", highlight=False, markup=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -16,7 +70,7 @@ def training_progress(title: str) -> Iterator[Callable[[dict], None]]:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=_quiet) as progress:
         task = progress.add_task(title, total=None, epoch="-", loss=0.0, acc=0.0)
 
         def on_step(r: dict) -> None:
@@ -26,18 +80,27 @@ def training_progress(title: str) -> Iterator[Callable[[dict], None]]:
         yield on_step
 
 
+def _reward(x: float | None) -> str:
+    return "-" if x is None or x == -float("inf") else f"{x:.3f}"
+
+
 @contextlib.contextmanager
 def search_progress(title: str, episodes: int) -> Iterator[Callable[[dict], None]]:
-    """A live line for `run_search`'s on_episode records: stage, episode, ε, last and best reward, ETA."""
+    """A live line for `run_search`'s on_episode records: stage, exploration rate, the last reward, the best of the
+    current stage and the best of the whole search, ETA. "best overall" is the highest reward of any stage (an
+    earlier stage's target is lower, so its rewards are usually higher); "stage best" restarts with each stage."""
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("stage {task.fields[stage]}  ε {task.fields[eps]:.2f}  "
-                          "last {task.fields[last]:.3f}  best {task.fields[best]:.3f}"),
+               TextColumn("stage {task.fields[stage]}  explore ε {task.fields[eps]}  last {task.fields[last]}  "
+                          "stage best {task.fields[best]}  best overall {task.fields[overall]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(title, total=episodes, stage="-", eps=1.0, last=0.0, best=0.0)
+    with Progress(*columns, console=console, disable=_quiet) as progress:
+        task = progress.add_task(title, total=episodes, stage="-", eps="-", last="-", best="-", overall="-")
+        overall = [-float("inf")]
 
         def on_episode(r: dict) -> None:
+            overall[0] = max(overall[0], r["best"])
+            eps = "demo" if r.get("demonstration") else f"{r['epsilon']:.2f}"
             progress.update(task, completed=r["episode"], stage=f"{r['stage']}/{r['stages']} @ {r['target']:.3f}",
-                            eps=r["epsilon"], last=r["reward"], best=max(r["best"], -1.0))
+                            eps=eps, last=_reward(r["reward"]), best=_reward(r["best"]), overall=_reward(overall[0]))
 
         yield on_episode

@@ -66,7 +66,7 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
                          if finetune else None,
                          "best_reward": policy.best_reward, "search_seconds": round(search_seconds, 1),
                          "sparsities": policy.sparsities})
-            document = {"command": command, "model_sha256": ws.loaded.sha256, "layers": policy.layers, "rows": rows}
+            document = {"command": command, "model_sha256": ws.loaded.sha256, "layers": policy.labels, "rows": rows}
             atomic_write_json(run.work / "compare.json", document)
     atomic_write_json(run.staging / "compare.json", document)
     atomic_write_text(run.staging / "compare.md", compare_markdown(rows, command))

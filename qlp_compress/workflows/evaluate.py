@@ -26,6 +26,7 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
     proto = load_onnx_file(model_path)
     session = engine.open_session(model_path, device)  # onnxruntime reads external data relative to the file
     per_layer, global_sparsity = export.onnx_sparsity(proto)
+    names = export.weight_layer_names(proto)  # the readable names reports and policy.json use
     raw = model_path.read_bytes()
     input_shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape[1:])
     result: dict = {"model": str(model_path), "data": None, "accuracy": None, "test_images": 0}
@@ -48,7 +49,7 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
         latency=latency,
         file_bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 6)),
         weights=sum(n for n, _ in per_layer.values()), global_sparsity=global_sparsity,
-        layers={name: {"weights": n, "sparsity": z / n} for name, (n, z) in per_layer.items()},
+        layers={names[name]: {"weights": n, "sparsity": z / n} for name, (n, z) in per_layer.items()},
         metadata=export.read_metadata(proto),
     )
     return result

@@ -58,7 +58,8 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
     check_sparsity(target)
     layers = find_prunable_layers(ws.loaded.module)
     names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
-    common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256}
+    common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256,
+              "names": ws.loaded.names_of(names)}
     weights = {layer.name: layer.weight.detach() for layer in layers}
 
     def baseline(name: str, goal: float) -> list[float]:
@@ -191,8 +192,9 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
         "test_images": len(ws.splits.test), "accuracy": {k: v["accuracy"] for k, v in measured.items()
                                                          if "accuracy" in v},
         "measured": measured, "verification": verification,
-        "layers": [{"name": n, "weights": w, "sparsity": s}
-                   for n, w, s in zip(policy.layers, policy.numels, policy.sparsities, strict=True)],
+        "layers": [{"name": label, "module": n, "weights": w, "sparsity": s}
+                   for label, n, w, s in zip(policy.labels, policy.layers, policy.numels, policy.sparsities,
+                                             strict=True)],
         "search": {k: v for k, v in policy.search.items() if k not in ("rewards", "stage_of_episode")},
         "stages": [{k: v for k, v in s.items() if k != "sparsities"} for s in policy.stages],
         "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,

@@ -159,7 +159,12 @@ BN_RECALIBRATION_IMAGES = 2048  # fine-tune images used to re-estimate BatchNorm
 
 
 def export_bytes(module: nn.Module, ws: Workspace) -> bytes:
-    return export.to_onnx_bytes(module, ws.input_shape, ws.loaded.input_name, ws.loaded.output_name)
+    """`module` as ONNX, each prunable weight named `<the layer's readable name>.weight` (base.names), so that
+    `evaluate` on the file shows the names the run's reports and policy.json show."""
+    data = export.to_onnx_bytes(module, ws.input_shape, ws.loaded.input_name, ws.loaded.output_name)
+    paths = [layer.name for layer in find_prunable_layers(module)]
+    return export.name_weights(data, {f"{p}.weight": f"{n}.weight"
+                                      for p, n in zip(paths, ws.loaded.names_of(paths), strict=True)})
 
 
 def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, policy: Policy | None = None,
