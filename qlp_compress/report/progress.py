@@ -22,6 +22,7 @@ from rich.progress import (
 from qlp_compress.base.messages import console
 
 _quiet = False
+_depth = 0  # phases open now: only the outermost one shows
 
 
 def set_quiet(quiet: bool = True) -> None:
@@ -41,9 +42,20 @@ def phase(title: str) -> Iterator[None]:
     In a terminal: a transient spinner with the elapsed time, gone when the step ends. Outside one: a plain line
     `title …` when it starts and `title: 12.3 s` when it ends. Silent when quiet, and inside another live display
     (a phase within a phase, or within a progress bar, shows only the outer one)."""
-    if _quiet:
+    global _depth
+    if _quiet or _depth:
         yield
         return
+    _depth += 1
+    try:
+        with _shown(title):
+            yield
+    finally:
+        _depth -= 1
+
+
+@contextlib.contextmanager
+def _shown(title: str) -> Iterator[None]:
     started = time.perf_counter()
     if console.is_terminal:
         progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from qlp_compress import data as datasets
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.deploy import engine, export
+from qlp_compress.report.progress import phase
 
 if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
     pass
@@ -37,10 +38,13 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
     if any(d < 0 for d in input_shape):
         raise UsageError(f"{model_path} has a symbolic image size; pass --data so latency can use real images")
     try:
-        if data_settings is not None:
-            result.update(data=data.name, accuracy=engine.session_accuracy(session, data.test),
-                          test_images=len(data.test))
-        latency = [vars(engine.measure_latency(session, input_shape, b, repeats=repeats)) for b in latency_batches]
+        with phase(f"measure {model_path.name} (onnxruntime: " + ("test accuracy, " if data_settings else "")
+                   + "latency)"):
+            if data_settings is not None:
+                result.update(data=data.name, accuracy=engine.session_accuracy(session, data.test),
+                              test_images=len(data.test))
+            latency = [vars(engine.measure_latency(session, input_shape, b, repeats=repeats))
+                       for b in latency_batches]
     except engine.ORT_ERRORS as e:
         raise QLPError(f"onnxruntime cannot run {model_path} on images of shape {list(input_shape)} "
                        f"({engine.ort_message(e)}); check that the file is an image classifier taking (N, C, H, W), "
