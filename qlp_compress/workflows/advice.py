@@ -52,7 +52,8 @@ def budget_warning(settings: SearchSettings, demonstrations: int | None = None) 
     while min(stage_episodes(needed, n, settings.final_share)) < demos + MIN_AGENT_EPISODES:
         needed += 1
     agent = [max(0, lengths[k - 1] - demos) for k in short]
-    what = "none of their own" if max(agent) == 0 else f"only {', '.join(map(str, agent))} of their own"
+    what = "no episode of its own" if max(agent) == 0 else \
+        f"only {'/'.join(map(str, agent))} episode{'s' if max(agent) > 1 else ''} of its own"
     per_stage = "/".join(map(str, lengths))
     return _warn(f"--episodes {settings.episodes} over {n} stages ({per_stage}) with {demos} demonstrations per "
                  f"stage leaves the agent {what} in {_span(short)}, so the search cannot contribute there; use "
