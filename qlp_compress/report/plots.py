@@ -68,6 +68,8 @@ def reward_figure(rewards: Sequence[float], stages: Sequence[int] | None = None,
     missing) as red crosses; the best reward so far in each stage as a line; stage boundaries as dotted lines
     labelled with the stage's target; chance accuracy (1 / classes) as a grey line when given."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     n = len(rewards)
     episodes = list(range(1, n + 1))
     succeeded = list(succeeded) if succeeded is not None else [True] * n
@@ -109,9 +111,11 @@ def reward_figure(rewards: Sequence[float], stages: Sequence[int] | None = None,
     if stage_targets:
         edges = [0.5, *[i + 0.5 for i in starts], n + 0.5]
         for k, target in enumerate(stage_targets[: len(edges) - 1]):
-            ax.text((edges[k] + edges[k + 1]) / 2, 1.01, f"stage {k + 1}\ntarget {target:g}", ha="center",
+            ax.text((edges[k] + edges[k + 1]) / 2, 1.01, f"stage {k + 1}\n{target:.3g}", ha="center",
                     va="bottom", fontsize=FONT - 2, color="dimgrey", transform=ax.get_xaxis_transform())
-    ax.set_xlabel("episode")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("episode" + ("  (dotted lines: stage boundaries; above: each stage's target sparsity)"
+                               if stage_targets and starts else ""))
     ax.set_ylabel(REWARD_YLABEL)
     ax.set_title(title or "search reward per episode", pad=26 if stage_targets else 6)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)

@@ -59,8 +59,9 @@ PER_EPISODE = ("rewards", "stage_of_episode", "succeeded", "demonstration")  # p
 
 
 LATENCY_NOTE = ("weight sparsity gives no speedup in onnxruntime's dense kernels: the zeros are stored and multiplied "
-                "like any weight, so the pruned and fine-tuned latencies equal the dense one within noise; use "
-                "--structure channel for a measured speedup")
+                "like any other weight, so a latency difference between the dense and pruned rows is measurement "
+                "noise (they are timed one after another, not interleaved); use --structure channel for a measured "
+                "speedup")
 
 
 def sparse_identical_note() -> str:
