@@ -188,7 +188,13 @@ def test_signal_warning_when_every_allocation_scores_chance(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_phase_lines_outside_a_terminal_and_quiet(capsys):
+def test_phase_lines_outside_a_terminal_and_quiet(capsys, monkeypatch):
+    with progress.phase("quick"):  # a phase shorter than SHOW_AFTER_S adds nothing
+        pass
+    with pytest.raises(RuntimeError), progress.phase("failing"):
+        raise RuntimeError
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "SHOW_AFTER_S", 0.0)  # announced at once
     with progress.phase("export model.onnx"):
         pass
     lines = capsys.readouterr().err.splitlines()
@@ -245,7 +251,7 @@ def test_report_names_match_evaluate_and_policy(run):
 def test_report_is_complete(run):
     import onnxruntime
 
-    out, report = run
+    out, _ = run
     saved = json.loads((out / "report.json").read_text())
     assert saved["versions"]["torch"] == torch.__version__
     assert saved["versions"]["onnx"] == onnx.__version__

@@ -5,6 +5,7 @@ still print."""
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -23,6 +24,7 @@ from qlp_compress.base.messages import console
 
 _quiet = False
 _depth = 0  # phases open now: only the outermost one shows
+SHOW_AFTER_S = 2.0  # outside a terminal, a phase is announced once it has run this long
 
 
 def set_quiet(quiet: bool = True) -> None:
@@ -40,8 +42,9 @@ def phase(title: str) -> Iterator[None]:
     """One step of a command that takes a few seconds (import, export, measurement, …).
 
     In a terminal: a transient spinner with the elapsed time, gone when the step ends. Outside one: a plain line
-    `title …` when it starts and `title: 12.3 s` when it ends. Silent when quiet, and inside another live display
-    (a phase within a phase, or within a progress bar, shows only the outer one)."""
+    `title …` once the step has run SHOW_AFTER_S seconds, and `title: 12.3 s` when it ends (a step that ends
+    sooner, or fails, adds no line: an error stays the only line on stderr). Silent when quiet, and inside another
+    phase (only the outermost one shows)."""
     global _depth
     if _quiet or _depth:
         yield
@@ -71,9 +74,32 @@ def _shown(title: str) -> Iterator[None]:
         finally:
             progress.stop()
         return
-    console.print(f"{title} …", highlight=False, markup=False, soft_wrap=True)
-    yield
-    console.print(f"{title}: {time.perf_counter() - started:.1f} s", highlight=False, markup=False, soft_wrap=True)
+    state = {"shown": False, "over": False}
+    lock = threading.Lock()
+
+    def announce() -> None:
+        with lock:
+            if not state["over"]:
+                console.print(f"{title} …", highlight=False, markup=False, soft_wrap=True)
+                state["shown"] = True
+
+    timer = threading.Timer(SHOW_AFTER_S, announce)
+    timer.daemon = True
+    if SHOW_AFTER_S <= 0:
+        announce()
+    else:
+        timer.start()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        timer.cancel()
+        with lock:
+            state["over"] = True
+        if finished and state["shown"]:
+            console.print(f"{title}: {time.perf_counter() - started:.1f} s", highlight=False, markup=False,
+                          soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -294,8 +294,11 @@ def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command:
 def export_model(ws: Workspace, out: Path, sparse_path: Path | None = None,
                  int8: quantize.QuantizeSettings | None = None) -> dict:
     """The loaded model as a verified ONNX file (and its sparse-storage and int8 variants)."""
+    from qlp_compress.report.progress import phase
+
     metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256}
-    data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
+    with phase("export to ONNX"):
+        data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
     lock = file_lock(out)
     lock.acquire()
     try:
