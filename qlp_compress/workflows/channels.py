@@ -230,7 +230,7 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
                 "qlp.threads": settings.latency.threads,
                 "qlp.predicted_speedup": f"{found['predicted_speedup']:.4f}",
                 "qlp.measured_speedup": ",".join(f"b{b}:{v['speedup']:.4f}" for b, v in at.items()),
-                "qlp.widths": json.dumps({g.name: w for g, w in zip(ctx.space.groups, widths, strict=True)}),
+                "qlp.widths": json.dumps(dict(zip(group_names(ws, ctx), widths, strict=True))),
                 "qlp.macs": measured["finetuned"]["macs"], "qlp.dense_macs": dense_macs,
                 "qlp.params": measured["finetuned"]["params"], "qlp.dense_params": dense_params,
                 "qlp.dataset": ws.data.name, "qlp.dense_test_accuracy": f"{dense_accuracy:.4f}",
