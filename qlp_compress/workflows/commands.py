@@ -204,7 +204,9 @@ def search(run: RunOptions, how: Choice) -> dict:
         return {"out": str(out), **report}
     if chosen is not None:
         layers = find_prunable_layers(ws.loaded.module)
-        check_policy(chosen, how.policy, ws.loaded.sha256, [x.name for x in layers], [x.numel for x in layers])
+        paths = [x.name for x in layers]
+        chosen = check_policy(chosen, how.policy, ws.loaded.sha256, paths, [x.numel for x in layers],
+                              names=ws.loaded.names_of(paths))
     reward = RewardSettings(images=how.reward_images, engine=how.reward_engine, bn_recalibrate=how.bn_recalibrate,
                             finetune_steps=how.reward_finetune_steps, finetune_from=how.reward_finetune_from,
                             device=ws.device)
