@@ -96,3 +96,26 @@ def test_old_spellings_still_work_with_a_note(capsys):
     assert renamed(["train", "resnet20", "--epochs", "3"]) == ["train", "resnet20", "--epochs", "3"]  # train's own
     notes = capsys.readouterr().err.strip().splitlines()
     assert len(notes) == 3 and all(n.startswith("note: --") and "deprecated" in n for n in notes)
+
+
+def test_compare_resume_keeps_the_rows_measured_before_an_interruption(tiny, tmp_path):
+    """An interrupted compare left one row in OUT/.work/compare.json: --resume keeps it as it is (it is not measured
+    again) and measures only the missing cell; a row of another model is not reused."""
+    import hashlib
+
+    model, data = tiny / "lenet.onnx", tiny / "data.npz"
+    out = tmp_path / "c"
+    (out / ".work").mkdir(parents=True)
+    kept = {"method": "lamp", "target": 0.5, "achieved": 0.5, "dense_accuracy": 0.5, "pruned_accuracy": 0.123,
+            "finetuned_accuracy": None, "best_reward": None, "search_seconds": 0.0, "sparsities": []}
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    (out / ".work" / "compare.json").write_text(json.dumps({"model_sha256": sha, "rows": [kept]}))
+    args = ("compare", model, "--sparsity", "0.5", "--method", "lamp,uniform", "--finetune-epochs", "0", "--out", out,
+            "--data", data, "--device", "cpu", "--json")
+    rows = json.loads(invoke(*args, "--resume").stdout)["rows"]
+    assert [(r["method"], r["pruned_accuracy"] == 0.123) for r in rows] == [("lamp", True), ("uniform", False)]
+    assert json.loads((out / "compare.json").read_text())["rows"] == rows
+    (out / ".work").mkdir()
+    (out / ".work" / "compare.json").write_text(json.dumps({"model_sha256": "another", "rows": [kept]}))
+    rows = json.loads(invoke(*args, "--resume", "--force").stdout)["rows"]
+    assert [r["method"] for r in rows] == ["lamp", "uniform"] and rows[0]["pruned_accuracy"] != 0.123

@@ -225,8 +225,8 @@ class Case:
 
 
 def prune(model: str, *extra: str, data: str = "data.npz", out: str = "out/new") -> tuple[str, ...]:
-    return ("prune", model, "--data", data, "--method", "uniform", "--sparsity", "0.5", "--out", out, *DEVICE,
-            *extra)
+    return ("prune", model, "--data", data, "--method", "uniform", "--sparsity", "0.5", "--out", out,
+            "--finetune-epochs", "0", *DEVICE, *extra)
 
 
 CASES: dict[str, Case] = {

@@ -94,8 +94,8 @@ def work(tiny, tmp_path) -> Path:
 
 
 def prune_args(model: str = "lenet.onnx", data: str = "data.npz", out: str = "out", *extra) -> tuple:
-    return ("prune", model, "--data", data, "--method", "uniform", "--sparsity", "0.5", "--out", out, *DEVICE,
-            *extra)
+    return ("prune", model, "--data", data, "--method", "uniform", "--sparsity", "0.5", "--out", out,
+            "--finetune-epochs", "0", *DEVICE, *extra)
 
 
 SEARCH = ("--data", "data.npz", "--sparsity", "0.6", "--episodes", "12", "--stages", "1", "--reward-images", "50",
@@ -410,7 +410,7 @@ def test_a_policy_file_is_checked_before_it_is_used(tiny, work, qlp, changes, sa
 
 def test_a_valid_policy_still_applies(tiny, work, qlp) -> None:
     run = qlp("prune", "lenet.onnx", "--policy", "base/policy.json", "--data", "data.npz", "--out", "again",
-              "--no-sparse-storage", *DEVICE, cwd=work)
+              "--no-sparse-storage", "--finetune-epochs", "0", *DEVICE, cwd=work)
     assert run.code == 0, run.stderr[-2000:]
     assert json.loads((work / "again" / "policy.json").read_text())["layers"] == \
         json.loads((work / "base" / "policy.json").read_text())["layers"]
@@ -561,16 +561,16 @@ def test_resume_never_replaces_a_finished_run(work, qlp) -> None:
 def test_finetune_resume_never_overwrites_its_output(work, qlp) -> None:
     shutil.copy(work / "base" / "model.onnx", work / "tuned.onnx")
     before = snapshot(work)
-    run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--epochs", "0.1", "--out", "tuned.onnx",
+    run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--finetune-epochs", "0.1", "--out", "tuned.onnx",
               "--resume", *DEVICE, cwd=work)
     assert run.code == 2 and "tuned.onnx already exists" in run.line and "--force" in run.line
     assert snapshot(work) == before
     (work / "other.ckpt").write_bytes(b"a file of the user's")  # nor is a file where the checkpoint would go
-    run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--epochs", "0.1", "--out", "other.onnx", *DEVICE,
-              cwd=work)
+    run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--finetune-epochs", "0.1", "--out", "other.onnx",
+              *DEVICE, cwd=work)
     assert run.code == 2 and "other.ckpt already exists" in run.line and "--resume" in run.line
     assert (work / "other.ckpt").read_bytes() == b"a file of the user's" and not (work / "other.onnx").exists()
-    run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--epochs", "0.1", "--out", "tuned.onnx",
+    run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--finetune-epochs", "0.1", "--out", "tuned.onnx",
               "--force", *DEVICE, cwd=work)
     assert run.code == 0 and (work / "tuned.onnx").read_bytes() != before["tuned.onnx"]
 
@@ -651,9 +651,9 @@ def test_the_corrected_command_runs_after_a_refused_one(work, qlp) -> None:
 @pytest.mark.parametrize("command", [
     ("evaluate", "lenet.onnx", "--data", "data.npz", "--repeats", "0"),
     ("prune", "lenet.onnx", "--data", "data.npz", "--min-density", "1"),
-    ("compare", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.5", "--methods", ","),
-    ("compare", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.5", "--methods", "lamp,../x"),
-    ("finetune", "lenet.onnx", "--data", "data.npz", "--out", "t.onnx", "--epochs", "nan"),
+    ("compare", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.5", "--method", ","),
+    ("compare", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.5", "--method", "lamp,../x"),
+    ("finetune", "lenet.onnx", "--data", "data.npz", "--out", "t.onnx", "--finetune-epochs", "nan"),
     ("finetune", "lenet.onnx", "--data", "data.npz", "--out", "t.onnx", "--lr", "-1"),
     ("train", "lenet5", "--data", "data.npz", "--out", "t.onnx", "--epochs", "0"),
     ("train", "lenet5", "--data", "data.npz", "--out", "t.onnx", "--batch-size", "0"),

@@ -76,7 +76,7 @@ def test_search_end_to_end(tiny, tmp_path, qlp):
     # prune --policy applies the same per-layer sparsities; finetune keeps the zeros
     out2 = tmp_path / "replay"
     run_app("prune", str(model), "--policy", str(out / "policy.json"), "--data", str(data), "--out", str(out2),
-            "--device", "cpu")
+            "--finetune-epochs", "0", "--device", "cpu")
     replay = json.loads((out2 / "policy.json").read_text())
     assert [x["sparsity"] for x in replay["layers"]] == [x["sparsity"] for x in policy["layers"]]
     tuned = tmp_path / "tuned.onnx"
@@ -94,7 +94,7 @@ def test_prune_baselines_meet_target(tiny, tmp_path, method):
     model, data = tiny
     out = tmp_path / method
     run_app("prune", str(model), "--method", method, "--sparsity", "0.7", "--data", str(data), "--out", str(out),
-            "--no-sparse-storage", "--device", "cpu")
+            "--no-sparse-storage", "--finetune-epochs", "0", "--device", "cpu")
     policy = json.loads((out / "policy.json").read_text())
     total = sum(layer["weights"] for layer in policy["layers"])
     removed = sum(pruned_count(layer["sparsity"], layer["weights"]) for layer in policy["layers"])

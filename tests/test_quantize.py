@@ -213,8 +213,8 @@ def accuracy_of(path: Path, tiny: Path) -> float:
 
 def test_cli_quantize_any_float_onnx(tiny, tmp_path):
     out = tmp_path / "lenet.int8.onnx"
-    result = ok("quantize", str(tiny / "pruned.onnx"), "--out", str(out), "--data", str(tiny / "data.npz"),
-                        "--calibration-images", "64", "--keep-float", "first,last", cwd=tmp_path)
+    result = ok("quantize", tiny / "pruned.onnx", "--out", out, "--data", tiny / "data.npz", "--calibration-images",
+                "64", "--keep-float", "first,last", cwd=tmp_path)
     assert "int8 test accuracy" in " ".join(result.stdout.split())  # the result line, on stdout
     proto = onnx.load(str(out))
     onnx.checker.check_model(proto, full_check=True)

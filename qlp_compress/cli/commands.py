@@ -66,7 +66,7 @@ def _compressed(report: dict):
             yield Text("left whole: " + "; ".join(f"{g['group']} ({g['why']})" for g in report["left_whole"]))
         return
     yield tables.report_table(report)
-    yield Text(f"wrote {Path(report['verification']['path']).parent}: model.onnx at sparsity "
+    yield Text(f"wrote {report['out']}: model.onnx at sparsity "
                f"{report['achieved_sparsity']:.4f}, test accuracy {report['accuracy'].get('finetuned', 0):.2%} "
                f"(dense {report['accuracy']['dense']:.2%})")
 
@@ -224,6 +224,7 @@ def compare_cmd(
     device: o.Device = "auto",
     arch: o.Arch = None,
     trust_pickle: o.Trust = False,
+    resume: o.Resume = False,
     force: o.Force = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
@@ -233,14 +234,15 @@ def compare_cmd(
     Example: qlp-compress compare model.onnx --sparsity 0.9 --sparsity 0.95 --method qlp,lamp,erk"""
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
-               force=force)
+               resume=resume, force=force)
     channel = structure == "channel"
     names = method or ("qlp,uniform,l1,bn-slimming,random" if channel else "qlp,lamp,global,erk,uniform")
     how = Choice(structure=structure, episodes=episodes, stages=stages, demonstrations=demonstrations,
                  reward_images=reward_images, min_density=min_density, latency_batch=latency_batch, threads=threads,
                  round_to=round_to, distill=distill, targets=tuple((speedup or [2.0]) if channel else sparsity or ()))
     result = run_command.compare_methods(run, how, [m.strip() for m in names.split(",") if m.strip()])
-    emit(result, as_json, lambda: (tables.compare_table(result["rows"]),
+    table = tables.compare_channel_table if channel else tables.compare_table
+    emit(result, as_json, lambda: (table(result["rows"]),
                                    Text(f"wrote {result['compare_json']} and {result['compare_md']}")))
 
 

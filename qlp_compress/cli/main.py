@@ -16,7 +16,7 @@ from qlp_compress.base.messages import console
 from qlp_compress.cli.commands import app
 from qlp_compress.cli.options import RENAMED
 
-RESUMABLE = ("search", "prune", "finetune", "train")  # the commands with --resume
+RESUMABLE = ("search", "prune", "compare", "finetune", "train")  # the commands with --resume
 
 
 def renamed(args: list[str]) -> list[str]:

@@ -76,3 +76,16 @@ def compare_table(rows: list[dict]) -> Table:
 
 def megabytes(n: int) -> str:
     return f"{n / 1e6:.3f} MB"
+
+
+def compare_channel_table(rows: list[dict]) -> Table:
+    table = Table(title="channel mode: test accuracy (onnxruntime) and measured speedup by method and target")
+    for column in ("target", "method", "predicted", "measured", "pruned", "fine-tuned", "MACs"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(f"{r['target_speedup']:g}×", r["method"], f"{r['predicted_speedup']:.2f}×",
+                      ", ".join(f"b{b} {v:.2f}×" for b, v in r["measured_speedup"].items()),
+                      f"{r['pruned_accuracy']:.2%}",
+                      "-" if r["finetuned_accuracy"] is None else f"{r['finetuned_accuracy']:.2%}",
+                      f"{r['macs'] / 1e6:.2f} M")
+    return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from qlp_compress.base.errors import UsageError
 from qlp_compress.base.io import atomic_write_text
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings
+from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.reward.weights import RewardSettings
 from qlp_compress.search.curriculum import METHODS, SearchSettings
 from qlp_compress.train.finetune import TrainSettings
@@ -25,15 +27,16 @@ from qlp_compress.workflows.workspace import Workspace, export_bytes, measure_on
 
 def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
             reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
-            out: Path, command: str, force: bool = False) -> list[dict]:
+            out: Path, command: str, force: bool = False, resume: bool = False) -> list[dict]:
     """Every method at every target: same masks rule, same fine-tuning budget, test accuracy via onnxruntime.
 
     compare.json and compare.md are written as a set at the end (qlp_compress.base.outputs); the rows measured so far
-    are also kept in OUT/.work/compare.json after every cell, so an interrupted comparison keeps what it measured."""
+    are also kept in OUT/.work/compare.json after every cell, so an interrupted comparison keeps what it measured,
+    and `resume` continues it."""
     for method in methods:
         if method not in ALLOCATORS and method not in METHODS:
             raise UsageError(f"unknown method {method!r}; use {', '.join((*METHODS, *ALLOCATORS))}")
-    with OutputRun(out, force, False, resumable=False) as run:
+    with OutputRun(out, force, resume) as run:
         rows = _compare(ws, methods, targets, search, reward_settings, allocation, finetune, run, command)
         run.commit()
     return rows
@@ -47,9 +50,13 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
     from qlp_compress.report.progress import search_progress
 
     dense_accuracy = measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=1)["accuracy"]
-    rows = []
+    rows = measured_rows(run.work / "compare.json", ws.loaded.sha256)
+    document = {"command": command, "model_sha256": ws.loaded.sha256, "rows": rows,
+                "layers": ws.loaded.names_of([layer.name for layer in find_prunable_layers(ws.loaded.module)])}
     for target in targets:
         for method in methods:
+            if any(r["method"] == method and r["target"] == target for r in rows):
+                continue  # measured before the interruption
             started = time.perf_counter()
             if method in METHODS:
                 with search_progress(f"{method} @ {target:g}", search.episodes) as on_episode:
@@ -66,8 +73,15 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
                          if finetune else None,
                          "best_reward": policy.best_reward, "search_seconds": round(search_seconds, 1),
                          "sparsities": policy.sparsities})
-            document = {"command": command, "model_sha256": ws.loaded.sha256, "layers": policy.layers, "rows": rows}
             atomic_write_json(run.work / "compare.json", document)
     atomic_write_json(run.staging / "compare.json", document)
     atomic_write_text(run.staging / "compare.md", compare_markdown(rows, command))
     return rows
+
+
+def measured_rows(checkpoint: Path, model_sha256: str) -> list[dict]:
+    """The rows an interrupted comparison of the same model measured (none when it is another model's)."""
+    if not checkpoint.exists():
+        return []
+    document = json.loads(checkpoint.read_text())
+    return document["rows"] if document.get("model_sha256") == model_sha256 else []
