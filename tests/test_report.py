@@ -230,6 +230,7 @@ def run(tmp_path_factory):
     return root / "out", report
 
 
+@pytest.mark.slow
 def test_report_names_match_evaluate_and_policy(run):
     from qlp_compress.workflows import evaluate_model
 
@@ -248,6 +249,7 @@ def test_report_names_match_evaluate_and_policy(run):
     assert original.names_of([x.name for x in find_prunable_layers(original.module)]) == names
 
 
+@pytest.mark.slow
 def test_report_is_complete(run):
     import onnxruntime
 
