@@ -378,7 +378,7 @@ def test_full_disk_through_the_cli(bad, tmp_path, monkeypatch, capsys):
     out.write_bytes(b"the previous export")
     monkeypatch.setattr(qio.os, "replace", full_disk_for("model.onnx"))
     monkeypatch.setattr(sys, "argv", ["qlp-compress", "export", str(bad / "lenet.onnx"), "--data",
-                                      str(bad / "data.npz"), "--out", str(out), "--force"])
+                                      str(bad / "data.npz"), "--out", str(out), "--force", "--quiet"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 1
