@@ -312,7 +312,7 @@ def test_quantize_bad_input_is_one_line(bad, qlp, name):
     args, code, says = BAD[name]
     before = {p.name: p.read_bytes() for p in bad.iterdir()}
     out = () if "--out" in args else ("--out", "new.int8.onnx")
-    run = qlp("quantize", *args, *out, "--data", "data.npz", cwd=bad)
+    run = qlp("quantize", *args, *out, "--data", "data.npz", "--quiet", cwd=bad)  # no phase line on a slow machine
     assert run.code == code, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert lines == [run.line], run.stderr
