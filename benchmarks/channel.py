@@ -119,7 +119,7 @@ def main() -> None:
 
 TABLE_CHECK = (0.8, 1.25)  # loose bound on measured ÷ predicted speedup at the table's batch (stated before the run)
 BASELINE_METHODS = ("uniform", "l1", "bn-slimming", "random")
-NOTES = ROOT / "benchmarks/channel_notes.md"  # hand-written analysis appended to the generated page, if present
+NOTES = ROOT / "benchmarks/cells/channel/notes.md"  # hand-written analysis appended to the generated page
 
 
 def _cpu() -> str:
@@ -219,7 +219,7 @@ def _model_section(tag: str, m: dict) -> list[str]:
               "- calibration, uniform widths timed directly (minimum latencies, alternating with the dense model): "
               + "; ".join(f"{c['widths']} → {c['speedup']:.2f}×" for c in s.get("calibration") or []),
               f"- knots (table ratio → measured latency ÷ dense): {s.get('calibration_knots')}; the narrowest widths "
-              f"are predicted at {1 / s['calibration_knots'][0][1]:.2f}×" if s.get("calibration_knots") else "",
+              f"are predicted at {1 / s['calibration_knots'][0][1]:.2f}×" if s.get("calibration_knots") else None,
               f"- check (bound {TABLE_CHECK[0]}–{TABLE_CHECK[1]} on measured b64 median ÷ predicted, every fine-tuned "
               f"network): **{len(inside)} of {len(ratios)} inside**; ratios: median "
               f"{statistics.median(x for x, _ in ratios):.2f}, range {min(x for x, _ in ratios):.2f}–"
@@ -227,7 +227,7 @@ def _model_section(tag: str, m: dict) -> list[str]:
               (f"- the same with the minimum-latency ratio (the table's own footing): median "
                f"{statistics.median(min_ratios):.2f}, range {min(min_ratios):.2f}–{max(min_ratios):.2f}, "
                f"{sum(TABLE_CHECK[0] <= x <= TABLE_CHECK[1] for x in min_ratios)} of {len(min_ratios)} inside")
-              if min_ratios else "",
+              if min_ratios else None,
               "- outside the bound: " + (", ".join(f"{_name(r)}@{r['target_speedup']:g} s{r['seed']}: {x:.2f}"
                                                    for x, r in ratios if not TABLE_CHECK[0] <= x <= TABLE_CHECK[1])
                                          or "none")]
