@@ -7,12 +7,14 @@ pooling, the input normalisation) is the measured dense latency minus the layers
 activation volume. A pruned network's latency is predicted as the sum; widths between grid points are
 interpolated (only when `round_to` is 1).
 
-Layers timed alone pay fixed per-run costs (dispatch, thread hand-off, output allocation) that weigh more the
-narrower they are, so the layers' sum shrinks less than the fused network does: on the shipped ResNet-20 the
-sum at the narrowest widths is about 0.43 of the full widths' while the network measures about 0.34. The
-table's ratio is therefore mapped onto directly measured uniform widths (100 %, 75 %, 50 %, 25 %, narrowest;
-minimum latencies, timed alternately with the dense model) piecewise linearly through those points. The affine
-fit of format v3 could not bend to the narrow end: it predicted at most 2.73x where 3.23x was measured.
+The layers' sum does not follow the fused network's latency across widths: in the v3 table of the shipped
+ResNet-20 (a quiet machine) it fell to 0.43 of the full widths' sum at the narrowest widths while the network
+measured 0.34 (layers timed alone pay per-run costs, dispatch, thread hand-off, output allocation, that weigh
+more the narrower they are), and how far off it is changes with the load while the table is built. So the
+table's ratio is mapped onto directly measured uniform widths (100 %, 75 %, 50 %, 25 %, narrowest; minimum
+latencies, timed alternately with the dense model), piecewise linearly through those points: the prediction
+at those widths, the narrowest included, is their measurement. The affine fit of v3 could not bend to the
+narrow end: it predicted at most 2.73x where 3.23x had been measured.
 """
 
 from __future__ import annotations
