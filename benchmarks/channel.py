@@ -173,7 +173,7 @@ def _model_section(tag: str, m: dict) -> list[str]:
     rows, table, dense = m["cells"], m["table"], m["dense_accuracy"]
     s = table["summary"]
     ok = [r for r in rows if "error" not in r]
-    lines = [f"## {tag} ({table.get('model', '')})", "",
+    lines = [f"## {tag} (`models/{Path(table.get('model', '')).name}`)", "",
              f"Dense test accuracy **{dense:.2%}**; {len(table['sizes'])} channel groups (sizes "
              f"{', '.join(map(str, table['sizes']))}); left whole: {table['left_whole'] or 'none'}.", "",
              "### Mean over seeds", "",
