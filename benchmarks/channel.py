@@ -254,6 +254,8 @@ def _distill(ok: list[dict]) -> list[str]:
 
 def _goal(means: dict, dense: float) -> list[str]:
     out = ["### Goal (generated from the means above)", ""]
+    if not means:
+        return [*out, "- no finished cells"]
     reached = [(k, v) for k, v in means.items() if v["b64"] >= 2.0 and (dense - v["acc"]) * 100 <= 0.5]
     out.append("- ≥ 2× measured at batch 64 with ≤ 0.5 pt lost after fine-tuning: "
                + ("reached by " + ", ".join(f"{k[1]}{' +distill' if k[2] else ''} at {k[0]:g}×" for k, _ in reached)
