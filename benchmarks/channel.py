@@ -123,8 +123,11 @@ NOTES = ROOT / "benchmarks/cells/channel/notes.md"  # hand-written analysis appe
 
 
 def _cpu() -> str:
-    return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), platform.processor())
+    info = Path("/proc/cpuinfo").read_text().splitlines()
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    return name + (" with AVX-512 VNNI" if "avx512_vnni" in flags else " with AVX-512" if "avx512f" in flags else "")
 
 
 def _load(folder: Path) -> dict:
