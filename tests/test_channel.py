@@ -3,6 +3,7 @@ exported ONNX against PyTorch, the channel game's budget rule, and the CLI end t
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -155,6 +156,34 @@ def test_latency_table_is_cached_and_covers_every_width(lenet_table):
             table._layer_ms(layer, widths)  # exact entries: no interpolation needed at allowed widths
             # (a missing entry would raise KeyError inside the interpolation)
         assert table.predict_ms(widths) > 0
+
+
+def test_latency_table_goes_through_its_calibration_measurements(lenet_table):
+    """The prediction at each directly measured width set is that measurement (a curved relation, which an
+    affine fit could not follow), the narrowest widths are predicted at their measurement, and noise that inverts two
+    measured points still leaves the prediction monotone in the table's own latency."""
+    space, table, _, _ = lenet_table
+    calibration = table.data["calibration"]
+    assert len(calibration) >= 4 and [a[0] for a in table.allowed] in [c["widths"] for c in calibration]
+
+    def with_speedups(f):
+        data = {**table.data, "calibration": [{**c, "speedup": f(table.predict_ms(c["widths"]) / table.full_ms)}
+                                              for c in calibration]}
+        return LatencyTable(space, data)
+
+    curved = with_speedups(lambda x: 1.0 / (0.9 * x ** 2))
+    for c in calibration:
+        x = table.predict_ms(c["widths"]) / table.full_ms
+        assert curved.speedup(c["widths"]) == pytest.approx(1.0 / (0.9 * x ** 2), rel=1e-6)
+    narrowest = table.predict_ms([a[0] for a in table.allowed]) / table.full_ms
+    assert curved.max_speedup() == pytest.approx(1.0 / (0.9 * narrowest ** 2), rel=1e-6)  # measured, not inferred
+
+    noisy = with_speedups(lambda x: 1.0 / (0.9 * x ** 2) * (1.3 if x == 1.0 else 1.0))  # the full widths too fast
+    rng = np.random.default_rng(0)
+    samples = [[int(rng.choice(a)) for a in table.allowed] for _ in range(30)] + [c["widths"] for c in calibration]
+    by_table = sorted(samples, key=lambda w: table.predict_ms(w))
+    predicted = [noisy.speedup(w) for w in by_table]
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(predicted))
 
 
 def test_channel_env_episodes_meet_the_budget(lenet_table):

@@ -67,8 +67,8 @@ class ChannelSettings:
     reward: ChannelRewardSettings = field(default_factory=ChannelRewardSettings)  # how the search scores widths
     demonstrations: tuple[str, ...] | None = None  # baselines played first in every stage (None: all that apply)
     finetune: TrainSettings | None = None  # None = no fine-tuning
-    distill: bool = True  # fine-tune with KL to the dense model's logits too (+0.67 points in the one benchmark cell
-    #                       measured: qlp 1.5×, 0.1 epoch, seed 0)
+    distill: bool = True  # fine-tune with KL to the dense model's logits too (+0.23 / +0.32 points at 1.5× / 2×,
+    #                       same widths, 0.1 epoch, ResNet-20 seed 0; docs/benchmarks_channel.md)
     speed_rounds: int = 15  # interleaved rounds per measured speedup
     quantize: QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
 
