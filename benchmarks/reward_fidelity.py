@@ -90,16 +90,25 @@ def main() -> None:
                 (args.sparsity, args.reward_images, args.finetune_epochs, args.seeds):
             raise SystemExit(f"{args.reuse_finetuned} measured other settings; run without --reuse-finetuned")
         earlier = {r["allocation"]: r for r in old["rows"]}
-    variants = [(steps, repeats) for steps in args.steps for repeats in args.repeats if steps or repeats == 1]
+    variants = {str(steps) if repeats == 1 else f"{steps}x{repeats}": (steps, repeats)
+                for steps in args.steps for repeats in args.repeats if steps or repeats == 1}
+    rewards = {key: Reward(ws.loaded.module, ws.splits.reward, RewardSettings(
+        images=args.reward_images, finetune_steps=steps, finetune_repeats=repeats, device=ws.device,
+        finetune_from=args.sparsity - 1e-3)) for key, (steps, repeats) in variants.items()}  # the blends meet
+    #                                                           the target up to per-layer rounding
+    settings = {"sparsity": args.sparsity, "reward_images": args.reward_images, "finetune_epochs": args.finetune_epochs,
+                "seeds": args.seeds}
+    partial = json.loads(args.out.read_text()) if args.out.exists() else {}
+    done = {r["allocation"]: r for r in partial.get("rows", [])
+            if all(partial.get(k) == v for k, v in settings.items()) and set(variants) <= set(r["reward"])}
     rows = []
     for name, sparsities in allocations.items():
+        if name in done:  # measured by an interrupted run of the same settings
+            rows.append(done[name])
+            continue
         row = {"allocation": name, "sparsities": [round(float(s), 5) for s in sparsities], "reward": {},
                "reward_seconds": {}}
-        for steps, repeats in variants:
-            key = str(steps) if repeats == 1 else f"{steps}x{repeats}"
-            reward = Reward(ws.loaded.module, ws.splits.reward, RewardSettings(
-                images=args.reward_images, finetune_steps=steps, finetune_repeats=repeats, device=ws.device,
-                finetune_from=args.sparsity - 1e-3))  # the blends meet the target up to per-layer rounding
+        for key, reward in rewards.items():
             t0 = time.perf_counter()
             row["reward"][key] = reward(sparsities)
             row["reward_seconds"][key] = round(time.perf_counter() - t0, 2)
@@ -109,6 +118,7 @@ def main() -> None:
             row["finetuned_accuracy"] = earlier[name]["finetuned_accuracy"]
             row["finetuned_mean"] = earlier[name]["finetuned_mean"]
             rows.append(row)
+            atomic_write_json(args.out, {**settings, "rows": rows, "partial": True})  # checkpoint
             print(name, row["reward"], row["reward_seconds"], row["finetuned_accuracy"], flush=True)
             continue
         policy = Policy(method=name, target=args.sparsity, layers=names, numels=numels,
@@ -122,14 +132,14 @@ def main() -> None:
         row["finetuned_accuracy"] = tuned_accuracy
         row["finetuned_mean"] = statistics.fmean(tuned_accuracy)
         rows.append(row)
+        atomic_write_json(args.out, {**settings, "rows": rows, "partial": True})  # checkpoint
         print(name, row["reward"], tuned_accuracy, flush=True)
 
     after = [r["finetuned_mean"] for r in rows]
     atomic_write_json(args.out, {
-        "sparsity": args.sparsity, "reward_images": args.reward_images, "finetune_epochs": args.finetune_epochs,
-        "seeds": args.seeds, "validation_images": len(y), "rows": rows,
+        **settings, "validation_images": len(y), "rows": rows,
         "finetuned_from": str(args.reuse_finetuned) if args.reuse_finetuned else None,
-        "spearman_with_finetuned": {k: spearman([r["reward"][k] for r in rows], after) for k in rows[0]["reward"]},
+        "spearman_with_finetuned": {k: spearman([r["reward"][k] for r in rows], after) for k in variants},
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "wall_seconds": round(time.perf_counter() - started, 1)})
     print(f"wrote {args.out}")

@@ -9,7 +9,7 @@ reward proportional to the sparsity still missing.
 
 Near-best episodes (`NearBestEnv`, our addition for searching around the best allocation found so far) start
 from a given allocation instead of the dense network, visit a few layers, and change each visited layer's
-density by a relative step (d ← d·(1+s)); then the layers not visited are rescaled by one common factor so
+density by a relative step (d ← d·(1+s); an emptied layer steps up to s × the target's overall density); then the layers not visited are rescaled by one common factor so
 the target is met exactly, to the weight. An episode whose visited layers alone keep more weights than the
 target allows, or prune so many that the others cannot make up for it, fails with the failure penalty.
 """
@@ -196,6 +196,13 @@ class NearBestEnv(PruningEnv):
     def met_target(self) -> bool:
         return self.succeeded
 
+    def stepped(self, density: float, step: float) -> float:
+        """d·(1 + step), capped at 1; an emptied layer steps up to step × the target's overall density (a
+        relative step could never bring it back)."""
+        if density == 0.0:
+            return max(0.0, step) * (1.0 - self.target)
+        return min(1.0, density * (1.0 + step))
+
     def rescaled(self, density: np.ndarray) -> tuple[np.ndarray | None, float]:
         """`density` with the layers not visited scaled by one factor c (each capped at 1) so that the kept
         weights meet the target: (new densities, 0), or (None, the sparsity missed) when no c can."""
@@ -225,9 +232,9 @@ class NearBestEnv(PruningEnv):
     def step(self, action: int, evaluate_at: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
         """Move the visited layer's density by the action's relative step (capped at 1); after the last visit,
         rescale the others and measure, or fail."""
-        i = self.layer
+        i, step = self.layer, self.settings.relative_steps[action]
         self.density = self.density.copy()
-        self.density[i] = min(1.0, self.density[i] * (1.0 + self.settings.relative_steps[action]))
+        self.density[i] = self.stepped(self.density[i], step)
         self.step_count += 1
         if self.step_count < len(self.visits):
             return self.state(), 0.0, False
