@@ -20,6 +20,7 @@ from qlp_compress.base.errors import UsageError
 from qlp_compress.base.io import load_checkpoint
 from qlp_compress.data import TensorImages, to_float
 from qlp_compress.pruning.masks import find_prunable_layers
+from qlp_compress.reward import weights as weights_module
 from qlp_compress.reward.weights import BRIEF_FINETUNE, Reward, RewardSettings
 from qlp_compress.search import agent as agent_module
 from qlp_compress.search.agent import AgentSettings, DQNAgent
@@ -649,6 +650,25 @@ def test_reward_fine_tunes_briefly_from_its_threshold_on_other_images(engine) ->
     assert expected != reference_accuracy(model, TensorImages(data.x[:200], data.y[:200]), above, 100)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is left alone
+
+
+def test_reward_averages_the_brief_fine_tuning_over_image_orders(monkeypatch) -> None:
+    """With finetune_repeats=3 the reward is the mean of three brief fine-tunings of the same pruned model, one
+    per image order: the rewards that one fine-tuning gives with the order seeds 0, 1 and 2."""
+    model, data = reward_fixture()
+    # 3 steps of 128 on the 200 images after the 100 measured ones: 1.5 epochs, so the order matters
+    settings = RewardSettings(engine="torch", images=100, bn_recalibrate=50, finetune_steps=3, finetune_from=0.6)
+    sparsities = np.full(len(find_prunable_layers(model)), 0.75)
+    single = []
+    for seed in (0, 1, 2):
+        monkeypatch.setattr(weights_module, "BRIEF_FINETUNE", replace(BRIEF_FINETUNE, seed=seed))
+        single.append(Reward(model, data, settings)(sparsities))
+    monkeypatch.setattr(weights_module, "BRIEF_FINETUNE", BRIEF_FINETUNE)
+    assert Reward(model, data, settings)(sparsities) == single[0]  # one order: the reward as before
+    assert Reward(model, data, replace(settings, finetune_repeats=3))(sparsities) == pytest.approx(
+        sum(single) / 3, abs=1e-12)
+    with pytest.raises(UsageError):
+        Reward(model, data, replace(settings, finetune_repeats=0))
 
 
 # ------------------------------------------------------------------------------------------------ agent

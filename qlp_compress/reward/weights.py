@@ -131,7 +131,8 @@ class Reward:
         for order in range(self.settings.finetune_repeats):
             model = copy.deepcopy(self.model)
             train(model, TensorDataset(self.x_train[:n], self.y_train[:n]),
-                  replace(BRIEF_FINETUNE, epochs=epochs, seed=order, device=self.settings.device), masks=masks)
+                  replace(BRIEF_FINETUNE, epochs=epochs, seed=BRIEF_FINETUNE.seed + order,
+                          device=self.settings.device), masks=masks)
             with torch.inference_mode():
                 batches = zip(self.x.split(self.settings.batch_size), self.y.split(self.settings.batch_size),
                               strict=True)

@@ -9,9 +9,10 @@ reward proportional to the sparsity still missing.
 
 Near-best episodes (`NearBestEnv`, our addition for searching around the best allocation found so far) start
 from a given allocation instead of the dense network, visit a few layers, and change each visited layer's
-density by a relative step (d ← d·(1+s); an emptied layer steps up to s × the target's overall density); then the layers not visited are rescaled by one common factor so
-the target is met exactly, to the weight. An episode whose visited layers alone keep more weights than the
-target allows, or prune so many that the others cannot make up for it, fails with the failure penalty.
+density by a relative step (d ← d·(1+s); an emptied layer steps up to s × the target's overall density);
+then the layers not visited are rescaled by one common factor so the target is met exactly, to the weight.
+An episode whose visited layers alone keep more weights than the target allows, or prune so many that the
+others cannot make up for it, fails with the failure penalty.
 """
 
 from __future__ import annotations
