@@ -3,7 +3,10 @@
 For each seed and variant, one QLP search on the shipped ResNet-20 (Fashion-MNIST) at the given target; it
 reports, for the final curriculum stage, the agent's own best episode, the best demonstration (scored at its
 exact allocation) and which of them the search returned; with near-best episodes, also the best episode
-that started from scratch and the best near-best episode. The test split is never read.
+that started from scratch and the best near-best episode. Since the search maximises accuracy on the same
+500 images it measures, `--held-out N` also scores the returned policy and exact LAMP on N other reward-split
+images (the ones after the measured ones), to see whether a gain over LAMP is more than a fit to those 500.
+The test split is never read.
 
     python benchmarks/dqfd.py --target 0.9 --episodes 200 --seeds 0,1   # → benchmarks/results/dqfd.json
     python benchmarks/dqfd.py --seeds 0,1 --variants "DQfD margin 0.05 + near-best 0.5"
@@ -18,10 +21,12 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from qlp_compress.base.io import atomic_write_json
-from qlp_compress.reward.weights import RewardSettings
+from qlp_compress.data import TensorImages, materialize
+from qlp_compress.reward.weights import Reward, RewardSettings
 from qlp_compress.search.agent import AgentSettings
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.workflows import DataSettings, ModelSettings, find_policy, open_workspace
@@ -43,12 +48,19 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--reward-images", type=int, default=500)
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--held-out", type=int, default=0, help="reward-split images after the measured ones")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from VARIANTS")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dqfd.json")
     args = parser.parse_args()
     ws = open_workspace(ROOT / "models" / "resnet20_fmnist.onnx", ModelSettings(), DataSettings("fashion-mnist"),
                         "cpu")
     done = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
+    held_out = None
+    if args.held_out:
+        x, y = materialize(ws.splits.reward, limit=args.reward_images + args.held_out)
+        held_out = Reward(ws.loaded.module, TensorImages(x[args.reward_images:], y[args.reward_images:]),
+                          RewardSettings(images=args.held_out, device="cpu"))
+        lamp = find_policy(ws, "lamp", args.target).sparsities
     for seed in (int(s) for s in args.seeds.split(",")):
         for name in args.variants.split(","):
             agent = VARIANTS[name]["agent"]
@@ -73,6 +85,10 @@ def main() -> None:
                                       if r["stage"] == max(stages) and r.get("demonstration")},
                    "stage_winners": [s.get("demonstration") or "agent" for s in policy.stages],
                    "minutes": round((time.perf_counter() - started) / 60, 1)}
+            run["final_sparsities"] = [round(float(v), 6) for v in policy.sparsities]
+            if held_out is not None:
+                run["held_out"] = {"images": args.held_out, "policy": held_out(np.asarray(policy.sparsities)),
+                                   "lamp": held_out(np.asarray(lamp))}
             if search.near_best:
                 final = [r for r in records if r["stage"] == max(stages) and not r.get("demonstration")]
                 run["agent_best_from_scratch"] = max((r["reward"] for r in final
