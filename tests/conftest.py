@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from qlp_compress import cli
 from qlp_compress.deploy import export
 from qlp_compress.train.zoo import build_model
 
@@ -20,6 +27,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def default_sigint() -> None:
+    """preexec_fn for a CLI subprocess that is sent SIGINT: a shell starts background jobs (`make test &`, nohup)
+    with SIGINT ignored, the child inherits that, and Python then never raises KeyboardInterrupt; restore the
+    default, as an interactive shell would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make_tiny_task(root: Path, n: int, n_train: int, steps: int) -> torch.nn.Module:
@@ -45,3 +59,64 @@ def make_tiny_task(root: Path, n: int, n_train: int, steps: int) -> torch.nn.Mod
     model.eval()
     (root / "lenet.onnx").write_bytes(export.to_onnx_bytes(model, (1, 28, 28)))
     return model
+
+
+# ------------------------------------------------------------------------------------------------ the CLI in-process
+
+
+@dataclass
+class Run:
+    """One run of the CLI: its exit code and what it printed."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def line(self) -> str:
+        """The one `error:` line of a failed run: the last line on stderr, and no traceback."""
+        assert "Traceback" not in self.stdout + self.stderr, self.stderr[-3000:]
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        assert len(errors) == 1 and lines[-1] == errors[0], self.stderr[-3000:]
+        assert "unexpected" not in errors[0], errors[0]
+        return errors[0]
+
+
+@pytest.fixture
+def qlp(monkeypatch, capfd):
+    """qlp(*args, cwd=folder): the real entry point (`qlp_compress.cli.commands.main`, which turns failures into
+    one `error:` line and an exit code) in this process, capturing file descriptors 1 and 2 (onnxruntime's C++
+    logs count too). For runs that need signals, kill -9 or a fresh interpreter, use a subprocess."""
+
+    def run(*args, cwd: Path) -> Run:
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(sys, "argv", ["qlp-compress", *map(str, args)])
+        capfd.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        out, err = capfd.readouterr()
+        return Run(code, out, err)
+
+    return run
+
+
+def run_app(*args, cwd: Path | None = None, code: int | None = 0):
+    """Typer's `app` through `typer.testing.CliRunner`, in this process (from `cwd` when given); checks the exit code
+    (None: any) and returns the Result. `app` is not `main()`: a library error is result.exception, not an `error:`
+    line (test those with the `qlp` fixture). Usable in module-scoped fixtures too."""
+    previous = Path.cwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    finally:
+        os.chdir(previous)
+    if code is not None and result.exit_code != code:
+        trace = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+        raise AssertionError(f"exit {result.exit_code}, wanted {code}: {result.output[-2000:]}\n{trace[-3000:]}")
+    return result
+

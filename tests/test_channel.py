@@ -4,16 +4,13 @@ exported ONNX against PyTorch, the channel game's budget rule, and the CLI end t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_task
+from conftest import make_tiny_task, run_app
 from torch import nn
 
 from qlp_compress.deploy import export
@@ -188,16 +185,14 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return root / "lenet.onnx", root / "data.npz"
 
 
-def test_channel_search_cli_end_to_end(tiny, tmp_path):
+@pytest.mark.slow
+def test_channel_search_cli_end_to_end(tiny, tmp_path, qlp, monkeypatch):
     model, data = tiny
     out = tmp_path / "run"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    result = subprocess.run(
-        [sys.executable, "-m", "qlp_compress", "search", str(model), "--structure", "channel", "--speedup", "1.05",
-         "--latency-batch", "8", "--threads", "1", "--round-to", "2", "--data", str(data), "--reward-size", "300",
-         "--episodes", "6", "--stages", "2", "--reward-images", "200", "--finetune-epochs", "0.2", "--out", str(out),
-         "--device", "cpu"], capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-2000:]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run_app("search", model, "--structure", "channel", "--speedup", "1.05", "--latency-batch", "8", "--threads", "1",
+            "--round-to", "2", "--data", data, "--reward-size", "300", "--episodes", "6", "--stages", "2",
+            "--reward-images", "200", "--finetune-epochs", "0.2", "--out", out, "--device", "cpu")
     report = json.loads((out / "report.json").read_text())
     policy = json.loads((out / "policy.json").read_text())
     assert policy["structure"] == "channel" and [g["width"] for g in policy["groups"]] == \
@@ -212,12 +207,9 @@ def test_channel_search_cli_end_to_end(tiny, tmp_path):
     assert report["verification"]["max_abs_diff"] <= 1e-4 and report["verification"]["same_top1"]
     assert not (out / ".work").exists()
     # the policy applies again through prune --policy, and a bad --speedup is a one-line usage error
-    again = subprocess.run([sys.executable, "-m", "qlp_compress", "prune", str(model), "--structure", "channel",
-                            "--policy", str(out / "policy.json"), "--data", str(data), "--latency-batch", "8",
-                            "--threads", "1", "--round-to", "2", "--out", str(tmp_path / "again"), "--device", "cpu",
-                            "--quantize", "int8", "--calibration-images", "100"],
-                           capture_output=True, text=True, timeout=900, env=env)
-    assert again.returncode == 0, again.stderr[-2000:]
+    run_app("prune", model, "--structure", "channel", "--policy", out / "policy.json", "--data", data,
+            "--latency-batch", "8", "--threads", "1", "--round-to", "2", "--out", tmp_path / "again", "--device", "cpu",
+            "--finetune-epochs", "0", "--quantize", "int8", "--calibration-images", "100")
     again_report = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again_report["groups"] == report["groups"]
     # int8 composes with channel mode: the smaller network, quantized, timed against the dense fp32 model
@@ -226,7 +218,5 @@ def test_channel_search_cli_end_to_end(tiny, tmp_path):
     assert any(t.data_type == onnx.TensorProto.INT8 for t in int8.graph.initializer)
     assert set(again_report["int8"]["measured_speedup"]) >= {"1", "64"}
     assert again_report["int8"]["calibration_images"] == 100
-    bad = subprocess.run([sys.executable, "-m", "qlp_compress", "search", str(model), "--structure", "channel",
-                          "--speedup", "0.5", "--data", str(data)], capture_output=True, text=True, timeout=300,
-                         env=env)
-    assert bad.returncode == 2 and "--speedup" in bad.stderr and "Traceback" not in bad.stderr
+    bad = qlp("search", model, "--structure", "channel", "--speedup", "0.5", "--data", data, cwd=tmp_path)
+    assert bad.code == 2 and "--speedup" in bad.line

@@ -47,6 +47,7 @@ def test_help_reads_at_80_columns():
                 assert f"{option} " in text  # the full name, followed by its metavar or a space
 
 
+@pytest.mark.slow
 def test_every_command_prints_one_json_document(tiny, tmp_path):
     """--json: stdout holds exactly one JSON document for every command; progress stays on stderr."""
     model, data = tiny / "lenet.onnx", tiny / "data.npz"
@@ -72,6 +73,7 @@ def test_every_command_prints_one_json_document(tiny, tmp_path):
     assert json.loads(invoke(*runs["evaluate"], "--json").stdout)["test_images"] == 100
 
 
+@pytest.mark.slow
 def test_results_go_to_stdout_and_quiet_silences_progress(tiny, tmp_path):
     """A real pipe: the result table on stdout, no wrapping at 80 columns; --quiet leaves stderr empty."""
     model, data = tiny / "lenet.onnx", tiny / "data.npz"

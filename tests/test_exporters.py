@@ -50,6 +50,7 @@ def check(cell, tmp_path):
     assert result["verified"], result.get("error")  # a tiny search ran and its export verified
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: "-".join(map(str, c)))
 def test_exported_file_imports_searches_and_verifies(cell, tmp_path):
     check(cell, tmp_path)

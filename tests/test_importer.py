@@ -89,6 +89,7 @@ def torchvision_models() -> dict[str, nn.Module]:
 NAMES = {"resnet18": ("pixel_values", None), "mobilenet_v2": ("images", "scores")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [13, 17, None], ids=["opset13", "opset17", "default"])
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
 def test_torchvision_import_and_round_trip(tmp_path, torchvision_models, arch, opset):
@@ -149,7 +150,7 @@ class PoolNet(nn.Module):
 
 
 @pytest.mark.parametrize("opset", [11, 20])
-@pytest.mark.parametrize("name", ["poolnet", "resnet20"])
+@pytest.mark.parametrize("name", ["poolnet", pytest.param("resnet20", marks=pytest.mark.slow)])
 def test_old_and_new_opsets(tmp_path, name, opset):
     """Opset 11 is converted up to 13; opset 20 (the exporter's default) has Pad-19, AveragePool-19,
     ReduceMean-18 and Reshape-19, which onnx2torch 1.5 has no converter for: they must still import."""

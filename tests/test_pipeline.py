@@ -1,20 +1,21 @@
-"""End to end at a tiny budget: search → prune → fine-tune → export → verify → report, through the CLI."""
+"""End to end at a tiny budget: search → prune → fine-tune → export → verify → report, through the CLI (Typer's
+app in this process, through CliRunner)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from conftest import make_tiny_task
+from conftest import make_tiny_task, run_app
 
 from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session
 from qlp_compress.pruning.masks import pruned_count
+
+pytestmark = pytest.mark.slow  # whole pipelines through the CLI; the parts have fast tests of their own
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +26,10 @@ def tiny(tmp_path_factory) -> tuple[Path, Path]:
     return root / "lenet.onnx", root / "data.npz"
 
 
-def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "qlp_compress", *args], capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}: {result.stderr[-2000:]}")
-    return result
-
-
-def test_search_end_to_end(tiny, tmp_path):
+def test_search_end_to_end(tiny, tmp_path, qlp):
     model, data = tiny
     out = tmp_path / "run"
-    run_cli("search", str(model), "--sparsity", "0.8", "--data", str(data), "--reward-size", "300",
+    run_app("search", str(model), "--sparsity", "0.8", "--data", str(data), "--reward-size", "300",
             "--episodes", "12", "--stages", "2", "--reward-images", "200", "--finetune-epochs", "0.5",
             "--out", str(out), "--device", "cpu")
     for name in ("model.onnx", "model.sparse.onnx", "policy.json", "report.json", "report.md", "sparsity.png",
@@ -76,18 +69,18 @@ def test_search_end_to_end(tiny, tmp_path):
     assert len(onnx.load(str(out / "model.sparse.onnx")).graph.sparse_initializer) > 0
     # an existing folder is refused without --force, and left as it was
     before = (out / "model.onnx").read_bytes()
-    again = run_cli("search", str(model), "--data", str(data), "--out", str(out), check=False)
-    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    again = qlp("search", model, "--data", data, "--out", out, cwd=tmp_path)
+    assert again.code == 2 and "--force" in again.line
     assert (out / "model.onnx").read_bytes() == before
 
     # prune --policy applies the same per-layer sparsities; finetune keeps the zeros
     out2 = tmp_path / "replay"
-    run_cli("prune", str(model), "--policy", str(out / "policy.json"), "--data", str(data), "--out", str(out2),
-            "--device", "cpu")
+    run_app("prune", str(model), "--policy", str(out / "policy.json"), "--data", str(data), "--out", str(out2),
+            "--finetune-epochs", "0", "--device", "cpu")
     replay = json.loads((out2 / "policy.json").read_text())
     assert [x["sparsity"] for x in replay["layers"]] == [x["sparsity"] for x in policy["layers"]]
     tuned = tmp_path / "tuned.onnx"
-    run_cli("finetune", str(out2 / "model.onnx"), "--data", str(data), "--epochs", "0.5", "--out", str(tuned),
+    run_app("finetune", str(out2 / "model.onnx"), "--data", str(data), "--finetune-epochs", "0.5", "--out", str(tuned),
             "--device", "cpu")
     before_w = export.weight_initializers(onnx.load(str(out2 / "model.onnx")))
     after_w = export.weight_initializers(onnx.load(str(tuned)))
@@ -100,8 +93,8 @@ def test_search_end_to_end(tiny, tmp_path):
 def test_prune_baselines_meet_target(tiny, tmp_path, method):
     model, data = tiny
     out = tmp_path / method
-    run_cli("prune", str(model), "--method", method, "--sparsity", "0.7", "--data", str(data), "--out", str(out),
-            "--no-sparse-storage", "--device", "cpu")
+    run_app("prune", str(model), "--method", method, "--sparsity", "0.7", "--data", str(data), "--out", str(out),
+            "--no-sparse-storage", "--finetune-epochs", "0", "--device", "cpu")
     policy = json.loads((out / "policy.json").read_text())
     total = sum(layer["weights"] for layer in policy["layers"])
     removed = sum(pruned_count(layer["sparsity"], layer["weights"]) for layer in policy["layers"])
@@ -113,7 +106,7 @@ def test_prune_baselines_meet_target(tiny, tmp_path, method):
 def test_compare_table(tiny, tmp_path):
     model, data = tiny
     out = tmp_path / "cmp"
-    run_cli("compare", str(model), "--sparsity", "0.6", "--methods", "random,lamp,uniform", "--episodes", "4",
+    run_app("compare", str(model), "--sparsity", "0.6", "--method", "random,lamp,uniform", "--episodes", "4",
             "--reward-images", "100", "--data", str(data), "--finetune-epochs", "0", "--out", str(out),
             "--device", "cpu")
     rows = json.loads((out / "compare.json").read_text())["rows"]

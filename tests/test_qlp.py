@@ -148,6 +148,7 @@ def test_a_demonstration_replays_an_allocation_within_one_action_step(target) ->
     assert np.abs(env.sparsities() - wanted).max() <= 0.1
 
 
+@pytest.mark.slow
 def test_demonstrations_open_every_stage_count_as_episodes_and_bound_the_result() -> None:
     allocations = {"uniform": lambda t: np.full(len(NUMELS), t), "optimal": lambda t: optimal_allocation(t)[0]}
     settings = SearchSettings(target=0.9, episodes=60, stages=3, demonstrations=("uniform", "optimal"), seed=0)
@@ -171,7 +172,8 @@ def test_demonstrations_open_every_stage_count_as_episodes_and_bound_the_result(
     assert all("demonstration" not in h for h in plain.history)
 
 
-@pytest.mark.parametrize("target", [0.5, 0.9, 0.98])
+@pytest.mark.parametrize("target", [pytest.param(0.5, marks=pytest.mark.slow), 0.9,
+                                    pytest.param(0.98, marks=pytest.mark.slow)])
 def test_a_demonstration_is_scored_at_its_exact_allocation(target) -> None:
     """The grid replay only steers the transitions; the reward and the recorded policy are the allocator's own
     allocation, met to the weight, so the search can never lose to a demonstration through the action grid."""
@@ -477,6 +479,7 @@ def history_key(result) -> list[tuple]:
     return [(r["reward"], r["steps"], r["reached"], r["succeeded"], r["epsilon"], r["stage"]) for r in result.history]
 
 
+@pytest.mark.slow
 def test_same_seed_same_search_other_seed_other_search() -> None:
     def search(seed):
         return run_search(PruningEnv(NUMELS, quadratic_reward),
@@ -502,6 +505,7 @@ class InterruptingReward:
         return quadratic_reward(s)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("near_best", [0.0, 0.5], ids=["plain", "near-best"])
 def test_interrupted_search_resumes_to_the_same_result(tmp_path, near_best) -> None:
     settings = SearchSettings(target=0.9, episodes=80, seed=5, checkpoint_every=5, agent=SMALL_AGENT,
@@ -540,8 +544,8 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, near_best) -> N
 # ------------------------------------------------------------------------------------------ reward engines
 
 
-def reward_fixture() -> tuple[nn.Module, TensorImages]:
-    """A ResNet-20 with non-trivial BatchNorm statistics and 300 random grey 28×28 images labelled with the
+def reward_fixture(n: int = 300) -> tuple[nn.Module, TensorImages]:
+    """A ResNet-20 with non-trivial BatchNorm statistics and `n` random grey 28×28 images labelled with the
     dense model's own predictions, so that accuracy starts at 1 and falls as pruning changes the outputs."""
     torch.manual_seed(0)
     model = build_model("resnet20", 1, 10, (0.5,), (0.5,))
@@ -561,7 +565,7 @@ def reward_fixture() -> tuple[nn.Module, TensorImages]:
         for _ in range(3):
             model(to_float(images(64)))
         model.eval()
-        x = images(300)
+        x = images(n)
         logits = model(to_float(x))
         model[1].fc.bias -= logits.mean(0)  # balance the classes
         y = model(to_float(x)).argmax(1)
@@ -586,8 +590,9 @@ def reference_accuracy(model: nn.Module, data: TensorImages, sparsities, recalib
         return int((pruned(x).argmax(1) == data.y).sum()) / len(data.y)
 
 
-def test_reward_engines_match_pytorch_prune() -> None:
-    model, data = reward_fixture()
+@pytest.mark.parametrize("n", [pytest.param(300, marks=pytest.mark.slow), 64])
+def test_reward_engines_match_pytorch_prune(n) -> None:
+    model, data = reward_fixture(n)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ort_reward = Reward(model, data, RewardSettings(engine="onnxruntime", bn_recalibrate=0, finetune_steps=0))
     torch_reward = Reward(model, data, RewardSettings(engine="torch", bn_recalibrate=0, finetune_steps=0))
@@ -616,6 +621,7 @@ def test_reward_engines_match_pytorch_prune() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is left alone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
 def test_reward_fine_tunes_briefly_from_its_threshold_on_other_images(engine) -> None:
     model, data = reward_fixture()

@@ -66,7 +66,7 @@ def _compressed(report: dict):
             yield Text("left whole: " + "; ".join(f"{g['group']} ({g['why']})" for g in report["left_whole"]))
         return
     yield tables.report_table(report)
-    yield Text(f"wrote {Path(report['verification']['path']).parent}: model.onnx at sparsity "
+    yield Text(f"wrote {report['out']}: model.onnx at sparsity "
                f"{report['achieved_sparsity']:.4f}, test accuracy {report['accuracy'].get('finetuned', 0):.2%} "
                f"(dense {report['accuracy']['dense']:.2%})")
 

@@ -132,6 +132,50 @@ def weight_initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
+def weight_nodes(proto: onnx.ModelProto) -> dict[str, str]:
+    """Weight initializer name (as `weight_initializers` names it) → the name of the node that uses it."""
+    constants = {t.name for t in proto.graph.initializer}
+    dequantized = {node.output[0]: node.input[0] for node in proto.graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in constants}
+    out = {}
+    for node in proto.graph.node:
+        slot = WEIGHT_OPS.get(node.op_type)
+        if slot is not None and len(node.input) > slot:
+            out.setdefault(dequantized.get(node.input[slot], node.input[slot]), node.name)
+    return out
+
+
+def weight_layer_names(proto: onnx.ModelProto) -> dict[str, str]:
+    """Weight initializer name → the layer's readable name (qlp_compress.base.names), for every prunable weight."""
+    from qlp_compress.base.names import onnx_layer_names
+
+    return onnx_layer_names(list(weight_initializers(proto)), weight_nodes(proto))
+
+
+def name_weights(model_bytes: bytes, renames: Mapping[str, str]) -> bytes:
+    """The same graph with initializers renamed (old → new); a rename whose new name is already taken by another
+    value of the graph is skipped. Used to give exported weights their layers' readable names."""
+    proto = onnx.load_from_string(model_bytes)
+    g = proto.graph
+    taken = {t.name for t in g.initializer} | {v.name for v in (*g.input, *g.output, *g.value_info)} \
+        | {x for node in g.node for x in (*node.input, *node.output)}
+    todo = {old: new for old, new in renames.items() if old != new and new not in taken
+            and any(t.name == old for t in g.initializer)}
+    if len(set(todo.values())) != len(todo):  # two weights asking for one name: keep the graph's own names
+        return model_bytes
+    if not todo:
+        return model_bytes
+    for t in g.initializer:
+        t.name = todo.get(t.name, t.name)
+    for v in g.input:
+        v.name = todo.get(v.name, v.name)
+    for node in g.node:
+        for i, x in enumerate(node.input):
+            if x in todo:
+                node.input[i] = todo[x]
+    return proto.SerializeToString()
+
+
 def _dequantize(node: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto]) -> np.ndarray:
     """A DequantizeLinear of initializers, evaluated: (q − zero_point) · scale, per tensor or along `axis`."""
     q = numpy_helper.to_array(constants[node.input[0]]).astype(np.float64)

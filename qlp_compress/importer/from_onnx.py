@@ -22,6 +22,7 @@ from qlp_compress.importer.model import (
     REEXPORT_HINT,
     LoadedModel,
     Request,
+    carry_names,
     normalised,
     verify_batch,
 )
@@ -46,11 +47,13 @@ def load_onnx(request: Request) -> LoadedModel:
     proto = _free_batch(rewritten)
     if changes or fixed_batch is not None:  # the batch-free, rewritten graph must compute what the file does
         _check_rewrite(proto, x, expected, path, fixed_batch, changes)
-    module = onnx_to_torch(proto, path, lambda m: check_faithful(m, x, expected, path, "onnxruntime"))
+    module, names = onnx_to_torch(proto, path, lambda m: check_faithful(m, x, expected, path, "onnxruntime"))
+    final = normalised(module, request, shape[0])
     return LoadedModel(
-        module=normalised(module, request, shape[0]), source=path, sha256=sha256_file(path), format="onnx",
+        module=final, source=path, sha256=sha256_file(path), format="onnx",
         input_name=input_name, output_name=output_name, input_shape=file_shape,
-        num_classes=int(expected.shape[1]) if expected.ndim == 2 else None, metadata=export.read_metadata(proto))
+        num_classes=int(expected.shape[1]) if expected.ndim == 2 else None, metadata=export.read_metadata(proto),
+        layer_names=carry_names(names, module, final))
 
 
 def graph_io(proto: onnx.ModelProto, path: Path) -> tuple[str, str, tuple[int | None, ...] | None]:
@@ -150,8 +153,9 @@ class _Unconvertible(Exception):
 
 
 def onnx_to_torch(proto: onnx.ModelProto, path: Path,
-                  check: Callable[[nn.Module], None] | None = None) -> fx.GraphModule:
+                  check: Callable[[nn.Module], None] | None = None) -> tuple[fx.GraphModule, dict[str, str]]:
     """onnxslim, opset conversion where onnx2torch needs it, onnx2torch; MatMul/Gemm weights become nn.Linear.
+    Returns the module and the readable name (base.names) of each module that computes a weight op.
 
     Graphs below opset 13 are converted up to it. A graph of a newer opset that onnx2torch cannot convert
     is converted down (17, then 13) and tried again; `check` (which raises QLPError) must accept a module
@@ -175,14 +179,31 @@ def onnx_to_torch(proto: onnx.ModelProto, path: Path,
         if problem is None:  # the graph as given: its check failing is the answer
             if check is not None:
                 check(module)
-            return module
+            return module, module_layer_names(candidate)
         try:
             if check is not None:
                 check(module)
-            return module
+            return module, module_layer_names(candidate)
         except QLPError:
             continue
     raise QLPError(f"{path} uses {problem}; {REEXPORT_HINT}, or replace those layers")
+
+
+def module_layer_names(proto: onnx.ModelProto) -> dict[str, str]:
+    """onnx2torch's module name of every Conv/Gemm/MatMul node → the layer's readable name, from the weight
+    initializer's name and the node's name (base.names.layer_name)."""
+    from onnx2torch.onnx_graph import OnnxGraph
+
+    from qlp_compress.base.names import layer_name
+
+    constants = {t.name for t in proto.graph.initializer}
+    out = {}
+    for module_name, node in OnnxGraph(proto.graph).nodes.items():
+        slot = export.WEIGHT_OPS.get(node.operation_type)
+        if slot is not None and len(node.input_values) > slot:
+            weight = node.input_values[slot]
+            out[module_name] = layer_name(weight if weight in constants else None, node.name)
+    return out
 
 
 def _slim(proto: onnx.ModelProto) -> onnx.ModelProto:

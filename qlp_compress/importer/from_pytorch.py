@@ -21,6 +21,7 @@ from qlp_compress.importer.model import (
     STATE_DICT_KEYS,
     LoadedModel,
     Request,
+    carry_names,
     check_stats,
     normalised,
     verify_batch,
@@ -55,10 +56,12 @@ def load_torchscript(request: Request) -> LoadedModel:
         raise QLPError(f"{path} returns {type(expected).__name__}, not a tensor of logits; the tool compresses "
                        "image classifiers with one output")
     reference = expected.float().numpy()
-    module = onnx_to_torch(onnx.load_from_string(model_bytes), path,
-                           lambda m: check_faithful(m, x, reference, path, "the TorchScript module"))
+    module, names = onnx_to_torch(onnx.load_from_string(model_bytes), path,
+                                  lambda m: check_faithful(m, x, reference, path, "the TorchScript module"))
+    final = normalised(module, request, shape[0])
     return LoadedModel(
-        module=normalised(module, request, shape[0]), source=path, sha256=sha256_file(path), format="torchscript",
+        module=final, layer_names=carry_names(names, module, final), source=path, sha256=sha256_file(path),
+        format="torchscript",
         input_name=export.INPUT_NAME, output_name=export.OUTPUT_NAME, input_shape=None,
         num_classes=int(expected.shape[1]) if expected.ndim == 2 else None, metadata={})
 

@@ -3,13 +3,15 @@ the normalisation every format shares."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
 from qlp_compress.base.errors import UsageError
+from qlp_compress.base.names import unique
 from qlp_compress.train import zoo
 
 MIN_OPSET = 13  # onnx2torch converts opset 13+ well; older graphs are converted up to it
@@ -31,6 +33,12 @@ class LoadedModel:
     input_shape: tuple[int, ...] | None  # (C, H, W) when the file fixes it, else None
     num_classes: int | None  # when known
     metadata: dict[str, str]  # ONNX metadata_props of the source (empty for PyTorch)
+    layer_names: dict[str, str] = field(default_factory=dict)  # module path → the user's name for the layer, where
+    #                                                           they differ (an imported graph; see base.names)
+
+    def names_of(self, paths: Sequence[str]) -> list[str]:
+        """The readable names of the layers at these module paths (base.names): what every report shows."""
+        return unique([self.layer_names.get(p, p) for p in paths], list(paths))
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,13 @@ def normalised(module: nn.Module, request: Request, channels: int | None) -> nn.
         return module
     check_stats(request, channels)
     return nn.Sequential(zoo.Normalize(request.mean, request.std), module).eval()
+
+
+def carry_names(names: dict[str, str], before: nn.Module, after: nn.Module) -> dict[str, str]:
+    """`names` (module path in `before` → readable name) keyed by the paths of the same modules in `after`, a
+    module that contains them (e.g. behind a folded-in normalisation)."""
+    by_module = {id(m): names[p] for p, m in before.named_modules() if p in names}
+    return {p: by_module[id(m)] for p, m in after.named_modules() if id(m) in by_module}
 
 
 def check_stats(request: Request, channels: int | None) -> None:

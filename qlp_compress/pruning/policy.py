@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
@@ -29,6 +29,13 @@ class Policy:
     stages: list[dict] = field(default_factory=list)  # per curriculum stage: target, reward, sparsities
     search: dict = field(default_factory=dict)  # statistics: episodes, wall time, reward time, history
     seed: int = 0  # seed of the search
+    names: list[str] = field(default_factory=list)  # the layers' readable names (base.names), shown everywhere;
+    #                                                  empty: the module paths are the names (files before v1.1)
+
+    @property
+    def labels(self) -> list[str]:
+        """What a user sees for each layer: its readable name."""
+        return list(self.names) if self.names else list(self.layers)
 
     @property
     def achieved(self) -> float:
@@ -38,8 +45,8 @@ class Policy:
         return dict(zip(self.layers, self.sparsities, strict=True))
 
     def to_json(self) -> dict:
-        layers = [{"name": n, "weights": w, "sparsity": s}
-                  for n, w, s in zip(self.layers, self.numels, self.sparsities, strict=True)]
+        layers = [{"name": label, "module": n, "weights": w, "sparsity": s}
+                  for label, n, w, s in zip(self.labels, self.layers, self.numels, self.sparsities, strict=True)]
         return {"format": FORMAT, "method": self.method, "target_sparsity": self.target,
                 "achieved_sparsity": self.achieved, "best_reward": self.best_reward, "seed": self.seed,
                 "model_sha256": self.model_sha256, "layers": layers, "stages": self.stages, "search": self.search}
@@ -97,12 +104,15 @@ def read_policy(path: Path) -> Policy:
                 and _is_number(e.get("sparsity")) and 0.0 <= e["sparsity"] <= 1.0):
             raise invalid(f"layer entry {_clip(e)} needs a name, a positive whole number of weights and a sparsity "
                           "in [0, 1]")
+        if not isinstance(e.get("module", ""), str):
+            raise invalid(f"layer entry {_clip(e)} has a module path that is not a string")
     best, seed = doc.get("best_reward"), doc.get("seed", 0)
     stages, search = doc.get("stages", []), doc.get("search", {})
     if not (best is None or _is_number(best)) or type(seed) is not int or not isinstance(stages, list) \
             or not isinstance(search, dict):
         raise invalid("best_reward, seed, stages or search has the wrong type")
-    return Policy(method=method, target=float(target), layers=[e["name"] for e in entries],
+    return Policy(method=method, target=float(target), layers=[e.get("module") or e["name"] for e in entries],
+                  names=[e["name"] for e in entries],
                   numels=[e["weights"] for e in entries], sparsities=[float(e["sparsity"]) for e in entries],
                   model_sha256=sha, best_reward=best, stages=stages, search=search, seed=seed)
 
@@ -116,17 +126,22 @@ def _clip(x: object, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def load_policy(path: Path, model_sha256: str, layers: Sequence[str], numels: Sequence[int]) -> Policy:
+def load_policy(path: Path, model_sha256: str, layers: Sequence[str], numels: Sequence[int],
+                names: Sequence[str] | None = None) -> Policy:
     """Read a policy.json and check that it belongs to this model."""
-    policy = read_policy(path)
-    check_policy(policy, path, model_sha256, layers, numels)
-    return policy
+    return check_policy(read_policy(path), path, model_sha256, layers, numels, names)
 
 
-def check_policy(policy: Policy, path: Path, model_sha256: str, layers: Sequence[str], numels: Sequence[int]) -> None:
-    """A policy read from `path` must belong to this model: same file hash, same layers."""
+def check_policy(policy: Policy, path: Path, model_sha256: str, layers: Sequence[str], numels: Sequence[int],
+                 names: Sequence[str] | None = None) -> Policy:
+    """A policy read from `path` must belong to this model: same file hash, same layers. Its layers may be given by
+    module path (every file has them: `module`, or `name` in files before readable names) or, when `names` (the
+    model's readable names) is given, by readable name alone. Returns the policy keyed by this model's module
+    paths, with the model's readable names."""
     if policy.model_sha256 != model_sha256:
         raise UsageError(f"{path} was made for another model (SHA-256 {policy.model_sha256[:12]}…, this model "
                          f"{model_sha256[:12]}…); search this model or pass its own policy")
-    if list(layers) != policy.layers or list(numels) != policy.numels:
-        raise QLPError(f"{path} lists other layers than the model has; rerun the search on this model")
+    if list(numels) == policy.numels and (list(layers) == policy.layers
+                                          or (names is not None and list(names) == policy.layers)):
+        return replace(policy, layers=list(layers), names=list(names) if names is not None else policy.names)
+    raise QLPError(f"{path} lists other layers than the model has; rerun the search on this model")

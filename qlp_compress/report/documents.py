@@ -11,10 +11,17 @@ from qlp_compress.report.plots import plot_layer_sparsity, plot_reward_curve
 def write_report(out: Path, report: dict, policy) -> None:
     """report.json, report.md and the plots (sparsity.png, reward.png) in `out`."""
     atomic_write_json(out / "report.json", report)
-    plots = [plot_layer_sparsity(out / "sparsity.png", {policy.method: policy.sparsities}, policy.layers)]
-    if policy.search.get("rewards"):
-        plots.append(plot_reward_curve(out / "reward.png", policy.search["rewards"],
-                                       policy.search.get("stage_of_episode")))
+    model = Path(report["model"]).name
+    plots = [plot_layer_sparsity(out / "sparsity.png", {policy.method: policy.sparsities}, policy.labels,
+                                 target=policy.target,
+                                 title=f"{model}: per-layer sparsity ({policy.method}, global {policy.achieved:.3f})")]
+    s = policy.search
+    if s.get("rewards"):
+        plots.append(plot_reward_curve(
+            out / "reward.png", s["rewards"], s.get("stage_of_episode"), succeeded=s.get("succeeded"),
+            demonstrations=s.get("demonstration"), stage_targets=[st["target"] for st in policy.stages] or None,
+            chance=report.get("chance_accuracy"),
+            title=f"{model}: {policy.method} search, {len(s['rewards'])} episodes"))
     atomic_write_text(out / "report.md", report_markdown(report, [p.name for p in plots]))
 
 
@@ -26,7 +33,8 @@ def report_markdown(report: dict, plots: list[str]) -> str:
              f"- method **{report['method']}**, target sparsity {report['target_sparsity']:g}, achieved "
              f"{report['achieved_sparsity']:.4f} (read back from model.onnx: {report['file_global_sparsity']:.4f})",
              f"- data {report['data']}; accuracy on the test split ({report['test_images']} images) through "
-             f"onnxruntime ({provider})", *_cpu_line(report), f"- command: `{report['command']}`", "",
+             f"onnxruntime ({provider})", *_cpu_line(report), f"- command: `{report['command']}`",
+             *_provenance_lines(report), "",
              "| model | top-1 | batch 1 median / p90 (ms) | batch 64 median / p90 (ms) | file (MB) | gzip (MB) |",
              "|---|---:|---:|---:|---:|---:|"]
     for key, label in (("dense", "dense"), ("pruned", "pruned, not fine-tuned"), ("finetuned", "fine-tuned"),
@@ -45,11 +53,16 @@ def report_markdown(report: dict, plots: list[str]) -> str:
     lines += ["", f"Verification: onnxruntime vs PyTorch max abs diff {v['max_abs_diff']:.2e}, same top-1: "
               f"{v['same_top1']}; {v['layers_matched']} layers' zero patterns found in the file.", ""]
     lines += _int8_lines(report.get("int8"))
+    lines += [f"Note: {n}." for n in report.get("notes", [])] + ([""] if report.get("notes") else [])
     if report["search"]:
         s = report["search"]
-        lines += [f"Search: {s['episodes']} episodes, {s['wall_seconds']:.0f} s, {s['seconds_per_episode']:.2f} s "
-                  f"per episode, {s['share_outside_reward']:.1%} of the time outside the reward "
-                  f"({s['reward_engine']} engine, {s['reward_images']} reward images).", ""]
+        counts = (f"{s['agent_episodes']} by the agent and {s['demonstration_episodes']} demonstrations; "
+                  f"{s['reward_evaluations']} reached the target and were scored by the reward, "
+                  f"{s['failed_episodes']} fell short (not scored, negative reward)") \
+            if "agent_episodes" in s else f"{s.get('reward_evaluations', '?')} reward evaluations"
+        lines += [f"Search: {s['episodes']} episodes ({counts}); {s['wall_seconds']:.0f} s, "
+                  f"{s['seconds_per_episode']:.2f} s per episode, {s['share_outside_reward']:.1%} of the time outside "
+                  f"the reward ({s['reward_engine']} engine, {s['reward_images']} reward images).", ""]
         lines += ["| stage | target | best reward | episode | found by |", "|---:|---:|---:|---:|---|"]
         lines += [f"| {i + 1} | {st['target']:.4f} | {st['reward']:.4f} | {st['episode']} | "
                   f"{st['demonstration'] + ' demonstration' if st.get('demonstration') else 'the agent'} |"
@@ -59,6 +72,23 @@ def report_markdown(report: dict, plots: list[str]) -> str:
     lines += [f"| {r['name']} | {r['weights']:,} | {r['sparsity']:.2%} |" for r in report["layers"]]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _provenance_lines(report: dict) -> list[str]:
+    """Versions, seeds and the fine-tuning settings (the full settings are in report.json)."""
+    lines = []
+    if report.get("versions"):
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()))
+    if report.get("seed"):
+        lines.append("- seeds: " + ", ".join(f"{k} {v}" for k, v in report["seed"].items() if v is not None))
+    tune = (report.get("settings") or {}).get("finetune")
+    if tune:
+        lines.append("- fine-tuning: " + ", ".join(f"{k} {v}" for k, v in tune.items()))
+    elif "settings" in report:
+        lines.append("- fine-tuning: none")
+    if report.get("settings"):
+        lines.append("- all settings: report.json, `settings`")
+    return lines
 
 
 def _cpu_line(report: dict) -> list[str]:

@@ -1,12 +1,24 @@
-"""Progress on stderr: the search's episodes and training's epochs."""
+"""Progress on stderr: the search's episodes, training's epochs, and every other phase that takes seconds (import,
+export, verification, measurement). `set_quiet(True)` silences all of it (the CLI's --quiet); warnings and errors
+still print."""
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.errors import LiveError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from qlp_compress.base import messages
 from qlp_compress.base.messages import console
@@ -34,6 +46,82 @@ def _plain_lines(title: str, line: Callable[[dict], str]) -> Iterator[Callable[[
 @contextlib.contextmanager
 def _silent() -> Iterator[Callable[[dict], None]]:
     yield lambda r: None
+_depth = 0  # phases open now: only the outermost one shows
+SHOW_AFTER_S = 2.0  # outside a terminal, a phase is announced once it has run this long
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """Silence (or restore) every progress display: phases, search and training bars (the CLI's --quiet)."""
+    messages.set_quiet(bool(quiet))
+
+
+def is_quiet() -> bool:
+    return messages.quiet
+
+
+@contextlib.contextmanager
+def phase(title: str) -> Iterator[None]:
+    """One step of a command that takes a few seconds (import, export, measurement, …).
+
+    In a terminal: a transient spinner with the elapsed time, gone when the step ends. Outside one: a plain line
+    `title …` once the step has run SHOW_AFTER_S seconds, and `title: 12.3 s` when it ends (a step that ends
+    sooner, or fails, adds no line: an error stays the only line on stderr). Silent when quiet, and inside another
+    phase (only the outermost one shows)."""
+    global _depth
+    if messages.quiet or _depth:
+        yield
+        return
+    _depth += 1
+    try:
+        with _shown(title):
+            yield
+    finally:
+        _depth -= 1
+
+
+@contextlib.contextmanager
+def _shown(title: str) -> Iterator[None]:
+    started = time.perf_counter()
+    if console.is_terminal:
+        progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                            transient=True)
+        try:
+            progress.start()
+        except LiveError:  # another display is live: it already tells the user something is running
+            yield
+            return
+        try:
+            progress.add_task(title, total=None)
+            yield
+        finally:
+            progress.stop()
+        return
+    state = {"shown": False, "over": False}
+    lock = threading.Lock()
+
+    def announce() -> None:
+        with lock:
+            if not state["over"]:
+                console.print(f"{title} …", highlight=False, markup=False, soft_wrap=True)
+                state["shown"] = True
+
+    timer = threading.Timer(SHOW_AFTER_S, announce)
+    timer.daemon = True
+    if SHOW_AFTER_S <= 0:
+        announce()
+    else:
+        timer.start()
+    finished = False
+    try:
+        yield
+        finished = True
+    finally:
+        timer.cancel()
+        with lock:
+            state["over"] = True
+        if finished and state["shown"]:
+            console.print(f"{title}: {time.perf_counter() - started:.1f} s", highlight=False, markup=False,
+                          soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -48,7 +136,7 @@ def training_progress(title: str) -> Iterator[Callable[[dict], None]]:
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]:.4f}  acc {task.fields[acc]:.2%}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, disable=messages.quiet) as progress:
         task = progress.add_task(title, total=None, epoch="-", loss=0.0, acc=0.0)
 
         def on_step(r: dict) -> None:
@@ -58,25 +146,34 @@ def training_progress(title: str) -> Iterator[Callable[[dict], None]]:
         yield on_step
 
 
+def _reward(x: float | None) -> str:
+    return "-" if x is None or x == -float("inf") else f"{x:.3f}"
+
+
 @contextlib.contextmanager
 def search_progress(title: str, episodes: int) -> Iterator[Callable[[dict], None]]:
-    """A live line for `run_search`'s on_episode records: stage, episode, ε, last and best reward, ETA."""
+    """A live line for `run_search`'s on_episode records: stage, exploration rate, the last reward, the best of the
+    current stage and the best of the whole search, ETA. "best overall" is the highest reward of any stage (an
+    earlier stage's target is lower, so its rewards are usually higher); "stage best" restarts with each stage."""
     if messages.quiet or not console.is_terminal:
         with (_silent() if messages.quiet else _plain_lines(title, lambda r: (
                 f"episode {r['episode']}/{episodes}, stage {r['stage']}/{r['stages']} at target {r['target']:.3f}, "
-                f"exploration ε {r['epsilon']:.2f}, reward {r['reward']:.3f}, best of stage {r['best']:.3f}"))) \
+                f"explore ε {r['epsilon']:.2f}, last {_reward(r['reward'])}, stage best {_reward(r['best'])}"))) \
                 as on_episode:
             yield on_episode
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("stage {task.fields[stage]}  ε {task.fields[eps]:.2f}  "
-                          "last {task.fields[last]:.3f}  best {task.fields[best]:.3f}"),
+               TextColumn("stage {task.fields[stage]}  explore ε {task.fields[eps]}  last {task.fields[last]}  "
+                          "stage best {task.fields[best]}  best overall {task.fields[overall]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(title, total=episodes, stage="-", eps=1.0, last=0.0, best=0.0)
+    with Progress(*columns, console=console, disable=messages.quiet) as progress:
+        task = progress.add_task(title, total=episodes, stage="-", eps="-", last="-", best="-", overall="-")
+        overall = [-float("inf")]
 
         def on_episode(r: dict) -> None:
+            overall[0] = max(overall[0], r["best"])
+            eps = "demo" if r.get("demonstration") else f"{r['epsilon']:.2f}"
             progress.update(task, completed=r["episode"], stage=f"{r['stage']}/{r['stages']} @ {r['target']:.3f}",
-                            eps=r["epsilon"], last=r["reward"], best=max(r["best"], -1.0))
+                            eps=eps, last=_reward(r["reward"]), best=_reward(r["best"]), overall=_reward(overall[0]))
 
         yield on_episode

@@ -35,10 +35,13 @@ from qlp_compress.pruning.widths import (
     speedup_to_target,
     widths_from,
 )
+from qlp_compress.report.progress import phase
+from qlp_compress.report.provenance import jsonable, versions
 from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
 from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
+from qlp_compress.workflows.advice import budget_warning, signal_warning
 from qlp_compress.workflows.quantize import quantize_beside
 from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
@@ -94,9 +97,10 @@ def open_channels(ws: Workspace, settings: LatencySettings, cache: Path | None =
         reasons = "; ".join(f"{n}: {r}" for n, r in space.unsafe) or "no Conv/Linear output channels outside the " \
                                                                        "classifier"
         raise QLPError(f"no channel group of this model can be pruned safely ({reasons}); use --structure weight")
-    dense = export_bytes(ws.loaded.module, ws)
-    table = LatencyTable.build(space, dense, export_bytes(space.model, ws), ws.input_shape, settings,
-                               ws.loaded.sha256, lambda m: export_bytes(m, ws), cache=cache)
+    with phase("latency table (onnxruntime timings of each group's widths)"):
+        dense = export_bytes(ws.loaded.module, ws)
+        table = LatencyTable.build(space, dense, export_bytes(space.model, ws), ws.input_shape, settings,
+                                   ws.loaded.sha256, lambda m: export_bytes(m, ws), cache=cache)
     return ChannelContext(space, table, dense, time.perf_counter() - started)
 
 
@@ -120,13 +124,23 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
         demos = settings.demonstrations if settings.demonstrations is not None else default_demonstrations(ctx.space)
         search = replace(search, demonstrations=tuple(demos))
         env = ChannelEnv(ctx.table, reward, search.env)
+        budget_warning(search)
         result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
                             allocation=demonstration_allocator(ctx.space, ctx.table))
         if result.final.sparsities is None:
             raise QLPError(f"no episode reached a {settings.speedup:g}× predicted speedup in {search.episodes} "
                            "episodes; raise --episodes or --passes")
+        signal_warning(result.history, ws.data.num_classes, target)
         widths = widths_from(ctx.space.sizes, result.final.sparsities)
-        info.update(best_reward=result.final.reward, demonstration=result.final.demonstration,
+        succeeded = sum(bool(h["succeeded"]) for h in result.history)
+        demonstrations = sum(h.get("demonstration") is not None for h in result.history)
+        info.update(agent_episodes=len(result.history) - demonstrations, demonstration_episodes=demonstrations,
+                    scored_episodes=succeeded, failed_episodes=len(result.history) - succeeded,
+                    counts="episodes = agent_episodes + demonstration_episodes = scored_episodes + failed_episodes; "
+                           "reward_evaluations counts the networks scored by this process (a scored episode whose "
+                           "widths were scored before is answered from a cache, so distinct_networks_scored can be "
+                           "fewer; a resumed search counts only its own)",
+                    best_reward=result.final.reward, demonstration=result.final.demonstration,
                     episodes=len(result.history), reward_evaluations=reward.evaluations,
                     distinct_networks_scored=len(reward.cache), reward_failures=len(reward.failures),
                     reward_seconds=round(result.reward_seconds, 2),
@@ -159,6 +173,12 @@ def prune_finetune(ws: Workspace, ctx: ChannelContext, widths: list[int], criter
 def measure(ws: Workspace, ctx: ChannelContext, onnx_bytes: bytes, module: nn.Module, settings: ChannelSettings,
             batches: tuple[int, ...] = SPEEDUP_BATCHES) -> dict:
     """Test accuracy (onnxruntime), MACs, parameters and the speedup over the dense model, measured interleaved."""
+    with phase("measure (onnxruntime: test accuracy, interleaved speedup against the dense model)"):
+        return _measure(ws, ctx, onnx_bytes, module, settings, batches)
+
+
+def _measure(ws: Workspace, ctx: ChannelContext, onnx_bytes: bytes, module: nn.Module, settings: ChannelSettings,
+             batches: tuple[int, ...]) -> dict:
     x, _ = datasets.materialize(ws.splits.reward, limit=1)
     macs, params = count_macs_params(module, x)
     speed = {str(b): measure_speedup(ctx.dense_onnx, onnx_bytes, ws.input_shape, b, settings.latency.threads,
@@ -211,7 +231,7 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
                 "qlp.threads": settings.latency.threads,
                 "qlp.predicted_speedup": f"{found['predicted_speedup']:.4f}",
                 "qlp.measured_speedup": ",".join(f"b{b}:{v['speedup']:.4f}" for b, v in at.items()),
-                "qlp.widths": json.dumps({g.name: w for g, w in zip(ctx.space.groups, widths, strict=True)}),
+                "qlp.widths": json.dumps(dict(zip(group_names(ws, ctx), widths, strict=True))),
                 "qlp.macs": measured["finetuned"]["macs"], "qlp.dense_macs": dense_macs,
                 "qlp.params": measured["finetuned"]["params"], "qlp.dense_params": dense_params,
                 "qlp.dataset": ws.data.name, "qlp.dense_test_accuracy": f"{dense_accuracy:.4f}",
@@ -230,9 +250,13 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
                      "finetuned": measured["finetuned"]["accuracy"]},
         "macs": {"dense": dense_macs, "pruned": measured["finetuned"]["macs"]},
         "params": {"dense": dense_params, "pruned": measured["finetuned"]["params"]},
-        "groups": [{"name": g.name, "channels": g.size, "width": w} for g, w in zip(ctx.space.groups, widths,
-                                                                                    strict=True)],
-        "left_whole": [{"group": n, "why": r} for n, r in ctx.space.unsafe],
+        "groups": [{"name": label, "module": g.name, "channels": g.size, "width": w}
+                   for label, g, w in zip(group_names(ws, ctx), ctx.space.groups, widths, strict=True)],
+        "left_whole": [{"group": ws.loaded.layer_names.get(n, n), "why": r} for n, r in ctx.space.unsafe],
+        "seed": {"search": settings.search.seed if settings.search is not None else None,
+                 "finetune": None if settings.finetune is None else settings.finetune.seed, "split": ws.split_seed},
+        "settings": {**jsonable(settings), "device": ws.device, "data": ws.data.name},
+        "versions": versions(),
         "channel_maps": ctx.space.channel_maps, "latency_table": ctx.table.summary(), "search": found,
         "measured": measured, "verification": verification,
         "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
@@ -253,12 +277,17 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
     return report
 
 
+def group_names(ws: Workspace, ctx: ChannelContext) -> list[str]:
+    """The readable name of each channel group: its root layer's (base.names)."""
+    return ws.loaded.names_of([g.name for g in ctx.space.groups])
+
+
 def policy_json(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, found: dict) -> dict:
     return {"format": POLICY_FORMAT, "structure": "channel", "method": settings.method,
             "target_speedup": settings.speedup, "latency": asdict(settings.latency),
             "model_sha256": ws.loaded.sha256, "criterion": found["criterion"],
-            "groups": [{"name": g.name, "channels": g.size, "width": w}
-                       for g, w in zip(ctx.space.groups, found["widths"], strict=True)],
+            "groups": [{"name": label, "module": g.name, "channels": g.size, "width": w}
+                       for label, g, w in zip(group_names(ws, ctx), ctx.space.groups, found["widths"], strict=True)],
             "predicted_speedup": found["predicted_speedup"],
             "search": {k: v for k, v in found.items() if k not in ("widths", "criterion")}}
 
@@ -272,8 +301,9 @@ def load_channel_policy(path: Path, ws: Workspace, ctx: ChannelContext) -> dict:
         raise UsageError(f"{path} is not a channel policy; use --structure weight for weight policies")
     if policy.get("model_sha256") != ws.loaded.sha256:
         raise UsageError(f"{path} was found for another model file; run the search on this model")
-    names = [g["name"] for g in policy["groups"]]
-    if names != [g.name for g in ctx.space.groups]:
+    paths = [g.get("module") or g.get("name") for g in policy["groups"]]  # files before readable names: name only
+    if paths != [g.name for g in ctx.space.groups] and [g.get("name") for g in policy["groups"]] != \
+            group_names(ws, ctx):
         raise UsageError(f"{path} names other channel groups than this model has; run the search again")
     return policy
 
@@ -301,6 +331,10 @@ def report_markdown(r: dict) -> str:
                       f"({describe_cpu(r['cpu'])})"]
     lines += [f"| {g['name']} | {g['channels']} | {g['width']} |" for g in r["groups"]]
     lines += ["", f"Command: `{r['command']}`", ""]
+    if r.get("versions"):
+        lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
+                  "Seeds: " + ", ".join(f"{k} {v}" for k, v in r["seed"].items() if v is not None)
+                  + "; all settings in report.json (`settings`).", ""]
     return "\n".join(lines)
 
 

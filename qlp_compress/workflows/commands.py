@@ -18,6 +18,7 @@ from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import check_policy, read_policy
 from qlp_compress.pruning.widths import BASELINES as CHANNEL_BASELINES
 from qlp_compress.pruning.widths import check_speedup
+from qlp_compress.report.progress import search_progress
 from qlp_compress.reward.channels import ChannelRewardSettings
 from qlp_compress.reward.weights import ENGINES, RewardSettings
 from qlp_compress.search.curriculum import METHODS as SEARCHES
@@ -135,7 +136,7 @@ def _demonstrations(how: Choice) -> tuple[str, ...] | None:
     for name in names:
         if name not in allowed:
             raise UsageError(f"--demonstrations: unknown {how.structure} allocation {name!r}; use a comma-separated "
-                             f"list of {', '.join(allowed)}, none, or {DEFAULT_DEMONSTRATIONS}")
+                             f"list of {', '.join(allowed)}, {DEFAULT_DEMONSTRATIONS} (all of them), or none")
     return names
 
 
@@ -195,11 +196,17 @@ def search(run: RunOptions, how: Choice) -> dict:
     check_out_dir(out, run.force, run.resume)
     ws = _workspace(run)
     if how.structure == "channel":
-        return channels.compress_channels(run.model, ws, _channel_settings(how, run, int8), out, run.command,
-                                          resume=run.resume, policy_path=how.policy, force=run.force)
+        searching = how.method in SEARCHES and how.policy is None
+        with search_progress(f"{how.method} channel search", how.episodes if searching else 0) as on_episode:
+            report = channels.compress_channels(run.model, ws, _channel_settings(how, run, int8), out, run.command,
+                                                resume=run.resume, on_episode=on_episode, policy_path=how.policy,
+                                                force=run.force)
+        return {"out": str(out), **report}
     if chosen is not None:
         layers = find_prunable_layers(ws.loaded.module)
-        check_policy(chosen, how.policy, ws.loaded.sha256, [x.name for x in layers], [x.numel for x in layers])
+        paths = [x.name for x in layers]
+        chosen = check_policy(chosen, how.policy, ws.loaded.sha256, paths, [x.numel for x in layers],
+                              names=ws.loaded.names_of(paths))
     reward = RewardSettings(images=how.reward_images, engine=how.reward_engine, bn_recalibrate=how.bn_recalibrate,
                             finetune_steps=how.reward_finetune_steps, finetune_from=how.reward_finetune_from,
                             device=ws.device)
@@ -207,8 +214,9 @@ def search(run: RunOptions, how: Choice) -> dict:
         method=how.method, target=how.sparsity, search=_search_settings(how, run, how.sparsity), reward=reward,
         allocation=AllocationSettings(min_density=how.min_density), finetune=_finetune(run),
         sparse_storage=run.sparse_storage, quantize=int8)
-    return weights.compress(run.model, ws, settings, out, run.command, resume=run.resume, policy=chosen,
-                            force=run.force)
+    report = weights.compress(run.model, ws, settings, out, run.command, resume=run.resume, policy=chosen,
+                              force=run.force)
+    return {"out": str(out), **report}
 
 
 def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:

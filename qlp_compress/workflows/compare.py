@@ -52,7 +52,7 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
     dense_accuracy = measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=1)["accuracy"]
     rows = measured_rows(run.work / "compare.json", ws.loaded.sha256)
     document = {"command": command, "model_sha256": ws.loaded.sha256, "rows": rows,
-                "layers": [layer.name for layer in find_prunable_layers(ws.loaded.module)]}
+                "layers": ws.loaded.names_of([layer.name for layer in find_prunable_layers(ws.loaded.module)])}
     for target in targets:
         for method in methods:
             if any(r["method"] == method and r["target"] == target for r in rows):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from qlp_compress import data as datasets
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.deploy import engine, export
+from qlp_compress.report.progress import phase
 
 if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
     pass
@@ -26,6 +27,7 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
     proto = load_onnx_file(model_path)
     session = engine.open_session(model_path, device)  # onnxruntime reads external data relative to the file
     per_layer, global_sparsity = export.onnx_sparsity(proto)
+    names = export.weight_layer_names(proto)  # the readable names reports and policy.json use
     raw = model_path.read_bytes()
     input_shape = tuple(d if isinstance(d, int) else -1 for d in session.get_inputs()[0].shape[1:])
     result: dict = {"model": str(model_path), "data": None, "accuracy": None, "test_images": 0}
@@ -36,10 +38,13 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
     if any(d < 0 for d in input_shape):
         raise UsageError(f"{model_path} has a symbolic image size; pass --data so latency can use real images")
     try:
-        if data_settings is not None:
-            result.update(data=data.name, accuracy=engine.session_accuracy(session, data.test),
-                          test_images=len(data.test))
-        latency = [vars(engine.measure_latency(session, input_shape, b, repeats=repeats)) for b in latency_batches]
+        with phase(f"measure {model_path.name} (onnxruntime: " + ("test accuracy, " if data_settings else "")
+                   + "latency)"):
+            if data_settings is not None:
+                result.update(data=data.name, accuracy=engine.session_accuracy(session, data.test),
+                              test_images=len(data.test))
+            latency = [vars(engine.measure_latency(session, input_shape, b, repeats=repeats))
+                       for b in latency_batches]
     except engine.ORT_ERRORS as e:
         raise QLPError(f"onnxruntime cannot run {model_path} on images of shape {list(input_shape)} "
                        f"({engine.ort_message(e)}); check that the file is an image classifier taking (N, C, H, W), "
@@ -48,7 +53,7 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
         latency=latency,
         file_bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 6)),
         weights=sum(n for n, _ in per_layer.values()), global_sparsity=global_sparsity,
-        layers={name: {"weights": n, "sparsity": z / n} for name, (n, z) in per_layer.items()},
+        layers={names[name]: {"weights": n, "sparsity": z / n} for name, (n, z) in per_layer.items()},
         metadata=export.read_metadata(proto),
     )
     return result

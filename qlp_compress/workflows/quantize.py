@@ -12,13 +12,15 @@ from qlp_compress.deploy import engine
 from qlp_compress.deploy.quantize import QuantizeSettings, check_float_model, int8_path, write_int8
 from qlp_compress.importer import read_onnx
 from qlp_compress.importer import sniff as _sniff
+from qlp_compress.report.progress import phase
 from qlp_compress.workflows.workspace import DataSettings, Workspace, check_can_write
 
 
 def quantize_beside(ws: Workspace, float_path: Path, settings: QuantizeSettings,
                     float_accuracy: float | None = None) -> dict:
     """FILE.onnx → FILE.int8.onnx, calibrated on the workspace's reward split, compared on its test split."""
-    return write_int8(float_path.read_bytes(), int8_path(float_path), ws.splits.reward, ws.splits.test, settings,
+    with phase(f"int8: quantize {float_path.name} (calibrate, check, measure accuracy)"):
+        return write_int8(float_path.read_bytes(), int8_path(float_path), ws.splits.reward, ws.splits.test, settings,
                       float_accuracy, name=str(float_path))
 
 
@@ -39,6 +41,7 @@ def quantize_file(model_path: Path, out: Path, data_settings: DataSettings, sett
     data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
     engine.check_input_fits(engine.open_session(raw), data.input_shape, data.num_classes)
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
-    info = write_int8(raw, out, splits.reward, splits.test, settings, name=str(model_path),
-                      metadata={"qlp.float_source_sha256": sha256_file(model_path), "qlp.command": command})
+    with phase(f"int8: quantize {model_path.name} (calibrate, check, measure accuracy)"):
+        info = write_int8(raw, out, splits.reward, splits.test, settings, name=str(model_path),
+                          metadata={"qlp.float_source_sha256": sha256_file(model_path), "qlp.command": command})
     return {"model": str(model_path), "data": data.name, "test_images": len(splits.test), **info}

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded on
     pass
 
 
+from qlp_compress.workflows import advice
 from qlp_compress.workflows.quantize import quantize_beside
 from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
@@ -50,6 +51,26 @@ def check_demonstrations(names: tuple[str, ...]) -> None:
                          f"{', '.join(ALLOCATORS)}, or none")
 
 
+EPISODE_COUNTS = ("episodes = agent_episodes + demonstration_episodes = reward_evaluations + failed_episodes: every "
+                  "episode that reaches its stage's target is scored once by the reward (a reward evaluation); an "
+                  "episode that ends short of it is not scored and gets a negative reward for the sparsity it "
+                  "misses")
+PER_EPISODE = ("rewards", "stage_of_episode", "succeeded", "demonstration")  # policy.json keeps these lists
+
+
+LATENCY_NOTE = ("weight sparsity gives no speedup in onnxruntime's dense kernels: the zeros are stored and multiplied "
+                "like any other weight, so a latency difference between the dense and pruned rows is measurement "
+                "noise (they are timed one after another, not interleaved); use --structure channel for a measured "
+                "speedup")
+
+
+def sparse_identical_note() -> str:
+    d = export.SPARSE_STORAGE_MAX_DENSITY
+    return (f"model.sparse.onnx is byte for byte the same as model.onnx: sparse storage (a value and an int64 index "
+            f"per kept weight) pays only for a layer of density {d:.2f} or less (sparsity {1 - d:.2f} or more), and "
+            "no layer is that sparse")
+
+
 def find_policy(ws: Workspace, method: str, target: float, search: SearchSettings | None = None,
                 reward_settings: RewardSettings | None = None, allocation: AllocationSettings | None = None,
                 checkpoint: Path | None = None, resume: bool = False,
@@ -58,7 +79,8 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
     validate.sparsity(target)
     layers = find_prunable_layers(ws.loaded.module)
     names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
-    common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256}
+    common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256,
+              "names": ws.loaded.names_of(names)}
     weights = {layer.name: layer.weight.detach() for layer in layers}
 
     def baseline(name: str, goal: float) -> list[float]:
@@ -71,21 +93,33 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
         raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
     search = replace(search or SearchSettings(target=target), target=target, method=method)
     check_demonstrations(search.demonstrations)
-    reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings or RewardSettings(device=ws.device))
+    reward_settings = reward_settings or RewardSettings(device=ws.device)
+    advice.budget_warning(search)
+    reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings)
     env = PruningEnv(reward.numels, reward, search.env)
     result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
                         allocation=baseline)
+    advice.signal_warning(result.history, ws.data.num_classes, target,
+                          reward_settings.finetune_steps if target >= reward_settings.finetune_from else 0)
     if result.final.sparsities is None:
         raise QLPError(f"no episode reached sparsity {target} in {search.episodes} episodes; raise --episodes "
                        "or --passes")
     outside = result.total_seconds - result.reward_seconds
-    stats = {"episodes": len(result.history), "reward_evaluations": reward.evaluations,
+    history = result.history
+    succeeded = [bool(h["succeeded"]) for h in history]
+    demonstrations = [h.get("demonstration") for h in history]
+    stats = {"episodes": len(history), "reward_evaluations": sum(succeeded),
+             "failed_episodes": len(history) - sum(succeeded),
+             "demonstration_episodes": sum(d is not None for d in demonstrations),
+             "agent_episodes": sum(d is None for d in demonstrations),
+             "counts": EPISODE_COUNTS,
              "reward_engine": reward.engine, "reward_images": len(reward.y),
              "wall_seconds": round(result.total_seconds, 2), "reward_seconds": round(result.reward_seconds, 2),
              "seconds_per_episode": round(result.total_seconds / max(1, len(result.history)), 4),
              "share_outside_reward": round(outside / max(1e-9, result.total_seconds), 4),
              "rewards": [round(h["reward"], 5) for h in result.history],
-             "stage_of_episode": [h["stage"] for h in result.history]}
+             "stage_of_episode": [h["stage"] for h in result.history], "succeeded": succeeded,
+             "demonstration": demonstrations}
     stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities,
                "demonstration": b.demonstration} for b in result.best]
     return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
@@ -146,7 +180,8 @@ def compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: P
 def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: Path, run: OutputRun, command: str,
               resume: bool, policy: Policy | None) -> dict:
     from qlp_compress.report.documents import write_report
-    from qlp_compress.report.progress import search_progress
+    from qlp_compress.report.progress import phase, search_progress
+    from qlp_compress.report.provenance import jsonable, versions
 
     work, staged = run.work, run.staging
     started = time.perf_counter()
@@ -159,10 +194,14 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
                                  checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
     policy.save(staged / "policy.json")
     pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume)
-    tuned_bytes = export_bytes(tuned, ws)
-    measured = {"dense": measure_onnx(export_bytes(ws.loaded.module, ws), ws, settings.latency_repeats),
-                "pruned": measure_onnx(export_bytes(pruned, ws), ws, settings.latency_repeats),
-                "finetuned": measure_onnx(tuned_bytes, ws, settings.latency_repeats)}
+    measured = {}
+    for key, module, what in (("dense", ws.loaded.module, "the dense model"),
+                              ("pruned", pruned, "the pruned model (not fine-tuned)"),
+                              ("finetuned", tuned, "the fine-tuned model")):
+        with phase(f"export {what} to ONNX and measure it (onnxruntime: test accuracy, latency)"):
+            exported = export_bytes(module, ws)
+            measured[key] = measure_onnx(exported, ws, settings.latency_repeats)
+    tuned_bytes = exported
     metadata = {"qlp.source_sha256": ws.loaded.sha256, "qlp.method": policy.method,
                 "qlp.target_sparsity": policy.target, "qlp.achieved_sparsity": f"{policy.achieved:.6f}",
                 "qlp.policy": ",".join(f"{s:.4f}" for s in policy.sparsities), "qlp.dataset": ws.data.name,
@@ -173,16 +212,24 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
     verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, staged / "model.onnx",
                                    policy, staged / "model.sparse.onnx" if settings.sparse_storage else None)
     verification["path"] = str(out / "model.onnx")  # where the file will be once the run's files are in place
+    notes = [LATENCY_NOTE]
     if settings.sparse_storage:
         verification["sparse_path"] = str(out / "model.sparse.onnx")
         raw = (staged / "model.sparse.onnx").read_bytes()
-        measured["sparse_storage"] = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6))}
+        sparse_layers = len(onnx.load_from_string(raw).graph.sparse_initializer)
+        identical = raw == (staged / "model.onnx").read_bytes()
+        measured["sparse_storage"] = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
+                                      "layers_stored_sparse": sparse_layers, "identical_to_model_onnx": identical,
+                                      "max_density": export.SPARSE_STORAGE_MAX_DENSITY}
+        if identical:
+            notes.append(sparse_identical_note())
     int8 = None
     if settings.quantize is not None:  # after pruning and fine-tuning, on the verified file
         int8 = quantize_beside(ws, staged / "model.onnx", settings.quantize,
                                         measured["finetuned"]["accuracy"])
         int8["path"] = str(out / "model.int8.onnx")
-        measured["int8"] = measure_onnx(staged / "model.int8.onnx", ws, settings.latency_repeats)
+        measured["int8"] = measure_onnx(staged / "model.int8.onnx", ws, settings.latency_repeats,
+                                        "the int8 model")
     readback, _ = export.onnx_sparsity(onnx.load(str(staged / "model.onnx")))
     report = {
         "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "device": ws.device,
@@ -191,14 +238,21 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
         "test_images": len(ws.splits.test), "accuracy": {k: v["accuracy"] for k, v in measured.items()
                                                          if "accuracy" in v},
         "measured": measured, "verification": verification,
-        "layers": [{"name": n, "weights": w, "sparsity": s}
-                   for n, w, s in zip(policy.layers, policy.numels, policy.sparsities, strict=True)],
-        "search": {k: v for k, v in policy.search.items() if k not in ("rewards", "stage_of_episode")},
+        "layers": [{"name": label, "module": n, "weights": w, "sparsity": s}
+                   for label, n, w, s in zip(policy.labels, policy.layers, policy.numels, policy.sparsities,
+                                             strict=True)],
+        "search": {k: v for k, v in policy.search.items() if k not in PER_EPISODE},
         "stages": [{k: v for k, v in s.items() if k != "sparsities"} for s in policy.stages],
         "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
                                                             "lr": settings.finetune.lr},
         "file_layers_read_back": len(readback), "command": command,
         "int8": int8, "cpu": machine.cpu_capability(),
+        "seed": {"search": policy.seed if policy.method in METHODS else None,
+                 "finetune": None if settings.finetune is None else settings.finetune.seed,
+                 "split": ws.split_seed},
+        "settings": {**jsonable(settings), "device": ws.device, "data": ws.data.name,
+                     "reward_split_images": len(ws.splits.reward), "finetune_split_images": len(ws.splits.finetune)},
+        "versions": versions(), "notes": notes, "chance_accuracy": 1.0 / ws.data.num_classes,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
     write_report(staged, report, policy)
@@ -240,8 +294,11 @@ def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command:
 def export_model(ws: Workspace, out: Path, sparse_path: Path | None = None,
                  int8: quantize.QuantizeSettings | None = None) -> dict:
     """The loaded model as a verified ONNX file (and its sparse-storage and int8 variants)."""
+    from qlp_compress.report.progress import phase
+
     metadata = {**ws.loaded.metadata, "qlp.source_sha256": ws.loaded.sha256}
-    data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
+    with phase("export to ONNX"):
+        data = export.with_metadata(export_bytes(ws.loaded.module, ws), metadata)
     lock = file_lock(out)
     lock.acquire()
     try:

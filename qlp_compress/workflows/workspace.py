@@ -19,7 +19,7 @@ from qlp_compress.base.outputs import check_unlocked, check_writable, file_lock,
 from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import check_finite, find_prunable_layers, pruned_count
 from qlp_compress.pruning.policy import Policy
-from qlp_compress.report.progress import training_progress
+from qlp_compress.report.progress import phase, training_progress
 from qlp_compress.train.finetune import TrainSettings, train
 
 if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
@@ -101,6 +101,7 @@ class Workspace:
     data: datasets.ImageData
     splits: datasets.Splits
     device: str  # resolved torch device
+    split_seed: int = 0  # which training images form the reward split
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -115,10 +116,12 @@ def open_workspace(model_path: Path, model_settings: ModelSettings, data_setting
     from qlp_compress.importer import load_model
 
     device = engine.resolve_device(device)
-    data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
-    loaded = load_model(model_path, arch=model_settings.arch, trust_pickle=model_settings.trust_pickle,
-                        num_classes=data.num_classes, in_channels=data.input_shape[0], mean=model_settings.mean,
-                        std=model_settings.std, verify_input_shape=data.input_shape)
+    with phase(f"load {data_settings.data}"):
+        data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
+    with phase(f"import {model_path.name} (convert and check against the original)"):
+        loaded = load_model(model_path, arch=model_settings.arch, trust_pickle=model_settings.trust_pickle,
+                            num_classes=data.num_classes, in_channels=data.input_shape[0], mean=model_settings.mean,
+                            std=model_settings.std, verify_input_shape=data.input_shape)
     check_finite(loaded.module)
     try:
         find_prunable_layers(loaded.module)
@@ -142,7 +145,7 @@ def open_workspace(model_path: Path, model_settings: ModelSettings, data_setting
         raise QLPError(f"{model_path} outputs NaN or inf on {data.name} images; re-export the model from a healthy "
                        "checkpoint (and check --mean/--std)")
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
-    return Workspace(loaded, data, splits, device)
+    return Workspace(loaded, data, splits, device, data_settings.split_seed)
 
 
 
@@ -152,13 +155,24 @@ BN_RECALIBRATION_IMAGES = 2048  # fine-tune images used to re-estimate BatchNorm
 
 
 def export_bytes(module: nn.Module, ws: Workspace) -> bytes:
-    return export.to_onnx_bytes(module, ws.input_shape, ws.loaded.input_name, ws.loaded.output_name)
+    """`module` as ONNX, each prunable weight named `<the layer's readable name>.weight` (base.names), so that
+    `evaluate` on the file shows the names the run's reports and policy.json show."""
+    data = export.to_onnx_bytes(module, ws.input_shape, ws.loaded.input_name, ws.loaded.output_name)
+    paths = [layer.name for layer in find_prunable_layers(module)]
+    return export.name_weights(data, {f"{p}.weight": f"{n}.weight"
+                                      for p, n in zip(paths, ws.loaded.names_of(paths), strict=True)})
 
 
 def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, policy: Policy | None = None,
                     sparse_path: Path | None = None) -> dict:
     """Verify an export of `module` against it (outputs, zero patterns, per-layer sparsity = policy within one
     weight), write it and check that the file holds exactly what was verified; the same for sparse storage."""
+    with phase(f"verify and write {path.name}" + (f" and {sparse_path.name}" if sparse_path is not None else "")):
+        return _export_verified(module, data, ws, path, policy, sparse_path)
+
+
+def _export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, policy: Policy | None,
+                     sparse_path: Path | None) -> dict:
     import numpy as np
 
     onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
@@ -194,11 +208,13 @@ def export_verified(module: nn.Module, data: bytes, ws: Workspace, path: Path, p
     return result
 
 
-def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30) -> dict:
+def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30, what: str = "the model") -> dict:
     """Test accuracy, latency (batch 1 and 64) and sizes of an ONNX model through onnxruntime."""
     raw = model.read_bytes() if isinstance(model, Path) else model
-    session = engine.open_session(raw, ws.device)
-    return {"accuracy": engine.session_accuracy(session, ws.splits.test),
-            "latency": [vars(engine.measure_latency(session, ws.input_shape, b, repeats=repeats)) for b in (1, 64)],
-            "bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
-            "global_sparsity": export.onnx_sparsity(onnx.load_from_string(raw))[1]}
+    with phase(f"measure {what} (onnxruntime: test accuracy, latency)"):
+        session = engine.open_session(raw, ws.device)
+        return {"accuracy": engine.session_accuracy(session, ws.splits.test),
+                "latency": [vars(engine.measure_latency(session, ws.input_shape, b, repeats=repeats))
+                            for b in (1, 64)],
+                "bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
+                "global_sparsity": export.onnx_sparsity(onnx.load_from_string(raw))[1]}

@@ -1,0 +1,79 @@
+"""Warnings where a user's settings defeat the method: one line each on stderr, saying what to change.
+
+- budget: a curriculum stage whose episodes all (or nearly all) go to demonstrations leaves the agent nothing to
+  search with; checked from the settings before the search starts.
+- no signal: when every allocation the final stage scored is about chance accuracy, the reward cannot tell good
+  allocations from bad ones, and the choice is noise; checked from the episodes after the search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qlp_compress.base.messages import console
+from qlp_compress.search.curriculum import SearchSettings, curriculum_targets, stage_episodes
+
+MIN_AGENT_EPISODES = 5  # episodes of its own a stage should give the agent (ε-greedy needs a few to explore)
+CHANCE_MARGIN = 0.05  # a reward within 5 points of chance accuracy carries no signal
+
+
+def _warn(message: str) -> str:
+    console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    return message
+
+
+def _stages(settings: SearchSettings) -> int:
+    if settings.method == "random":
+        return 1
+    if settings.stage_targets:
+        return len(settings.stage_targets)
+    return len(curriculum_targets(settings.target, settings.stages, settings.first_target))
+
+
+def _span(stages: Sequence[int]) -> str:
+    return f"stage {stages[0]}" if len(stages) == 1 else f"stages {stages[0]}–{stages[-1]}" \
+        if stages == list(range(stages[0], stages[-1] + 1)) else "stages " + ", ".join(map(str, stages))
+
+
+def budget_warning(settings: SearchSettings, demonstrations: int | None = None) -> str | None:
+    """The warning (printed, and returned) when some stage gives the agent fewer than MIN_AGENT_EPISODES episodes of
+    its own after the demonstrations; None when the budget is enough. `demonstrations`: how many the search plays
+    per stage (default: those the settings name, for qlp)."""
+    demos = (len(settings.demonstrations) if settings.method == "qlp" else 0) if demonstrations is None \
+        else demonstrations
+    n = _stages(settings)
+    lengths = stage_episodes(settings.episodes, n, settings.final_share)
+    if min(lengths) < 1:
+        return None  # refused by the search itself, with its own message
+    short = [k + 1 for k, length in enumerate(lengths) if length - demos < MIN_AGENT_EPISODES]
+    if not short:
+        return None
+    needed = settings.episodes
+    while min(stage_episodes(needed, n, settings.final_share)) < demos + MIN_AGENT_EPISODES:
+        needed += 1
+    agent = [max(0, lengths[k - 1] - demos) for k in short]
+    what = "no episode of its own" if max(agent) == 0 else \
+        f"only {'/'.join(map(str, agent))} episode{'s' if max(agent) > 1 else ''} of its own"
+    per_stage = "/".join(map(str, lengths))
+    return _warn(f"--episodes {settings.episodes} over {n} stages ({per_stage}) with {demos} demonstrations per "
+                 f"stage leaves the agent {what} in {_span(short)}, so the search cannot contribute there; use "
+                 f"--episodes {needed} or more (or fewer --stages or --demonstrations)")
+
+
+def signal_warning(history: Sequence[dict], num_classes: int, target: float, finetune_steps: int = 0) -> str | None:
+    """The warning (printed, and returned) when every episode of the final stage that met the target scored within
+    CHANCE_MARGIN of chance accuracy (1 / num_classes); None otherwise. `finetune_steps`: the brief fine-tuning the
+    reward already gives at this target (0: none)."""
+    if not history or num_classes < 2:
+        return None
+    final = history[-1]["stage"]
+    scored = [h["reward"] for h in history if h["stage"] == final and h.get("succeeded")]
+    chance = 1.0 / num_classes
+    if not scored or max(scored) > chance + CHANCE_MARGIN:
+        return None
+    tune = f"--reward-finetune-steps {max(20, 2 * finetune_steps)}" + \
+        ("" if finetune_steps else f" --reward-finetune-from {target:g}")
+    return _warn(f"every allocation scored at sparsity {target:g} is about chance accuracy (best reward "
+                 f"{max(scored):.3f}, chance {chance:.3f} with {num_classes} classes), so the reward cannot tell "
+                 f"good allocations from bad and the policy is a guess; lower --sparsity, let the reward fine-tune "
+                 f"({tune}), or measure on more images (--reward-images)")
