@@ -7,15 +7,21 @@ scaled to meet the target). For each, this measures
   with 0, 10, 25 and 50 brief fine-tuning steps;
 - the accuracy after the benchmark's fine-tuning (0.3 epoch, lr 0.01) on the reward-split images the reward
   does not measure: the test split is never read;
-and the rank correlation between each reward variant and that accuracy. Writes
-benchmarks/results/reward_fidelity.json.
+and the rank correlation between each reward variant and that accuracy. With `--repeats 1 3`, every
+brief-fine-tuning variant is measured once as the search uses it today and once averaged over 3 image
+orders (`RewardSettings.finetune_repeats`; key "25x3" = 25 steps, 3 orders). `--reuse-finetuned FILE` takes
+the fine-tuned accuracies from an earlier run of this script on the same allocations, sparsity and seeds, and
+measures only the rewards. Writes benchmarks/results/reward_fidelity.json.
 
     python benchmarks/reward_fidelity.py    # 35 min on 2 cores shared with other jobs
+    python benchmarks/reward_fidelity.py --steps 10 25 --repeats 1 3 \
+        --reuse-finetuned benchmarks/results/reward_fidelity.json --out benchmarks/results/reward_fidelity_repeats.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -51,7 +57,9 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.98)
     parser.add_argument("--reward-images", type=int, default=1000, help="as in the full benchmark grid")
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 10, 25, 50])
+    parser.add_argument("--repeats", type=int, nargs="+", default=[1], help="image orders averaged per reward")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds")
+    parser.add_argument("--reuse-finetuned", type=Path, help="take the fine-tuned accuracies from this earlier run")
     parser.add_argument("--finetune-epochs", type=float, default=0.3)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/reward_fidelity.json")
     args = parser.parse_args()
@@ -75,14 +83,44 @@ def main() -> None:
     x, y = materialize(ws.splits.reward)
     x, y = x[args.reward_images:], y[args.reward_images:]  # the images the reward does not measure
 
+    earlier = {}
+    if args.reuse_finetuned:
+        old = json.loads(args.reuse_finetuned.read_text())
+        if (old["sparsity"], old["reward_images"], old["finetune_epochs"], old["seeds"]) != \
+                (args.sparsity, args.reward_images, args.finetune_epochs, args.seeds):
+            raise SystemExit(f"{args.reuse_finetuned} measured other settings; run without --reuse-finetuned")
+        earlier = {r["allocation"]: r for r in old["rows"]}
+    variants = {str(steps) if repeats == 1 else f"{steps}x{repeats}": (steps, repeats)
+                for steps in args.steps for repeats in args.repeats if steps or repeats == 1}
+    rewards = {key: Reward(ws.loaded.module, ws.splits.reward, RewardSettings(
+        images=args.reward_images, finetune_steps=steps, finetune_repeats=repeats, device=ws.device,
+        finetune_from=args.sparsity - 1e-3)) for key, (steps, repeats) in variants.items()}  # the blends meet
+    #                                                           the target up to per-layer rounding
+    settings = {"sparsity": args.sparsity, "reward_images": args.reward_images, "finetune_epochs": args.finetune_epochs,
+                "seeds": args.seeds}
+    partial = json.loads(args.out.read_text()) if args.out.exists() else {}
+    done = {r["allocation"]: r for r in partial.get("rows", [])
+            if all(partial.get(k) == v for k, v in settings.items()) and set(variants) <= set(r["reward"])}
     rows = []
     for name, sparsities in allocations.items():
-        row = {"allocation": name, "sparsities": [round(float(s), 5) for s in sparsities], "reward": {}}
-        for steps in args.steps:
-            reward = Reward(ws.loaded.module, ws.splits.reward, RewardSettings(
-                images=args.reward_images, finetune_steps=steps, device=ws.device,
-                finetune_from=args.sparsity - 1e-3))  # the blends meet the target up to per-layer rounding
-            row["reward"][str(steps)] = reward(sparsities)
+        if name in done:  # measured by an interrupted run of the same settings
+            rows.append(done[name])
+            continue
+        row = {"allocation": name, "sparsities": [round(float(s), 5) for s in sparsities], "reward": {},
+               "reward_seconds": {}}
+        for key, reward in rewards.items():
+            t0 = time.perf_counter()
+            row["reward"][key] = reward(sparsities)
+            row["reward_seconds"][key] = round(time.perf_counter() - t0, 2)
+        if name in earlier:
+            if not np.allclose(earlier[name]["sparsities"], row["sparsities"], atol=1e-5):
+                raise SystemExit(f"allocation {name} differs from {args.reuse_finetuned}'s; run without it")
+            row["finetuned_accuracy"] = earlier[name]["finetuned_accuracy"]
+            row["finetuned_mean"] = earlier[name]["finetuned_mean"]
+            rows.append(row)
+            atomic_write_json(args.out, {**settings, "rows": rows, "partial": True})  # checkpoint
+            print(name, row["reward"], row["reward_seconds"], row["finetuned_accuracy"], flush=True)
+            continue
         policy = Policy(method=name, target=args.sparsity, layers=names, numels=numels,
                         sparsities=[float(s) for s in sparsities], model_sha256=ws.loaded.sha256)
         tuned_accuracy = []
@@ -94,13 +132,14 @@ def main() -> None:
         row["finetuned_accuracy"] = tuned_accuracy
         row["finetuned_mean"] = statistics.fmean(tuned_accuracy)
         rows.append(row)
+        atomic_write_json(args.out, {**settings, "rows": rows, "partial": True})  # checkpoint
         print(name, row["reward"], tuned_accuracy, flush=True)
 
     after = [r["finetuned_mean"] for r in rows]
     atomic_write_json(args.out, {
-        "sparsity": args.sparsity, "reward_images": args.reward_images, "finetune_epochs": args.finetune_epochs,
-        "seeds": args.seeds, "validation_images": len(y), "rows": rows,
-        "spearman_with_finetuned": {str(s): spearman([r["reward"][str(s)] for r in rows], after) for s in args.steps},
+        **settings, "validation_images": len(y), "rows": rows,
+        "finetuned_from": str(args.reuse_finetuned) if args.reuse_finetuned else None,
+        "spearman_with_finetuned": {k: spearman([r["reward"][k] for r in rows], after) for k in variants},
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "wall_seconds": round(time.perf_counter() - started, 1)})
     print(f"wrote {args.out}")

@@ -20,6 +20,7 @@ from qlp_compress.base.errors import UsageError
 from qlp_compress.base.io import load_checkpoint
 from qlp_compress.data import TensorImages, to_float
 from qlp_compress.pruning.masks import find_prunable_layers
+from qlp_compress.reward import weights as weights_module
 from qlp_compress.reward.weights import BRIEF_FINETUNE, Reward, RewardSettings
 from qlp_compress.search import agent as agent_module
 from qlp_compress.search.agent import AgentSettings, DQNAgent
@@ -30,7 +31,7 @@ from qlp_compress.search.curriculum import (
     run_search,
     stage_episodes,
 )
-from qlp_compress.search.env import DEFAULT_ACTIONS, EnvSettings, PruningEnv
+from qlp_compress.search.env import DEFAULT_ACTIONS, EnvSettings, NearBestEnv, PruningEnv
 from qlp_compress.train.finetune import train
 from qlp_compress.train.zoo import build_model
 
@@ -272,6 +273,122 @@ def test_random_episodes_keep_the_invariants(target) -> None:
     assert successes > 0
 
 
+@pytest.mark.parametrize("numels", [NUMELS, np.array(ODD_NUMELS)], ids=["numels", "odd"])
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.98])
+def test_a_near_best_episode_steps_its_layers_and_meets_the_target_exactly(numels, target) -> None:
+    """From an allocation that meets the target, each visit multiplies the layer's density by (1 + step) (capped
+    at 1); the end rescales the layers not visited by one common factor so that the target is met to the weight,
+    and the reward measures exactly that allocation. When no factor can, the episode fails unmeasured."""
+    stub = RecordingReward()
+    env = NearBestEnv(numels, stub, EnvSettings(failure_penalty=2.0))
+    base = PruningEnv(numels, quadratic_reward)
+    base.reset(target)
+    rng = np.random.default_rng(int(target * 100))
+    steps = env.settings.relative_steps
+    successes = failures = 0
+    for _ in range(40):
+        start = np.clip(rng.normal(target, 0.05, len(numels)), 0, 1)
+        start[int(rng.integers(len(numels)))] = 1.0  # one layer emptied
+        start = base.exact_sparsities(start)
+        layers = sorted(rng.choice(len(numels), int(rng.integers(1, len(numels))), replace=False).tolist())
+        env.start_from(start, layers)
+        state = env.reset(target)
+        np.testing.assert_allclose(state[3:], 1.0 - start, rtol=1e-6)  # the episode starts from the allocation
+        expected = 1.0 - start
+        for k, i in enumerate(layers):
+            assert state[0] == pytest.approx(i / (len(numels) - 1)) and state[2] == pytest.approx(k / len(layers))
+            action = int(rng.integers(env.n_actions))
+            expected[i] = min(1.0, expected[i] * (1.0 + steps[action])) if expected[i] > 0 \
+                else max(0.0, steps[action]) * (1.0 - target)  # an emptied layer can come back
+            calls = len(stub.calls)
+            state, reward, done = env.step(action)
+            assert done == (k == len(layers) - 1)
+            if not done:
+                assert reward == 0.0 and len(stub.calls) == calls
+                np.testing.assert_allclose(env.density, expected, rtol=1e-12)  # moved by the stated step
+        others = np.setdiff1d(np.arange(len(numels)), layers)
+        if env.met_target():
+            successes += 1
+            assert len(stub.calls) == calls + 1 and reward == stub(env.sparsities())
+            np.testing.assert_array_equal(stub.calls[-2], env.sparsities())
+            assert pruned_total(env.sparsities(), numels) == round(target * numels.sum())  # to the weight
+            one_weight = 1.0 / numels
+            # the visited layers keep their stepped densities (up to the weight the rounding may move)
+            assert np.all(np.abs(env.density[layers] - expected[layers]) <= one_weight[layers] + 1e-9)
+            # the others were scaled by one factor: d_new = min(1, c·d_old) with the same c for all of them
+            free = others[(env.density[others] < 1.0 - one_weight[others]) & (expected[others] > 0)]
+            if len(free) >= 2:
+                ratios = env.density[free] / expected[free]
+                tolerance = one_weight[free] / expected[free] + 1e-9
+                assert np.ptp(ratios) <= 2 * tolerance.max()
+        else:
+            failures += 1
+            assert len(stub.calls) == calls and reward < 0  # never measured; penalised
+    assert successes > 0
+
+
+def test_a_near_best_episode_fails_when_its_layers_alone_break_the_target() -> None:
+    stub = RecordingReward()
+    env = NearBestEnv([10, 10000, 10], stub, EnvSettings(failure_penalty=1.0))
+    env.reset(0.9)
+    start = env.exact_sparsities([0.0, 0.902, 0.0])  # layer 1 carries all the pruning
+    env.start_from(start, [1])
+    env.reset(0.9)
+    up = env.settings.relative_steps.index(max(env.settings.relative_steps))
+    _, reward, done = env.step(up)  # layer 1 keeps more than the whole network may
+    kept_allowed = 10020 - round(0.9 * 10020)
+    assert done and not env.met_target() and stub.calls == []
+    assert reward == pytest.approx(-(10000 * (1 - start[1]) * (1 + max(env.settings.relative_steps)) - kept_allowed)
+                                   / 10020)
+
+
+def test_near_best_episodes_start_from_the_stage_best_and_never_lose_it() -> None:
+    """With `near_best`, the last share of every stage's episodes start from that stage's best so far: each one's
+    allocation differs from that best in the visited layers and one common rescaling of the others, meets the
+    stage's target exactly, and the stage's best never falls below its demonstrations."""
+    allocations = {"uniform": lambda t: np.full(len(NUMELS), t), "optimal": lambda t: optimal_allocation(t)[0]}
+    settings = SearchSettings(target=0.9, episodes=60, stages=3, near_best=0.5, demonstrations=("uniform",),
+                              seed=0, agent=SMALL_AGENT)
+    bests: dict[int, list] = {}
+    measured: list[np.ndarray] = []
+
+    def reward(s) -> float:
+        measured.append(np.array(s, copy=True))
+        return quadratic_reward(s)
+
+    def watch(record: dict) -> None:
+        bests.setdefault(record["stage"], []).append(record["best"])
+
+    result = run_search(PruningEnv(NUMELS, reward), settings, on_episode=watch,
+                        allocation=lambda name, t: allocations[name](t))
+    assert len(result.history) == 60
+    for stage, length in enumerate(stage_episodes(60, 3), start=1):
+        records = [h for h in result.history if h["stage"] == stage]
+        near = [h.get("near_best", False) for h in records]
+        n_near = round(0.5 * (length - 1))
+        assert near == [False] * (length - n_near) + [True] * n_near  # the last share of the stage
+        assert all(h["steps"] == settings.env.near_best_layers for h in records if h.get("near_best"))
+        assert bests[stage] == sorted(bests[stage])  # the best only climbs
+    calls = iter(measured)
+    best: dict[int, tuple[float, np.ndarray]] = {}
+    for h in result.history:
+        if not h["succeeded"]:
+            continue
+        scored = next(calls)
+        assert pruned_total(scored, NUMELS) == round(h["target"] * NUMELS.sum())
+        if h.get("near_best"):  # the stage's best so far, rescaled outside the (at most 3) visited layers
+            kept, kept_before = 1.0 - scored, 1.0 - best[h["stage"]][1]
+            alive = kept_before > 0.05
+            ratios = kept[alive] / kept_before[alive]
+            slack = 2.0 / (NUMELS[alive] * kept_before[alive])  # a weight of rounding on either side
+            agreeing = max(int(np.sum(np.abs(ratios - r) <= slack)) for r in ratios)
+            assert agreeing >= len(ratios) - settings.env.near_best_layers, ratios
+        if h["stage"] not in best or h["reward"] > best[h["stage"]][0]:
+            best[h["stage"]] = (h["reward"], scored)
+    assert result.final.reward >= result.history[-30]["reward"]  # the final stage's demonstration
+    assert result.final.reward == pytest.approx(quadratic_reward(result.final.sparsities))
+
+
 def test_no_pruning_fails_after_every_pass() -> None:
     stub = RecordingReward()
     env = PruningEnv(ODD_NUMELS, stub, EnvSettings(passes=3, failure_penalty=1.5))
@@ -389,8 +506,10 @@ class InterruptingReward:
 
 
 @pytest.mark.slow
-def test_interrupted_search_resumes_to_the_same_result(tmp_path) -> None:
-    settings = SearchSettings(target=0.9, episodes=80, seed=5, checkpoint_every=5, agent=SMALL_AGENT)
+@pytest.mark.parametrize("near_best", [0.0, 0.5], ids=["plain", "near-best"])
+def test_interrupted_search_resumes_to_the_same_result(tmp_path, near_best) -> None:
+    settings = SearchSettings(target=0.9, episodes=80, seed=5, checkpoint_every=5, agent=SMALL_AGENT,
+                              near_best=near_best)
     reference_ckpt = tmp_path / "reference.pt"
     reference = run_search(PruningEnv(NUMELS, quadratic_reward), settings, checkpoint=reference_ckpt)
 
@@ -537,6 +656,25 @@ def test_reward_fine_tunes_briefly_from_its_threshold_on_other_images(engine) ->
     assert expected != reference_accuracy(model, TensorImages(data.x[:200], data.y[:200]), above, 100)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is left alone
+
+
+def test_reward_averages_the_brief_fine_tuning_over_image_orders(monkeypatch) -> None:
+    """With finetune_repeats=3 the reward is the mean of three brief fine-tunings of the same pruned model, one
+    per image order: the rewards that one fine-tuning gives with the order seeds 0, 1 and 2."""
+    model, data = reward_fixture()
+    # 3 steps of 128 on the 200 images after the 100 measured ones: 1.5 epochs, so the order matters
+    settings = RewardSettings(engine="torch", images=100, bn_recalibrate=50, finetune_steps=3, finetune_from=0.6)
+    sparsities = np.full(len(find_prunable_layers(model)), 0.75)
+    single = []
+    for seed in (0, 1, 2):
+        monkeypatch.setattr(weights_module, "BRIEF_FINETUNE", replace(BRIEF_FINETUNE, seed=seed))
+        single.append(Reward(model, data, settings)(sparsities))
+    monkeypatch.setattr(weights_module, "BRIEF_FINETUNE", BRIEF_FINETUNE)
+    assert Reward(model, data, settings)(sparsities) == single[0]  # one order: the reward as before
+    assert Reward(model, data, replace(settings, finetune_repeats=3))(sparsities) == pytest.approx(
+        sum(single) / 3, abs=1e-12)
+    with pytest.raises(UsageError):
+        Reward(model, data, replace(settings, finetune_repeats=0))
 
 
 # ------------------------------------------------------------------------------------------------ agent

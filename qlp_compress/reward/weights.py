@@ -17,6 +17,8 @@ At extreme sparsity (global sparsity ≥ `finetune_from`) the accuracy of the pr
 nothing: every allocation scores near chance, and the best-scoring one can fine-tune far worse than
 another (see docs/method.md). There the reward first fine-tunes a copy briefly (`finetune_steps` SGD
 steps, masks held, on reward-split images other than the measured ones) and then measures it, in PyTorch.
+With `finetune_repeats` > 1 it does so that many times, each time from the same pruned model with the
+images in another order (seeds 0, 1, …), and returns the mean accuracy.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class RewardSettings:
     #                            it a ResNet-20 pruned to 90 % scores chance level whatever the allocation
     finetune_steps: int = 10  # brief fine-tuning before measuring, at targets ≥ finetune_from (0 = never)
     finetune_from: float = 0.95  # global sparsity from which the reward fine-tunes briefly
+    finetune_repeats: int = 1  # brief fine-tunings averaged per evaluation, each with its own image order
     device: str = "cpu"  # where the torch engine runs; "cuda" makes onnxruntime use its CUDA provider
 
 
@@ -62,9 +65,10 @@ class Reward:
     def __init__(self, model: nn.Module, reward_split: Dataset, settings: RewardSettings):
         if settings.engine not in ENGINES:
             raise UsageError(f"--reward-engine must be one of {', '.join(ENGINES)}, got {settings.engine!r}")
-        if settings.finetune_steps < 0 or not 0.0 < settings.finetune_from <= 1.0:
-            raise UsageError(f"--reward-finetune-steps must be ≥ 0 (got {settings.finetune_steps}) and "
-                             f"--reward-finetune-from between 0 and 1 (got {settings.finetune_from})")
+        if settings.finetune_steps < 0 or not 0.0 < settings.finetune_from <= 1.0 or settings.finetune_repeats < 1:
+            raise UsageError(f"--reward-finetune-steps must be ≥ 0 (got {settings.finetune_steps}), "
+                             f"--reward-finetune-from between 0 and 1 (got {settings.finetune_from}) and "
+                             f"the brief fine-tuning repeats ≥ 1 (got {settings.finetune_repeats})")
         self.settings = settings
         self.model = copy.deepcopy(model).eval().to(settings.device)
         self.pruner = MagnitudePruner(self.model)
@@ -118,15 +122,22 @@ class Reward:
         return self._onnxruntime_accuracy(per_layer)
 
     def _briefly_finetuned_accuracy(self, per_layer: dict[str, float]) -> float:
-        """Accuracy after `finetune_steps` SGD steps on a copy of the pruned model (always the same images)."""
-        model = copy.deepcopy(self.model)
+        """Accuracy after `finetune_steps` SGD steps on a copy of the pruned model (always the same images), the
+        mean over `finetune_repeats` image orders."""
         n = min(len(self.y_train), self.settings.finetune_steps * BRIEF_FINETUNE.batch_size)
         epochs = self.settings.finetune_steps / math.ceil(n / BRIEF_FINETUNE.batch_size)  # exactly that many steps
-        train(model, TensorDataset(self.x_train[:n], self.y_train[:n]),
-              replace(BRIEF_FINETUNE, epochs=epochs, device=self.settings.device), masks=self.pruner.masks(per_layer))
-        with torch.inference_mode():
-            batches = zip(self.x.split(self.settings.batch_size), self.y.split(self.settings.batch_size), strict=True)
-            return accuracy(model, batches, self.settings.device)
+        masks = self.pruner.masks(per_layer)
+        accuracies = []
+        for order in range(self.settings.finetune_repeats):
+            model = copy.deepcopy(self.model)
+            train(model, TensorDataset(self.x_train[:n], self.y_train[:n]),
+                  replace(BRIEF_FINETUNE, epochs=epochs, seed=BRIEF_FINETUNE.seed + order,
+                          device=self.settings.device), masks=masks)
+            with torch.inference_mode():
+                batches = zip(self.x.split(self.settings.batch_size), self.y.split(self.settings.batch_size),
+                              strict=True)
+                accuracies.append(accuracy(model, batches, self.settings.device))
+        return sum(accuracies) / len(accuracies)
 
     # ------------------------------------------------------------------------------ onnxruntime engine
 

@@ -9,6 +9,12 @@ allocation named in `demonstrations` (LAMP, ERK, …), played through the same g
 step towards that allocation. They count as episodes and reward evaluations, go into the replay buffer
 like any other episode, and compete for the stage's best; the search then explores from what they teach.
 
+Near-best episodes (our addition, `near_best`; see docs/method.md): the last share of each stage's episodes
+start from the stage's best allocation so far and change a few randomly chosen layers by relative steps
+(`env.NearBestEnv`), the other layers rescaled to meet the target exactly. A second DQN learns which steps
+pay; it has its own action set, replay and exploration schedule. Every such episode is a candidate for the
+stage's best, so the search climbs from the best allocation instead of starting each episode from scratch.
+
 Random search ("random") plays the same game with uniformly random actions, all at the final target, for
 the same number of reward evaluations.
 
@@ -22,7 +28,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +38,7 @@ from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.interrupts import deferred_interrupts, sigterm_as_interrupt
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
 from qlp_compress.search.agent import AgentSettings, DQNAgent
-from qlp_compress.search.env import EnvSettings, PruningEnv
+from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv
 
 METHODS = ("qlp", "random")
 
@@ -54,6 +60,8 @@ class SearchSettings:
     method: str = "qlp"  # "qlp" (DQN with curriculum) or "random" (random actions, final target only)
     demonstrations: tuple[str, ...] = ("lamp", "erk", "global", "uniform")  # baseline allocations replayed at the
     #                                                                       start of every stage (qlp only)
+    near_best: float = 0.0  # share of each stage's episodes after its demonstrations that start from the stage's
+    #                         best allocation so far (near-best episodes, qlp only; 0 = none)
     seed: int = 0  # agent initialisation, exploration and replay sampling
     checkpoint_every: int = 10  # episodes between checkpoint writes
     env: EnvSettings = field(default_factory=EnvSettings)  # the pruning game
@@ -84,6 +92,7 @@ class StageBest:
     sparsities: list[float] | None = None
     episode: int = -1
     demonstration: str | None = None  # the baseline whose demonstration this is, None when the agent found it
+    near_best: bool = False  # found by a near-best episode (started from the stage's best so far)
 
 
 @dataclass
@@ -118,6 +127,12 @@ def _epsilon(a: AgentSettings, stage: int, episode_in_stage: int, stage_length: 
     return float(start + (a.eps_end - start) * progress)  # a numpy scalar here would make the checkpoint unloadable
 
 
+def _near_best_agent(env: PruningEnv, settings: SearchSettings) -> DQNAgent:
+    """The near-best episodes' own DQN: its episodes are a few steps long, so it learns from the first."""
+    agent = replace(settings.agent, learning_starts=0, demo_learning=False)
+    return DQNAgent(env.state_size, len(settings.env.relative_steps), agent, settings.seed + 1_000_003)
+
+
 def run_search(
     env: PruningEnv,
     settings: SearchSettings,
@@ -145,24 +160,42 @@ def run_search(
     lengths = stage_episodes(settings.episodes, stages, settings.final_share)
     if min(lengths) < 1:
         raise UsageError(f"--episodes {settings.episodes} is fewer than the {stages} curriculum stages")
+    if not 0.0 <= settings.near_best <= 1.0 or settings.env.near_best_layers < 1:
+        raise UsageError(f"the near-best share must be between 0 and 1 (got {settings.near_best}) and the layers "
+                         f"a near-best episode changes at least 1 (got {settings.env.near_best_layers})")
     agent = DQNAgent(env.state_size, env.n_actions, settings.agent, settings.seed)
+    learn = settings.method == "qlp"
+    demos = settings.demonstrations if learn and allocation is not None else ()
+    near_env = NearBestEnv(env.numels, env.reward_fn, env.settings) if learn and settings.near_best > 0 else None
+    near = _near_best_agent(env, settings) if near_env is not None else None
+    near_counts = [round(settings.near_best * max(0, n - len(demos))) if near_env is not None else 0
+                   for n in lengths]
     progress = SearchProgress(best=[StageBest(t) for t in targets])
     if resume and checkpoint is not None and checkpoint.exists():
-        progress = _load(checkpoint, settings, agent)
+        progress = _load(checkpoint, settings, agent, near)
 
     stage_of = np.repeat(np.arange(stages), lengths)
     stage_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    learn = settings.method == "qlp"
-    demos = settings.demonstrations if learn and allocation is not None else ()
-    rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
+    rngs = [a.rng for a in (agent, near) if a is not None]
+    rng_at_start, episode_at_start = [r.bit_generator.state for r in rngs], progress.episode
     with sigterm_as_interrupt():
         try:
             while progress.episode < settings.episodes:
                 k = int(stage_of[progress.episode])
                 in_stage = progress.episode - stage_start[k]
                 eps = _epsilon(settings.agent, k, in_stage, lengths[k], settings.method)
-                rng_at_start, episode_at_start = agent.rng.bit_generator.state, progress.episode
-                if in_stage < len(demos):
+                rng_at_start, episode_at_start = [r.bit_generator.state for r in rngs], progress.episode
+                near_from = lengths[k] - near_counts[k]
+                learner = agent
+                if in_stage >= near_from and progress.best[k].sparsities is not None:
+                    eps = _epsilon(settings.agent, 1, in_stage - near_from, near_counts[k], settings.method)
+                    n_layers = min(settings.env.near_best_layers, env.n_layers - 1)
+                    layers = sorted(int(i) for i in near.rng.choice(env.n_layers, n_layers, replace=False))
+                    near_env.start_from(progress.best[k].sparsities, layers)
+                    record, transitions = _play_episode(near_env, targets[k], lambda state, e=eps: near.act(state, e))
+                    record.update(epsilon=round(eps, 4), near_best=True)
+                    learner = near
+                elif in_stage < len(demos):
                     wanted = np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
                     record, transitions = _play_episode(env, targets[k], lambda _, g=1.0 - wanted:
                                                         env.action_towards(g), exact=wanted)
@@ -172,15 +205,16 @@ def run_search(
                     record, transitions = _play_episode(env, targets[k], lambda state, e=eps: agent.act(state, e))
                     record["epsilon"] = round(eps, 4)
                 best = _finish_episode(settings, agent, progress, checkpoint, learn, record, transitions, k,
-                                       targets[k])
+                                       targets[k], learner, near)
                 if on_episode:
                     on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
         except KeyboardInterrupt:  # anywhere in the loop: keep the episodes that finished, drop the one running
             if progress.episode == episode_at_start:  # the running episode did not count
-                agent.rng.bit_generator.state = rng_at_start  # as if it never started
+                for r, state in zip(rngs, rng_at_start, strict=True):
+                    r.bit_generator.state = state  # as if it never started
             if checkpoint is not None:
                 with deferred_interrupts():
-                    _save(checkpoint, settings, agent, progress)
+                    _save(checkpoint, settings, agent, progress, near)
             where = f"; rerun the same command with --resume to continue (checkpoint {checkpoint})" \
                 if checkpoint else "; rerun the command to start again"
             raise SearchInterrupted(f"search interrupted after {progress.episode} episodes{where}") from None
@@ -188,11 +222,13 @@ def run_search(
 
 
 def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchProgress, checkpoint: Path | None,
-                    learn: bool, record: dict, transitions: list[tuple], k: int, target: float) -> StageBest:
-    """Learn from a finished episode and record it, as one unit that an interrupt cannot split."""
+                    learn: bool, record: dict, transitions: list[tuple], k: int, target: float,
+                    learner: DQNAgent, near: DQNAgent | None) -> StageBest:
+    """Learn from a finished episode (`learner`: the agent that played it) and record it, as one unit that an
+    interrupt cannot split."""
     with deferred_interrupts():
         if learn:
-            agent.learn_from_episode(transitions, demonstration=record.get("demonstration") is not None)
+            learner.learn_from_episode(transitions, demonstration=record.get("demonstration") is not None)
             if record.get("last_demonstration"):
                 agent.pretrain()  # the stage's demonstrations are all in: DQfD's pre-training on them
         record.pop("last_demonstration", None)
@@ -205,11 +241,12 @@ def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchP
             best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), \
                 progress.episode + 1
             best.demonstration = record.get("demonstration")
+            best.near_best = bool(record.get("near_best"))
         record.pop("_sparsities", None)
         progress.episode += 1
         if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
                                        or progress.episode == settings.episodes):
-            _save(checkpoint, settings, agent, progress)
+            _save(checkpoint, settings, agent, progress, near)
     return best
 
 
@@ -241,18 +278,24 @@ def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray],
     return record, transitions
 
 
-def _save(path: Path, settings: SearchSettings, agent: DQNAgent, progress: SearchProgress) -> None:
-    atomic_torch_save({"settings": asdict(settings), "agent": agent.state_dict(),
-                       "progress": {**asdict(progress), "best": [asdict(b) for b in progress.best]}}, path)
+def _save(path: Path, settings: SearchSettings, agent: DQNAgent, progress: SearchProgress,
+          near: DQNAgent | None = None) -> None:
+    state = {"settings": asdict(settings), "agent": agent.state_dict(),
+             "progress": {**asdict(progress), "best": [asdict(b) for b in progress.best]}}
+    if near is not None:
+        state["near_agent"] = near.state_dict()
+    atomic_torch_save(state, path)
 
 
-def _load(path: Path, settings: SearchSettings, agent: DQNAgent) -> SearchProgress:
+def _load(path: Path, settings: SearchSettings, agent: DQNAgent, near: DQNAgent | None = None) -> SearchProgress:
     state = load_checkpoint(path)
     if _normalise(state.get("settings")) != _normalise(asdict(settings)):
         raise UsageError(f"{path} belongs to a search with other settings; rerun with the same options, or pass "
                          "--force instead of --resume to start over")
     try:
         agent.load_state_dict(state["agent"])
+        if near is not None:
+            near.load_state_dict(state["near_agent"])
         p = state["progress"]
         return SearchProgress(episode=p["episode"], history=p["history"], best=[StageBest(**b) for b in p["best"]],
                               reward_seconds=p["reward_seconds"], total_seconds=p["total_seconds"])
@@ -267,6 +310,9 @@ def _normalise(settings: dict | None) -> dict | None:
         return None
     out = dict(settings)
     out.pop("checkpoint_every", None)
+    if not out.get("near_best"):  # without near-best episodes their settings change nothing (and older
+        out.pop("near_best", None)  # checkpoints, which lack them, stay resumable)
+        out["env"] = {k: v for k, v in out.get("env", {}).items() if k not in ("relative_steps", "near_best_layers")}
     return _tuples_to_lists(out)
 
 

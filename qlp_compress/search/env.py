@@ -6,6 +6,13 @@ several passes, and at each visit removes a fraction `a` of the layer's *remaini
 clipped so the target is met exactly, to the weight — and the reward is the accuracy of the pruned,
 not fine-tuned network. An episode still short of the target after the last pass fails with a negative
 reward proportional to the sparsity still missing.
+
+Near-best episodes (`NearBestEnv`, our addition for searching around the best allocation found so far) start
+from a given allocation instead of the dense network, visit a few layers, and change each visited layer's
+density by a relative step (d ← d·(1+s); an emptied layer steps up to s × the target's overall density);
+then the layers not visited are rescaled by one common factor so the target is met exactly, to the weight.
+An episode whose visited layers alone keep more weights than the target allows, or prune so many that the
+others cannot make up for it, fails with the failure penalty.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_ACTIONS = tuple(round(0.1 * i, 1) for i in range(11))  # remove 0 %, 10 %, …, 100 % of what remains
+RELATIVE_STEPS = (-0.3, -0.15, 0.15, 0.3)  # near-best episodes: d ← d·(1+s); no 0, so every visit changes something
 
 RewardFn = Callable[[np.ndarray], float]  # per-layer sparsities → reward (accuracy on the reward split)
 
@@ -31,6 +39,8 @@ class EnvSettings:
     #                               the curriculum's stages share one replay buffer without contradicting it)
     pass_in_state: bool = True  # append the pass number, normalised to 0..1 (our addition: without it the agent
     #                             cannot tell the last visit of a layer from an earlier one)
+    relative_steps: tuple[float, ...] = RELATIVE_STEPS  # near-best episodes: relative density steps
+    near_best_layers: int = 3  # near-best episodes: how many layers one episode changes
 
 
 class PruningEnv:
@@ -144,3 +154,94 @@ class PruningEnv:
             missing = self.target - self.global_sparsity()
             return self.state(), -self.settings.failure_penalty * missing, True
         return self.state(), 0.0, False
+
+
+class NearBestEnv(PruningEnv):
+    """The near-best game: start from an allocation, step a few layers' densities up or down by a relative
+    step, then rescale the other layers so the target is met exactly. Its state has the layout of
+    `PruningEnv`'s (the pass slot holds the share of the episode's visits done)."""
+
+    def __init__(self, numels: Sequence[int], reward_fn: RewardFn, settings: EnvSettings = EnvSettings()):
+        self.visits: list[int] = [0]
+        self.start = np.zeros(len(numels))
+        self.succeeded = False
+        super().__init__(numels, reward_fn, settings)
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.settings.relative_steps)
+
+    def start_from(self, sparsities: Sequence[float], layers: Sequence[int]) -> None:
+        """The allocation and the layers (visited in this order) of the next episode."""
+        if not 0 < len(layers) < self.n_layers:
+            raise ValueError(f"a near-best episode visits 1 to {self.n_layers - 1} layers, got {len(layers)}")
+        self.start = np.clip(np.asarray(sparsities, dtype=np.float64), 0.0, 1.0)
+        self.visits = [int(i) for i in layers]
+
+    def reset(self, target: float) -> np.ndarray:
+        super().reset(target)
+        self.density = 1.0 - self.start
+        self.succeeded = False
+        return self.state()
+
+    @property
+    def layer(self) -> int:
+        return self.visits[min(self.step_count, len(self.visits) - 1)]
+
+    def state(self) -> np.ndarray:
+        state = super().state()
+        if self.settings.pass_in_state:
+            state[1 + int(self.settings.target_in_state)] = self.step_count / len(self.visits)
+        return state
+
+    def met_target(self) -> bool:
+        return self.succeeded
+
+    def stepped(self, density: float, step: float) -> float:
+        """d·(1 + step), capped at 1; an emptied layer steps up to step × the target's overall density (a
+        relative step could never bring it back)."""
+        if density == 0.0:
+            return max(0.0, step) * (1.0 - self.target)
+        return min(1.0, density * (1.0 + step))
+
+    def rescaled(self, density: np.ndarray) -> tuple[np.ndarray | None, float]:
+        """`density` with the layers not visited scaled by one factor c (each capped at 1) so that the kept
+        weights meet the target: (new densities, 0), or (None, the sparsity missed) when no c can."""
+        visited = np.zeros(self.n_layers, bool)
+        visited[self.visits] = True
+        goal = (self.total - self.target_pruned) - float(np.sum(density[visited] * self.numels[visited]))
+        others_now = float(np.sum(density[~visited] * self.numels[~visited]))
+        if goal < 0:  # the visited layers alone keep too much
+            return None, -goal / self.total
+        others_full = float(np.sum(np.where(density[~visited] > 0, self.numels[~visited], 0)))
+        if goal > others_full:  # even kept whole, the others cannot make up for the visited layers' pruning
+            return None, (goal - others_full) / self.total
+        if others_now == 0:  # nothing to rescale, and nothing needed
+            return density.copy(), 0.0
+
+        def kept(c: float) -> float:
+            return float(np.sum(np.minimum(1.0, c * density[~visited]) * self.numels[~visited]))
+
+        lo, hi = 0.0, max(1.0, 1.0 / density[~visited][density[~visited] > 0].min())  # kept(hi) = others_full
+        for _ in range(100):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if kept(mid) < goal else (lo, mid)
+        out = density.copy()
+        out[~visited] = np.minimum(1.0, hi * density[~visited])
+        return out, 0.0
+
+    def step(self, action: int, evaluate_at: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
+        """Move the visited layer's density by the action's relative step (capped at 1); after the last visit,
+        rescale the others and measure, or fail."""
+        i, step = self.layer, self.settings.relative_steps[action]
+        self.density = self.density.copy()
+        self.density[i] = self.stepped(self.density[i], step)
+        self.step_count += 1
+        if self.step_count < len(self.visits):
+            return self.state(), 0.0, False
+        density, missed = self.rescaled(self.density)
+        if density is None:
+            return self.state(), -self.settings.failure_penalty * missed, True
+        self.density = 1.0 - self.exact_sparsities(1.0 - density)
+        self.succeeded = True
+        return self.state(), float(self.reward_fn(self.sparsities())), True
