@@ -93,6 +93,7 @@ def search_cmd(
     stages: o.Stages = o.HOW.stages,
     passes: o.Passes = o.HOW.passes,
     demonstrations: o.Demonstrations = o.HOW.demonstrations,
+    near_best: o.NearBest = o.HOW.near_best,
     reward_images: o.RewardImages = o.HOW.reward_images,
     reward_size: o.RewardSize = None,
     bn_recalibrate: o.BnRecalibrate = o.HOW.bn_recalibrate,
@@ -131,7 +132,8 @@ def search_cmd(
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, reward_size, finetune_epochs,
                lr, sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force)
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, episodes=episodes,
-                 stages=stages, passes=passes, demonstrations=demonstrations, reward_images=reward_images,
+                 stages=stages, passes=passes, demonstrations=demonstrations, near_best=near_best,
+                 reward_images=reward_images,
                  bn_recalibrate=bn_recalibrate, reward_finetune_steps=reward_finetune_steps,
                  reward_finetune_from=reward_finetune_from, reward_engine=reward_engine, latency_batch=latency_batch,
                  threads=threads, round_to=round_to, distill=distill)

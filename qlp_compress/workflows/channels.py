@@ -145,7 +145,7 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
                     distinct_networks_scored=len(reward.cache), reward_failures=len(reward.failures),
                     reward_seconds=round(result.reward_seconds, 2),
                     stages=[{"target_speedup": round(1 / (1 - b.target), 4), "reward": b.reward, "episode": b.episode,
-                             "demonstration": b.demonstration,
+                             "demonstration": b.demonstration, "near_best": b.near_best,
                              "widths": widths_from(ctx.space.sizes, b.sparsities) if b.sparsities else None}
                             for b in result.best],
                     rewards=[round(h["reward"], 5) for h in result.history])

@@ -121,7 +121,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
              "stage_of_episode": [h["stage"] for h in result.history], "succeeded": succeeded,
              "demonstration": demonstrations}
     stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities,
-               "demonstration": b.demonstration} for b in result.best]
+               "demonstration": b.demonstration, "near_best": b.near_best} for b in result.best]
     return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
                   stages=stages, search=stats, seed=search.seed, **common)
 
