@@ -809,3 +809,17 @@ def test_refused_pickle_is_one_line(work) -> None:
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--trust-pickle" in lines[0], result.stderr
+
+
+def test_a_finished_run_removes_the_temporaries_a_kill_left(tmp_path) -> None:
+    """A kill -9 during an atomic write leaves a hidden `.NAME.*.tmp` in OUT/.work; the resumed run, once its files
+    are in place, removes it with .work (it is never an output), and leaves the user's own files alone."""
+    out = tmp_path / "run"
+    (out / ".work").mkdir(parents=True)
+    stray = out / ".work" / ".search.ckpt.k1ll3d.tmp"
+    stray.write_bytes(b"cut short")
+    (out / "notes.txt").write_text("the user's")
+    with outputs.OutputRun(out, force=True, resume=True) as run:
+        (run.staging / "policy.json").write_text("{}")
+        run.commit()
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "policy.json"]

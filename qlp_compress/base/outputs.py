@@ -323,6 +323,9 @@ class OutputRun:
         if self.committed:
             for name in CHECKPOINTS:
                 (self.work / name).unlink(missing_ok=True)
+        if not keep:  # temporaries of atomic writes a kill -9 cut short (never an output): .work can go
+            for stray in self.work.glob(".*.tmp"):
+                stray.unlink(missing_ok=True)
         self.lock.release(delete=not keep)
         if not keep:
             with contextlib.suppress(OSError):
