@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,3 +122,15 @@ def run_app(*args, cwd: Path | None = None, code: int | None = 0):
         raise AssertionError(f"exit {result.exit_code}, wanted {code}: {result.output[-2000:]}\n{trace[-3000:]}")
     return result
 
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll until `path` exists; fail at once when the process ends first, or after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended ({process.returncode}) before {path} appeared: "
+                                 f"{process.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear in {timeout} s")
+        time.sleep(0.02)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import default_sigint, make_tiny_task, run_app
+from conftest import default_sigint, make_tiny_task, run_app, wait_for
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -401,18 +401,6 @@ RUN = ("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--epi
 def start(*args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cli_args(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
                             env={**os.environ, **ENV}, preexec_fn=default_sigint)
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended ({process.returncode}) before {path} appeared: "
-                                 f"{process.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
 
 
 def stop(process: subprocess.Popen, signum: int) -> subprocess.CompletedProcess:

@@ -17,14 +17,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import Run, default_sigint, make_tiny_task, run_app
+from conftest import Run, default_sigint, make_tiny_task, run_app, wait_for
 from onnx import TensorProto, helper, numpy_helper
 
 from qlp_compress.base import io as qio
@@ -50,18 +49,6 @@ def start(*args, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "qlp_compress", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **ENV},
                             preexec_fn=default_sigint)
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"the run ended ({process.returncode}) before {path} appeared: "
-                                 f"{process.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"{path} did not appear in {timeout} s")
-        time.sleep(0.02)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -4,7 +4,7 @@ is loaded or written, runs the workflow and returns the result document (what `-
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from qlp_compress.base import validate
@@ -166,7 +166,7 @@ def _search_settings(how: Choice, run: RunOptions, target: float) -> SearchSetti
     settings = SearchSettings(target=target, episodes=how.episodes, stages=how.stages, method=how.method,
                               seed=run.seed, env=EnvSettings(passes=how.passes), near_best=how.near_best)
     if demos is not None and how.structure == "weight":
-        settings = SearchSettings(**{**vars(settings), "demonstrations": demos})
+        settings = replace(settings, demonstrations=demos)
     return settings
 
 
@@ -194,7 +194,7 @@ def search(run: RunOptions, how: Choice) -> dict:
     chosen = None
     if how.policy is not None and how.structure == "weight":
         chosen = read_policy(how.policy)  # its fields are checked before anything else
-        how = Choice(**{**vars(how), "method": chosen.method, "sparsity": chosen.target})
+        how = replace(how, method=chosen.method, sparsity=chosen.target)
     else:
         _check_choice(how, searching=True)
     out = run.out or default_out(run.model, how)
@@ -234,8 +234,8 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
         raise UsageError("compare needs --sparsity (repeat for several), or --structure channel with --speedup")
     for method in methods:
         for target in targets:
-            one = Choice(**{**vars(how), "method": method, "targets": (),
-                            **({"speedup": target} if how.structure == "channel" else {"sparsity": target})})
+            one = replace(how, method=method, targets=(),
+                          **({"speedup": target} if how.structure == "channel" else {"sparsity": target}))
             _check_choice(one, searching=True)
     out = run.out or run.model.parent / f"{run.model.stem}.compare{'-channel' if how.structure == 'channel' else ''}"
     check_out_dir(out, run.force, run.resume)
