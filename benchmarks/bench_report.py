@@ -159,20 +159,29 @@ def agent_section(summary: dict) -> list[str]:
         return []
     seeds = sorted(runs, key=int)
     lines = ["### The agent's own episodes against the demonstrations (reward split)", "",
-             f"Per curriculum stage of each QLP search (seeds {', '.join(seeds)}, in that order): the episodes "
-             "after the demonstrations, how many failed (ended the last pass short of the target), the best "
-             "reward among the rest, and the best demonstration's reward.", "",
-             "| stage target | agent episodes | failed | agent's best | best demonstration |",
-             "|---:|---:|---:|---:|---:|"]
+             f"Per curriculum stage of each QLP search (seeds {', '.join(seeds)}, in that order): the agent's own "
+             "episodes (all but the demonstrations; in brackets those that started near the stage's best), how "
+             "many failed (ended short of the target), the best reward of those built from scratch and of the "
+             "near-best ones, the best demonstration's reward, and what won the stage.", "",
+             "| stage target | agent episodes (near-best) | failed | best from scratch | best near-best | "
+             "best demonstration | stage winner |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
 
     def each(values, form="{}") -> str:
         return " / ".join("–" if v is None else form.format(v) for v in values)
 
     for k, first in enumerate(runs[seeds[0]]):
         stage = [runs[s][k] for s in seeds]
-        lines.append(f"| {first['target']:g} | {first['agent_episodes']} | {each(r['failed'] for r in stage)} | "
-                     f"{each((r['best_agent'] for r in stage), '{:.3f}')} | "
-                     f"{each((r['best_demonstration'] for r in stage), '{:.3f}')} |")
+        lines.append(f"| {first['target']:g} | {first['agent_episodes']} ({first.get('near_best_episodes', 0)}) | "
+                     f"{each(r['failed'] for r in stage)} | "
+                     f"{each((r.get('best_from_scratch', r['best_agent']) for r in stage), '{:.3f}')} | "
+                     f"{each((r.get('best_near_best') for r in stage), '{:.3f}')} | "
+                     f"{each((r['best_demonstration'] for r in stage), '{:.3f}')} | "
+                     f"{each(r.get('winner') for r in stage)} |")
+    wins = [r.get("winner", "") for s in seeds for r in runs[s]]
+    agent_wins = sum(w.startswith("agent") for w in wins)
+    lines += ["", f"The agent's own episode won {agent_wins} of the {len(wins)} stage results "
+                  f"({sum(w == 'agent, near-best' for w in wins)} of them near-best episodes)."]
     return [*lines, ""]
 
 

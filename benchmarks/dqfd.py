@@ -34,9 +34,11 @@ from qlp_compress.workflows import DataSettings, ModelSettings, find_policy, ope
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # the same budget and reward; only how the agent learns from the demonstrations, and where
     #          its episodes start, differ
-    "replay-only demonstrations": {"agent": AgentSettings(demo_learning=False)},
-    "DQfD margin 0.8 (DQfD's own)": {"agent": AgentSettings(demo_margin=0.8, demo_share=0.25, pretrain_steps=300)},
-    "DQfD margin 0.05": {"agent": AgentSettings(demo_margin=0.05, demo_share=0.1, pretrain_steps=100)},
+    "replay-only demonstrations": {"agent": AgentSettings(demo_learning=False), "near_best": 0.0},
+    "DQfD margin 0.8 (DQfD's own)": {"agent": AgentSettings(demo_margin=0.8, demo_share=0.25, pretrain_steps=300),
+                                     "near_best": 0.0},
+    "DQfD margin 0.05": {"agent": AgentSettings(demo_margin=0.05, demo_share=0.1, pretrain_steps=100),
+                         "near_best": 0.0},
     "DQfD margin 0.05 + near-best 0.5": {"agent": AgentSettings(demo_margin=0.05, demo_share=0.1, pretrain_steps=100),
                                          "near_best": 0.5},
 }

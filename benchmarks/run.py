@@ -34,6 +34,7 @@ from qlp_compress.deploy.export import to_sparse_storage
 from qlp_compress.pruning.allocate import AllocationSettings
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import RewardSettings
+from qlp_compress.search.agent import AgentSettings
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.finetune import TrainSettings
@@ -71,9 +72,14 @@ GRIDS = {
     "full": Grid(sparsities=(0.5, 0.7, 0.9, 0.95, 0.98), seeds=(0, 1, 2), qlp_episodes=600, reward_images=1000,
                  finetune_epochs=0.3, ablation_sparsity=0.95, ablation_episodes=120),
 }
-PURE = {"demonstrations": ()}  # the paper's DQN alone: the reference of the ablation rows after it
+PURE = {"demonstrations": (), "near_best": 0.0}  # the paper's DQN alone: the reference of the rows after it
+BEFORE_17 = {"near_best": 0.0, "agent": AgentSettings(demo_learning=False)}  # issue 17's changes, undone one by one
 ABLATIONS = {  # name → how the search differs from QLP's defaults
     "qlp (defaults)": {},
+    "without near-best episodes": {"near_best": 0.0},
+    "without near-best, replay-only demonstrations (no DQfD)": BEFORE_17,
+    "without near-best or DQfD, demonstrations scored at their 10 % replay (before issue 17)":
+        {**BEFORE_17, "exact_demonstrations": False},
     "no demonstrations": PURE,
     "no demonstrations, one pass": {**PURE, "env": EnvSettings(passes=1)},
     "no demonstrations, no curriculum": {**PURE, "stages": 1},
@@ -234,17 +240,26 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
             "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"]}
 
 
-def agent_vs_demonstrations(doc: dict, demonstrations: int) -> list[dict]:
-    """Per stage of one QLP search: the agent's own episodes (those after the stage's demonstrations), how
-    many failed (a negative reward: the target was not reached), the best of them and the best demonstration."""
-    rewards, stage_of = doc["search"]["rewards"], doc["search"]["stage_of_episode"]
+def agent_vs_demonstrations(doc: dict) -> list[dict]:
+    """Per stage of one QLP search: the agent's own episodes (all but the demonstrations), how many failed (a
+    negative reward: the target was not reached), the best of those from scratch and of the near-best ones,
+    the best demonstration, and what won the stage."""
+    search = doc["search"]
+    rewards, stage_of, demos = search["rewards"], search["stage_of_episode"], search["demonstration"]
+    near = search.get("near_best") or [False] * len(rewards)  # searches before near-best episodes lack it
     rows = []
     for k, best in enumerate(doc["stages"], start=1):
-        stage = [r for r, s in zip(rewards, stage_of, strict=True) if s == k]
-        demos, agent = stage[:demonstrations], stage[demonstrations:]
-        succeeded = [r for r in agent if math.copysign(1.0, r) > 0]  # -0.0: a failure short by a few weights
-        rows.append({"target": best["target"], "agent_episodes": len(agent), "failed": len(agent) - len(succeeded),
-                     "best_agent": max(succeeded, default=None), "best_demonstration": max(demos, default=None)})
+        episodes = [(r, d, n) for r, s, d, n in zip(rewards, stage_of, demos, near, strict=True) if s == k]
+        agent = [(r, n) for r, d, n in episodes if d is None]
+        ok = [(r, n) for r, n in agent if math.copysign(1.0, r) > 0]  # -0.0: a failure short by a few weights
+        winner = best.get("demonstration") or ("agent, near-best" if best.get("near_best") else "agent")
+        rows.append({"target": best["target"], "agent_episodes": len(agent), "failed": len(agent) - len(ok),
+                     "near_best_episodes": sum(n for _, n in agent),
+                     "best_agent": max((r for r, _ in ok), default=None),
+                     "best_from_scratch": max((r for r, n in ok if not n), default=None),
+                     "best_near_best": max((r for r, n in ok if n), default=None),
+                     "best_demonstration": max((r for r, d, _ in episodes if d is not None), default=None),
+                     "winner": winner})
     return rows
 
 
@@ -278,8 +293,7 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
                     "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
                     "device": ws.device, "commit": commit.stdout.strip()},
         "dense": dense, "table": table, "deployed": deployed, "ablations": ablations,
-        "agent_vs_demonstrations": {seed: agent_vs_demonstrations(doc, len(SearchSettings(0.5).demonstrations))
-                                    for seed, doc in sorted(qlp.items())},
+        "agent_vs_demonstrations": {seed: agent_vs_demonstrations(doc) for seed, doc in sorted(qlp.items())},
         "search_cost": {
             "qlp": {"episodes": searches[0]["episodes"],
                     "wall_seconds": mean_std([s["wall_seconds"] for s in searches]),

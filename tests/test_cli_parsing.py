@@ -48,3 +48,28 @@ def test_main_refuses_a_bad_command_line_in_one_line(tmp_path, qlp, name):
     assert [line for line in run.stderr.splitlines() if line.strip()] == [run.line]  # no usage block, one line
     assert all(word in run.line for word in says) and "fix the command line" in run.line and "--help" in run.line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--structure", "channel", "--near-best", "0.3"), "--near-best"),  # near-best moves per-layer sparsities
+    (("--near-best", "1.5"), "--near-best"),
+])
+def test_near_best_is_checked_before_any_work(tmp_path, qlp, args, says):
+    (tmp_path / "m.onnx").write_bytes(b"not read: the options are checked first")
+    run = qlp("search", "m.onnx", *args, cwd=tmp_path)
+    assert run.code == 2 and says in run.line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_near_best_defaults_to_half_in_weight_mode_and_off_in_channel_mode():
+    """The search's default (0.5) reaches weight-mode searches unless --near-best says otherwise; channel mode,
+    whose groups have no per-layer sparsities to move, never gets near-best episodes."""
+    from pathlib import Path
+
+    from qlp_compress.search.curriculum import SearchSettings
+    from qlp_compress.workflows.commands import Choice, RunOptions, _search_settings
+
+    run = RunOptions(model=Path("m.onnx"))
+    assert _search_settings(Choice(), run, 0.9).near_best == SearchSettings(0.9).near_best == 0.5
+    assert _search_settings(Choice(near_best=0.0), run, 0.9).near_best == 0.0
+    assert _search_settings(Choice(near_best=0.25), run, 0.9).near_best == 0.25

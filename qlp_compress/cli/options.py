@@ -69,10 +69,11 @@ Passes = Annotated[int, typer.Option("--passes", help="Visits per layer in one e
 Demonstrations = Annotated[str, typer.Option("--demonstrations", help="Baselines played first in every stage: "
                                                                       "comma-separated, none, or default (all "
                                                                       "that apply).")]
-NearBest = Annotated[float, typer.Option("--near-best", help="Share of each stage's episodes, after its "
-                                                           "demonstrations, that start from the stage's best "
-                                                           "allocation so far and change a few layers by relative "
-                                                           "steps (0 = none).")]
+NearBest = Annotated[float | None, typer.Option("--near-best", help="weight: share of each stage's episodes, after "
+                                                                  "its demonstrations, that start from the stage's "
+                                                                  "best allocation so far and change a few layers "
+                                                                  "by relative steps (0 = none) [default: 0.5].",
+                                                 show_default=False)]
 RewardImages = Annotated[int, typer.Option("--reward-images", help="Reward-split images per reward evaluation.")]
 BnRecalibrate = Annotated[int, typer.Option("--bn-recalibrate", help="Reward images that re-estimate BatchNorm "
                                                                      "before each reward (0 = off).")]

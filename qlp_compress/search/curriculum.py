@@ -60,8 +60,10 @@ class SearchSettings:
     method: str = "qlp"  # "qlp" (DQN with curriculum) or "random" (random actions, final target only)
     demonstrations: tuple[str, ...] = ("lamp", "erk", "global", "uniform")  # baseline allocations replayed at the
     #                                                                       start of every stage (qlp only)
-    near_best: float = 0.0  # share of each stage's episodes after its demonstrations that start from the stage's
+    near_best: float = 0.5  # share of each stage's episodes after its demonstrations that start from the stage's
     #                         best allocation so far (near-best episodes, qlp only; 0 = none)
+    exact_demonstrations: bool = True  # a demonstration is scored at its allocator's exact allocation (False:
+    #                                    at the allocation its 10 %-step replay reaches, as before issue 17)
     seed: int = 0  # agent initialisation, exploration and replay sampling
     checkpoint_every: int = 10  # episodes between checkpoint writes
     env: EnvSettings = field(default_factory=EnvSettings)  # the pruning game
@@ -198,7 +200,8 @@ def run_search(
                 elif in_stage < len(demos):
                     wanted = np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
                     record, transitions = _play_episode(env, targets[k], lambda _, g=1.0 - wanted:
-                                                        env.action_towards(g), exact=wanted)
+                                                        env.action_towards(g),
+                                                        exact=wanted if settings.exact_demonstrations else None)
                     record.update(epsilon=0.0, demonstration=demos[in_stage],
                                   last_demonstration=in_stage == len(demos) - 1)
                 else:
@@ -310,6 +313,8 @@ def _normalise(settings: dict | None) -> dict | None:
         return None
     out = dict(settings)
     out.pop("checkpoint_every", None)
+    if out.get("exact_demonstrations", True):  # the default; older checkpoints lack the field
+        out.pop("exact_demonstrations", None)
     if not out.get("near_best"):  # without near-best episodes their settings change nothing (and older
         out.pop("near_best", None)  # checkpoints, which lack them, stay resumable)
         out["env"] = {k: v for k, v in out.get("env", {}).items() if k not in ("relative_steps", "near_best_layers")}

@@ -84,7 +84,8 @@ class Choice:
     threads: int = 2
     round_to: int = 8
     distill: bool = True
-    near_best: float = 0.0  # share of each stage's episodes that search around the stage's best allocation
+    near_best: float | None = None  # share of each stage's episodes that search around the stage's best
+    #                                 allocation; None: 0.5 in weight mode (the search's default), 0 in channel mode
     targets: tuple[float, ...] = field(default_factory=tuple)  # compare: several targets
 
 
@@ -118,10 +119,11 @@ def _check_choice(how: Choice, searching: bool) -> None:
     if searching and how.method in SEARCHES:
         check_budget(how.episodes, how.stages if how.method == "qlp" else 1, stages_option=how.method == "qlp")
         validate.whole("--passes", how.passes, 1, "4")
-        validate.fraction("--near-best", how.near_best, 0, 1, "0.5")
-        if how.near_best > 0 and how.structure == "channel":
+        if how.near_best is not None:
+            validate.fraction("--near-best", how.near_best, 0, 1, "0.5")
+        if how.near_best and how.structure == "channel":
             raise UsageError("--near-best searches around the best per-layer sparsities of --structure weight; "
-                             "leave it at 0 with --structure channel")
+                             "leave it out with --structure channel")
         validate.whole("--reward-images", how.reward_images, 1, "1000")
         validate.whole("--bn-recalibrate", how.bn_recalibrate, 0, "256")
         validate.whole("--reward-finetune-steps", how.reward_finetune_steps, 0, "10")
@@ -164,7 +166,9 @@ def _workspace(run: RunOptions) -> Workspace:
 def _search_settings(how: Choice, run: RunOptions, target: float) -> SearchSettings:
     demos = _demonstrations(how)
     settings = SearchSettings(target=target, episodes=how.episodes, stages=how.stages, method=how.method,
-                              seed=run.seed, env=EnvSettings(passes=how.passes), near_best=how.near_best)
+                              seed=run.seed, env=EnvSettings(passes=how.passes))
+    if how.near_best is not None:
+        settings = replace(settings, near_best=how.near_best)
     if demos is not None and how.structure == "weight":
         settings = replace(settings, demonstrations=demos)
     return settings

@@ -119,7 +119,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
              "share_outside_reward": round(outside / max(1e-9, result.total_seconds), 4),
              "rewards": [round(h["reward"], 5) for h in result.history],
              "stage_of_episode": [h["stage"] for h in result.history], "succeeded": succeeded,
-             "demonstration": demonstrations}
+             "demonstration": demonstrations, "near_best": [bool(h.get("near_best")) for h in history]}
     stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities,
                "demonstration": b.demonstration, "near_best": b.near_best} for b in result.best]
     return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
