@@ -14,7 +14,12 @@ from qlp_compress.base.io import atomic_path, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-METHODS = ("qlp", "random", "global", "lamp", "erk", "uniform")
+BASELINES = ("global", "lamp", "erk", "uniform")
+
+
+def methods(summary: dict) -> list[str]:
+    """The grid's methods in table order: its QLP searches, random search, then the closed-form baselines."""
+    return list(dict.fromkeys(r["method"] for r in summary["table"]))
 
 
 def fmt(cell: dict | None) -> str:
@@ -33,7 +38,7 @@ def save(fig, path: Path) -> None:
 def plot_accuracy(summary: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key, title in ((axes[0], "pruned", "before fine-tuning"), (axes[1], "finetuned", "after fine-tuning")):
-        for method in METHODS:
+        for method in methods(summary):
             rows = [r for r in summary["table"] if r["method"] == method]
             xs = [r["target"] for r in rows]
             ax.errorbar(xs, [r[key]["mean"] for r in rows], yerr=[r[key]["std"] for r in rows], marker="o",
@@ -66,22 +71,26 @@ def plot_layers(summary: dict, target: float, path: Path) -> None:
 
 
 def reading(summary: dict) -> list[str]:
-    """Plain-words comparison of QLP with the best of the simple baselines, per sparsity, with the noise."""
+    """Plain-words comparison of each QLP search with the best of the simple baselines, per sparsity, with the
+    noise."""
     lines = []
+    searches = list(summary.get("searches") or ["qlp"])
     for target in summary["settings"]["sparsities"]:
         rows = {r["method"]: r for r in summary["table"] if r["target"] == target}
-        if set(rows) != set(METHODS):  # a partial grid
+        if not {*searches, "random", *BASELINES} <= set(rows):  # a partial grid
             continue
         for key, label in (("finetuned", "after fine-tuning"), ("pruned", "before fine-tuning")):
-            best = max(("global", "lamp", "erk", "uniform"), key=lambda m: rows[m][key]["mean"])
-            q, b = rows["qlp"][key], rows[best][key]
-            diff = q["mean"] - b["mean"]
-            noise = max(q["std"], b["std"])
-            verdict = ("within the seed noise of" if abs(diff) <= noise else "ahead of" if diff > 0 else "behind")
-            caveat = " (one seed: no noise estimate yet)" if q["n"] < 2 else ""
-            lines.append(f"- {target:g}, {label}: QLP {fmt(q)} vs best simple baseline {best} {fmt(b)} — "
-                         f"{diff * 100:+.2f} points, QLP is {verdict} it{caveat}; random search "
-                         f"{fmt(rows['random'][key])}.")
+            best = max(BASELINES, key=lambda m: rows[m][key]["mean"])
+            b = rows[best][key]
+            for search in searches:
+                q = rows[search][key]
+                diff = q["mean"] - b["mean"]
+                noise = max(q["std"], b["std"])
+                verdict = "within the seed noise of" if abs(diff) <= noise else "ahead of" if diff > 0 else "behind"
+                caveat = " (one seed: no noise estimate yet)" if q["n"] < 2 else ""
+                lines.append(f"- {target:g}, {label}: {search} {fmt(q)} vs best simple baseline {best} {fmt(b)} — "
+                             f"{diff * 100:+.2f} points, {verdict} it{caveat}; random search "
+                             f"{fmt(rows['random'][key])}.")
     return lines
 
 
@@ -108,20 +117,22 @@ def grid_section(summary: dict) -> list[str]:
              "| reward evals | QLP's policy: found by |",
              "|---:|---|---:|---:|---:|---:|---|"]
     for r in summary["table"]:
-        found = ", ".join(f"{x} demonstration" if x != "agent" else x for x in r.get("best_from") or []) or "–"
+        found = ", ".join(x if x.startswith("agent") else f"{x} demonstration" for x in r.get("best_from") or []) or "–"
         lines.append(f"| {r['target']:g} | {r['method']} | {fmt(r['pruned'])} | {fmt(r['finetuned'])} | "
                      f"{fmt(r['best_reward'])} | {r['reward_evaluations'] or '–'} | {found} |")
     lines += ["", f"![accuracy vs sparsity]({acc_png})", "", f"![per-layer sparsity at {layer_target:g}]({layers_png})",
               "", "### Reading", "", *reading(summary), ""]
     c = summary["search_cost"]
-    walls = c["qlp"].get("wall_seconds_per_seed", [])
-    by_seed = f" ({', '.join(f'{w:.0f}' for w in walls)} s by seed)" if len(walls) > 1 else ""
-    lines += ["### Search cost", "",
-              f"- QLP: {c['qlp']['episodes']} episodes, {fmt_s(c['qlp']['wall_seconds'])} per search{by_seed}, "
-              f"{c['qlp']['seconds_per_episode']['mean']:.3f} s per episode, "
-              f"{c['qlp']['share_outside_reward']['mean']:.1%} of the time outside the reward "
-              f"({c['qlp']['reward_engine']} engine).",
-              f"- Random search: {fmt_s(c['random']['search_seconds'])} per search, reward evaluations "
+    lines += ["### Search cost", ""]
+    for search in [n for n in summary.get("searches") or ["qlp"] if n in c]:  # a partial grid lacks some
+        q = c[search]
+        walls = q.get("wall_seconds_per_seed", [])
+        by_seed = f" ({', '.join(f'{w:.0f}' for w in walls)} s by seed)" if len(walls) > 1 else ""
+        lines.append(f"- {search}: {q['episodes']} episodes, {fmt_s(q['wall_seconds'])} per search{by_seed}, "
+                     f"{q['seconds_per_episode']['mean']:.3f} s per episode, "
+                     f"{q['share_outside_reward']['mean']:.1%} of the time outside the reward "
+                     f"({q['reward_engine']} engine).")
+    lines += [f"- Random search: {fmt_s(c['random']['search_seconds'])} per search, reward evaluations "
               f"{c['random']['reward_evaluations']}.", f"- Global, LAMP, ERK, uniform: {c['baselines']}.", ""]
     lines += agent_section(summary)
     d = summary["dense"]
@@ -153,13 +164,20 @@ def grid_section(summary: dict) -> list[str]:
 
 
 def agent_section(summary: dict) -> list[str]:
-    """The DQN agent's own episodes against the demonstrations, stage by stage, one entry per seed."""
-    runs = summary.get("agent_vs_demonstrations")
-    if not runs:
+    """The DQN agent's own episodes against the demonstrations, stage by stage, one entry per seed, for each
+    QLP search of the grid."""
+    by_search = summary.get("agent_vs_demonstrations")
+    if not by_search:
         return []
+    if isinstance(next(iter(by_search.values())), list):  # a grid summarised before it had several searches
+        by_search = {"qlp": by_search}
+    return [line for search, runs in by_search.items() for line in agent_table(search, runs)]
+
+
+def agent_table(search: str, runs: dict) -> list[str]:
     seeds = sorted(runs, key=int)
-    lines = ["### The agent's own episodes against the demonstrations (reward split)", "",
-             f"Per curriculum stage of each QLP search (seeds {', '.join(seeds)}, in that order): the agent's own "
+    lines = [f"### The agent's own episodes against the demonstrations ({search}, reward split)", "",
+             f"Per curriculum stage of each {search} search (seeds {', '.join(seeds)}, in that order): the agent's own "
              "episodes (all but the demonstrations; in brackets those that started near the stage's best), how "
              "many failed (ended short of the target), the best reward of those built from scratch and of the "
              "near-best ones, the best demonstration's reward, and what won the stage.", "",
@@ -180,7 +198,7 @@ def agent_section(summary: dict) -> list[str]:
                      f"{each(r.get('winner') for r in stage)} |")
     wins = [r.get("winner", "") for s in seeds for r in runs[s]]
     agent_wins = sum(w.startswith("agent") for w in wins)
-    lines += ["", f"The agent's own episode won {agent_wins} of the {len(wins)} stage results "
+    lines += ["", f"{search}: the agent's own episode won {agent_wins} of the {len(wins)} stage results "
                   f"({sum(w == 'agent, near-best' for w in wins)} of them near-best episodes)."]
     return [*lines, ""]
 

@@ -50,6 +50,11 @@ from qlp_compress.workflows import (
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("global", "lamp", "erk", "uniform")
+SEARCHES = {  # the QLP searches of every seed (one curriculum each; its stage policies serve every sparsity):
+    #          name → how the search differs from QLP's defaults. The first is QLP as shipped.
+    "qlp": {},
+    "qlp, no near-best": {"near_best": 0.0},
+}
 
 
 @dataclass(frozen=True)
@@ -135,42 +140,48 @@ def main() -> None:
 
     # Seed by seed, so that an interrupted run has whole seeds to show; the deployed side and the
     # ablations (seed 0 only) come right after the first seed.
-    qlp, cells, deployed, ablations = {}, [], [], []
+    qlp: dict[str, dict[int, dict]] = {name: {} for name in SEARCHES}  # search → seed → its policy document
+    cells, deployed, ablations = [], [], []
     for seed in grid.seeds:
-        # 1. QLP: one curriculum search per seed; its stage policies serve every sparsity
-        search = SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes, stage_targets=stage_targets,
-                                seed=seed)
-        doc = cell(work / f"search_qlp_seed{seed}.json", lambda s=search, seed=seed: policy_doc(
-            find_policy(ws, "qlp", s.target, s, reward, checkpoint=work / f"search_qlp_seed{seed}.ckpt",
-                        resume=True)))
-        if doc is None:
+        # 1. QLP: one curriculum search per seed and variant; its stage policies serve every sparsity
+        for name, change in SEARCHES.items():
+            search = replace(SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes,
+                                            stage_targets=stage_targets, seed=seed), **change)
+            stem = f"search_{slug(name)}_seed{seed}"
+            doc = cell(work / f"{stem}.json", lambda s=search, stem=stem: policy_doc(
+                find_policy(ws, "qlp", s.target, s, reward, checkpoint=work / f"{stem}.ckpt", resume=True)))
+            if doc is not None:
+                qlp[name][seed] = doc
+        if seed not in qlp["qlp"]:
             continue
-        qlp[seed] = doc
-        lengths = doc["search"]["stage_of_episode"]
+        docs = {name: runs[seed] for name, runs in qlp.items() if seed in runs}
+        lengths = docs["qlp"]["search"]["stage_of_episode"]
 
         # 2. every method × sparsity: policy, pruned and fine-tuned test accuracy
         for target in grid.sparsities:
             stage = stage_targets.index(target) + 1
             budget = sum(1 for k in lengths if k <= stage)  # QLP's reward evaluations up to this stage
-            for method in ("qlp", "random", *BASELINES):
-                path = work / f"cell_{method}_{target:g}_seed{seed}.json"
-                cells.append(cell(path, lambda m=method, t=target, sd=seed, st=stage, bu=budget, d=doc:
+            for method in (*docs, "random", *BASELINES):
+                path = work / f"cell_{slug(method)}_{target:g}_seed{seed}.json"
+                cells.append(cell(path, lambda m=method, t=target, sd=seed, st=stage, bu=budget, d=docs.get(method):
                                   run_cell(ws, m, t, sd, st, bu, d, reward, finetune(sd))))
         if seed == grid.seeds[0]:
             tune = finetune(seed)
             deployed = [cell(work / f"deployed_{t:g}.json",
-                             lambda t=t, d=doc, f=tune: deploy(ws, d, stage_targets, t, f)) for t in grid.sparsities]
+                             lambda t=t, d=docs["qlp"], f=tune: deploy(ws, d, stage_targets, t, f))
+                        for t in grid.sparsities]
             ablations = [cell(work / f"ablation_{slug(name)}.json",
                               lambda n=name, f=tune: ablate(ws, grid, n, reward, f))
                          for name in (ABLATIONS if grid.ablation_episodes else ())]
-    if not qlp:
+    if not qlp["qlp"]:
         raise SystemExit(f"no finished search in {work}: run without --report-only first")
     dense = cached(work / "dense.json", lambda: measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=30))
     done = [c for c in cells if c is not None]
-    expected = len(grid.seeds) * len(grid.sparsities) * (2 + len(BASELINES))
+    expected = len(grid.seeds) * len(grid.sparsities) * (len(SEARCHES) + 1 + len(BASELINES))
     summary = summarise(grid, args.grid, done, qlp, [d for d in deployed if d], dense,
                         [a for a in ablations if a], ws, time.perf_counter() - started)
-    summary["finished_cells"], summary["expected_cells"], summary["seeds_done"] = len(done), expected, sorted(qlp)
+    summary["finished_cells"], summary["expected_cells"] = len(done), expected
+    summary["seeds_done"] = sorted(qlp["qlp"])
     atomic_write_json(ROOT / "benchmarks/results" / f"{args.grid}.json", summary)
     write_markdown(summary)
     print(f"wrote benchmarks/results/{args.grid}.json and docs/benchmarks.md ({len(done)} of {expected} cells)")
@@ -218,11 +229,12 @@ def stage_policy(doc: dict, stage: int) -> Policy:
                         "best_reward": best["reward"]})
 
 
-def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int, qlp_doc: dict,
+def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int, qlp_doc: dict | None,
              reward: RewardSettings, finetune: TrainSettings) -> dict:
     """One method at one sparsity and seed: its policy, then test accuracy before and after fine-tuning."""
     t0 = time.perf_counter()
-    if method == "qlp":
+    searched = method in SEARCHES  # a stage policy of this seed's QLP search `method`
+    if searched:
         policy = stage_policy(qlp_doc, stage)
     elif method == "random":
         policy = find_policy(ws, "random", target, SearchSettings(target=target, episodes=budget, method="random",
@@ -231,13 +243,19 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
         policy = find_policy(ws, method, target, allocation=AllocationSettings())
     search_seconds = time.perf_counter() - t0
     pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
-    best_from = (qlp_doc["stages"][stage - 1].get("demonstration") or "agent") if method == "qlp" else None
+    best_from = stage_winner(qlp_doc, target) if searched else None
     return {"method": method, "target": target, "seed": seed, "achieved": policy.achieved, "best_from": best_from,
             "sparsities": policy.sparsities, "best_reward": policy.best_reward,
-            "reward_evaluations": budget if method in ("qlp", "random") else 0,
-            "search_seconds": None if method == "qlp" else round(search_seconds, 2),
+            "reward_evaluations": budget if searched or method == "random" else 0,
+            "search_seconds": None if searched else round(search_seconds, 2),
             "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],
             "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"]}
+
+
+def stage_winner(doc: dict, target: float) -> str:
+    """What won the stage of a QLP search at `target`: a demonstration's name, or the agent's own episode."""
+    best = next(b for b in doc["stages"] if b["target"] == target)
+    return best.get("demonstration") or ("agent, near-best" if best.get("near_best") else "agent")
 
 
 def agent_vs_demonstrations(doc: dict) -> list[dict]:
@@ -252,7 +270,7 @@ def agent_vs_demonstrations(doc: dict) -> list[dict]:
         episodes = [(r, d, n) for r, s, d, n in zip(rewards, stage_of, demos, near, strict=True) if s == k]
         agent = [(r, n) for r, d, n in episodes if d is None]
         ok = [(r, n) for r, n in agent if math.copysign(1.0, r) > 0]  # -0.0: a failure short by a few weights
-        winner = best.get("demonstration") or ("agent, near-best" if best.get("near_best") else "agent")
+        winner = stage_winner(doc, best["target"])
         rows.append({"target": best["target"], "agent_episodes": len(agent), "failed": len(agent) - len(ok),
                      "near_best_episodes": sum(n for _, n in agent),
                      "best_agent": max((r for r, _ in ok), default=None),
@@ -272,7 +290,7 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
               ablations: list[dict], ws, seconds: float) -> dict:
     table = []
     for target in grid.sparsities:
-        for method in ("qlp", "random", *BASELINES):
+        for method in (*SEARCHES, "random", *BASELINES):
             rows = [c for c in cells if c["method"] == method and c["target"] == target]
             if not rows:  # a partial grid
                 continue
@@ -282,25 +300,32 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
                           "best_reward": mean_std([r["best_reward"] for r in rows]) if rows[0]["best_reward"]
                           is not None else None,
                           "reward_evaluations": rows[0]["reward_evaluations"],
-                          "best_from": [r.get("best_from") for r in rows] if method == "qlp" else None,
+                          "best_from": [stage_winner(qlp[method][r["seed"]], target) for r in rows]
+                          if method in SEARCHES else None,
                           "sparsities_seed0": rows[0]["sparsities"]})
-    searches = [q["search"] for q in qlp.values()]
     random_cells = [c for c in cells if c["method"] == "random"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+
+    def cost(docs: dict) -> dict:
+        searches = [q["search"] for _, q in sorted(docs.items())]
+        return {"episodes": searches[0]["episodes"],
+                "wall_seconds": mean_std([s["wall_seconds"] for s in searches]),
+                "wall_seconds_per_seed": [s["wall_seconds"] for s in searches],
+                "seconds_per_episode": mean_std([s["seconds_per_episode"] for s in searches]),
+                "share_outside_reward": mean_std([s["share_outside_reward"] for s in searches]),
+                "reward_engine": searches[0]["reward_engine"]}
+
     return {
-        "grid": name, "settings": grid.__dict__, "layers": qlp[grid.seeds[0]]["layers"],
+        "grid": name, "settings": grid.__dict__, "layers": qlp["qlp"][grid.seeds[0]]["layers"],
+        "searches": {n: {k: v for k, v in change.items() if k != "agent"} for n, change in SEARCHES.items()},
         "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
                     "device": ws.device, "commit": commit.stdout.strip()},
         "dense": dense, "table": table, "deployed": deployed, "ablations": ablations,
-        "agent_vs_demonstrations": {seed: agent_vs_demonstrations(doc) for seed, doc in sorted(qlp.items())},
+        "agent_vs_demonstrations": {n: {seed: agent_vs_demonstrations(doc) for seed, doc in sorted(docs.items())}
+                                    for n, docs in qlp.items() if docs},
         "search_cost": {
-            "qlp": {"episodes": searches[0]["episodes"],
-                    "wall_seconds": mean_std([s["wall_seconds"] for s in searches]),
-                    "wall_seconds_per_seed": [s["wall_seconds"] for s in searches],
-                    "seconds_per_episode": mean_std([s["seconds_per_episode"] for s in searches]),
-                    "share_outside_reward": mean_std([s["share_outside_reward"] for s in searches]),
-                    "reward_engine": searches[0]["reward_engine"]},
+            **{n: cost(docs) for n, docs in qlp.items() if docs},
             "random": {"search_seconds": mean_std([c["search_seconds"] for c in random_cells] or [0.0]),
                        "reward_evaluations": sorted({c["reward_evaluations"] for c in random_cells})},
             "baselines": "closed form: well under a second each",
