@@ -263,8 +263,7 @@ def agent_vs_demonstrations(doc: dict) -> list[dict]:
     negative reward: the target was not reached), the best of those from scratch and of the near-best ones,
     the best demonstration, and what won the stage."""
     search = doc["search"]
-    rewards, stage_of, demos = search["rewards"], search["stage_of_episode"], search["demonstration"]
-    near = search.get("near_best") or [False] * len(rewards)  # searches before near-best episodes lack it
+    rewards, stage_of, demos, near = (search[k] for k in ("rewards", "stage_of_episode", "demonstration", "near_best"))
     rows = []
     for k, best in enumerate(doc["stages"], start=1):
         episodes = [(r, d, n) for r, s, d, n in zip(rewards, stage_of, demos, near, strict=True) if s == k]
