@@ -224,7 +224,9 @@ def lat(row: dict, batch: int) -> str:
 def fidelity_section(f: dict) -> list[str]:
     steps = list(f["spearman_with_finetuned"])
     lines = [f"## Reward fidelity at {f['sparsity']:g} (`python benchmarks/reward_fidelity.py`)", "",
-             "The search reward of LAMP, ERK and log-density blends between them (reward split, "
+             "The search reward of LAMP, ERK and log-density blends between them"
+             + (" and of the benchmark's QLP winners at this sparsity" if f.get("extra_allocations") else "")
+             + " (reward split, "
              f"{f['reward_images']} measured images, BatchNorm re-estimated, after {', '.join(steps)} brief "
              f"fine-tuning steps), against their accuracy after {f['finetune_epochs']} epoch of fine-tuning (seeds "
              f"{', '.join(map(str, f['seeds']))}) on the {f['validation_images']} reward-split images the reward "
@@ -256,9 +258,9 @@ def write_markdown(_latest: dict | None = None) -> None:
         path = ROOT / "benchmarks/results" / f"{name}.json"
         if path.exists():
             lines += grid_section(json.loads(path.read_text()))
-    fidelity = ROOT / "benchmarks/results/reward_fidelity.json"
-    if fidelity.exists():
-        lines += fidelity_section(json.loads(fidelity.read_text()))
+    for fidelity in ("reward_fidelity_095.json", "reward_fidelity.json"):
+        if (ROOT / "benchmarks/results" / fidelity).exists():
+            lines += fidelity_section(json.loads((ROOT / "benchmarks/results" / fidelity).read_text()))
     speed = ROOT / "benchmarks/results/speed.json"
     if speed.exists():
         sp = json.loads(speed.read_text())

@@ -11,9 +11,14 @@ and the rank correlation between each reward variant and that accuracy. With `--
 brief-fine-tuning variant is measured once as the search uses it today and once averaged over 3 image
 orders (`RewardSettings.finetune_repeats`; key "25x3" = 25 steps, 3 orders). `--reuse-finetuned FILE` takes
 the fine-tuned accuracies from an earlier run of this script on the same allocations, sparsity and seeds, and
-measures only the rewards. Writes benchmarks/results/reward_fidelity.json.
+measures only the rewards. `--extra-allocations CELL.json …` adds the allocations of benchmark cells at the same
+sparsity (the searches' own winners), so the gate also ranks what the search actually returns; an allocation
+equal to one already measured is skipped. Writes benchmarks/results/reward_fidelity.json.
 
     python benchmarks/reward_fidelity.py    # 35 min on 2 cores shared with other jobs
+    python benchmarks/reward_fidelity.py --sparsity 0.95 --steps 0 10 25 --repeats 1 3 \
+        --extra-allocations benchmarks/cells/full/cell_qlp_0.95_seed*.json \
+        benchmarks/cells/full/before-issue17/cell_qlp_0.95_seed*.json --out benchmarks/results/reward_fidelity_095.json
     python benchmarks/reward_fidelity.py --steps 10 25 --repeats 1 3 \
         --reuse-finetuned benchmarks/results/reward_fidelity.json --out benchmarks/results/reward_fidelity_repeats.json
 """
@@ -61,6 +66,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="fine-tuning seeds")
     parser.add_argument("--reuse-finetuned", type=Path, help="take the fine-tuned accuracies from this earlier run")
     parser.add_argument("--finetune-epochs", type=float, default=0.3)
+    parser.add_argument("--extra-allocations", type=Path, nargs="+", default=[],
+                        help="benchmark cell files (with 'sparsities') whose allocations are measured too")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/reward_fidelity.json")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -80,6 +87,14 @@ def main() -> None:
         return np.array([s[n] for n in names])
 
     allocations = {name: blend(w) for name, w in BLENDS.items()}
+    for path in args.extra_allocations:
+        cell = json.loads(path.read_text())
+        name = f"{cell['method']} seed {cell['seed']}" + (" (before #17)" if "before-issue17" in str(path) else "")
+        sparsities = np.array(cell["sparsities"], dtype=float)
+        if len(sparsities) != len(names) or abs(cell["target"] - args.sparsity) > 1e-9:
+            raise SystemExit(f"{path} is not an allocation of this model at sparsity {args.sparsity:g}")
+        if not any(np.allclose(sparsities, known, atol=1e-4) for known in allocations.values()):
+            allocations[name] = sparsities
     x, y = materialize(ws.splits.reward)
     x, y = x[args.reward_images:], y[args.reward_images:]  # the images the reward does not measure
 
@@ -97,7 +112,7 @@ def main() -> None:
         finetune_from=args.sparsity - 1e-3)) for key, (steps, repeats) in variants.items()}  # the blends meet
     #                                                           the target up to per-layer rounding
     settings = {"sparsity": args.sparsity, "reward_images": args.reward_images, "finetune_epochs": args.finetune_epochs,
-                "seeds": args.seeds}
+                "seeds": args.seeds, "extra_allocations": [str(p) for p in args.extra_allocations]}
     partial = json.loads(args.out.read_text()) if args.out.exists() else {}
     done = {r["allocation"]: r for r in partial.get("rows", [])
             if all(partial.get(k) == v for k, v in settings.items()) and set(variants) <= set(r["reward"])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from qlp_compress.pruning.widths import allocate_widths
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.zoo import build_model
+from qlp_compress.workflows.advice import busy_table_warning
 
 X = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -184,6 +186,20 @@ def test_latency_table_goes_through_its_calibration_measurements(lenet_table):
     by_table = sorted(samples, key=lambda w: table.predict_ms(w))
     predicted = [noisy.speedup(w) for w in by_table]
     assert all(a >= b - 1e-9 for a, b in itertools.pairwise(predicted))
+
+
+def test_latency_table_records_the_load_and_warns_when_built_on_a_busy_machine(lenet_table, capsys):
+    space, table, _, _ = lenet_table
+    assert table.data["load"]["cpus"] == os.cpu_count()
+    cpus = os.cpu_count()
+    busy = LatencyTable(space, {**table.data, "load": {"before": 0.2, "after": cpus + 3.0, "cpus": cpus}})
+    quiet = LatencyTable(space, {**table.data, "load": {"before": 0.2, "after": max(cpus - 1, 0.4), "cpus": cpus}})
+    legacy = LatencyTable(space, {k: v for k, v in table.data.items() if k != "load"})  # a table from before
+    assert busy.busy_load() == cpus + 3.0 and quiet.busy_load() is None and legacy.busy_load() is None
+    assert busy_table_warning(quiet) is None and busy_table_warning(legacy) is None
+    message = busy_table_warning(busy)
+    assert f"load average of {cpus + 3.0:.1f}" in message and table.data["file"] in message
+    assert "load average" in capsys.readouterr().err
 
 
 def test_channel_env_episodes_meet_the_budget(lenet_table):

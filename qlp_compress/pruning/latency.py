@@ -15,6 +15,10 @@ table's ratio is mapped onto directly measured uniform widths (100 %, 75 %, 50 %
 latencies, timed alternately with the dense model), piecewise linearly through those points: the prediction
 at those widths, the narrowest included, is their measurement. The affine fit of v3 could not bend to the
 narrow end: it predicted at most 2.73x where 3.23x had been measured.
+
+Timings are only as good as the machine is quiet: a table of the shipped ResNet-20 built at a load average of
+about 6 on 2 cores measured its half widths at 2.46x, the same widths measure 2.10x on the quiet machine. So the
+build records the load average before and after it, and `busy_load` says when it exceeded the cores.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -101,6 +106,13 @@ def min_ratio(dense: bytes, candidate: bytes, input_shape: Sequence[int], settin
     return {"speedup": dense_ms / candidate_ms, "dense_min_ms": dense_ms, "min_ms": candidate_ms}
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (runnable threads, this process's included); None where the system has none."""
+    with contextlib.suppress(OSError, AttributeError):
+        return round(os.getloadavg()[0], 2)
+    return None
+
+
 def _machine() -> dict:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -155,10 +167,11 @@ class LatencyTable:
             try:
                 data = json.loads(path.read_text())
                 if data.get("key") == key:
-                    return cls(space, {**data, "cached": str(path)})
+                    return cls(space, {**data, "cached": str(path), "file": str(path)})
             except (OSError, ValueError):
                 pass
         started = time.perf_counter()
+        load_before = _load_average()
         rewrite = measure_speedup(dense_onnx, rewritten_onnx, input_shape, settings.batch, settings.threads)
         entries: dict[str, float] = {}
         todo = []
@@ -181,10 +194,11 @@ class LatencyTable:
             calibration.append({"widths": widths, **min_ratio(dense_onnx, to_onnx(space.prune(widths)), input_shape,
                                                                settings)})
         data = {"key": key, "settings": asdict(settings), "rewrite": rewrite, "entries": entries,
-                "calibration": calibration, "seconds": round(time.perf_counter() - started, 1)}
+                "calibration": calibration, "seconds": round(time.perf_counter() - started, 1),
+                "load": {"before": load_before, "after": _load_average(), "cpus": os.cpu_count()}}
         with contextlib.suppress(OSError):  # a read-only cache only costs the measurement next time
             atomic_write_json(path, data)
-        return cls(space, {**data, "cached": None})
+        return cls(space, {**data, "cached": None, "file": str(path)})
 
     @staticmethod
     def _points(layer: LayerShape, sizes: Sequence[int], round_to: int) -> list[tuple[int, int]]:
@@ -299,6 +313,16 @@ class LatencyTable:
         options = self.allowed[group]
         return min(options, key=lambda w: (abs(w - channels), -w))
 
+    def busy_load(self) -> float | None:
+        """The highest load average recorded while the table was built, when it exceeded the CPU count (or the
+        thread count) by half a core or more: other work then competed for the cores being timed. None when the
+        machine was quiet, or for a table that recorded no load."""
+        load = self.data.get("load") or {}
+        highest = max((v for v in (load.get("before"), load.get("after")) if v is not None), default=None)
+        if highest is None or highest < max(load.get("cpus") or 1, self.settings.threads) + 0.5:
+            return None
+        return highest
+
     def max_speedup(self) -> float:
         return self.speedup([a[0] for a in self.allowed])
 
@@ -311,7 +335,8 @@ class LatencyTable:
                 "calibration_knots": [[round(float(x), 4), round(float(y), 4)]
                                       for x, y in zip(*self.knots, strict=True)],
                 "entries": len(self.entries),
-                "measure_seconds": self.data.get("seconds"), "cached": self.data.get("cached"),
+                "measure_seconds": self.data.get("seconds"), "load_while_built": self.data.get("load"),
+                "cached": self.data.get("cached"),
                 "machine": _machine()}
 
 

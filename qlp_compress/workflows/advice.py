@@ -2,6 +2,8 @@
 
 - budget: a curriculum stage whose episodes all (or nearly all) go to demonstrations leaves the agent nothing to
   search with; checked from the settings before the search starts.
+- busy machine: a latency table timed while other work competed for the cores predicts speedups that the quiet
+  machine does not reproduce; checked when the table is opened.
 - no signal: when every allocation the final stage scored is about chance accuracy, the reward cannot tell good
   allocations from bad ones, and the choice is noise; checked from the episodes after the search.
 """
@@ -77,3 +79,14 @@ def signal_warning(history: Sequence[dict], num_classes: int, target: float, fin
                  f"{max(scored):.3f}, chance {chance:.3f} with {num_classes} classes), so the reward cannot tell "
                  f"good allocations from bad and the policy is a guess; lower --sparsity, let the reward fine-tune "
                  f"({tune}), or measure on more images (--reward-images)")
+
+
+def busy_table_warning(table) -> str | None:
+    """The warning (printed, and returned) when the latency table was built on a busy machine; None otherwise."""
+    load = table.busy_load()
+    if load is None:
+        return None
+    where = table.data.get("file") or "its file in the latency cache (qlp-compress/latency under ~/.cache)"
+    return _warn(f"the latency table was measured at a load average of {load:.1f} on {table.data['load']['cpus']} "
+                 f"CPUs, so its speedups may be off by 15–25 %; delete {where} and rerun on a quiet machine to "
+                 f"measure it again")

@@ -41,7 +41,7 @@ from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
 from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
-from qlp_compress.workflows.advice import budget_warning, signal_warning
+from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning
 from qlp_compress.workflows.quantize import quantize_beside
 from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
@@ -101,6 +101,7 @@ def open_channels(ws: Workspace, settings: LatencySettings, cache: Path | None =
         dense = export_bytes(ws.loaded.module, ws)
         table = LatencyTable.build(space, dense, export_bytes(space.model, ws), ws.input_shape, settings,
                                    ws.loaded.sha256, lambda m: export_bytes(m, ws), cache=cache)
+    busy_table_warning(table)
     return ChannelContext(space, table, dense, time.perf_counter() - started)
 
 
