@@ -43,6 +43,7 @@ from qlp_compress.workflows import (
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("qlp", "uniform", "l1", "bn-slimming", "random")
+VARIANTS = {"qlp-1stage": ("qlp", 1)}  # extra --methods: (method, curriculum stages), e.g. QLP without curriculum
 
 
 def main() -> None:
@@ -50,7 +51,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=ROOT / "models/resnet20_fmnist.onnx")
     parser.add_argument("--tag", default="resnet20")
     parser.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0, 3.0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *VARIANTS])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--episodes", type=int, default=60)
     parser.add_argument("--reward-images", type=int, default=500)
@@ -82,9 +83,10 @@ def main() -> None:
                 if all((cells / n).exists() for n in names.values()):
                     continue
                 finetune = TrainSettings(epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0, seed=seed)
+                base, stages = VARIANTS.get(method, (method, 3))
                 settings = ChannelSettings(
-                    method=method, speedup=speedup, latency=latency, finetune=finetune,
-                    search=SearchSettings(target=0.5, episodes=args.episodes, stages=3, seed=seed),
+                    method=base, speedup=speedup, latency=latency, finetune=finetune,
+                    search=SearchSettings(target=0.5, episodes=args.episodes, stages=stages, seed=seed),
                     reward=ChannelRewardSettings(images=args.reward_images))
                 started = time.perf_counter()
                 try:  # one search serves both fine-tuning variants (same seed, same widths)
