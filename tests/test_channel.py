@@ -25,7 +25,7 @@ from qlp_compress.pruning.widths import allocate_widths
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.zoo import build_model
-from qlp_compress.workflows.advice import busy_table_warning
+from qlp_compress.workflows.advice import busy_table_warning, speedup_warning
 
 X = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -200,6 +200,13 @@ def test_latency_table_records_the_load_and_warns_when_built_on_a_busy_machine(l
     message = busy_table_warning(busy)
     assert f"load average of {cpus + 3.0:.1f}" in message and table.data["file"] in message
     assert "load average" in capsys.readouterr().err
+
+
+def test_speedup_warning_when_the_measurement_falls_short_of_the_target(capsys):
+    assert speedup_warning(1.5, 1.52, 1.40, 64) is None  # within 10 % of the target
+    message = speedup_warning(1.5, 1.52, 1.30, 64)
+    assert "1.30× at batch 64" in message and "--speedup 1.75" in message  # 1.5 × 1.52 / 1.30
+    assert "short of --speedup 1.5" in capsys.readouterr().err
 
 
 def test_channel_env_episodes_meet_the_budget(lenet_table):

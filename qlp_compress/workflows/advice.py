@@ -4,6 +4,8 @@
   search with; checked from the settings before the search starts.
 - busy machine: a latency table timed while other work competed for the cores predicts speedups that the quiet
   machine does not reproduce; checked when the table is opened.
+- short of the target: a channel-pruned model that measures well below its --speedup at the table's batch (the
+  table's per-layer sum misjudged the chosen widths); checked after the direct measurement.
 - no signal: when every allocation the final stage scored is about chance accuracy, the reward cannot tell good
   allocations from bad ones, and the choice is noise; checked from the episodes after the search.
 """
@@ -17,6 +19,7 @@ from qlp_compress.search.curriculum import SearchSettings, curriculum_targets, s
 
 MIN_AGENT_EPISODES = 5  # episodes of its own a stage should give the agent (ε-greedy needs a few to explore)
 CHANCE_MARGIN = 0.05  # a reward within 5 points of chance accuracy carries no signal
+SPEEDUP_SHORTFALL = 0.9  # warn when the measured speedup is below this share of the target
 
 
 def _warn(message: str) -> str:
@@ -90,3 +93,15 @@ def busy_table_warning(table) -> str | None:
     return _warn(f"the latency table was measured at a load average of {load:.1f} on {table.data['load']['cpus']} "
                  f"CPUs, so its speedups may be off by 15–25 %; delete {where} and rerun on a quiet machine to "
                  f"measure it again")
+
+
+def speedup_warning(target: float, predicted: float, measured: float, batch: int) -> str | None:
+    """The warning (printed, and returned) when the exported model's measured speedup at the target's batch is below
+    SPEEDUP_SHORTFALL × the target; None otherwise. It suggests the target that the table's error, read as
+    proportional, would have turned into the one asked for."""
+    if measured >= SPEEDUP_SHORTFALL * target:
+        return None
+    ask = target * predicted / measured
+    return _warn(f"the pruned model measures {measured:.2f}× at batch {batch}, short of --speedup {target:g} (the "
+                 f"latency table predicted {predicted:.2f}× for these widths); to land near {target:g}× ask for about "
+                 f"--speedup {ask:.2f}, or rebuild the latency table on a quiet machine")

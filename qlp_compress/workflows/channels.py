@@ -41,7 +41,7 @@ from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
 from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
-from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning
+from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning, speedup_warning
 from qlp_compress.workflows.quantize import quantize_beside
 from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
@@ -228,6 +228,8 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
                 "finetuned": measure(ws, ctx, tuned_bytes, tuned, settings)}
     dense_accuracy = session_accuracy(open_session(ctx.dense_onnx), ws.splits.test)
     at = measured["finetuned"]["speedup"]
+    speedup_warning(settings.speedup, found["predicted_speedup"], at[str(settings.latency.batch)]["speedup"],
+                    settings.latency.batch)
     metadata = {"qlp.source_sha256": ws.loaded.sha256, "qlp.structure": "channel", "qlp.method": settings.method,
                 "qlp.target_speedup": f"{settings.speedup:g}", "qlp.latency_batch": settings.latency.batch,
                 "qlp.threads": settings.latency.threads,
