@@ -207,10 +207,15 @@ def _model_section(tag: str, m: dict) -> list[str]:
                      f"{statistics.mean(r['params'] for r in group):,.0f} | "
                      f"{statistics.mean(r['pruned_accuracy'] for r in group):.2%} | {acc:.2%} ± {sd:.2%} | "
                      f"{(acc - dense) * 100:+.2f} | {statistics.mean(r['search_seconds'] for r in group):.0f} |")
-    errors = [r for r in rows if "error" in r]
-    if errors:
-        lines += ["", "Cells that could not run:", *sorted({f"- {_name(r)} at {r['target_speedup']:g}× (seed "
-                                                           f"{r['seed']}): {r['error']}" for r in errors})]
+    refused: dict[tuple, list[dict]] = {}  # one line per (target, reason): which methods and seeds
+    for r in rows:
+        if "error" in r:
+            refused.setdefault((r["target_speedup"], r["error"]), []).append(r)
+    if refused:
+        lines += ["", "Cells that could not run:", *[
+            f"- {', '.join(sorted({_name(r) for r in group}))} at {target:g}× (seeds "
+            f"{', '.join(map(str, sorted({r['seed'] for r in group})))}): {error}"
+            for (target, error), group in sorted(refused.items())]]
     lines += ["", "### Per seed", "",
               "| method | target | seed | predicted | b1 | b64 | b64 min-latency | MACs (M) | params | acc. pruned | "
               "acc. fine-tuned | search s | cell s |", "|---" + "|---:" * 12 + "|"]

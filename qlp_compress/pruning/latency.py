@@ -17,8 +17,8 @@ at those widths, the narrowest included, is their measurement. The affine fit of
 narrow end: it predicted at most 2.73x where 3.23x had been measured.
 
 Timings are only as good as the machine is quiet: a table of the shipped ResNet-20 built at a load average of
-about 6 on 2 cores measured its half widths at 2.46x, the same widths measure 2.10x on the quiet machine. So the
-build records the load average before and after it, and `busy_load` says when it exceeded the cores.
+about 6 on 2 cores measured its half widths at 2.46x; two builds on the quiet machine measured 2.10x and 2.27x. So
+the build records the load average before and after it, and `busy_load` says when it exceeded the cores.
 """
 
 from __future__ import annotations
