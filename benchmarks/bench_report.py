@@ -258,9 +258,10 @@ def write_markdown(_latest: dict | None = None) -> None:
         path = ROOT / "benchmarks/results" / f"{name}.json"
         if path.exists():
             lines += grid_section(json.loads(path.read_text()))
-    for fidelity in ("reward_fidelity_095.json", "reward_fidelity.json"):
-        if (ROOT / "benchmarks/results" / fidelity).exists():
-            lines += fidelity_section(json.loads((ROOT / "benchmarks/results" / fidelity).read_text()))
+    for name in ("reward_fidelity_095.json", "reward_fidelity.json"):
+        fidelity = ROOT / "benchmarks/results" / name
+        if fidelity.exists():
+            lines += fidelity_section(json.loads(fidelity.read_text()))
     speed = ROOT / "benchmarks/results/speed.json"
     if speed.exists():
         sp = json.loads(speed.read_text())

@@ -61,6 +61,12 @@ SEARCHES = {  # the QLP searches of every seed (one curriculum each; its stage p
 REWARD_KEYS = ("bn_recalibrate", "finetune_steps", "finetune_from")  # RewardSettings fields a variant may change
 
 
+def split_change(change: dict) -> tuple[dict, dict]:
+    """A variant's changes to SearchSettings and to RewardSettings."""
+    return ({k: v for k, v in change.items() if k not in REWARD_KEYS},
+            {k: v for k, v in change.items() if k in REWARD_KEYS})
+
+
 @dataclass(frozen=True)
 class Grid:
     """One benchmark configuration."""
@@ -155,10 +161,10 @@ def main() -> None:
         computing = not args.report_only and (args.compute_seeds is None or seed in args.compute_seeds)
         # 1. QLP: one curriculum search per seed and variant; its stage policies serve every sparsity
         for name, change in SEARCHES.items():
+            search_change, reward_change = split_change(change)
             search = replace(SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes,
-                                            stage_targets=stage_targets, seed=seed),
-                             **{k: v for k, v in change.items() if k not in REWARD_KEYS})
-            scored = replace(reward, **{k: v for k, v in change.items() if k in REWARD_KEYS})
+                                            stage_targets=stage_targets, seed=seed), **search_change)
+            scored = replace(reward, **reward_change)
             stem = f"search_{slug(name)}_seed{seed}"
             doc = cell(work / f"{stem}.json", lambda s=search, r=scored, stem=stem: policy_doc(
                 find_policy(ws, "qlp", s.target, s, r, checkpoint=work / f"{stem}.ckpt", resume=True)))
@@ -217,8 +223,7 @@ def deploy(ws, qlp_doc: dict, stage_targets: tuple[float, ...], target: float, f
 def ablate(ws, grid: Grid, name: str, reward: RewardSettings, finetune: TrainSettings) -> dict:
     """One QLP search at the ablation sparsity with one design choice changed, then pruned and fine-tuned."""
     change = ABLATIONS[name]
-    reward_change = {k: v for k, v in change.items() if k in REWARD_KEYS}
-    search_change = {k: v for k, v in change.items() if k not in reward_change}
+    search_change, reward_change = split_change(change)
     s = replace(SearchSettings(target=grid.ablation_sparsity, episodes=grid.ablation_episodes, seed=grid.seeds[0]),
                 **search_change)
     try:

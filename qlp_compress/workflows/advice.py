@@ -91,8 +91,8 @@ def busy_table_warning(table) -> str | None:
         return None
     where = table.data.get("file") or "its file in the latency cache (qlp-compress/latency under ~/.cache)"
     return _warn(f"the latency table was measured at a load average of {load:.1f} on {table.data['load']['cpus']} "
-                 f"CPUs, so its speedups may be off by 15–25 %; delete {where} and rerun on a quiet machine to "
-                 f"measure it again")
+                 f"CPUs, so its speedups may be off by up to about 20 %; delete {where} and rerun on a quiet "
+                 f"machine to measure it again")
 
 
 def speedup_warning(target: float, predicted: float, measured: float, batch: int) -> str | None:
