@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_report import spearman, spearman_p
 
 from qlp_compress.base.io import atomic_write_json
 from qlp_compress.data import materialize
@@ -46,14 +47,6 @@ from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, 
 
 ROOT = Path(__file__).resolve().parents[1]
 BLENDS = {"lamp": 0.0, "blend 0.25": 0.25, "blend 0.5": 0.5, "blend 0.75": 0.75, "erk": 1.0}  # weight of ERK
-
-
-def ranks(values: list[float]) -> np.ndarray:
-    return np.argsort(np.argsort(values)).astype(float)
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
 def main() -> None:
@@ -155,6 +148,7 @@ def main() -> None:
         **settings, "validation_images": len(y), "rows": rows,
         "finetuned_from": str(args.reuse_finetuned) if args.reuse_finetuned else None,
         "spearman_with_finetuned": {k: spearman([r["reward"][k] for r in rows], after) for k in variants},
+        "spearman_p_one_sided": {k: spearman_p([r["reward"][k] for r in rows], after) for k in variants},
         "machine": {"processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "wall_seconds": round(time.perf_counter() - started, 1)})
     print(f"wrote {args.out}")

@@ -76,8 +76,8 @@ class Choice:
     demonstrations: str = DEFAULT_DEMONSTRATIONS
     reward_images: int = 1000
     bn_recalibrate: int = 256
-    reward_finetune_steps: int = 10
-    reward_finetune_from: float = 0.95
+    reward_finetune_steps: int = RewardSettings.finetune_steps
+    reward_finetune_from: float = RewardSettings.finetune_from
     reward_engine: str = "auto"
     min_density: float = 0.0
     latency_batch: int = 64
@@ -126,8 +126,9 @@ def _check_choice(how: Choice, searching: bool) -> None:
                              "leave it out with --structure channel")
         validate.whole("--reward-images", how.reward_images, 1, "1000")
         validate.whole("--bn-recalibrate", how.bn_recalibrate, 0, "256")
-        validate.whole("--reward-finetune-steps", how.reward_finetune_steps, 0, "10")
-        validate.fraction("--reward-finetune-from", how.reward_finetune_from, 0, 1, "0.95", low_open=True)
+        validate.whole("--reward-finetune-steps", how.reward_finetune_steps, 0, str(RewardSettings.finetune_steps))
+        validate.fraction("--reward-finetune-from", how.reward_finetune_from, 0, 1, str(RewardSettings.finetune_from),
+                          low_open=True)
         validate.choice("--reward-engine", how.reward_engine, ENGINES)
         _demonstrations(how)
 
