@@ -243,7 +243,8 @@ def lat(row: dict, batch: int) -> str:
 
 def fidelity_section(f: dict) -> list[str]:
     steps = list(f["spearman_with_finetuned"])
-    lines = [f"## Reward fidelity at {f['sparsity']:g} (`python benchmarks/reward_fidelity.py`)", "",
+    lines = [f"## Reward fidelity at {f['sparsity']:g}, {len(f['rows'])} allocations "
+             "(`python benchmarks/reward_fidelity.py`)", "",
              "The search reward of LAMP, ERK and log-density blends between them"
              + (" and of the benchmark's QLP winners at this sparsity" if f.get("extra_allocations") else "")
              + " (reward split, "
