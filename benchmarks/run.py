@@ -185,13 +185,18 @@ def main() -> None:
         for target in grid.sparsities:
             stage = stage_targets.index(target) + 1
             budget = sum(1 for k in lengths if k <= stage)  # QLP's reward evaluations up to this stage
+            def cell_path(method: str, t=target, sd=seed) -> Path:
+                return work / f"cell_{slug(method)}_{t:g}_seed{sd}.json"
+
+            def compute(m: str, t=target, sd=seed, st=stage, bu=budget, docs=docs, cell_path=cell_path) -> dict:
+                twin = twin_cell(docs, m, st, cell_path)
+                if twin:
+                    return {**twin, "method": m, "best_from": stage_winner(docs[m], t),
+                            "same_allocation_as": twin["method"]}
+                return run_cell(ws, m, t, sd, st, bu, docs.get(m), reward, finetune(sd))
+
             for method in (*docs, "random", *BASELINES):
-                path = work / f"cell_{slug(method)}_{target:g}_seed{seed}.json"
-                twin = twin_cell(docs, method, stage, lambda m: work / f"cell_{slug(m)}_{target:g}_seed{seed}.json")
-                cells.append(cell(path, (lambda tw=twin, m=method, t=target: {
-                    **tw, "method": m, "best_from": stage_winner(docs[m], t), "same_allocation_as": tw["method"]})
-                                  if twin else lambda m=method, t=target, sd=seed, st=stage, bu=budget,
-                                  d=docs.get(method): run_cell(ws, m, t, sd, st, bu, d, reward, finetune(sd))))
+                cells.append(cell(cell_path(method), lambda m=method, compute=compute: compute(m)))
         if seed == grid.seeds[0]:
             tune = finetune(seed)
             deployed = [cell(work / f"deployed_{t:g}.json",
