@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import onnxruntime as ort
@@ -47,6 +47,8 @@ from qlp_compress.workflows import (
     open_workspace,
     prune_and_finetune,
 )
+from qlp_compress.workflows.selection import SelectionSettings, candidates, select
+from qlp_compress.workflows.weights import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("global", "lamp", "erk", "uniform")
@@ -62,6 +64,9 @@ SEARCHES = {  # the QLP searches of every seed (one curriculum each; its stage p
     # CLI's default reward since then (one-shot below 0.97, 25 steps from 0.97)
     "qlp, gated reward": {"finetune_from": 0.97, "finetune_steps": 25},
 }
+# rows whose policy is a search's, with its answer chosen among the stage's best allocations by fine-tuning them
+# (workflows.selection, the CLI's default --candidates 3 --select-epochs 0.3): row name → the search it chooses for
+CHOSEN = {"qlp, gated reward, 3 candidates": "qlp, gated reward"}
 REWARD_KEYS = ("bn_recalibrate", "finetune_steps", "finetune_from")  # RewardSettings fields a variant may change
 
 
@@ -189,13 +194,16 @@ def main() -> None:
                 return work / f"cell_{slug(method)}_{t:g}_seed{sd}.json"
 
             def compute(m: str, t=target, sd=seed, st=stage, bu=budget, docs=docs, cell_path=cell_path) -> dict:
+                if m in CHOSEN:
+                    return chosen_cell(ws, m, t, sd, st, docs, reward, finetune(sd), cell_path)
                 twin = twin_cell(docs, m, st, cell_path)
                 if twin:
                     return {**twin, "method": m, "best_from": stage_winner(docs[m], t),
                             "same_allocation_as": twin["method"]}
                 return run_cell(ws, m, t, sd, st, bu, docs.get(m), reward, finetune(sd))
 
-            for method in (*docs, "random", *BASELINES):
+            chosen = [m for m, search in CHOSEN.items() if search in docs]
+            for method in (*docs, "random", *BASELINES, *chosen):  # a chosen row copies cells computed before it
                 cells.append(cell(cell_path(method), lambda m=method, compute=compute: compute(m)))
         if seed == grid.seeds[0]:
             tune = finetune(seed)
@@ -209,7 +217,7 @@ def main() -> None:
         raise SystemExit(f"no finished search in {work}: run without --report-only first")
     dense = cached(work / "dense.json", lambda: measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=30))
     done = [c for c in cells if c is not None]
-    expected = len(grid.seeds) * len(grid.sparsities) * (len(SEARCHES) + 1 + len(BASELINES))
+    expected = len(grid.seeds) * len(grid.sparsities) * (len(SEARCHES) + len(CHOSEN) + 1 + len(BASELINES))
     summary = summarise(grid, args.grid, done, qlp, [d for d in deployed if d], dense,
                         [a for a in ablations if a], ws, time.perf_counter() - started)
     summary["finished_cells"], summary["expected_cells"] = len(done), expected
@@ -283,6 +291,34 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
             "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"]}
 
 
+def chosen_cell(ws, name: str, target: float, seed: int, stage: int, docs: dict[str, dict], reward: RewardSettings,
+                finetune: TrainSettings, cell_path) -> dict:
+    """The cell of a CHOSEN row: the stage's candidates (the search's stage answer and its best demonstrations) are
+    fine-tuned as the CLI does and measured on held-out reward-split images; the winner is then fine-tuned with the
+    cell's settings. With the CLI's 0.3 epoch that is the grid's own fine-tuning, seed included, so the winner's cell
+    is the cell of the same allocation computed before (the search's own row, or the baseline's), copied."""
+    doc = docs[CHOSEN[name]]
+    settings = SelectionSettings()
+    t0 = time.perf_counter()
+    found = candidates(policy_from(doc), allocator(ws), settings.candidates, stage=stage - 1)
+    winner, record = select(ws, stage_policy(doc, stage), found, settings, finetune, reward.images)
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    mine = {"method": name, "best_from": stage_winner(doc, target) if winner == found[0] else winner.name,
+            "best_reward": winner.reward, "selection": record,
+            "reward_evaluations": json.loads(cell_path(CHOSEN[name]).read_text())["reward_evaluations"]}
+    same = CHOSEN[name] if winner == found[0] else winner.name
+    twin = cell_path(same)
+    if settings.epochs == finetune.epochs and twin.exists() and \
+            json.loads(twin.read_text())["sparsities"] == winner.sparsities:
+        return {**json.loads(twin.read_text()), **mine, "same_allocation_as": same}
+    policy = replace(stage_policy(doc, stage), sparsities=winner.sparsities, best_reward=winner.reward)
+    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    return {**mine, "target": target, "seed": seed, "achieved": policy.achieved, "sparsities": policy.sparsities,
+            "search_seconds": None,
+            "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],
+            "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, 1)["accuracy"]}
+
+
 def twin_cell(docs: dict[str, dict], method: str, stage: int, cell_path) -> dict | None:
     """The finished cell of an earlier search of this seed whose stage policy is the same allocation as
     `method`'s, else None. Search variants that differ only from some target on (say, the reward at 0.95) play
@@ -336,7 +372,7 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
               ablations: list[dict], ws, seconds: float) -> dict:
     table = []
     for target in grid.sparsities:
-        for method in (*SEARCHES, "random", *BASELINES):
+        for method in (*SEARCHES, *CHOSEN, "random", *BASELINES):
             rows = [c for c in cells if c["method"] == method and c["target"] == target]
             if not rows:  # a partial grid
                 continue
@@ -347,7 +383,7 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
                           is not None else None,
                           "reward_evaluations": rows[0]["reward_evaluations"],
                           "best_from": [stage_winner(qlp[method][r["seed"]], target) for r in rows]
-                          if method in SEARCHES else None,
+                          if method in SEARCHES else [r["best_from"] for r in rows] if method in CHOSEN else None,
                           "sparsities_seed0": rows[0]["sparsities"]})
     random_cells = [c for c in cells if c["method"] == "random"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
@@ -363,7 +399,8 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
 
     return {
         "grid": name, "settings": grid.__dict__, "layers": qlp["qlp"][grid.seeds[0]]["layers"],
-        "searches": {n: {k: v for k, v in change.items() if k != "agent"} for n, change in SEARCHES.items()},
+        "searches": {**{n: {k: v for k, v in change.items() if k != "agent"} for n, change in SEARCHES.items()},
+                     **{n: {"answer_chosen_for": s, **asdict(SelectionSettings())} for n, s in CHOSEN.items()}},
         "machine": {"processor": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
                     "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
                     "device": ws.device, "commit": commit.stdout.strip()},

@@ -52,6 +52,13 @@ def test_search_end_to_end(tiny, tmp_path, qlp):
     assert [round(s["target"], 6) for s in policy["stages"]][-1] == 0.8
     assert len(policy["search"]["rewards"]) == 12
     assert policy["search"]["reward_engine"] == "onnxruntime"  # the fast engine works on imported graphs
+    # the answer is the most accurate of the candidates after brief fine-tuning, with the search's answer first
+    selection = policy["search"]["selection"]
+    held_out = {c["name"]: c["held_out_accuracy"] for c in selection["candidates"]}
+    assert len(held_out) == 3 and selection["held_out_images"] == 100
+    assert held_out[selection["chosen"]] == max(held_out.values())
+    assert selection["candidates"][0]["name"] == (policy["stages"][-1]["demonstration"] or "search")
+    assert f"**{selection['chosen']}**" in (out / "report.md").read_text()
     # metadata and reported accuracy agree with a fresh onnxruntime measurement of the written file
     meta = export.read_metadata(proto)
     assert meta["qlp.source_sha256"] == policy["model_sha256"]

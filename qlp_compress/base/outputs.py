@@ -32,7 +32,8 @@ WORK = ".work"  # the run's working folder inside OUT
 # every file a folder-writing run may leave in OUT: a new run replaces all of these that it finds
 OUTPUT_NAMES = ("model.onnx", "model.sparse.onnx", "model.int8.onnx", "policy.json", "report.json", "report.md",
                 "sparsity.png", "reward.png", "compare.json", "compare.md")
-CHECKPOINTS = ("search.ckpt", "finetune.ckpt", "compare.json")  # what --resume continues from (in .work)
+CHECKPOINTS = ("search.ckpt", "selection.json", "selection.ckpt", "finetune.ckpt",
+               "compare.json")  # what --resume continues from (in .work)
 
 
 # ----------------------------------------------------------------------------------------------- locks

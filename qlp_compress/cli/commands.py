@@ -94,6 +94,8 @@ def search_cmd(
     passes: o.Passes = o.HOW.passes,
     demonstrations: o.Demonstrations = o.HOW.demonstrations,
     near_best: o.NearBest = o.HOW.near_best,
+    candidates: o.Candidates = o.HOW.candidates,
+    select_epochs: o.SelectEpochs = o.HOW.select_epochs,
     reward_images: o.RewardImages = o.HOW.reward_images,
     reward_size: o.RewardSize = None,
     bn_recalibrate: o.BnRecalibrate = o.HOW.bn_recalibrate,
@@ -133,7 +135,7 @@ def search_cmd(
                lr, sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force)
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, episodes=episodes,
                  stages=stages, passes=passes, demonstrations=demonstrations, near_best=near_best,
-                 reward_images=reward_images,
+                 candidates=candidates, select_epochs=select_epochs, reward_images=reward_images,
                  bn_recalibrate=bn_recalibrate, reward_finetune_steps=reward_finetune_steps,
                  reward_finetune_from=reward_finetune_from, reward_engine=reward_engine, latency_batch=latency_batch,
                  threads=threads, round_to=round_to, distill=distill)

@@ -74,6 +74,13 @@ NearBest = Annotated[float | None, typer.Option("--near-best", help="weight: sha
                                                                   "best allocation so far and change a few layers "
                                                                   "by relative steps (0 = none) [default: 0.5].",
                                                  show_default=False)]
+Candidates = Annotated[int, typer.Option("--candidates", help="weight, qlp, with fine-tuning: the search's answer "
+                                                             "and its best-scoring demonstrations, this many in "
+                                                             "all, are each fine-tuned for --select-epochs; the "
+                                                             "most accurate on held-out reward-split images is "
+                                                             "kept (1 = keep the search's answer).")]
+SelectEpochs = Annotated[float, typer.Option("--select-epochs", help="Fine-tuning epochs of each --candidates "
+                                                                     "allocation.")]
 RewardImages = Annotated[int, typer.Option("--reward-images", help="Reward-split images per reward evaluation.")]
 BnRecalibrate = Annotated[int, typer.Option("--bn-recalibrate", help="Reward images that re-estimate BatchNorm "
                                                                      "before each reward (0 = off).")]

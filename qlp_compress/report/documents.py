@@ -67,11 +67,23 @@ def report_markdown(report: dict, plots: list[str]) -> str:
         lines += [f"| {i + 1} | {st['target']:.4f} | {st['reward']:.4f} | {st['episode']} | "
                   f"{st['demonstration'] + ' demonstration' if st.get('demonstration') else 'the agent'} |"
                   for i, st in enumerate(report["stages"])]
-        lines.append("")
+        lines += ["", *_selection_lines(s.get("selection"))]
     lines += ["| layer | weights | sparsity |", "|---|---:|---:|"]
     lines += [f"| {r['name']} | {r['weights']:,} | {r['sparsity']:.2%} |" for r in report["layers"]]
     lines += [""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def _selection_lines(selection: dict | None) -> list[str]:
+    """How the answer was chosen among the search's best allocations (workflows.selection)."""
+    if not selection:
+        return []
+    lines = [f"The answer was chosen among the last stage's best allocations, each fine-tuned for "
+             f"{selection['epochs']:g} epoch and measured on {selection['held_out_images']} reward-split images the "
+             f"reward never measured: **{selection['chosen']}**.", "",
+             "| candidate | reward | held-out accuracy |", "|---|---:|---:|"]
+    lines += [f"| {c['name']} | {c['reward']:.4f} | {c['held_out_accuracy']:.2%} |" for c in selection["candidates"]]
+    return [*lines, ""]
 
 
 def _provenance_lines(report: dict) -> list[str]:

@@ -5,6 +5,7 @@ benchmarks call them too.
   export and measurement of ONNX files;
 - commands: one library call per command, taking the options vocabulary every command shares;
 - weights: weight mode (unstructured zeros): search / allocate, prune, fine-tune, export, report; finetune; export;
+- selection: a QLP search's answer chosen among its best allocations by fine-tuning them (weight mode);
 - channels: channel mode (whole channels removed for a measured speedup);
 - compare, evaluate, train, quantize: the commands of the same names.
 

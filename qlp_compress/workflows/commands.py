@@ -26,8 +26,9 @@ from qlp_compress.search.curriculum import SearchSettings, check_budget
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
-from qlp_compress.workflows import channels, evaluate, quantize, train, weights
+from qlp_compress.workflows import channels, evaluate, quantize, selection, train, weights
 from qlp_compress.workflows.compare import compare as compare_weights
+from qlp_compress.workflows.selection import SelectionSettings
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 STRUCTURES = ("weight", "channel")
@@ -86,6 +87,8 @@ class Choice:
     distill: bool = True
     near_best: float | None = None  # share of each stage's episodes that search around the stage's best
     #                                 allocation; None: 0.5 in weight mode (the search's default), 0 in channel mode
+    candidates: int = SelectionSettings.candidates  # weight, qlp: allocations fine-tuned to choose the answer
+    select_epochs: float = SelectionSettings.epochs  # fine-tuning per candidate
     targets: tuple[float, ...] = field(default_factory=tuple)  # compare: several targets
 
 
@@ -131,6 +134,7 @@ def _check_choice(how: Choice, searching: bool) -> None:
                           low_open=True)
         validate.choice("--reward-engine", how.reward_engine, ENGINES)
         _demonstrations(how)
+        selection.check(_selection(how))
 
 
 def _demonstrations(how: Choice) -> tuple[str, ...] | None:
@@ -146,6 +150,10 @@ def _demonstrations(how: Choice) -> tuple[str, ...] | None:
             raise UsageError(f"--demonstrations: unknown {how.structure} allocation {name!r}; use a comma-separated "
                              f"list of {', '.join(allowed)}, {DEFAULT_DEMONSTRATIONS} (all of them), or none")
     return names
+
+
+def _selection(how: Choice) -> SelectionSettings:
+    return SelectionSettings(candidates=how.candidates, epochs=how.select_epochs)
 
 
 def _latency(how: Choice) -> LatencySettings:
@@ -223,7 +231,7 @@ def search(run: RunOptions, how: Choice) -> dict:
     settings = weights.CompressSettings(
         method=how.method, target=how.sparsity, search=_search_settings(how, run, how.sparsity), reward=reward,
         allocation=AllocationSettings(min_density=how.min_density), finetune=_finetune(run),
-        sparse_storage=run.sparse_storage, quantize=int8)
+        sparse_storage=run.sparse_storage, quantize=int8, selection=_selection(how))
     report = weights.compress(run.model, ws, settings, out, run.command, resume=run.resume, policy=chosen,
                               force=run.force)
     return {"out": str(out), **report}
@@ -252,7 +260,7 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
         rows = compare_weights(ws, methods, targets, _search_settings(how, run, targets[0]),
                                RewardSettings(images=how.reward_images, device=ws.device),
                                AllocationSettings(min_density=how.min_density), _finetune(run), out, run.command,
-                               force=run.force, resume=run.resume)
+                               force=run.force, resume=run.resume, selection=_selection(how))
     return {"out": str(out), "compare_json": str(out / "compare.json"), "compare_md": str(out / "compare.md"),
             "rows": rows}
 

@@ -6,7 +6,6 @@ import json
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qlp_compress.base.errors import UsageError
 from qlp_compress.base.io import atomic_write_text
@@ -16,18 +15,15 @@ from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.reward.weights import RewardSettings
 from qlp_compress.search.curriculum import METHODS, SearchSettings
 from qlp_compress.train.finetune import TrainSettings
-
-if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
-    pass
-
-
-from qlp_compress.workflows.weights import find_policy, prune_and_finetune
+from qlp_compress.workflows.selection import SelectionSettings, choose_answer
+from qlp_compress.workflows.weights import allocator, find_policy, prune_and_finetune
 from qlp_compress.workflows.workspace import Workspace, export_bytes, measure_onnx
 
 
 def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
             reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
-            out: Path, command: str, force: bool = False, resume: bool = False) -> list[dict]:
+            out: Path, command: str, force: bool = False, resume: bool = False,
+            selection: SelectionSettings | None = None) -> list[dict]:
     """Every method at every target: same masks rule, same fine-tuning budget, test accuracy via onnxruntime.
 
     compare.json and compare.md are written as a set at the end (qlp_compress.base.outputs); the rows measured so far
@@ -37,14 +33,15 @@ def compare(ws: Workspace, methods: list[str], targets: list[float], search: Sea
         if method not in ALLOCATORS and method not in METHODS:
             raise UsageError(f"unknown method {method!r}; use {', '.join((*METHODS, *ALLOCATORS))}")
     with OutputRun(out, force, resume) as run:
-        rows = _compare(ws, methods, targets, search, reward_settings, allocation, finetune, run, command)
+        rows = _compare(ws, methods, targets, search, reward_settings, allocation, finetune, run, command,
+                        selection or SelectionSettings())
         run.commit()
     return rows
 
 
 def _compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
              reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
-             run: OutputRun, command: str) -> list[dict]:
+             run: OutputRun, command: str, selection: SelectionSettings) -> list[dict]:
     from qlp_compress.base.io import atomic_write_json
     from qlp_compress.report.documents import compare_markdown
     from qlp_compress.report.progress import search_progress
@@ -62,6 +59,9 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
                 with search_progress(f"{method} @ {target:g}", search.episodes) as on_episode:
                     policy = find_policy(ws, method, target, replace(search, target=target), reward_settings,
                                          on_episode=on_episode)
+                if method == "qlp":  # its answer chosen as the search command chooses it
+                    policy = choose_answer(ws, policy, allocator(ws, allocation), selection, finetune,
+                                           reward_settings.images)
             else:
                 policy = find_policy(ws, method, target, allocation=allocation)
             search_seconds = time.perf_counter() - started
@@ -72,6 +72,7 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
                          "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, repeats=1)["accuracy"]
                          if finetune else None,
                          "best_reward": policy.best_reward, "search_seconds": round(search_seconds, 1),
+                         "chosen": policy.search.get("selection", {}).get("chosen"),
                          "sparsities": policy.sparsities})
             atomic_write_json(run.work / "compare.json", document)
     atomic_write_json(run.staging / "compare.json", document)

@@ -7,39 +7,32 @@ import copy
 import gzip
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx
-from torch import nn
 
-from qlp_compress import data as datasets
 from qlp_compress.base import machine, validate
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.outputs import OutputRun, file_lock
 from qlp_compress.deploy import export, quantize
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings, allocate
-from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, find_prunable_layers
+from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import Reward, RewardSettings
 from qlp_compress.search.curriculum import METHODS, SearchSettings, run_search
 from qlp_compress.search.env import PruningEnv
-from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
-
-if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
-    pass
-
-
+from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import advice
 from qlp_compress.workflows.quantize import quantize_beside
+from qlp_compress.workflows.selection import SelectionSettings, choose_answer
 from qlp_compress.workflows.workspace import (
-    BN_RECALIBRATION_IMAGES,
     Workspace,
     check_can_write,
     export_bytes,
     export_verified,
     measure_onnx,
+    prune_and_finetune,
     train_interruptible,
 )
 
@@ -71,6 +64,18 @@ def sparse_identical_note() -> str:
             "no layer is that sparse")
 
 
+def allocator(ws: Workspace, settings: AllocationSettings | None = None) -> Callable[[str, float], list[float]]:
+    """(baseline allocator's name, target) → its per-layer sparsities for the loaded model, in network order."""
+    layers = find_prunable_layers(ws.loaded.module)
+    weights = {layer.name: layer.weight.detach() for layer in layers}
+
+    def baseline(name: str, goal: float) -> list[float]:
+        sparsities = allocate(name, weights, goal, settings or AllocationSettings())
+        return [sparsities[layer.name] for layer in layers]
+
+    return baseline
+
+
 def find_policy(ws: Workspace, method: str, target: float, search: SearchSettings | None = None,
                 reward_settings: RewardSettings | None = None, allocation: AllocationSettings | None = None,
                 checkpoint: Path | None = None, resume: bool = False,
@@ -81,11 +86,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
     names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
     common = {"target": target, "layers": names, "numels": numels, "model_sha256": ws.loaded.sha256,
               "names": ws.loaded.names_of(names)}
-    weights = {layer.name: layer.weight.detach() for layer in layers}
-
-    def baseline(name: str, goal: float) -> list[float]:
-        sparsities = allocate(name, weights, goal, allocation or AllocationSettings())
-        return [sparsities[n] for n in names]
+    baseline = allocator(ws, allocation)
 
     if method in ALLOCATORS:
         return Policy(method=method, sparsities=baseline(method, target), **common)
@@ -128,23 +129,6 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
 
 
 
-def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
-                       checkpoint: Path | None = None, resume: bool = False) -> tuple[nn.Module, nn.Module, dict]:
-    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None.
-
-    The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
-    pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
-    pruned = copy.deepcopy(ws.loaded.module)
-    masks = MagnitudePruner(pruned).masks(policy.by_layer())
-    apply_masks(pruned, masks)
-    batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
-    recalibrate_batchnorm(pruned, (x for x, _ in batches))
-    tuned = copy.deepcopy(pruned)
-    if settings is not None and settings.epochs > 0:
-        train_interruptible(tuned, ws.splits.finetune, settings, "fine-tune", checkpoint, resume, masks=masks)
-    return pruned.cpu().eval(), tuned.cpu().eval(), masks
-
-
 @dataclass(frozen=True)
 class CompressSettings:
     """One compression run: how to choose the sparsities, fine-tune and export."""
@@ -158,6 +142,7 @@ class CompressSettings:
     sparse_storage: bool = True  # also write model.sparse.onnx
     latency_repeats: int = 30  # timed runs per latency figure
     quantize: quantize.QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
+    selection: SelectionSettings = field(default_factory=SelectionSettings)  # how a QLP answer is chosen
 
 
 def default_out_dir(model_path: Path, method: str, target: float) -> Path:
@@ -192,6 +177,10 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
         with search_progress(f"{settings.method} search", search.episodes) as on_episode:
             policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
                                  checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
+        if settings.method == "qlp":
+            reward_images = (settings.reward or RewardSettings()).images
+            policy = choose_answer(ws, policy, allocator(ws, settings.allocation), settings.selection,
+                                   settings.finetune, reward_images, work, resume)
     policy.save(staged / "policy.json")
     pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume)
     measured = {}

@@ -3,6 +3,7 @@ before work starts, interruptible training, and verified export and measurement 
 
 from __future__ import annotations
 
+import copy
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,10 @@ from qlp_compress.base.interrupts import sigterm_as_interrupt
 from qlp_compress.base.io import check_file_size
 from qlp_compress.base.outputs import check_unlocked, check_writable, file_lock, write_together
 from qlp_compress.deploy import engine, export
-from qlp_compress.pruning.masks import check_finite, find_prunable_layers, pruned_count
+from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.report.progress import phase, training_progress
-from qlp_compress.train.finetune import TrainSettings, train
+from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm, train
 
 if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
     from qlp_compress.importer import LoadedModel
@@ -218,3 +219,20 @@ def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30, what: st
                             for b in (1, 64)],
                 "bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6)),
                 "global_sparsity": export.onnx_sparsity(onnx.load_from_string(raw))[1]}
+
+
+def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
+                       checkpoint: Path | None = None, resume: bool = False) -> tuple[nn.Module, nn.Module, dict]:
+    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None.
+
+    The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
+    pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
+    pruned = copy.deepcopy(ws.loaded.module)
+    masks = MagnitudePruner(pruned).masks(policy.by_layer())
+    apply_masks(pruned, masks)
+    batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
+    recalibrate_batchnorm(pruned, (x for x, _ in batches))
+    tuned = copy.deepcopy(pruned)
+    if settings is not None and settings.epochs > 0:
+        train_interruptible(tuned, ws.splits.finetune, settings, "fine-tune", checkpoint, resume, masks=masks)
+    return pruned.cpu().eval(), tuned.cpu().eval(), masks

@@ -1,0 +1,135 @@
+"""Choosing the answer of a QLP search among its best allocations by fine-tuning them (our addition, see
+docs/method.md).
+
+The search's reward ranks allocations well on the whole but not at the top, where the answer is picked: at 0.95
+its three winners scored above LAMP and fine-tuned below it (benchmarks/reward_fidelity.py). So, when the run
+fine-tunes, the `candidates` best allocations of the search's last stage (its answer and the demonstrations that
+scored highest there) are each fine-tuned for `epochs`, with the run's other fine-tuning settings, and measured on
+the reward-split images the reward never measured; the most accurate is the answer. The search's answer is
+always a candidate and wins ties, so selection only replaces it by an allocation that fine-tuned better on
+images no choice has seen. The test split is never read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from qlp_compress import data as datasets
+from qlp_compress.base import validate
+from qlp_compress.base.io import atomic_write_json
+from qlp_compress.pruning.policy import Policy
+from qlp_compress.report.progress import phase
+from qlp_compress.train.finetune import TrainSettings, accuracy
+from qlp_compress.workflows.workspace import Workspace, prune_and_finetune
+
+SEARCH_ANSWER = "search"  # the name of the candidate the search itself returned (when no demonstration won)
+
+
+@dataclass(frozen=True)
+class SelectionSettings:
+    """How a QLP search's answer is chosen among its best allocations."""
+
+    candidates: int = 3  # allocations fine-tuned and compared (1 = keep the search's answer as it is)
+    epochs: float = 0.3  # fine-tuning per candidate, in epochs of the fine-tune split
+
+
+def check(settings: SelectionSettings) -> None:
+    validate.whole("--candidates", settings.candidates, 1, str(SelectionSettings.candidates))
+    validate.positive("--select-epochs", settings.epochs, str(SelectionSettings.epochs))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str  # SEARCH_ANSWER, or the allocator whose demonstration this is
+    sparsities: list[float]
+    reward: float  # what the search's reward gave it
+
+
+def candidates(policy: Policy, allocation: Callable[[str, float], list[float]], count: int,
+               stage: int = -1) -> list[Candidate]:
+    """The search's answer for `stage` (an index into policy.stages), then the demonstrations of that stage in
+    order of their reward, `count` in all. A demonstration is played at its allocator's exact allocation, which
+    `allocation(name, target)` gives again."""
+    best = policy.stages[stage]
+    found = [Candidate(best.get("demonstration") or SEARCH_ANSWER, list(best["sparsities"]), best["reward"])]
+    stage_number = range(1, len(policy.stages) + 1)[stage]
+    search = policy.search
+    demonstrations: dict[str, float] = {}
+    for reward, k, name, ok in zip(search["rewards"], search["stage_of_episode"], search["demonstration"],
+                                   search["succeeded"], strict=True):
+        if k == stage_number and name is not None and ok and name != found[0].name:
+            demonstrations[name] = max(reward, demonstrations.get(name, -math.inf))
+    for name in sorted(demonstrations, key=lambda n: -demonstrations[n])[: count - 1]:
+        found.append(Candidate(name, list(allocation(name, best["target"])), demonstrations[name]))
+    return found
+
+
+def held_out_batches(ws: Workspace, measured: int, batch_size: int = 500) -> Iterator[tuple[torch.Tensor,
+                                                                                             torch.Tensor]]:
+    """The reward split after its first `measured` images (those the reward measures); all of it when it holds no
+    others."""
+    skip, seen = _measured(ws, measured), 0
+    for x, y in datasets.iterate_batches(ws.splits.reward, batch_size):
+        first = max(0, skip - seen)
+        seen += len(y)
+        if first < len(y):
+            yield x[first:], y[first:]
+
+
+def _measured(ws: Workspace, measured: int) -> int:
+    return measured if len(ws.splits.reward) > measured else 0
+
+
+def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: SelectionSettings,
+           finetune: TrainSettings, reward_images: int, work: Path | None = None,
+           resume: bool = False) -> tuple[Candidate, dict]:
+    """Fine-tune every candidate and return the most accurate on the held-out reward images (the search's answer,
+    the first, on a tie) with a record of the comparison. `work` keeps each finished candidate's result
+    (selection.json) and the running one's checkpoint (selection.ckpt), so that --resume continues where it
+    stopped."""
+    record_path = work / "selection.json" if work is not None else None
+    done = json.loads(record_path.read_text()).get("candidates", []) if resume and record_path \
+        and record_path.exists() else []
+    tune = replace(finetune, epochs=settings.epochs)
+    rows = []
+    for i, c in enumerate(found):
+        earlier = next((r for r in done if r["name"] == c.name and r["sparsities"] == c.sparsities), None)
+        if earlier is None:
+            with phase(f"choose the answer: fine-tune candidate {i + 1} of {len(found)} ({c.name}) for "
+                       f"{settings.epochs:g} epoch"):
+                checkpoint = work / "selection.ckpt" if work is not None else None  # the running candidate's
+                _, tuned, _ = prune_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint,
+                                                 resume)
+                score = accuracy(tuned, held_out_batches(ws, reward_images))
+                if checkpoint is not None:
+                    checkpoint.unlink(missing_ok=True)
+            earlier = {"name": c.name, "reward": c.reward, "held_out_accuracy": score, "sparsities": c.sparsities}
+        rows.append(earlier)
+        if record_path is not None:
+            atomic_write_json(record_path, {"candidates": rows})
+    best = max(range(len(found)), key=lambda i: (rows[i]["held_out_accuracy"], i == 0))
+    record = {"chosen": found[best].name, "epochs": settings.epochs,
+              "held_out_images": len(ws.splits.reward) - _measured(ws, reward_images),
+              "candidates": [{k: v for k, v in r.items() if k != "sparsities"} for r in rows]}
+    return found[best], record
+
+
+def choose_answer(ws: Workspace, policy: Policy, allocation: Callable[[str, float], list[float]],
+                  settings: SelectionSettings, finetune: TrainSettings | None, reward_images: int,
+                  work: Path | None = None, resume: bool = False) -> Policy:
+    """The search's policy with its answer chosen by `select` (unchanged without fine-tuning, or with one
+    candidate): the sparsities of the winner, and the comparison in policy.search["selection"]."""
+    if finetune is None or finetune.epochs <= 0 or settings.candidates < 2:
+        return policy
+    found = candidates(policy, allocation, settings.candidates)
+    if len(found) < 2:
+        return policy
+    chosen, record = select(ws, policy, found, settings, finetune, reward_images, work, resume)
+    return replace(policy, sparsities=chosen.sparsities, best_reward=chosen.reward,
+                   search={**policy.search, "selection": record})
