@@ -98,6 +98,11 @@ def test_the_most_accurate_candidate_wins_and_a_resumed_choice_reuses_the_finish
     again, record_again = selection.select(tiny_ws, lamp, found, settings, tune, 100, work=tmp_path, resume=True)
     assert again == chosen and record_again == record
     assert json.loads((tmp_path / "selection.json").read_text())["candidates"][0]["name"] == "search"
+    # a damaged record is not trusted: the candidates are fine-tuned again
+    monkeypatch.undo()
+    for damaged in ("{not json", "[1, 2]", '{"candidates": [{"name": "search", "held_out_accuracy": "high"}]}'):
+        (tmp_path / "selection.json").write_text(damaged)
+        assert selection.select(tiny_ws, lamp, found, settings, tune, 100, work=tmp_path, resume=True)[0] == chosen
 
 
 def test_a_tie_keeps_the_search_answer_and_without_fine_tuning_nothing_is_chosen(tiny_ws, monkeypatch):

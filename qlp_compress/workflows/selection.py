@@ -86,6 +86,16 @@ def _measured(ws: Workspace, measured: int) -> int:
     return measured if len(ws.splits.reward) > measured else 0
 
 
+def _finished(record_path: Path) -> list[dict]:
+    """The candidates an interrupted run finished; none when its record is missing or unreadable (they are then
+    fine-tuned again)."""
+    try:
+        rows = json.loads(record_path.read_text()).get("candidates", [])
+        return [r for r in rows if isinstance(r, dict) and isinstance(r.get("held_out_accuracy"), float)]
+    except (OSError, ValueError, AttributeError):
+        return []
+
+
 def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: SelectionSettings,
            finetune: TrainSettings, reward_images: int, work: Path | None = None,
            resume: bool = False) -> tuple[Candidate, dict]:
@@ -94,8 +104,7 @@ def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: Sele
     (selection.json) and the running one's checkpoint (selection.ckpt), so that --resume continues where it
     stopped."""
     record_path = work / "selection.json" if work is not None else None
-    done = json.loads(record_path.read_text()).get("candidates", []) if resume and record_path \
-        and record_path.exists() else []
+    done = _finished(record_path) if resume and record_path is not None else []
     tune = replace(finetune, epochs=settings.epochs)
     rows = []
     for i, c in enumerate(found):
