@@ -155,6 +155,7 @@ def grid_section(summary: dict) -> list[str]:
     lines += [f"- Random search: {fmt_s(c['random']['search_seconds'])} per search, reward evaluations "
               f"{c['random']['reward_evaluations']}.", f"- Global, LAMP, ERK, uniform: {c['baselines']}.", ""]
     lines += agent_section(summary)
+    lines += choice_section(summary.get("choices") or [])
     d = summary["dense"]
     lines += ["### Deployed (QLP, seed 0, fine-tuned; onnxruntime, "
               f"{d['latency'][0]['provider']})", "",
@@ -221,6 +222,26 @@ def agent_table(search: str, runs: dict) -> list[str]:
     lines += ["", f"{search}: the agent's own episode won {agent_wins} of the {len(wins)} stage results "
                   f"({sum(w == 'agent, near-best' for w in wins)} of them near-best episodes)."]
     return [*lines, ""]
+
+
+def choice_section(choices: list[dict]) -> list[str]:
+    """How each answer of a CHOSEN row was chosen: its candidates' held-out accuracy after the brief fine-tuning."""
+    if not choices:
+        return []
+    c0 = choices[0]
+    lines = [f"### Answers chosen by fine-tuning ({c0['method']})", "",
+             f"Per sparsity and seed: the candidates (the search's stage answer, then the stage's best-scoring "
+             f"demonstrations), each fine-tuned {c0['epochs']:g} epoch and measured on the {c0['held_out_images']} "
+             "reward-split images the reward never measures (reward in brackets), the one chosen, and its test "
+             "accuracy after fine-tuning.", "",
+             "| sparsity | seed | candidates: held-out accuracy (reward) | chosen | test, fine-tuned | seconds |",
+             "|---:|---:|---|---|---:|---:|"]
+    for c in sorted(choices, key=lambda c: (c["target"], c["seed"])):
+        each = ", ".join(f"{x['name']} {x['held_out_accuracy']:.2%} ({x['reward']:.3f})" for x in c["candidates"])
+        lines.append(f"| {c['target']:g} | {c['seed']} | {each} | {c['chosen']} | {c['finetuned_accuracy']:.2%} | "
+                     f"{c['seconds']:.0f} |")
+    kept = sum(c["chosen"] == c["candidates"][0]["name"] for c in choices)
+    return [*lines, "", f"The search's own answer was kept in {kept} of {len(choices)} choices.", ""]
 
 
 def partial_note(summary: dict) -> list[str]:

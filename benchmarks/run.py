@@ -405,6 +405,8 @@ def summarise(grid: Grid, name: str, cells: list[dict], qlp: dict, deployed: lis
                     "python": sys.version.split()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
                     "device": ws.device, "commit": commit.stdout.strip()},
         "dense": dense, "table": table, "deployed": deployed, "ablations": ablations,
+        "choices": [{"method": c["method"], "target": c["target"], "seed": c["seed"], **c["selection"],
+                     "finetuned_accuracy": c["finetuned_accuracy"]} for c in cells if c["method"] in CHOSEN],
         "agent_vs_demonstrations": {n: {seed: agent_vs_demonstrations(doc) for seed, doc in sorted(docs.items())}
                                     for n, docs in qlp.items() if docs},
         "search_cost": {

@@ -447,6 +447,35 @@ def test_interrupted_search_and_finetune_resume(tiny, tmp_path, search_signal, f
 
 
 @pytest.mark.slow
+def test_interrupted_choice_of_the_answer_resumes_from_the_finished_candidates(tiny, tmp_path):
+    """Stopped while the candidates are fine-tuned to choose the answer: exit 130 with one line that says how to
+    resume; --resume keeps the candidates already measured (a changed record shows that they are not measured
+    again) and fine-tunes the rest."""
+    out = tmp_path / "run"
+    args = ("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--episodes", "12", "--stages", "2",
+            "--reward-size", "2700", "--reward-images", "400", "--finetune-epochs", "1", "--select-epochs", "96",
+            *DEVICE, "--out", str(out))
+    process = start(*args, cwd=tiny)
+    wait_for(out / ".work" / "selection.json", process)  # written when the first candidate is measured
+    result = stop(process, signal.SIGINT)
+    assert result.returncode == 130, result.stderr[-2000:]
+    line = error_line(result)
+    assert "interrupted" in line and "--resume" in line
+    record = out / ".work" / "selection.json"
+    finished = json.loads(record.read_text())["candidates"]
+    assert 1 <= len(finished) < 3
+    finished[0]["held_out_accuracy"] = 1.0  # no fine-tuned model can be this good on the held-out images
+    record.write_text(json.dumps({"candidates": finished}))
+
+    resumed = run_cli(*args, "--resume", cwd=tiny)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    check_outputs(out)
+    selection = json.loads((out / "policy.json").read_text())["search"]["selection"]
+    assert len(selection["candidates"]) == 3 and selection["candidates"][0]["held_out_accuracy"] == 1.0
+    assert selection["chosen"] == finished[0]["name"]
+
+
+@pytest.mark.slow
 def test_kill_9_leaves_no_half_written_output(tiny, tmp_path):
     """kill -9 mid-search, mid-fine-tuning and mid-export (each run resuming the one before): the outputs, written
     to OUT/.work/out/ until all are complete, never appear in OUT before that; every file written is whole, and a
