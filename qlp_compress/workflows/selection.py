@@ -24,7 +24,6 @@ from qlp_compress import data as datasets
 from qlp_compress.base import validate
 from qlp_compress.base.io import atomic_write_json
 from qlp_compress.pruning.policy import Policy
-from qlp_compress.report.progress import phase
 from qlp_compress.train.finetune import TrainSettings, accuracy
 from qlp_compress.workflows.workspace import Workspace, prune_and_finetune
 
@@ -110,14 +109,13 @@ def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: Sele
     for i, c in enumerate(found):
         earlier = next((r for r in done if r["name"] == c.name and r["sparsities"] == c.sparsities), None)
         if earlier is None:
-            with phase(f"choose the answer: fine-tune candidate {i + 1} of {len(found)} ({c.name}) for "
-                       f"{settings.epochs:g} epoch"):
-                checkpoint = work / "selection.ckpt" if work is not None else None  # the running candidate's
-                _, tuned, _ = prune_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint,
-                                                 resume)
-                score = accuracy(tuned, held_out_batches(ws, reward_images))
-                if checkpoint is not None:
-                    checkpoint.unlink(missing_ok=True)
+            checkpoint = work / "selection.ckpt" if work is not None else None  # the running candidate's
+            _, tuned, _ = prune_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint, resume,
+                                             what=f"choosing the answer: candidate {i + 1} of {len(found)} "
+                                                  f"({c.name}), fine-tune")
+            score = accuracy(tuned, held_out_batches(ws, reward_images))
+            if checkpoint is not None:
+                checkpoint.unlink(missing_ok=True)
             earlier = {"name": c.name, "reward": c.reward, "held_out_accuracy": score, "sparsities": c.sparsities}
         rows.append(earlier)
         if record_path is not None:

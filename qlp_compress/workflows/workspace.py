@@ -222,8 +222,10 @@ def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30, what: st
 
 
 def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
-                       checkpoint: Path | None = None, resume: bool = False) -> tuple[nn.Module, nn.Module, dict]:
-    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None.
+                       checkpoint: Path | None = None, resume: bool = False,
+                       what: str = "fine-tune") -> tuple[nn.Module, nn.Module, dict]:
+    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None;
+    `what` names the fine-tuning in its progress and its interruption message.
 
     The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
     pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
@@ -234,5 +236,5 @@ def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | 
     recalibrate_batchnorm(pruned, (x for x, _ in batches))
     tuned = copy.deepcopy(pruned)
     if settings is not None and settings.epochs > 0:
-        train_interruptible(tuned, ws.splits.finetune, settings, "fine-tune", checkpoint, resume, masks=masks)
+        train_interruptible(tuned, ws.splits.finetune, settings, what, checkpoint, resume, masks=masks)
     return pruned.cpu().eval(), tuned.cpu().eval(), masks
