@@ -307,10 +307,9 @@ def chosen_cell(ws, name: str, target: float, seed: int, stage: int, docs: dict[
             "best_reward": winner.reward, "selection": record,
             "reward_evaluations": json.loads(cell_path(CHOSEN[name]).read_text())["reward_evaluations"]}
     same = CHOSEN[name] if winner == found[0] else winner.name
-    twin = cell_path(same)
-    if settings.epochs == finetune.epochs and twin.exists() and \
-            json.loads(twin.read_text())["sparsities"] == winner.sparsities:
-        return {**json.loads(twin.read_text()), **mine, "same_allocation_as": same}
+    twin = json.loads(cell_path(same).read_text()) if cell_path(same).exists() else None
+    if settings.epochs == finetune.epochs and twin is not None and twin["sparsities"] == winner.sparsities:
+        return {**twin, **mine, "same_allocation_as": same}
     policy = replace(stage_policy(doc, stage), sparsities=winner.sparsities, best_reward=winner.reward)
     pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
     return {**mine, "target": target, "seed": seed, "achieved": policy.achieved, "sparsities": policy.sparsities,
