@@ -90,6 +90,9 @@ def test_int8_agrees_with_the_float_model(tiny):
     proto = onnx.load_from_string(int8)
     weights = stored_weights(proto)
     assert all(w.dtype == np.int8 and (zp == 0).all() and zp.size == w.shape[0] for w, zp in weights)
+    # right on every CPU: 7-bit weights, so u8×s8 pairs cannot overflow 16 bits on x86 without VNNI
+    assert all(np.abs(w.astype(int)).max() <= 64 for w, _ in weights)
+    assert max(np.abs(w.astype(int)).max() for w, _ in weights) > 32  # the 7 bits are used, not fewer
     inits = {t.name: t for t in proto.graph.initializer}
     activation_zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"]
     assert activation_zero_points and all(t.data_type == TensorProto.UINT8 for t in activation_zero_points)
@@ -371,3 +374,84 @@ def test_int8_weights_in_sparse_storage_load_with_the_same_outputs(tiny):
         dense = np.zeros(stored[tensor.values.name].size, np.int8)
         dense[indices] = values
         np.testing.assert_array_equal(dense.reshape(tuple(tensor.dims)), stored[tensor.values.name])
+
+
+# ------------------------------------------------------------------------------------------- every CPU
+
+
+def test_full_8_bit_weights_are_caught_as_not_portable(tiny):
+    """The file property that makes int8 right on CPUs without VNNI is checked, and the check is not blind: the
+    full 8-bit form (what the tool wrote before) has weights beyond ±64 and is refused."""
+    int8, info = int8_of(tiny, "lenet.onnx")
+    assert info["quantized_layers"] == 5 and max(map(abs, info["weight_range"])) <= quantize.PORTABLE_WEIGHT_LIMIT
+    quantize.check_portable(onnx.load_from_string(int8))
+    full, _ = int8_of(tiny, "lenet.onnx", weight_bits=8)
+    assert max(np.abs(w.astype(int)).max() for w, _ in stored_weights(onnx.load_from_string(full))) > 64
+    with pytest.raises(QLPError, match="beyond the ±64"):
+        quantize.check_portable(onnx.load_from_string(full))
+
+
+def test_portable_int8_agrees_with_float_as_closely_as_full_8_bits_does_on_a_vnni_cpu(tiny):
+    """7-bit weights cost little: the logits stay within 10 % of their spread of the float logits (the agreement
+    test above), and the scale of the logits is kept (the overflow shrank them to about 0.68×)."""
+    int8, _ = int8_of(tiny, "lenet.onnx")
+    x, _ = held_out_images(tiny)
+    reference, got = logits(tiny / "lenet.onnx", x), logits(int8, x)
+    scale = float((got * reference).sum() / (reference * reference).sum())
+    assert 0.95 < scale < 1.05
+
+
+def test_keep_float_that_leaves_nothing_to_quantize_is_refused(tiny, tmp_path):
+    """A Flatten→Linear model with --keep-float first,last: no layer would be quantized; the file must not be
+    written and labelled int8."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 4)).eval()
+    (tmp_path / "gemm.onnx").write_bytes(export.to_onnx_bytes(model, (1, 28, 28)))
+    splits = splits_of(tiny)
+    with pytest.raises(UsageError, match="nothing would be quantized"):
+        quantize.quantize_int8((tmp_path / "gemm.onnx").read_bytes(), splits.reward,
+                               quantize.QuantizeSettings(keep_float=("first", "last")))
+    int8, info = quantize.quantize_int8((tmp_path / "gemm.onnx").read_bytes(), splits.reward,
+                                        quantize.QuantizeSettings())
+    assert info["quantized_layers"] == 1 and len(stored_weights(onnx.load_from_string(int8))) == 1
+
+
+@pytest.mark.parametrize("images", [64, 63])
+def test_a_fixed_batch_file_quantizes_with_any_image_count(tiny, tmp_path, images):
+    """A Conv+Gemm exported at a fixed batch of 7 (no dynamic axes): `quantize` makes it batch-free, as `export`
+    does, and the int8 file agrees with the original file."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 26 * 26, 4)).eval()
+    torch.onnx.export(model, (torch.rand(7, 1, 28, 28),), str(tmp_path / "fixed7.onnx"), dynamo=False,
+                      opset_version=17)
+    out = tmp_path / "q.onnx"
+    result = quantize_file(tmp_path / "fixed7.onnx", out, DataSettings(str(tiny / "data.npz")),
+                           quantize.QuantizeSettings(calibration_images=images, speed_batches=()))
+    assert result["calibration_images"] == images
+    x, _ = held_out_images(tiny)
+    reference = np.concatenate([logits(tmp_path / "fixed7.onnx", x[i:i + 7]) for i in range(0, 497, 7)])
+    got = logits(out, x[:497])  # an untrained model: near-tied logits, so compare values, not the top-1
+    assert np.abs(got - reference).max() < 0.1 * (reference.max() - reference.min())
+
+
+def test_int8_slower_than_float_here_is_said_in_one_line_and_reported(tiny, monkeypatch, capsys):
+    from qlp_compress.deploy import engine
+
+    def timed(reference, candidate, shape, batch, threads, rounds, per_round):
+        return {"dense_ms": 1.0, "pruned_ms": 1.25 if batch == 64 else 0.8, "speedup": 0.8 if batch == 64 else 1.25}
+
+    monkeypatch.setattr(engine, "measure_speedup", timed)
+    info = quantize.compare_speed((tiny / "lenet.onnx").read_bytes(), (tiny / "lenet.onnx").read_bytes(),
+                                  (1, 28, 28), (1, 64))
+    assert info["int8_slower"] and [b["batch"] for b in info["batches"]] == [1, 64]
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "slower than the float model" in err[0] and "0.80× at batch 64" in err[0]
+    assert "1.25" not in err[0] and info["cpu"] in err[0]
+    from qlp_compress.report.documents import _int8_speed_lines
+    assert "slower than float" in " ".join(_int8_speed_lines(info))
+    monkeypatch.setattr(engine, "measure_speedup", lambda *a, **k: {"dense_ms": 1.0, "pruned_ms": 0.5,
+                                                                    "speedup": 2.0})
+    lenet = (tiny / "lenet.onnx").read_bytes()
+    assert not quantize.compare_speed(lenet, lenet, (1, 28, 28), (1, 64))["int8_slower"]
+    assert capsys.readouterr().err == ""

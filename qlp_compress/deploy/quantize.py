@@ -7,6 +7,14 @@ split. Measured on the shipped ResNet-20 (AVX-512 VNNI CPU, docs/benchmarks_int8
 about 2× faster than float, int8 activations slower than float (onnxruntime's x86 kernels are u8×s8), at
 the same reward-split accuracy.
 
+The weights use 7 bits of the int8 range (onnxruntime's `reduce_range`: every value in ±64), so that the file
+is right on every CPU. x86 CPUs without VNNI (AVX2, AVX-512F) multiply u8 activations by s8 weights with
+VPMADDUBSW, which adds two products into a saturating 16-bit sum: 2·255·127 overflows it, 2·255·64 = 32,640
+does not. With full 8-bit weights the shipped ResNet-20 lost 0.29 points on an AVX2-only AMD EPYC and its
+logits shrank (0.68× on a small LeNet) while a VNNI machine saw nothing wrong; with 7-bit weights the integer
+arithmetic is exact on every CPU class, so what is verified here is what runs there. `check_portable` reads
+the range back from the written file. VNNI/AMX CPUs run the same kernel on it, at the same speed.
+
 Pruning must survive: a weight that is exactly zero in the float file is exactly zero in the int8 file
 (symmetric weights have zero point 0, so 0.0 → 0). This is read back from the written bytes and checked.
 The int8 graph is checked with onnx.checker, loaded in onnxruntime, run on real images (finite outputs)
@@ -36,6 +44,7 @@ KEEP_FLOAT_CHOICES = ("first", "last")  # prunable layers --keep-float can leave
 QUANTIZED_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
                  "ConvInteger", "MatMulInteger", "QGemm", "QLinearAdd", "QLinearMul", "QAttention"}
 INT8_FILE_SUFFIX = ".int8.onnx"
+PORTABLE_WEIGHT_LIMIT = 64  # |int8 weight| ≤ 64: no 16-bit overflow in u8×s8 pairs (2·255·64 < 2¹⁵) on any x86 CPU
 ACTIVATION_TYPES = {"uint8": "QUInt8", "int8": "QInt8"}  # activations → onnxruntime's QuantType member
 
 
@@ -48,6 +57,8 @@ class QuantizeSettings:
     max_loss: float = 1.0  # test-accuracy loss, in points, above which a warning is printed (never steers)
     batch_size: int = 64  # images per calibration batch (a fixed batch dimension in the model wins)
     activations: str = "uint8"  # "uint8" (onnxruntime's fast u8×s8 x86 kernels) or "int8" (measured slower)
+    weight_bits: int = 7  # 7: right on every CPU (see the module docstring); 8: for the benchmark's comparison only
+    speed_batches: tuple[int, ...] = (1, 64)  # batch sizes int8 is timed against float at (interleaved); () = none
 
 
 def parse_mode(text: str) -> str:
@@ -158,6 +169,33 @@ def check_zeros_kept(float_proto: onnx.ModelProto, int8_proto: onnx.ModelProto) 
             "rounded_to_zero": rounded}
 
 
+def quantized_weights(int8_proto: onnx.ModelProto) -> list[np.ndarray]:
+    """The stored integer weight of every Conv/Gemm/MatMul whose weight comes through a DequantizeLinear."""
+    inits = {t.name: t for t in int8_proto.graph.initializer}
+    producer = {o: n for n in int8_proto.graph.node for o in n.output}
+    found = []
+    for node in int8_proto.graph.node:
+        slot = export.WEIGHT_OPS.get(node.op_type)
+        dq = producer.get(node.input[slot]) if slot is not None and len(node.input) > slot else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            found.append(onnx.numpy_helper.to_array(inits[dq.input[0]]))
+    return found
+
+
+def check_portable(int8_proto: onnx.ModelProto, name: str = "the int8 model") -> dict:
+    """What makes the file right on every CPU, read from the file: at least one weight layer is quantized, and
+    every int8 weight is within ±PORTABLE_WEIGHT_LIMIT (no u8×s8 overflow without VNNI). Raises QLPError."""
+    weights = quantized_weights(int8_proto)
+    if not weights:
+        raise QLPError(f"{name} holds no quantized weight layer; rerun with --debug and report it")
+    low, high = min(int(w.min()) for w in weights), max(int(w.max()) for w in weights)
+    signed = all(w.dtype == np.int8 for w in weights)
+    if not signed or max(-low, high) > PORTABLE_WEIGHT_LIMIT:
+        raise QLPError(f"{name} has weights in [{low}, {high}] ({weights[0].dtype}), beyond the ±"
+                       f"{PORTABLE_WEIGHT_LIMIT} that every CPU computes exactly; rerun with --debug and report it")
+    return {"quantized_layers": len(weights), "weight_range": [low, high]}
+
+
 # ------------------------------------------------------------------------------------------- quantization
 
 
@@ -226,6 +264,10 @@ def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSe
 
     float_proto = onnx.load_from_string(model_bytes)
     check_float_model(float_proto, name)
+    if len(_weight_inputs(float_proto)) <= len(settings.keep_float):
+        raise UsageError(f"--keep-float {','.join(settings.keep_float)} leaves every weight layer of {name} in "
+                         "float, so nothing would be quantized; keep fewer layers in float (e.g. --keep-float "
+                         "none)")
     images = min(settings.calibration_images, len(calibration))
     if images < 1:
         raise UsageError("the reward split is empty; int8 calibration needs reward-split images")
@@ -243,12 +285,13 @@ def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSe
         try:
             quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=getattr(QuantType, ACTIVATION_TYPES[settings.activations]),
-                            weight_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, reduce_range=settings.weight_bits == 7,
                             nodes_to_exclude=exclude or None, extra_options={"WeightSymmetric": True})
         except Exception as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)[:200]
-            raise QLPError(f"onnxruntime could not quantize {name}: {first}; rerun with --debug, and try "
-                           "--keep-float first,last") from e
+            tried = set(settings.keep_float) == set(KEEP_FLOAT_CHOICES)
+            raise QLPError(f"onnxruntime could not quantize {name}: {first}; rerun with --debug"
+                           + ("" if tried else ", and try --keep-float first,last")) from e
         int8_bytes = dst.read_bytes()
     int8_proto = onnx.load_from_string(int8_bytes)
     try:
@@ -257,30 +300,64 @@ def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSe
         raise QLPError(f"the int8 model of {name} fails onnx.checker: {' '.join(str(e).split())[:200]}; rerun "
                        "with --debug and report it") from e
     zeros = check_zeros_kept(float_proto, int8_proto)
+    portable = check_portable(int8_proto, f"the int8 model of {name}") if settings.weight_bits == 7 else {
+        "quantized_layers": len(quantized_weights(int8_proto))}
     session = engine.open_session(int8_bytes)
     x = next(iterate_batches(calibration, _batch_size(int8_proto, settings.batch_size)))[0].numpy()
     if not np.isfinite(engine.outputs(session, x)).all():
         raise QLPError(f"the int8 model of {name} gives NaN or inf outputs; try --keep-float first,last or "
                        "check the float model")
-    info = {"format": "QDQ", "weights": "int8, per channel, symmetric",
+    info = {"format": "QDQ", "weights": _weights_label(settings), **portable,
             "activations": f"{settings.activations} (min/max)",
             "preprocess": preprocess, "calibration_images": images, "calibration_split": "reward",
             "keep_float": list(settings.keep_float), "float_layers": exclude, "zeros": zeros}
     return int8_bytes, info
 
 
-def compare_accuracy(float_accuracy: float, int8_accuracy: float, max_loss: float) -> dict:
+def _weights_label(settings: QuantizeSettings) -> str:
+    if settings.weight_bits == 7:
+        return f"int8 in ±{PORTABLE_WEIGHT_LIMIT} (7 bits, right on every CPU), per channel, symmetric"
+    return "int8 (full 8 bits: overflows on x86 CPUs without VNNI), per channel, symmetric"
+
+
+def compare_accuracy(float_accuracy: float, int8_accuracy: float, max_loss: float,
+                     keep_float: tuple[str, ...] = ()) -> dict:
     """Test-accuracy loss in points; a warning on stderr when it exceeds `max_loss` (reporting only)."""
     from qlp_compress.base.messages import console
 
     loss = (float_accuracy - int8_accuracy) * 100
     warn = loss > max_loss
     if warn:
+        advice = "more --calibration-images" if set(keep_float) == set(KEEP_FLOAT_CHOICES) else \
+            "--keep-float first,last or more --calibration-images"
         console.print(f"[yellow]warning:[/] the int8 model loses {loss:.2f} points of test accuracy (float "
                       f"{float_accuracy:.2%}, int8 {int8_accuracy:.2%}), over --int8-max-loss {max_loss:g}; try "
-                      "--keep-float first,last or more --calibration-images", highlight=False, soft_wrap=True)
+                      f"{advice}", highlight=False, soft_wrap=True)
     return {"float_accuracy": float_accuracy, "int8_accuracy": int8_accuracy, "loss_points": round(loss, 4),
             "max_loss_points": max_loss, "warning": warn}
+
+
+def compare_speed(float_bytes: bytes, int8_bytes: bytes, image_shape: tuple[int, ...],
+                  batches: tuple[int, ...]) -> dict:
+    """int8 against float on this machine, timed interleaved (engine.measure_speedup) at each batch size, with the
+    CPU named; one warning line when int8 is slower than float here (int8 gains speed only on some CPUs)."""
+    from qlp_compress.base.machine import cpu_capability, describe_cpu
+    from qlp_compress.base.messages import console
+
+    cpu = describe_cpu(cpu_capability())
+    fixed = _batch_size(onnx.load_from_string(float_bytes), 0)
+    rows = []
+    for batch in dict.fromkeys(fixed or b for b in batches):
+        m = engine.measure_speedup(float_bytes, int8_bytes, image_shape, batch, threads=0, rounds=7, per_round=3)
+        rows.append({"batch": batch, "float_ms": m["dense_ms"], "int8_ms": m["pruned_ms"],
+                     "int8_speedup": m["speedup"]})
+    slower = [r for r in rows if r["int8_speedup"] < 1.0]
+    if slower:
+        shown = ", ".join(f"{r['int8_speedup']:.2f}× at batch {r['batch']}" for r in slower)
+        console.print(f"[yellow]warning:[/] on this CPU ({cpu}) the int8 model runs slower than the float model "
+                      f"({shown}, timed interleaved); int8 gains speed on CPUs with VNNI or AMX, so deploy the float "
+                      "model on CPUs like this one, or measure on the target CPU", highlight=False, soft_wrap=True)
+    return {"cpu": cpu, "batches": rows, "int8_slower": bool(slower)}
 
 
 def write_int8(float_bytes: bytes, path: Path, calibration: Dataset, test: Dataset, settings: QuantizeSettings,
@@ -292,10 +369,11 @@ def write_int8(float_bytes: bytes, path: Path, calibration: Dataset, test: Datas
     if float_accuracy is None:
         float_accuracy = engine.session_accuracy(engine.open_session(float_bytes), test, batch)
     int8_accuracy = engine.session_accuracy(engine.open_session(int8_bytes), test, batch)
-    info["accuracy"] = compare_accuracy(float_accuracy, int8_accuracy, settings.max_loss)
+    info["accuracy"] = compare_accuracy(float_accuracy, int8_accuracy, settings.max_loss, settings.keep_float)
+    info["speed"] = compare_speed(float_bytes, int8_bytes, tuple(calibration[0][0].shape), settings.speed_batches)
     int8_bytes = export.with_metadata(int8_bytes, {
-        "qlp.quantize": f"int8 QDQ: per-channel symmetric int8 weights, {settings.activations} activations "
-                        "(onnxruntime)",
+        "qlp.quantize": f"int8 QDQ: per-channel symmetric weights {_weights_label(settings)}, "
+                        f"{settings.activations} activations (onnxruntime)",
         "qlp.calibration_images": info["calibration_images"], "qlp.calibration_split": "reward",
         "qlp.keep_float": ",".join(settings.keep_float) or "none",
         "qlp.float_test_accuracy": f"{float_accuracy:.4f}", "qlp.int8_test_accuracy": f"{int8_accuracy:.4f}",

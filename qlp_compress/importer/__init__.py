@@ -17,13 +17,13 @@ from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import check_file_size
-from qlp_compress.importer.from_onnx import graph_io, load_onnx
+from qlp_compress.importer.from_onnx import batch_free, graph_io, load_onnx
 from qlp_compress.importer.from_pytorch import load_pytorch, load_torchscript
 from qlp_compress.importer.model import LoadedModel, Request
 from qlp_compress.importer.onnx2torch_compat import unsupported_operators
 from qlp_compress.importer.onnx_file import read_onnx
 
-__all__ = ["LoadedModel", "graph_io", "load_model", "read_onnx", "sniff", "unsupported_operators"]
+__all__ = ["LoadedModel", "batch_free", "graph_io", "load_model", "read_onnx", "sniff", "unsupported_operators"]
 
 
 def load_model(path: Path, arch: str | None = None, trust_pickle: bool = False, num_classes: int | None = None,

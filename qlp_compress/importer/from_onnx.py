@@ -119,6 +119,20 @@ def _free_batch(proto: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def batch_free(proto: onnx.ModelProto, path: Path, image_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """The graph with a symbolic batch axis: unchanged when it has one, else rewritten as `load_onnx` does and
+    checked against the file itself in onnxruntime (a QLPError names the fix when the graph depends on it)."""
+    fixed_batch = _fixed_batch(proto)
+    if fixed_batch is None:
+        return proto
+    rewritten, changes = rewrite_for_conversion(proto, fixed_batch)
+    x = verify_batch(image_shape, fixed_batch)
+    expected = _onnxruntime_output(proto, x, path, fixed_batch)
+    free = _free_batch(rewritten)
+    _check_rewrite(free, x, expected, path, fixed_batch, changes)
+    return free
+
+
 def _onnxruntime_output(proto: onnx.ModelProto, x: np.ndarray, path: Path, fixed_batch: int | None) -> np.ndarray:
     """The file's own outputs on `x`: `fixed_batch` images at a time when it fixes its batch size."""
     session = engine.open_session(proto.SerializeToString(), name=path)

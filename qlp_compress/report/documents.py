@@ -122,7 +122,16 @@ def _int8_lines(int8: dict | None) -> list[str]:
             f"({a['loss_points']:+.2f} points lost"
             + (f", **over the {a['max_loss_points']:g}-point limit**" if a["warning"] else "") + "). "
             f"All {z['float_zeros']:,} zero weights of model.onnx are exactly zero in model.int8.onnx "
-            f"({z['rounded_to_zero']:,} more weights rounded to zero).", ""]
+            f"({z['rounded_to_zero']:,} more weights rounded to zero).", *_int8_speed_lines(int8.get("speed")), ""]
+
+
+def _int8_speed_lines(speed: dict | None) -> list[str]:
+    """int8 against float on the machine that wrote the report, as timed interleaved."""
+    if not speed or not speed.get("batches"):
+        return []
+    shown = ", ".join(f"{r['int8_speedup']:.2f}× at batch {r['batch']}" for r in speed["batches"])
+    verdict = " **int8 is slower than float on this CPU.**" if speed["int8_slower"] else ""
+    return ["", f"int8 speed against float on {speed['cpu']}: {shown} (timed interleaved).{verdict}"]
 
 
 def compare_markdown(rows: list[dict], command: str) -> str:

@@ -10,7 +10,7 @@ from qlp_compress.base.errors import UsageError
 from qlp_compress.base.io import check_file_size, sha256_file
 from qlp_compress.deploy import engine
 from qlp_compress.deploy.quantize import QuantizeSettings, check_float_model, int8_path, write_int8
-from qlp_compress.importer import read_onnx
+from qlp_compress.importer import batch_free, read_onnx
 from qlp_compress.importer import sniff as _sniff
 from qlp_compress.report.progress import phase
 from qlp_compress.workflows.workspace import DataSettings, Workspace, check_can_write
@@ -37,8 +37,10 @@ def quantize_file(model_path: Path, out: Path, data_settings: DataSettings, sett
                          f"`qlp-compress export {model_path} --out MODEL.onnx`")
     proto = read_onnx(model_path)
     check_float_model(proto, str(model_path))
-    raw = proto.SerializeToString()  # external data, if any, is inside now
     data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
+    # a file exported at a fixed batch size is made batch-free (checked against the file), as `export` does, so
+    # that any number of calibration and test images can be fed
+    raw = batch_free(proto, model_path, data.input_shape).SerializeToString()  # external data is inside now
     engine.check_input_fits(engine.open_session(raw), data.input_shape, data.num_classes)
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
     with phase(f"int8: quantize {model_path.name} (calibrate, check, measure accuracy)"):
