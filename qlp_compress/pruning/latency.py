@@ -19,6 +19,11 @@ narrow end: it predicted at most 2.73x where 3.23x had been measured.
 Timings are only as good as the machine is quiet: a table of the shipped ResNet-20 built at a load average of
 about 6 on 2 cores measured its half widths at 2.46x; two builds on the quiet machine measured 2.10x and 2.27x. So
 the build records the load average before and after it, and `busy_load` says when it exceeded the cores.
+
+The cache is data, not trust (`read_cached`): only a regular file of at most MAX_TABLE_BYTES is read (checked
+before opening, and opened without blocking, so a FIFO or a link to /dev/zero is never read), and every field is
+checked (types, the exact set of entries, finite positive timings, widths the groups can take). A file that fails
+is named in one note and measured again; a prediction that is still not finite stops the run (`speedup`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -38,10 +44,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from qlp_compress.base.errors import UsageError
+from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json, cache_dir
+from qlp_compress.base.messages import console
 from qlp_compress.deploy.engine import ORT_VERSION, measure_speedup, time_model
 from qlp_compress.pruning.channel_groups import ChannelSpace, LayerShape
+from qlp_compress.pruning.latency_cache import BadCache, check_table, read_regular
 
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)  # uniform widths timed directly to calibrate the table
 CALIBRATION_ROUNDS = 8  # dense and calibration model timed alternately this often (the minimum of each is kept)
@@ -163,13 +171,9 @@ class LatencyTable:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         folder = cache if cache is not None else cache_dir() / "latency"
         path = folder / f"{digest}.json"
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-                if data.get("key") == key:
-                    return cls(space, {**data, "cached": str(path), "file": str(path)})
-            except (OSError, ValueError):
-                pass
+        cached = read_cached(path, key, space)
+        if cached is not None:
+            return cached
         started = time.perf_counter()
         load_before = _load_average()
         rewrite = measure_speedup(dense_onnx, rewritten_onnx, input_shape, settings.batch, settings.threads)
@@ -196,7 +200,7 @@ class LatencyTable:
         data = {"key": key, "settings": asdict(settings), "rewrite": rewrite, "entries": entries,
                 "calibration": calibration, "seconds": round(time.perf_counter() - started, 1),
                 "load": {"before": load_before, "after": _load_average(), "cpus": os.cpu_count()}}
-        with contextlib.suppress(OSError):  # a read-only cache only costs the measurement next time
+        with contextlib.suppress(OSError, QLPError):  # a read-only cache only costs the measurement next time
             atomic_write_json(path, data)
         return cls(space, {**data, "cached": None, "file": str(path)})
 
@@ -301,8 +305,14 @@ class LatencyTable:
         return float(np.interp(x, xs, ys))
 
     def speedup(self, widths: Sequence[int]) -> float:
-        """Predicted dense (original model) latency ÷ latency at these widths."""
-        return 1.0 / max(self.relative(widths), 1e-6)
+        """Predicted dense (original model) latency ÷ latency at these widths; a QLPError when the table cannot
+        predict a finite one (a table that escaped the checks of `read_cached`)."""
+        relative = self.relative(widths)
+        if not (math.isfinite(relative) and relative > 0):
+            where = self.data.get("file") or "its file in the latency cache (qlp-compress/latency under ~/.cache)"
+            raise QLPError(f"the latency table predicts a latency ratio of {relative} (not a finite positive number) "
+                           f"for widths {list(widths)}; delete {where} and rerun to measure the table again")
+        return 1.0 / max(relative, 1e-6)
 
     def reduction(self, widths: Sequence[int]) -> float:
         """Predicted fraction of the dense latency removed: 1 − 1/speedup."""
@@ -338,6 +348,39 @@ class LatencyTable:
                 "measure_seconds": self.data.get("seconds"), "load_while_built": self.data.get("load"),
                 "cached": self.data.get("cached"),
                 "machine": _machine()}
+
+
+# ------------------------------------------------------------------------------------ reading the cache
+
+
+def read_cached(path: Path, key: dict, space: ChannelSpace) -> LatencyTable | None:
+    """The table cached at `path` for `key`, or None when there is none or it cannot be used. A file that is
+    there but is not a whole table of this key (not a regular file, too large, not JSON, a field of the wrong
+    type, entries missing or extra, a timing not finite and positive) is named in a one-line note on stderr; the
+    caller measures the table again and writes it over the file."""
+    try:
+        raw = read_regular(path)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+            raise BadCache(f"is not JSON ({type(e).__name__})") from e
+        round_to = key["settings"]["round_to"]
+        check_table(data, key, space.sizes, {LatencyTable._key(layer, a, b) for layer in space.layers
+                                             for a, b in LatencyTable._points(layer, space.sizes, round_to)})
+        try:
+            table = LatencyTable(space, {**data, "cached": str(path), "file": str(path)})
+            finite = math.isfinite(table.full_ms) and table.full_ms > 0 and math.isfinite(table.max_speedup())
+        except (ArithmeticError, QLPError):  # timings so extreme that the sums overflow (or vanish)
+            finite = False
+        if not finite:
+            raise BadCache("predicts latencies that are not finite")
+        return table
+    except BadCache as e:
+        console.print(f"note: the cached latency table {path} {e}; measuring the table again", highlight=False,
+                      soft_wrap=True, markup=False)
+        return None
 
 
 def onnx_input_shape(model: bytes) -> list[int]:

@@ -1,4 +1,10 @@
-"""policy.json: the per-layer sparsities a search (or a baseline allocator) chose, and how they were found."""
+"""policy.json: the per-layer sparsities a search (or a baseline allocator) chose, and how they were found.
+
+A policy handed in with --policy is checked before it is used: its fields (read_policy), that its layers give the
+global sparsity it states (within one weight per layer of rounding), and that it belongs to the model
+(check_policy), which also warns in one line about layers it prunes to 100 % (an emptied layer on a path without a
+shortcut leaves the network at chance accuracy; inside a residual branch it removes the branch, which can be meant).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from qlp_compress.base.io import atomic_write_json
 from qlp_compress.pruning.masks import global_sparsity
 
 FORMAT = "qlp-compress/policy/v1"
+CHANNEL_FORMAT = "qlp-compress/channel-policy/v1"  # written by channel mode (qlp_compress.workflows.channel_checks)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,8 @@ def read_policy(path: Path) -> Policy:
 
     if not isinstance(doc, dict):
         raise invalid(f"it holds a {type(doc).__name__}, not an object")
+    if doc.get("format") == CHANNEL_FORMAT:
+        raise UsageError(f"{path} is a channel policy, not a weight policy; use --structure channel with it")
     method = doc.get("method")
     if method not in (*METHODS, *ALLOCATORS):
         raise invalid(f"method {_clip(method)!r} is none of {', '.join((*METHODS, *ALLOCATORS))}")
@@ -111,10 +120,16 @@ def read_policy(path: Path) -> Policy:
     if not (best is None or _is_number(best)) or type(seed) is not int or not isinstance(stages, list) \
             or not isinstance(search, dict):
         raise invalid("best_reward, seed, stages or search has the wrong type")
-    return Policy(method=method, target=float(target), layers=[e.get("module") or e["name"] for e in entries],
-                  names=[e["name"] for e in entries],
-                  numels=[e["weights"] for e in entries], sparsities=[float(e["sparsity"]) for e in entries],
-                  model_sha256=sha, best_reward=best, stages=stages, search=search, seed=seed)
+    policy = Policy(method=method, target=float(target), layers=[e.get("module") or e["name"] for e in entries],
+                    names=[e["name"] for e in entries],
+                    numels=[e["weights"] for e in entries], sparsities=[float(e["sparsity"]) for e in entries],
+                    model_sha256=sha, best_reward=best, stages=stages, search=search, seed=seed)
+    rounding = len(entries) / sum(policy.numels) + 1e-9  # each layer's count of removed weights is whole
+    if abs(policy.achieved - policy.target) > rounding:
+        raise QLPError(f"{path} does not reach its own target: its layers remove {policy.achieved:.4f} of the weights, "
+                       f"its target_sparsity says {policy.target:g}; set target_sparsity to "
+                       f"{policy.achieved:.4f} or correct the layers' sparsities")
+    return policy
 
 
 def _is_number(x: object) -> bool:
@@ -143,5 +158,23 @@ def check_policy(policy: Policy, path: Path, model_sha256: str, layers: Sequence
                          f"{model_sha256[:12]}…); search this model or pass its own policy")
     if list(numels) == policy.numels and (list(layers) == policy.layers
                                           or (names is not None and list(names) == policy.layers)):
-        return replace(policy, layers=list(layers), names=list(names) if names is not None else policy.names)
+        policy = replace(policy, layers=list(layers), names=list(names) if names is not None else policy.names)
+        emptied_warning(policy, path)
+        return policy
     raise QLPError(f"{path} lists other layers than the model has; rerun the search on this model")
+
+
+def emptied_warning(policy: Policy, path: Path) -> str | None:
+    """The one-line warning (printed on stderr, and returned) when the policy prunes some layer to 100 %."""
+    from rich.markup import escape
+
+    from qlp_compress.base.messages import console
+
+    emptied = [label for label, s in zip(policy.labels, policy.sparsities, strict=True) if s >= 1.0]
+    if not emptied:
+        return None
+    shown = ", ".join(emptied[:5]) + (f" and {len(emptied) - 5} more" if len(emptied) > 5 else "")
+    message = (f"{path} prunes {shown} to 100 % (no weight left): outside a residual branch that leaves the network "
+               "at chance accuracy; lower their sparsity in the policy unless removing them is meant")
+    console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return message

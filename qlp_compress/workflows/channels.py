@@ -11,7 +11,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from qlp_compress import data as datasets
@@ -42,6 +41,7 @@ from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
 from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
 from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning, speedup_warning
+from qlp_compress.workflows.channel_checks import POLICY_FORMAT, check_channel_policy, check_reach, read_channel_policy
 from qlp_compress.workflows.quantize import quantize_beside
 from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
@@ -52,7 +52,6 @@ from qlp_compress.workflows.workspace import (
 )
 
 METHODS = (*SEARCHES, *BASELINES)
-POLICY_FORMAT = "qlp-compress/channel-policy/v1"
 SPEEDUP_BATCHES = (1, 64)  # every report gives the measured speedup at these batch sizes
 
 
@@ -111,10 +110,7 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
     check_method(settings.method)
     check_speedup(settings.speedup)
     target = speedup_to_target(settings.speedup)
-    if ctx.table.max_speedup() < settings.speedup:
-        raise UsageError(f"--speedup {settings.speedup:g} is beyond this model's reach: the latency table predicts "
-                         f"at most {ctx.table.max_speedup():.2f}× at the narrowest widths (--round-to "
-                         f"{settings.latency.round_to}); ask for less")
+    check_reach(ctx.table, settings.speedup)
     started = time.perf_counter()
     info: dict = {"method": settings.method, "criterion": CRITERION_OF[settings.method]}
     if settings.method in BASELINES:
@@ -207,10 +203,11 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
                        on_episode: Callable[[dict], None] | None, policy_path: Path | None) -> dict:
     started = time.perf_counter()
     work, staged = run.work, run.staging
+    chosen = read_channel_policy(policy_path) if policy_path is not None else None  # before the table is timed
     ctx = ctx or open_channels(ws, settings.latency)
-    if policy_path is not None:
-        chosen = load_channel_policy(policy_path, ws, ctx)
-        widths = [int(w) for w in widths_array(chosen)]
+    if chosen is not None:
+        widths = check_channel_policy(chosen, policy_path, [g.name for g in ctx.space.groups], group_names(ws, ctx),
+                                      ctx.space.sizes, ws.loaded.sha256)
         found = {"method": chosen["method"], "criterion": chosen["criterion"], "widths": widths,
                  "predicted_speedup": ctx.table.speedup(widths), "search_seconds": 0.0, "from_policy": str(policy_path)}
         settings = replace(settings, method=chosen["method"], speedup=float(chosen["target_speedup"]))
@@ -296,22 +293,6 @@ def policy_json(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, f
             "search": {k: v for k, v in found.items() if k not in ("widths", "criterion")}}
 
 
-def load_channel_policy(path: Path, ws: Workspace, ctx: ChannelContext) -> dict:
-    try:
-        policy = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise QLPError(f"{path} is not a readable policy.json ({e}); give the file a search wrote") from e
-    if policy.get("format") != POLICY_FORMAT:
-        raise UsageError(f"{path} is not a channel policy; use --structure weight for weight policies")
-    if policy.get("model_sha256") != ws.loaded.sha256:
-        raise UsageError(f"{path} was found for another model file; run the search on this model")
-    paths = [g.get("module") or g.get("name") for g in policy["groups"]]  # files before readable names: name only
-    if paths != [g.name for g in ctx.space.groups] and [g.get("name") for g in policy["groups"]] != \
-            group_names(ws, ctx):
-        raise UsageError(f"{path} names other channel groups than this model has; run the search again")
-    return policy
-
-
 def report_markdown(r: dict) -> str:
     speed = ", ".join(f"batch {b}: {v:.2f}×" for b, v in r["measured_speedup"].items())
     lines = [f"# Channel pruning: {r['method']} at {r['target_speedup']:g}× (batch {r['latency_batch']}, "
@@ -392,7 +373,3 @@ def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], 
     os.replace(run.work / "compare.json", run.staging / "compare.json")
     atomic_write_text(run.staging / "compare.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
     return rows
-
-
-def widths_array(policy: dict) -> np.ndarray:
-    return np.asarray([g["width"] for g in policy["groups"]])
