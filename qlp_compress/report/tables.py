@@ -17,6 +17,8 @@ def evaluation_table(result: dict) -> Table:
     for lat in result["latency"]:
         table.add_row(f"latency batch {lat['batch']} ({lat['provider']})",
                       f"median {lat['median_ms']:.2f} ms · p90 {lat['p90_ms']:.2f} ms")
+    if result.get("cpu"):
+        table.add_row("CPU (latency depends on it)", Text(result["cpu"]))
     table.add_row("file size", f"{result['file_bytes'] / 1e6:.3f} MB (gzip {result['gzip_bytes'] / 1e6:.3f} MB)")
     table.add_row("global sparsity (weights)", f"{result['global_sparsity']:.2%} of {result['weights']:,}")
     meta = result.get("metadata") or {}

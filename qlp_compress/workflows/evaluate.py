@@ -4,17 +4,12 @@ from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qlp_compress import data as datasets
 from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.machine import cpu_capability, describe_cpu
 from qlp_compress.deploy import engine, export
 from qlp_compress.report.progress import phase
-
-if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
-    pass
-
-
 from qlp_compress.workflows.workspace import DataSettings, load_onnx_file
 
 
@@ -50,7 +45,7 @@ def evaluate_model(model_path: Path, data_settings: DataSettings | None, device:
                        f"({engine.ort_message(e)}); check that the file is an image classifier taking (N, C, H, W), "
                        "or re-export it") from e
     result.update(
-        latency=latency,
+        latency=latency, cpu=describe_cpu(cpu_capability()),
         file_bytes=len(raw), gzip_bytes=len(gzip.compress(raw, 6)),
         weights=sum(n for n, _ in per_layer.values()), global_sparsity=global_sparsity,
         layers={names[name]: {"weights": n, "sparsity": z / n} for name, (n, z) in per_layer.items()},
