@@ -10,7 +10,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,10 @@ from torch.utils.data import Dataset
 
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
 from qlp_compress.data import iterate_batches
+from qlp_compress.train.guard import RANGE_STEPS, Guard, GuardSettings, find_lr, first_batches, loss_on
+
+RECORD = "qlp_finetune"  # the attribute `train` leaves its record in (see finetune_record)
+LOGIT_SCALE = 3.0  # teacher logit standard deviation up to which distillation uses its temperature as it is
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class TrainSettings:
 
     epochs: float = 15.0  # passes over the data; a fraction (0.05) trains on part of one epoch
     batch_size: int = 128  # images per step
-    lr: float = 0.1  # peak learning rate of SGD
+    lr: float | None = 0.1  # peak learning rate of SGD; None: from a range test on the first batches (guard.find_lr)
     momentum: float = 0.9  # SGD momentum (Nesterov)
     weight_decay: float = 5e-4  # L2 penalty on all parameters
     schedule: str = "cosine"  # "cosine" (linear warm-up then cosine to 0) or "onecycle"
@@ -91,6 +95,45 @@ class MaskHolder:
             if buf is not None:
                 buf.mul_(keep)
 
+    @torch.no_grad()
+    def remask(self) -> None:
+        for w, keep in self.pairs:
+            w.mul_(keep)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL from the teacher's softened logits to the student's, × T² (Hinton et al. 2015), with both sets of logits
+    divided first by the teacher's logit scale when that is above `LOGIT_SCALE` (their per-image standard deviation,
+    averaged over the batch; our addition). A network without BatchNorm can end in logits ten times larger than a
+    ResNet's; at T = 4 their softened distributions are still nearly one-hot and the T²-scaled gradient is up to T
+    times the cross-entropy's. Dividing by the scale puts them where T was chosen for and leaves ordinary models
+    unchanged."""
+    scale = teacher_logits.std(1).mean().clamp(min=LOGIT_SCALE) / LOGIT_SCALE
+    t = temperature * scale
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher_logits / t, 1), log_target=True,
+                  reduction="batchmean")
+    return kl * temperature**2
+
+
+def _objective(weight: float, temperature: float) -> Callable:
+    def objective(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        loss = F.cross_entropy(logits, y)
+        if teacher_logits is None:
+            return loss
+        return (1.0 - weight) * loss + weight * distillation_loss(logits, teacher_logits, temperature)
+
+    return objective
+
+
+def _sgd(model: nn.Module, settings: TrainSettings, lr: float, weight_decay: float | None = None) -> torch.optim.SGD:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:  # fixed parameters (channel-mode shortcut maps) are never trained
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BatchNorm and biases
+    wd = settings.weight_decay if weight_decay is None else weight_decay
+    return torch.optim.SGD([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                           lr=lr, momentum=settings.momentum, nesterov=settings.momentum > 0)
+
 
 def train(
     model: nn.Module,
@@ -103,38 +146,42 @@ def train(
     teacher: nn.Module | None = None,
     distill_weight: float = 0.5,
     distill_temperature: float = 4.0,
+    held_out: Dataset | None = None,
+    guard: GuardSettings | None = GuardSettings(),
+    run_settings: Mapping[str, object] | None = None,
 ) -> list[dict]:
     """Train `model` in place; returns one record per epoch (loss, accuracy on the training batches).
 
     With `checkpoint`, the state is saved atomically after every epoch; with `resume`, training continues
-    from it and ends where an uninterrupted run would have ended.
+    from it and ends where an uninterrupted run would have ended. `settings.lr` None: the learning rate comes from
+    a range test on the first batches (guard.find_lr). With `held_out` images (and `guard`), the run is guarded
+    (qlp_compress.train.guard): divergence is undone, training ends on the best held-out state, and
+    `finetune_record(model)` tells what happened (also when `settings.lr` is None). `run_settings` (base.resume)
+    is kept in the checkpoint for the caller to compare on resume.
     """
     device = torch.device(settings.device)
     model.to(device)
     steps_per_epoch = math.ceil(len(dataset) / settings.batch_size)
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:  # fixed parameters (channel-mode shortcut maps) are never trained
-            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BatchNorm and biases
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": settings.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=settings.lr, momentum=settings.momentum, nesterov=settings.momentum > 0)
-    scheduler = SCHEDULES[settings.schedule](optimizer, settings, total_steps, steps_per_epoch)
     generator = torch.Generator().manual_seed(settings.seed)
     holder = MaskHolder(model, masks, device) if masks else None
     if teacher is not None:
         teacher = teacher.to(device).eval()
+    objective = _objective(distill_weight, distill_temperature)
     history: list[dict] = []
     start_epoch = 0
-    if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        if state.get("settings") != asdict(settings):
-            from qlp_compress.base.errors import UsageError
-
-            raise UsageError(f"{checkpoint} was written with other settings; rerun with the same options, or pass "
-                             "--force instead of --resume to start over")
+    state = _load(checkpoint, settings) if resume and checkpoint is not None and checkpoint.exists() else None
+    watch = None if held_out is None or guard is None or len(held_out) == 0 else \
+        Guard(held_out, guard, total_steps, steps_per_epoch, device, state.get("guard") if state else None)
+    record = watch.record if watch is not None else {}
+    if state is not None:
+        lr = state.get("lr", settings.lr)
+    else:
+        lr, record = _first_lr(model, dataset, settings, objective, teacher, holder, device, watch, record)
+    optimizer = _sgd(model, settings, lr)
+    scheduler = SCHEDULES[settings.schedule](optimizer, replace(settings, lr=lr), total_steps, steps_per_epoch)
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -150,50 +197,117 @@ def train(
                            "--resume to start over") from e
 
     step = start_epoch * steps_per_epoch
+    stopped = False
     for epoch in range(start_epoch, n_epochs):
         epoch_started = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
         for x, y in iterate_batches(dataset, settings.batch_size, shuffle=True, generator=generator):
-            if step >= total_steps:
+            if step >= total_steps or stopped:
                 break
             if settings.augment:
                 x = augment(x, generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            if teacher is not None:  # distillation: KL to the teacher's softened logits (Hinton et al. 2015)
-                with torch.no_grad():
-                    target = F.log_softmax(teacher(x) / distill_temperature, 1)
-                kl = F.kl_div(F.log_softmax(logits / distill_temperature, 1), target, log_target=True,
-                              reduction="batchmean") * distill_temperature**2
-                loss = (1.0 - distill_weight) * loss + distill_weight * kl
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if holder:
-                holder.before_step()
-            optimizer.step()
-            if holder:
-                holder.after_step(optimizer)
+            with torch.no_grad():
+                target = teacher(x) if teacher is not None else None
+            loss = objective(logits, y, target)
+            reason = watch.diverged(float(loss.detach())) if watch is not None else None
+            if reason is not None:
+                stopped = not watch.restore(model, optimizer, step + 1, reason, holder.remask if holder else None)
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if holder:
+                    holder.before_step()
+                optimizer.step()
+                if holder:
+                    holder.after_step(optimizer)
             scheduler.step()
+            if watch is not None:
+                watch.scale_lr(optimizer)
             step += 1
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
+            if reason is None:
+                loss_sum += float(loss.detach()) * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                seen += len(y)
+            if watch is not None and not stopped and watch.due(step):
+                watch.check(model, step)
+                model.train()
             if on_step:
                 on_step({"epoch": epoch + 1, "epochs": n_epochs, "step": step, "steps": total_steps,
-                         "loss": loss_sum / seen, "accuracy": correct / seen})
+                         "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen)})
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen),
                         "seconds": round(time.perf_counter() - epoch_started, 2)})
-        if checkpoint is not None:
+        if checkpoint is not None and not stopped:
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-                "history": history, "epoch": epoch, "settings": asdict(settings),
+                "history": history, "epoch": epoch, "settings": asdict(settings), "lr": lr,
+                "guard": watch.state() if watch is not None else None, "finetune_record": record,
+                "run_settings": dict(run_settings or {}),
             }, checkpoint)
+        if stopped:
+            break
+    if state is not None and watch is None:
+        record = state.get("finetune_record") or {}
+    if watch is not None:
+        record = watch.finish(model)
     model.eval()
+    if record:
+        setattr(model, RECORD, record)
     return history
+
+
+def finetune_record(model: nn.Module) -> dict:
+    """What `train` recorded about a guarded run or a derived learning rate: the learning rate and where it came
+    from, the held-out accuracy before and at the end, the checks and every divergence undone ({} when none)."""
+    return dict(getattr(model, RECORD, None) or {})
+
+
+def _load(checkpoint: Path, settings: TrainSettings) -> dict:
+    state = load_checkpoint(checkpoint)
+    if state.get("settings") != asdict(settings):
+        from qlp_compress.base.errors import UsageError
+
+        raise UsageError(f"{checkpoint} was written with other settings; rerun with the same options, or pass "
+                         "--force instead of --resume to start over")
+    return state
+
+
+def _first_lr(model: nn.Module, dataset: Dataset, settings: TrainSettings, objective: Callable,
+              teacher: nn.Module | None, holder: MaskHolder | None, device: torch.device, watch: Guard | None,
+              record: dict) -> tuple[float, dict]:
+    """The learning rate (the range test's when settings.lr is None) and the guard's start: the loss level on the
+    range test's batches and the held-out accuracy before any step."""
+    if settings.lr is not None and watch is None:
+        return settings.lr, record
+    batches = []
+    for x, y in first_batches(dataset, settings.batch_size, RANGE_STEPS, settings.seed,
+                              augment if settings.augment else None):
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            batches.append((x, y, teacher(x) if teacher is not None else None))
+
+    def after_step(optimizer: torch.optim.Optimizer) -> None:
+        if holder:
+            holder.before_step()
+        optimizer.step()
+        if holder:
+            holder.after_step(optimizer)
+
+    if settings.lr is None:
+        found = find_lr(model, batches, objective, lambda lr: _sgd(model, settings, lr, weight_decay=0.0), after_step)
+        lr, start_loss = found["lr"], found["start_loss"]
+        record.update(lr=lr, lr_from="range test", range_test=found)
+    else:
+        lr = settings.lr
+        start_loss = loss_on(model, batches, objective)
+        record.update(lr=lr, lr_from="--lr")
+    if watch is not None:
+        watch.start(model, start_loss)
+    return lr, record
 
 
 @torch.no_grad()

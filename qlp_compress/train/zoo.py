@@ -95,6 +95,79 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class PlainVGG(nn.Module):
+    """VGG-style without BatchNorm: two stages of two 3×3 convolutions with ReLU and max pooling, then one Linear
+    on the 4×4 feature map. Its logits are not normalised by anything (issue 25's first unseen model)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * w * 16, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class SeparableNet(nn.Module):
+    """MobileNet-style: depthwise-separable convolutions with BatchNorm and ReLU6, a residual around one block and
+    a concat of two branches (issue 25's second unseen model)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+
+        def separable(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(c_in, c_in, 3, stride, 1, groups=c_in, bias=False), nn.BatchNorm2d(c_in),
+                                 nn.ReLU6(), nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6())
+        self.block = separable(w, w)  # residual
+        self.left = nn.Sequential(nn.Conv2d(w, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6())
+        self.right = nn.Sequential(separable(w, w), nn.ReLU6())
+        self.down = nn.Sequential(separable(2 * w, 3 * w, 2), nn.ReLU6())
+        self.fc = nn.Linear(3 * w, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu6(x + self.block(x))
+        x = self.down(torch.cat([self.left(x), self.right(x)], 1))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class LinearHead(nn.Module):
+    """Two convolutions with BatchNorm, then several Linear layers with dropout (issue 25's third kind of model)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * w * 16, 96), nn.ReLU(), nn.Dropout(0.2), nn.Linear(96, 48), nn.ReLU(),
+            nn.Linear(48, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+# Models unlike ResNet-20, for the tests and the benchmark of channel mode and fine-tuning (issue 25); not choices of
+# `train`.
+UNLIKE_RESNET: dict[str, Callable[[int, int], nn.Module]] = {
+    "plain_vgg": PlainVGG,
+    "separable": SeparableNet,
+    "linear_head": LinearHead,
+}
+
+
 def _torchvision(name: str) -> Callable[[int, int], nn.Module]:
     def build(in_channels: int, num_classes: int) -> nn.Module:
         import torchvision
@@ -126,7 +199,9 @@ ARCHS: dict[str, Callable[[int, int], nn.Module]] = {
 
 def build_model(arch: str, in_channels: int, num_classes: int, mean: Sequence[float],
                 std: Sequence[float]) -> nn.Sequential:
-    """`arch` from ARCHS, preceded by a fixed Normalize(mean, std)."""
+    """`arch` from ARCHS (or UNLIKE_RESNET), preceded by a fixed Normalize(mean, std)."""
+    if arch in UNLIKE_RESNET:
+        return nn.Sequential(Normalize(mean, std), UNLIKE_RESNET[arch](in_channels, num_classes))
     if arch not in ARCHS:
         raise UsageError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if len(mean) != in_channels or len(std) != in_channels:

@@ -1,0 +1,253 @@
+"""What keeps fine-tuning from silently ruining a model (issue 25): a learning rate that fits the model, divergence
+caught and undone, and the best state on held-out images kept.
+
+- `find_lr`: the default learning rate, from a short range test on a few fine-tune batches: from the same start,
+  each learning rate of a grid takes `RANGE_STEPS` SGD steps on the same batches; the largest one after which the
+  loss on those batches is lower than before, divided by `SAFETY`, is the learning rate (docs/method.md).
+- `Guard`: watches the training loss. A non-finite loss, or a smoothed loss above `factor` × its starting level +
+  `margin` for `patience` steps in a row, is divergence: the model goes back to the best state so far, the momentum
+  is dropped and training goes on at a learning rate `lr_drop` times lower (at most `max_drops` times, then it
+  stops). Every `1 / checks_per_epoch` epoch it measures the accuracy on held-out images (never the test split) and
+  keeps the best state; training ends on it. When that is below the accuracy before fine-tuning, measured the same
+  way, `FinetuneFailed` says so in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from qlp_compress.base.errors import QLPError
+from qlp_compress.base.messages import console
+from qlp_compress.data import iterate_batches
+
+RANGE_STEPS = 5  # SGD steps per learning rate in the range test (on the same RANGE_STEPS batches)
+RANGE_FIRST = 1e-3  # the range test starts here and goes up (or down, when the loss does not fall at it)
+RANGE_FACTOR = math.sqrt(10)  # between neighbouring learning rates of the test
+RANGE_LIMITS = (1e-6, 1.0)  # the test never goes below or above these
+SAFETY = 10.0  # the learning rate is the largest one whose loss still falls, divided by this
+
+
+class FinetuneFailed(QLPError):
+    """Fine-tuning ended below the held-out accuracy it started from, even after lowering its learning rate."""
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """How fine-tuning is watched."""
+
+    checks_per_epoch: float = 4.0  # held-out measurements per epoch (at least 2 per run, plus one before it)
+    images: int = 2000  # held-out images measured at each check (always the same ones)
+    factor: float = 1.5  # divergence: a smoothed loss above factor × its starting level + margin ...
+    margin: float = 0.25
+    patience: int = 20  # ... for this many steps in a row (fewer in a run that short), or a non-finite loss
+    smoothing: float = 0.1  # weight of each new step's loss in the smoothed loss
+    lr_drop: float = 10.0  # the learning rate is divided by this at each divergence ...
+    max_drops: int = 3  # ... at most this many times; one more divergence stops training
+    fail_below_start: bool = True  # raise FinetuneFailed when the best state is below the start
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def loss_on(model: nn.Module, batches: list, objective: Callable) -> float:
+    """The mean objective over the batches, in training mode (as training sees it), leaving the model's buffers
+    (BatchNorm statistics) as they were."""
+    kept = {k: v.clone() for k, v in model.named_buffers()}
+    torch.manual_seed(0)  # the same dropout masks at every measurement
+    total = 0.0
+    with torch.no_grad():
+        for x, y, t in batches:
+            total += float(objective(model(x), y, t))
+    buffers = dict(model.named_buffers())
+    for k, v in kept.items():
+        buffers[k].copy_(v)
+    return total / len(batches)
+
+
+def find_lr(model: nn.Module, batches: list, objective: Callable, make_optimizer: Callable[[float], object],
+            after_step: Callable[[object], None]) -> dict:
+    """The range test (see the module's docstring) on `batches` [(x, y, teacher logits or None)]. Leaves the model
+    as it was. Returns {"lr", "start_loss", "tried": [[lr, loss after its steps], ...], "largest_falling"}."""
+    start = snapshot(model)
+    with torch.random.fork_rng(devices=[]):
+        before = loss_on(model, batches, objective)
+        tried: dict[float, float] = {}
+
+        def trial(lr: float) -> bool:
+            model.load_state_dict(start)
+            optimizer = make_optimizer(lr)
+            model.train()
+            torch.manual_seed(1)
+            for x, y, t in batches:
+                loss = objective(model(x), y, t)
+                if not torch.isfinite(loss):
+                    tried[lr] = math.inf
+                    return False
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                after_step(optimizer)
+            after = loss_on(model, batches, objective)
+            tried[lr] = after if math.isfinite(after) else math.inf
+            return after < before
+
+        lr, falling = RANGE_FIRST, None
+        if trial(lr):
+            falling = lr
+            while lr * RANGE_FACTOR <= RANGE_LIMITS[1] * 1.0001 and trial(lr * RANGE_FACTOR):
+                lr *= RANGE_FACTOR
+                falling = lr
+        else:
+            while lr / RANGE_FACTOR >= RANGE_LIMITS[0] * 0.9999:
+                lr /= RANGE_FACTOR
+                if trial(lr):
+                    falling = lr
+                    break
+    model.load_state_dict(start)
+    chosen = (falling if falling is not None else min(tried)) / SAFETY
+    return {"lr": float(f"{chosen:.3g}"), "start_loss": before, "largest_falling": falling, "safety": SAFETY,
+            "steps": len(batches), "tried": [[float(f"{k:.3g}"), v] for k, v in sorted(tried.items())]}
+
+
+class Guard:
+    """The watch over one fine-tuning run (see the module's docstring). Its `state()` goes into the training
+    checkpoint, and `Guard(..., state=...)` continues from it."""
+
+    def __init__(self, held_out: Dataset, settings: GuardSettings, total_steps: int, steps_per_epoch: int,
+                 device: torch.device, state: dict | None = None):
+        self.settings = settings
+        self.held_out, self.device = held_out, device
+        checks = max(2, math.ceil(settings.checks_per_epoch * total_steps / steps_per_epoch))
+        self.every = max(1, total_steps // checks)
+        self.total_steps = total_steps
+        self.patience = max(3, min(settings.patience, total_steps // 10))
+        self.record: dict = {"held_out_images": min(settings.images, len(held_out)), "checks": [], "restores": [],
+                             "stopped_early": False}
+        self.best: dict[str, torch.Tensor] | None = None  # the best state so far, the start included
+        self.best_accuracy = -1.0
+        self.best_step = 0
+        self.level = math.nan  # the starting loss
+        self.smoothed = math.nan
+        self.above = 0  # steps in a row above the limit
+        self.scale = 1.0  # learning-rate factor from divergences
+        if state is not None:
+            self.record, self.best = state["record"], state["best"]
+            self.best_accuracy, self.best_step = state["best_accuracy"], state["best_step"]
+            self.level, self.smoothed, self.above = state["level"], state["smoothed"], state["above"]
+            self.scale = state["scale"]
+
+    def state(self) -> dict:
+        return {"record": self.record, "best": self.best, "best_accuracy": self.best_accuracy,
+                "best_step": self.best_step, "level": self.level, "smoothed": self.smoothed, "above": self.above,
+                "scale": self.scale}
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        correct = seen = 0
+        for x, y in iterate_batches(self.held_out, 500, limit=self.settings.images):
+            correct += int((model(x.to(self.device)).argmax(1).cpu() == y).sum())
+            seen += len(y)
+        model.train(was_training)
+        return correct / max(1, seen)
+
+    def start(self, model: nn.Module, start_loss: float) -> None:
+        """Before the first step: the starting loss level and the held-out accuracy of the model as it is."""
+        self.level = start_loss
+        self.best = snapshot(model)
+        self.record["start_held_out_accuracy"] = self.accuracy(model)
+        self.best_accuracy, self.best_step = self.record["start_held_out_accuracy"], 0
+
+    @property
+    def limit(self) -> float:
+        return self.settings.factor * self.level + self.settings.margin
+
+    def diverged(self, loss: float) -> str | None:
+        """Call with every step's loss, before the step; a reason when training has diverged."""
+        if not math.isfinite(loss):
+            return f"the loss is {loss}"
+        a = self.settings.smoothing
+        self.smoothed = loss if math.isnan(self.smoothed) else (1 - a) * self.smoothed + a * loss
+        self.above = self.above + 1 if self.smoothed > self.limit else 0
+        if self.above >= self.patience:
+            return (f"the smoothed loss stayed above {self.limit:.3g} ({self.settings.factor:g}× its start "
+                    f"{self.level:.3g} + {self.settings.margin:g}) for {self.above} steps")
+        return None
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, reason: str,
+                remask: Callable[[], None] | None) -> bool:
+        """Back to the best state, momentum dropped, learning rate lowered; False when training should stop."""
+        model.load_state_dict(self.best)
+        if remask is not None:
+            remask()
+        optimizer.state.clear()
+        self.smoothed, self.above = math.nan, 0
+        drops = len(self.record["restores"])
+        stop = drops >= self.settings.max_drops
+        if not stop:
+            self.scale /= self.settings.lr_drop
+            for group in optimizer.param_groups:
+                group["lr"] /= self.settings.lr_drop
+        lr = self.record.get("lr", math.nan) * self.scale
+        self.record["restores"].append({"step": step, "reason": reason, "back_to_step": self.best_step,
+                                        "lr": None if stop else lr})
+        then = "stops there" if stop else f"goes on with learning rate {lr:.3g}"
+        console.print(f"note: fine-tuning diverged at step {step} ({reason}); it went back to step {self.best_step} "
+                      f"(held-out accuracy {self.best_accuracy:.2%}) and {then}", highlight=False, soft_wrap=True)
+        if stop:
+            self.record["stopped_early"] = True
+        return not stop
+
+    def scale_lr(self, optimizer: torch.optim.Optimizer) -> None:
+        """After each scheduler step: the schedule's learning rate times the divergences' factor."""
+        if self.scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.scale
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
+
+    def check(self, model: nn.Module, step: int) -> None:
+        """Measure the held-out accuracy; keep the state when it is the best so far (a later state wins a tie)."""
+        acc = self.accuracy(model)
+        self.record["checks"].append([step, acc])
+        if acc >= self.best_accuracy:
+            self.best, self.best_accuracy, self.best_step = snapshot(model), acc, step
+
+    def finish(self, model: nn.Module) -> dict:
+        """End on the best state. When no trained state reached the start's accuracy, raise FinetuneFailed (or,
+        without `fail_below_start`, end on the start)."""
+        if self.best is not None:
+            model.load_state_dict(self.best)
+        self.record.update(held_out_accuracy=self.best_accuracy, ended_at_step=self.best_step)
+        if self.best_step == 0 and self.settings.fail_below_start:
+            raise FinetuneFailed(self.failure())
+        return self.record
+
+    def failure(self) -> str:
+        r = self.record
+        trained = [acc for _, acc in r["checks"]]
+        best = f"at best {max(trained):.2%}" if trained else "no state measured"
+        lowered = (f"; the loss diverged {len(r['restores'])} times and the learning rate was lowered to "
+                   f"{r.get('lr', math.nan) * self.scale:.3g}") if r["restores"] else ""
+        return (f"fine-tuning ended below the accuracy it started from on {r['held_out_images']} held-out images "
+                f"({r['start_held_out_accuracy']:.2%} before, {best} after{lowered}); try a smaller --lr (e.g. "
+                f"{r.get('lr', 0.01) * self.scale / 10:.2g}), --no-distill, or --finetune-epochs 0 to keep the "
+                f"pruned model")
+
+
+def first_batches(dataset: Dataset, batch_size: int, count: int, seed: int,
+                  augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None) -> Iterable:
+    """`count` fine-tune batches, shuffled by `seed` (not the training's own order), augmented like training's."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    for i, (x, y) in enumerate(iterate_batches(dataset, batch_size, shuffle=True, generator=generator)):
+        if i >= count:
+            return
+        yield (augment(x, generator) if augment is not None else x), y
