@@ -216,6 +216,8 @@ def compare_cmd(
     episodes: o.Episodes = o.HOW.episodes,
     stages: o.Stages = o.HOW.stages,
     demonstrations: o.Demonstrations = o.HOW.demonstrations,
+    candidates: o.Candidates = o.HOW.candidates,
+    select_epochs: o.SelectEpochs = o.HOW.select_epochs,
     reward_images: o.RewardImages = o.HOW.reward_images,
     finetune_epochs: o.FinetuneEpochs = o.RUN.finetune_epochs,
     lr: o.Lr = o.RUN.lr,
@@ -242,8 +244,9 @@ def compare_cmd(
     channel = structure == "channel"
     names = method or ("qlp,uniform,l1,bn-slimming,random" if channel else "qlp,lamp,global,erk,uniform")
     how = Choice(structure=structure, episodes=episodes, stages=stages, demonstrations=demonstrations,
-                 reward_images=reward_images, min_density=min_density, latency_batch=latency_batch, threads=threads,
-                 round_to=round_to, distill=distill, targets=tuple((speedup or [2.0]) if channel else sparsity or ()))
+                 candidates=candidates, select_epochs=select_epochs, reward_images=reward_images, threads=threads,
+                 min_density=min_density, latency_batch=latency_batch, round_to=round_to, distill=distill,
+                 targets=tuple((speedup or [2.0]) if channel else sparsity or ()))
     result = run_command.compare_methods(run, how, [m.strip() for m in names.split(",") if m.strip()])
     table = tables.compare_channel_table if channel else tables.compare_table
     emit(result, as_json, lambda: (table(result["rows"]),

@@ -37,7 +37,8 @@ Mean = Annotated[list[float] | None, typer.Option("--mean", help="Per-channel me
 Std = Annotated[list[float] | None, typer.Option("--std", help="Per-channel std to fold in (repeat per channel).")]
 FinetuneEpochs = Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning epochs on the fine-tune split "
                                                                          "(fractions allowed; 0 = none).")]
-Lr = Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate (SGD, cosine decay).")]
+Lr = Annotated[float, typer.Option("--lr", help="Fine-tuning peak learning rate (SGD, cosine decay); default: "
+                                                 "derived from the model by a short learning-rate range test.")]
 SparseStorage = Annotated[bool, typer.Option("--sparse-storage/--no-sparse-storage",
                                              help="Also write the sparse_initializer form (*.sparse.onnx).")]
 Quantize = Annotated[str, typer.Option("--quantize", help="none, or int8: also write an int8 model (onnxruntime "
@@ -48,7 +49,8 @@ KeepFloat = Annotated[str, typer.Option("--keep-float", help="Prunable layers le
                                                              "first, last, first,last or none.")]
 Int8MaxLoss = Annotated[float, typer.Option("--int8-max-loss", help="Warn when int8 loses more test accuracy than "
                                                                     "this many points.")]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint (with the "
+                                                        "same settings; others are refused).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (errors and warnings still "
@@ -80,7 +82,7 @@ Candidates = Annotated[int, typer.Option("--candidates", help="weight, qlp, with
                                                              "most accurate on held-out reward-split images is "
                                                              "kept (1 = keep the search's answer).")]
 SelectEpochs = Annotated[float, typer.Option("--select-epochs", help="Fine-tuning epochs of each --candidates "
-                                                                     "allocation.")]
+                                                                     "allocation (at most --finetune-epochs).")]
 RewardImages = Annotated[int, typer.Option("--reward-images", help="Reward-split images per reward evaluation.")]
 BnRecalibrate = Annotated[int, typer.Option("--bn-recalibrate", help="Reward images that re-estimate BatchNorm "
                                                                      "before each reward (0 = off).")]

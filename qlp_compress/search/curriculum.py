@@ -20,14 +20,15 @@ the same number of reward evaluations.
 
 Interrupts: a checkpoint holds everything (agent, replay, RNG states, history, best-so-far) as of the
 end of an episode. Ctrl-C or SIGTERM during an episode drops that episode and writes the checkpoint as of
-the last one; `resume` continues and ends with the same policy as an uninterrupted run.
+the last one; `resume` continues and ends with the same policy as an uninterrupted run. A checkpoint keeps the
+settings and the caller's `run_record` (base.resume), and a resume with others is refused, naming the option.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from qlp_compress.base import validate
 from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.interrupts import deferred_interrupts, sigterm_as_interrupt
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
+from qlp_compress.base.resume import check_same, flatten
 from qlp_compress.search.agent import AgentSettings, DQNAgent
 from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv
 
@@ -142,11 +144,13 @@ def run_search(
     resume: bool = False,
     on_episode: Callable[[dict], None] | None = None,
     allocation: Callable[[str, float], np.ndarray] | None = None,
+    run_record: Mapping[str, object] | None = None,
 ) -> SearchResult:
     """Run (or resume) a search; returns the best policy of every stage.
 
     `allocation(name, target)` gives the per-layer sparsities of a baseline allocator, for the
-    demonstrations; without it the search plays none."""
+    demonstrations; without it the search plays none. `run_record`: what else shapes the run's results
+    (base.resume), kept in the checkpoint and compared on resume."""
     if settings.method not in METHODS:
         raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
     validate.sparsity(settings.target)
@@ -174,7 +178,7 @@ def run_search(
                    for n in lengths]
     progress = SearchProgress(best=[StageBest(t) for t in targets])
     if resume and checkpoint is not None and checkpoint.exists():
-        progress = _load(checkpoint, settings, agent, near)
+        progress = _load(checkpoint, settings, agent, near, run_record)
 
     stage_of = np.repeat(np.arange(stages), lengths)
     stage_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
@@ -208,7 +212,7 @@ def run_search(
                     record, transitions = _play_episode(env, targets[k], lambda state, e=eps: agent.act(state, e))
                     record["epsilon"] = round(eps, 4)
                 best = _finish_episode(settings, agent, progress, checkpoint, learn, record, transitions, k,
-                                       targets[k], learner, near)
+                                       targets[k], learner, near, run_record)
                 if on_episode:
                     on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
         except KeyboardInterrupt:  # anywhere in the loop: keep the episodes that finished, drop the one running
@@ -217,7 +221,7 @@ def run_search(
                     r.bit_generator.state = state  # as if it never started
             if checkpoint is not None:
                 with deferred_interrupts():
-                    _save(checkpoint, settings, agent, progress, near)
+                    _save(checkpoint, settings, agent, progress, near, run_record)
             where = f"; rerun the same command with --resume to continue (checkpoint {checkpoint})" \
                 if checkpoint else "; rerun the command to start again"
             raise SearchInterrupted(f"search interrupted after {progress.episode} episodes{where}") from None
@@ -226,7 +230,7 @@ def run_search(
 
 def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchProgress, checkpoint: Path | None,
                     learn: bool, record: dict, transitions: list[tuple], k: int, target: float,
-                    learner: DQNAgent, near: DQNAgent | None) -> StageBest:
+                    learner: DQNAgent, near: DQNAgent | None, run_record: Mapping | None = None) -> StageBest:
     """Learn from a finished episode (`learner`: the agent that played it) and record it, as one unit that an
     interrupt cannot split."""
     with deferred_interrupts():
@@ -249,7 +253,7 @@ def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchP
         progress.episode += 1
         if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
                                        or progress.episode == settings.episodes):
-            _save(checkpoint, settings, agent, progress, near)
+            _save(checkpoint, settings, agent, progress, near, run_record)
     return best
 
 
@@ -282,17 +286,28 @@ def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray],
 
 
 def _save(path: Path, settings: SearchSettings, agent: DQNAgent, progress: SearchProgress,
-          near: DQNAgent | None = None) -> None:
-    state = {"settings": asdict(settings), "agent": agent.state_dict(),
+          near: DQNAgent | None = None, run_record: Mapping | None = None) -> None:
+    state = {"settings": asdict(settings), "record": dict(run_record or {}), "agent": agent.state_dict(),
              "progress": {**asdict(progress), "best": [asdict(b) for b in progress.best]}}
     if near is not None:
         state["near_agent"] = near.state_dict()
     atomic_torch_save(state, path)
 
 
-def _load(path: Path, settings: SearchSettings, agent: DQNAgent, near: DQNAgent | None = None) -> SearchProgress:
+# the search settings a user sets, by option (the others are the tool's own)
+OPTIONS = {"seed": "--seed", "method": "--method", "episodes": "--episodes", "stages": "--stages",
+           "env.passes": "--passes", "demonstrations": "--demonstrations", "near_best": "--near-best"}
+
+
+def _load(path: Path, settings: SearchSettings, agent: DQNAgent, near: DQNAgent | None = None,
+          run_record: Mapping | None = None) -> SearchProgress:
     state = load_checkpoint(path)
-    if _normalise(state.get("settings")) != _normalise(asdict(settings)):
+    check_same(state.get("record"), run_record)
+    old, new = _normalise(state.get("settings")), _normalise(asdict(settings))
+    if old != new:
+        if isinstance(old, dict):  # name the option that differs when a user can set it
+            named = {OPTIONS.get(k, f"search setting {k}"): v for k, v in flatten(old).items()}
+            check_same(named, {OPTIONS.get(k, f"search setting {k}"): v for k, v in flatten(new).items()})
         raise UsageError(f"{path} belongs to a search with other settings; rerun with the same options, or pass "
                          "--force instead of --resume to start over")
     try:

@@ -1,4 +1,9 @@
-"""The `compare` workflow (weights): every method at every target sparsity, the same fine-tuning budget, one table."""
+"""The `compare` workflow (weights): every method at every target sparsity, the same fine-tuning budget, one table.
+
+Every row is made with the same settings: OUT/.work/compare.json keeps the rows measured so far with the run's
+record (base.resume: the model, the data and its split, fine-tuning, search, reward and selection options), a
+--resume with other settings is refused, naming the option, and compare.md lists the settings its rows were made
+with and the commands that made them."""
 
 from __future__ import annotations
 
@@ -7,17 +12,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from qlp_compress.base.errors import UsageError
+from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_text
 from qlp_compress.base.outputs import OutputRun
+from qlp_compress.base.resume import check_same
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings
 from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.reward.weights import RewardSettings
 from qlp_compress.search.curriculum import METHODS, SearchSettings
 from qlp_compress.train.finetune import TrainSettings
-from qlp_compress.workflows.selection import SelectionSettings, choose_answer
+from qlp_compress.workflows.selection import SelectionSettings, choose_answer, run_record
 from qlp_compress.workflows.weights import allocator, find_policy, prune_and_finetune
-from qlp_compress.workflows.workspace import Workspace, export_bytes, measure_onnx
+from qlp_compress.workflows.workspace import Workspace, export_bytes, measure_onnx, with_record
 
 
 def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
@@ -46,9 +52,13 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
     from qlp_compress.report.documents import compare_markdown
     from qlp_compress.report.progress import search_progress
 
+    ws = with_record(ws, run_record(search, reward_settings, allocation, finetune, selection))
+    earlier = _interrupted(run.work / "compare.json", ws.loaded.sha256, dict(ws.record))
     dense_accuracy = measure_onnx(export_bytes(ws.loaded.module, ws), ws, repeats=1)["accuracy"]
-    rows = measured_rows(run.work / "compare.json", ws.loaded.sha256)
-    document = {"command": command, "model_sha256": ws.loaded.sha256, "rows": rows,
+    rows = earlier.get("rows", [])
+    commands = [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []), command]
+    document = {"command": commands[0], "commands": commands, "model_sha256": ws.loaded.sha256,
+                "record": dict(ws.record), "rows": rows,
                 "layers": ws.loaded.names_of([layer.name for layer in find_prunable_layers(ws.loaded.module)])}
     for target in targets:
         for method in methods:
@@ -76,13 +86,49 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
                          "sparsities": policy.sparsities})
             atomic_write_json(run.work / "compare.json", document)
     atomic_write_json(run.staging / "compare.json", document)
-    atomic_write_text(run.staging / "compare.md", compare_markdown(rows, command))
+    atomic_write_text(run.staging / "compare.md", compare_markdown(rows, commands[0]) + settings_markdown(document))
     return rows
 
 
-def measured_rows(checkpoint: Path, model_sha256: str) -> list[dict]:
-    """The rows an interrupted comparison of the same model measured (none when it is another model's)."""
+def settings_markdown(document: dict) -> str:
+    """compare.md's account of how its rows were made: the recorded settings and every command that added rows."""
+    lines = ["", "## Settings", "", "Every row was made with these settings (compare.json → `record`); `--resume` "
+             "refuses others.", "", "| setting | value |", "|---|---|"]
+    for key, value in document.get("record", {}).items():
+        shown = "none" if value is None else f"{value:g}" if isinstance(value, float) else \
+            ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        lines.append(f"| {key} | {shown[:16] + '…' if key == 'model' else shown} |")
+    record = document.get("record", {})
+    asked, budget = record.get("--select-epochs"), record.get("--finetune-epochs")
+    if asked is not None and budget and asked > budget and any(r["method"] == "qlp" for r in document["rows"]):
+        lines += ["", f"qlp's candidates were each fine-tuned for {budget:g} epochs: --select-epochs {asked:g} is "
+                      f"capped at --finetune-epochs {budget:g}."]
+    commands = document.get("commands", [])
+    if len(commands) > 1:
+        lines += ["", "Resumed by: " + "; ".join(f"`{c}`" for c in commands[1:]) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _interrupted(checkpoint: Path, model_sha256: str, record: dict) -> dict:
+    """The document of an interrupted comparison (empty when there is none); one with other settings, or of
+    another model, is refused (base.resume)."""
     if not checkpoint.exists():
-        return []
-    document = json.loads(checkpoint.read_text())
-    return document["rows"] if document.get("model_sha256") == model_sha256 else []
+        return {}
+    try:
+        document = json.loads(checkpoint.read_text())
+        rows = document["rows"]
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise TypeError("rows")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QLPError(f"{checkpoint} is damaged ({type(e).__name__}); pass --force instead of --resume to start "
+                       "over") from e
+    check_same(document.get("record"), record)
+    if document.get("model_sha256") != model_sha256:
+        check_same({"model": document.get("model_sha256")}, {"model": model_sha256})
+    return document
+
+
+def measured_rows(checkpoint: Path, model_sha256: str, record: dict | None = None) -> list[dict]:
+    """The rows an interrupted comparison measured; one with other settings (`record`), or of another model, is
+    refused (base.resume)."""
+    return _interrupted(checkpoint, model_sha256, dict(record or {})).get("rows", [])

@@ -8,6 +8,14 @@ scored highest there) are each fine-tuned for `epochs`, with the run's other fin
 the reward-split images the reward never measured; the most accurate is the answer. The search's answer is
 always a candidate and wins ties, so selection only replaces it by an allocation that fine-tuned better on
 images no choice has seen. The test split is never read.
+
+A candidate is fine-tuned for at most the run's own fine-tuning epochs (a smaller --finetune-epochs caps
+--select-epochs; the record says so). When --reward-size leaves no reward-split image beyond the --reward-images
+the reward measures, the candidates are scored on those same images: a one-line warning says so, and the record
+(policy.json → search.selection) names the images as not held out.
+
+Resume: selection.json keeps each finished candidate with the run's record (base.resume); --resume with other
+settings is refused, naming the option. `run_record` gives the record of a weight-mode run's options.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,9 +31,15 @@ import torch
 from qlp_compress import data as datasets
 from qlp_compress.base import validate
 from qlp_compress.base.io import atomic_write_json
+from qlp_compress.base.messages import console
+from qlp_compress.base.resume import check_same, flatten
+from qlp_compress.pruning.allocate import AllocationSettings
 from qlp_compress.pruning.policy import Policy
+from qlp_compress.reward.weights import RewardSettings
+from qlp_compress.search.curriculum import OPTIONS as SEARCH_OPTIONS
+from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings, accuracy
-from qlp_compress.workflows.workspace import Workspace, prune_and_finetune
+from qlp_compress.workflows.workspace import Workspace, digest, prune_and_finetune
 
 SEARCH_ANSWER = "search"  # the name of the candidate the search itself returned (when no demonstration won)
 
@@ -41,6 +55,30 @@ class SelectionSettings:
 def check(settings: SelectionSettings) -> None:
     validate.whole("--candidates", settings.candidates, 1, str(SelectionSettings.candidates))
     validate.positive("--select-epochs", settings.epochs, str(SelectionSettings.epochs))
+
+
+REWARD_OPTIONS = {"images": "--reward-images", "bn_recalibrate": "--bn-recalibrate", "engine": "--reward-engine",
+                  "finetune_steps": "--reward-finetune-steps", "finetune_from": "--reward-finetune-from"}
+
+
+def run_record(search: SearchSettings | None, reward: RewardSettings | None, allocation: AllocationSettings | None,
+               finetune: TrainSettings | None, selection: SelectionSettings, method: str | None = None,
+               target: float | None = None, policy: Policy | None = None) -> dict[str, object]:
+    """The options a weight-mode run's results depend on (base.resume), as given: fine-tuning, search, reward,
+    baseline and selection settings; `method`, `target` and a given `policy` (by digest) for one-target runs."""
+    record: dict[str, object] = {} if method is None else {"--method": method, "--sparsity": target}
+    if policy is not None:
+        record["policy"] = digest(list(policy.sparsities))
+    record.update({"--finetune-epochs": finetune.epochs if finetune else 0, "--lr": finetune.lr if finetune else None,
+                   "--seed": search.seed if search else finetune.seed if finetune else None,
+                   "--candidates": selection.candidates, "--select-epochs": selection.epochs})
+    if search is not None:
+        flat = flatten(asdict(search))
+        record.update({option: flat[key] for key, option in SEARCH_OPTIONS.items() if key != "method"})
+    if reward is not None:
+        record.update({option: getattr(reward, key) for key, option in REWARD_OPTIONS.items()})
+    record["--min-density"] = (allocation or AllocationSettings()).min_density
+    return record
 
 
 @dataclass(frozen=True)
@@ -85,14 +123,29 @@ def _measured(ws: Workspace, measured: int) -> int:
     return measured if len(ws.splits.reward) > measured else 0
 
 
-def _finished(record_path: Path) -> list[dict]:
+def _finished(record_path: Path, run: dict) -> list[dict]:
     """The candidates an interrupted run finished; none when its record is missing or unreadable (they are then
-    fine-tuned again)."""
+    fine-tuned again). A run with other settings is refused (base.resume)."""
     try:
-        rows = json.loads(record_path.read_text()).get("candidates", [])
-        return [r for r in rows if isinstance(r, dict) and isinstance(r.get("held_out_accuracy"), float)]
+        document = json.loads(record_path.read_text())
+        rows = document.get("candidates", [])
+        recorded = document.get("record")
     except (OSError, ValueError, AttributeError):
         return []
+    check_same(recorded, run)
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("held_out_accuracy"), float)]
+
+
+def _scoring_images(ws: Workspace, reward_images: int) -> dict:
+    """Which images judge the candidates, for the record; a warning when none is held out from the reward."""
+    held_out = len(ws.splits.reward) - _measured(ws, reward_images)
+    if _measured(ws, reward_images):
+        return {"held_out_images": held_out, "scored_on": "held-out reward-split images"}
+    note = (f"--reward-size {len(ws.splits.reward)} leaves no reward-split image beyond the --reward-images "
+            f"{reward_images} the reward measures, so the answer is chosen on those same images; give a "
+            "--reward-size above --reward-images for a choice on images the reward never measured")
+    console.print(f"[yellow]warning:[/] {note}", highlight=False, soft_wrap=True)
+    return {"held_out_images": 0, "scored_on": "the reward's own images (none held out)", "note": note}
 
 
 def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: SelectionSettings,
@@ -101,10 +154,12 @@ def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: Sele
     """Fine-tune every candidate and return the most accurate on the held-out reward images (the search's answer,
     the first, on a tie) with a record of the comparison. `work` keeps each finished candidate's result
     (selection.json) and the running one's checkpoint (selection.ckpt), so that --resume continues where it
-    stopped."""
+    stopped. Each candidate fine-tunes for --select-epochs, at most the run's own --finetune-epochs."""
     record_path = work / "selection.json" if work is not None else None
-    done = _finished(record_path) if resume and record_path is not None else []
-    tune = replace(finetune, epochs=settings.epochs)
+    done = _finished(record_path, dict(ws.record)) if resume and record_path is not None else []
+    epochs = min(settings.epochs, finetune.epochs)
+    tune = replace(finetune, epochs=epochs)
+    scoring = _scoring_images(ws, reward_images)
     rows = []
     for i, c in enumerate(found):
         earlier = next((r for r in done if r["name"] == c.name and r["sparsities"] == c.sparsities), None)
@@ -112,18 +167,20 @@ def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: Sele
             checkpoint = work / "selection.ckpt" if work is not None else None  # the running candidate's
             _, tuned, _ = prune_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint, resume,
                                              what=f"choosing the answer: candidate {i + 1} of {len(found)} "
-                                                  f"({c.name}), fine-tune")
+                                                  f"({c.name}), fine-tune", epochs_option="--select-epochs")
             score = accuracy(tuned, held_out_batches(ws, reward_images))
             if checkpoint is not None:
                 checkpoint.unlink(missing_ok=True)
             earlier = {"name": c.name, "reward": c.reward, "held_out_accuracy": score, "sparsities": c.sparsities}
         rows.append(earlier)
         if record_path is not None:
-            atomic_write_json(record_path, {"candidates": rows})
+            atomic_write_json(record_path, {"record": dict(ws.record), "candidates": rows})
     best = max(range(len(found)), key=lambda i: (rows[i]["held_out_accuracy"], i == 0))
-    record = {"chosen": found[best].name, "epochs": settings.epochs,
-              "held_out_images": len(ws.splits.reward) - _measured(ws, reward_images),
+    record = {"chosen": found[best].name, "epochs": epochs, **scoring,
               "candidates": [{k: v for k, v in r.items() if k != "sparsities"} for r in rows]}
+    if epochs < settings.epochs:
+        record.update(select_epochs=settings.epochs, capped=f"--select-epochs {settings.epochs:g} is more than "
+                                                            f"--finetune-epochs {finetune.epochs:g}: capped there")
     return found[best], record
 
 

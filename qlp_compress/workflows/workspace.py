@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import copy
 import gzip
-from dataclasses import dataclass
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import onnx
+import torch
 from torch import nn
+from torch.utils.data import Subset
 
 from qlp_compress import data as datasets
 from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.interrupts import sigterm_as_interrupt
-from qlp_compress.base.io import check_file_size
+from qlp_compress.base.io import check_file_size, load_checkpoint
 from qlp_compress.base.outputs import check_unlocked, check_writable, file_lock, write_together
+from qlp_compress.base.resume import check_same
 from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.report.progress import phase, training_progress
-from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm, train
+from qlp_compress.train.finetune import TrainSettings, finetune_record, recalibrate_batchnorm, train
 
 if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
     from qlp_compress.importer import LoadedModel
@@ -55,18 +61,65 @@ def check_can_write(path: Path, force: bool, checkpoint: Path | None = None, res
                          "continue it, --force to start over, or choose another --out")
 
 
+def training_record(settings: TrainSettings, record: Mapping[str, object] | None = None,
+                    epochs_option: str = "--finetune-epochs") -> dict[str, object]:
+    """What a training checkpoint records (base.resume): the run's `record`, and the training settings under the
+    options that set them (the run's record wins where both name one)."""
+    return {epochs_option: settings.epochs, "--lr": settings.lr, "--batch-size": settings.batch_size,
+            "--weight-decay": settings.weight_decay, "--schedule": settings.schedule, "--seed": settings.seed,
+            "--device": settings.device, **(record or {})}
+
+
 def train_interruptible(model: nn.Module, dataset, settings: TrainSettings, what: str,
-                        checkpoint: Path | None = None, resume: bool = False, **kwargs) -> list[dict]:
+                        checkpoint: Path | None = None, resume: bool = False, record: Mapping | None = None,
+                        epochs_option: str = "--finetune-epochs", **kwargs) -> list[dict]:
     """`finetune.train` with a progress bar, where Ctrl-C or SIGTERM stops with a one-line Interrupted error
-    (exit code 130); the checkpoint of the last finished epoch is kept for --resume."""
+    (exit code 130); the checkpoint of the last finished epoch is kept for --resume. The checkpoint records
+    `training_record(settings, record, epochs_option)`, and --resume with other settings is refused, naming one."""
+    full = training_record(settings, record, epochs_option)
+    if resume and checkpoint is not None and checkpoint.exists():
+        check_same(load_checkpoint(checkpoint).get("run_settings"), full)
     try:
         with sigterm_as_interrupt(), training_progress(what) as on_step:
-            return train(model, dataset, settings, checkpoint=checkpoint, resume=resume, on_step=on_step, **kwargs)
+            return train(model, dataset, settings, checkpoint=checkpoint, resume=resume, on_step=on_step,
+                         run_settings=full, **kwargs)
     except KeyboardInterrupt:
         if checkpoint is None:
             raise Interrupted(f"{what} interrupted; rerun the command to start again") from None
         where = f"{checkpoint} keeps the last finished epoch" if checkpoint.exists() else "no epoch had finished yet"
         raise Interrupted(f"{what} interrupted; rerun the same command with --resume to continue ({where})") from None
+
+
+REWARD_IMAGES = 1000  # the reward's default --reward-images: it measures the reward split's first images
+
+
+def held_out_images(ws: Workspace, measured: int = REWARD_IMAGES):
+    """The reward split after its first `measured` images (those the search's reward measured), or all of it when
+    it holds no others: images fine-tuning never trains on and the reward never measured. Fine-tuning keeps its best
+    state on them (train.guard); the test split never steers it."""
+    reward = ws.splits.reward
+    skip = measured if len(reward) > measured else 0
+    if isinstance(reward, datasets.TensorImages):
+        return reward.subset(torch.arange(skip, len(reward)))
+    return Subset(reward, list(range(skip, len(reward))))
+
+
+def finetune_guarded(model: nn.Module, ws: Workspace, settings: TrainSettings, what: str,
+                     checkpoint: Path | None = None, resume: bool = False, measured: int | None = None,
+                     **kwargs) -> list[dict]:
+    """`train_interruptible` on the fine-tune split, guarded on `held_out_images(ws, measured)` (train.guard;
+    None: the reward's default count)."""
+    held_out = held_out_images(ws, REWARD_IMAGES if measured is None else measured)
+    return train_interruptible(model, ws.splits.finetune, settings, what, checkpoint, resume, held_out=held_out,
+                               **kwargs)
+
+
+def finetune_report(settings: TrainSettings | None, tuned: nn.Module, **extra) -> dict | None:
+    """report.json's `finetune`: the settings, `extra`, and what fine-tuning recorded (finetune_record: the
+    learning rate it used, the held-out accuracy before and after, every divergence undone)."""
+    if settings is None:
+        return None
+    return {"epochs": settings.epochs, "lr": settings.lr, **extra, **finetune_record(tuned)}
 
 
 
@@ -103,6 +156,9 @@ class Workspace:
     splits: datasets.Splits
     device: str  # resolved torch device
     split_seed: int = 0  # which training images form the reward split
+    # what every partial result of a run on it records, and --resume must match (base.resume): the model, the data
+    # and its reward split from open_workspace, and the run's options from with_record
+    record: Mapping[str, object] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -146,7 +202,18 @@ def open_workspace(model_path: Path, model_settings: ModelSettings, data_setting
         raise QLPError(f"{model_path} outputs NaN or inf on {data.name} images; re-export the model from a healthy "
                        "checkpoint (and check --mean/--std)")
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
-    return Workspace(loaded, data, splits, device, data_settings.split_seed)
+    return Workspace(loaded, data, splits, device, data_settings.split_seed,
+                     {"model": loaded.sha256, "--data": data.name, "--reward-size": len(splits.reward)})
+
+
+def with_record(ws: Workspace, options: Mapping[str, object]) -> Workspace:
+    """`ws` whose partial results also record `options` (option → value: what shapes the run's results)."""
+    return replace(ws, record={**ws.record, **options})
+
+
+def digest(value: object) -> str:
+    """A SHA-256 of a JSON-able value (a record of a long list, such as per-layer sparsities)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
 
 
 
@@ -222,10 +289,12 @@ def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30, what: st
 
 
 def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
-                       checkpoint: Path | None = None, resume: bool = False,
-                       what: str = "fine-tune") -> tuple[nn.Module, nn.Module, dict]:
+                       checkpoint: Path | None = None, resume: bool = False, what: str = "fine-tune",
+                       epochs_option: str = "--finetune-epochs",
+                       measured: int = REWARD_IMAGES) -> tuple[nn.Module, nn.Module, dict]:
     """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None;
-    `what` names the fine-tuning in its progress and its interruption message.
+    `what` names the fine-tuning in its progress and its interruption message; its checkpoint records ws.record
+    and the allocation (train_interruptible). Fine-tuning is guarded on held_out_images(ws, measured).
 
     The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
     pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
@@ -236,5 +305,7 @@ def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | 
     recalibrate_batchnorm(pruned, (x for x, _ in batches))
     tuned = copy.deepcopy(pruned)
     if settings is not None and settings.epochs > 0:
-        train_interruptible(tuned, ws.splits.finetune, settings, what, checkpoint, resume, masks=masks)
+        train_interruptible(tuned, ws.splits.finetune, settings, what, checkpoint, resume,
+                            {**ws.record, "allocation": digest(list(policy.sparsities))}, epochs_option, masks=masks,
+                            held_out=held_out_images(ws, measured))
     return pruned.cpu().eval(), tuned.cpu().eval(), masks
