@@ -1,5 +1,6 @@
 """Fuzz the command line with damaged inputs: mutated ONNX files (random byte flips, truncations, protobuf
-field changes) made from the shipped ResNet-20, and mutated .npz data sets and policy.json files.
+field changes) made from the shipped ResNet-20, mutated .npz data sets and policy.json files, and (with --kinds)
+damaged channel-mode latency caches and mutated channel policy.json files.
 
 Every case runs the real command (`qlp_compress.cli.main`, in this process) and must end in one of two ways:
 - a correct result: exit 0, and what it wrote is whole (an ONNX file that onnx.checker accepts, JSON that
@@ -7,9 +8,12 @@ Every case runs the real command (`qlp_compress.cli.main`, in this process) and 
 - a one-line error: exit 1 or 2, exactly one line on stderr, `error: ...`, no traceback, and not the
   "unexpected ... report it" line of a bug.
 Never a hang (each case has a time limit), and never a changed input file (every input is hashed before and
-after, and nothing may appear beside it).
+after, and nothing may appear beside it). A damaged latency cache (`cache`: a field changed or removed, NaN or
+overflowing timings, truncated, a FIFO, a link to /dev/zero, a folder, a file over the size limit) is data, not a
+reason to fail: the channel run must end in a whole result (exit 0) with a finite predicted speedup.
 
     python benchmarks/fuzz.py --mutations 2000 --seed 1 --json benchmarks/results/fuzz.json
+    python benchmarks/fuzz.py --mutations 60 --kinds cache,channel-policy
 
 The slow test (tests/test_fuzz.py) runs a few hundred with a fixed seed. A failing case is written to
 --keep DIR with the command that reproduces it.
@@ -22,6 +26,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import random
 import resource
@@ -42,6 +47,10 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "models" / "resnet20_fmnist.onnx"
 CASE_SECONDS = 120  # a case still running after this is a hang
+KINDS = {"onnx": 0.70, "npz": 0.15, "policy": 0.15, "cache": 0.15, "channel-policy": 0.15}  # share of the cases
+DEFAULT_KINDS = ("onnx", "npz", "policy")
+CHANNEL = ["--structure", "channel", "--latency-batch", "2", "--threads", "1", "--round-to", "8",
+           "--finetune-epochs", "0", "--device", "cpu"]  # a small table, no fine-tuning: a few seconds a case
 MEMORY_LIMIT = 24 << 30  # address space: a mutation that asks for a huge tensor fails instead of taking the machine
 
 
@@ -56,6 +65,7 @@ class Case:
     args: list[str]  # the command line (relative to the work folder)
     inputs: list[str]  # the files it reads, which must not change
     outputs: list[str] = field(default_factory=list)  # what it may write (removed after the case)
+    after: Callable[[], None] | None = None  # puts back what the case damaged outside its inputs (the cache)
 
 
 @dataclass
@@ -335,8 +345,8 @@ def _paths(doc, prefix=()) -> Iterator[tuple]:
             yield from _paths(v, (*prefix, i))
 
 
-def mutate_policy(folder: Path, rng: random.Random) -> tuple[str, str]:
-    text = (folder / "policy.json").read_text()
+def mutate_policy(folder: Path, rng: random.Random, name: str = "policy.json") -> tuple[str, str]:
+    text = (folder / name).read_text()
     choice = rng.randrange(6)
     if choice == 0:
         data = bytearray(text.encode())
@@ -366,17 +376,135 @@ def text_of(doc) -> str:
     return json.dumps(doc, indent=1)
 
 
+# ------------------------------------------------------------------------------------------- latency caches
+
+
+def make_channel_base(folder: Path) -> Path:
+    """channel.json (a channel policy of lenet.onnx, about half of every group's channels) and the latency cache
+    of the channel runs, built by one run; returns the cache file. `--policy channel.json` needs no reachable
+    --speedup, so every case runs whatever the machine measures."""
+    from qlp_compress.base.io import sha256_file
+    from qlp_compress.importer import load_model
+    from qlp_compress.pruning.channel_groups import ChannelSpace
+    from qlp_compress.pruning.latency import allowed_widths
+
+    loaded = load_model(folder / "lenet.onnx", verify_input_shape=(1, 28, 28))
+    import torch
+
+    space = ChannelSpace(loaded.module, torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)))
+    groups = [{"name": g.name, "module": g.name, "channels": g.size,
+               "width": next(w for w in allowed_widths(g.size, 8) if w >= g.size // 2)} for g in space.groups]
+    (folder / "channel.json").write_text(text_of({
+        "format": "qlp-compress/channel-policy/v1", "structure": "channel", "method": "l1", "target_speedup": 1.5,
+        "model_sha256": sha256_file(folder / "lenet.onnx"), "criterion": "l1", "groups": groups}))
+    base = Case("base", "the undamaged channel run", ["prune", "lenet.onnx", "--policy", "channel.json", "--data",
+                                                      "data.npz", "--out", "base-run", *CHANNEL], [])
+    outcome = run_case(base, folder)
+    tables = sorted((folder / "cache").glob("qlp-compress/latency/*.json"))
+    if outcome.code != 0 or len(tables) != 1:
+        raise SystemExit(f"the base channel run failed ({outcome.code}): {outcome.stderr[-2000:]}")
+    return tables[0]
+
+
+def damage_cache(path: Path, original: str, rng: random.Random) -> str:
+    """Damage the cached table at `path` (whole, as `original`) in one way; returns what was done."""
+    _remove(path)
+    choice = rng.randrange(12)
+    if choice == 0:
+        os.mkfifo(path)
+        return "a FIFO"
+    if choice == 1:
+        path.symlink_to("/dev/zero")
+        return "a link to /dev/zero"
+    if choice == 2:
+        path.mkdir()
+        return "a folder"
+    if choice == 3:
+        with open(path, "wb") as f:
+            f.truncate((64 << 20) + rng.randrange(1, 4096))  # sparse: costs no disk
+        return "over the size limit"
+    if choice == 4:
+        path.write_text(original[: rng.randrange(len(original))])
+        return "truncated"
+    doc = json.loads(original)
+    entries = doc["entries"]
+    if choice == 5:
+        value = rng.choice((float("nan"), float("inf"), 0.0, -1.0, 1e308, "x", None))
+        doc["entries"] = {k: value for k in entries}
+        what = f"every entry {value!r}"
+    elif choice == 6:
+        keys = sorted(entries)
+        doc["entries"] = {k: entries[k] for k in rng.sample(keys, rng.randrange(len(keys)))}
+        what = "entries dropped"
+    elif choice == 7:
+        doc["calibration"][rng.randrange(len(doc["calibration"]))]["speedup"] = rng.choice((0, -1, float("nan"), "1"))
+        what = "a calibration speedup changed"
+    elif choice == 8:
+        doc["load"] = rng.choice(("busy", {"before": "x", "after": None, "cpus": 2}, [], None, {"cpus": -1}))
+        what = f"load → {str(doc['load'])[:40]!r}"
+    else:  # a field anywhere removed or changed (the key and the entries included)
+        path_in = rng.choice([q for q in _paths(doc) if q])
+        parent = doc
+        for k in path_in[:-1]:
+            parent = parent[k]
+        if choice == 9:
+            del parent[path_in[-1]]
+            what = f"{'/'.join(map(str, path_in))[:80]} removed"
+        else:
+            value = rng.choice(("", None, True, 0, -1, 0.5, 1e308, float("nan"), [], {}, "x" * 100, [0.5] * 3))
+            parent[path_in[-1]] = value
+            what = f"{'/'.join(map(str, path_in))[:80]} → {str(value)[:40]!r}"
+    path.write_text(json.dumps(doc, allow_nan=True))
+    return what
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _restore(path: Path, original: str) -> Callable[[], None]:
+    def restore() -> None:
+        _remove(path)
+        path.write_text(original)
+
+    return restore
+
+
 # ------------------------------------------------------------------------------------------- running a case
 
 
-def make_cases(folder: Path, count: int, seed: int) -> Iterator[Case]:
-    """`count` cases: about 70 % ONNX, 15 % .npz, 15 % policy.json, each written into `folder` as it comes."""
+def make_cases(folder: Path, count: int, seed: int, kinds: tuple[str, ...] = DEFAULT_KINDS,
+               table: Path | None = None) -> Iterator[Case]:
+    """`count` cases of `kinds` in the shares of KINDS (by default about 70 % ONNX, 15 % .npz, 15 % policy.json),
+    each written into `folder` as it comes; `table`: the latency cache file the cache cases damage."""
     rng = random.Random(seed)
     raw = (folder / "resnet20.onnx").read_bytes()
     spans = _raw_data_spans(raw, onnx.load_from_string(raw))
+    total = sum(KINDS[k] for k in kinds)
+    bounds, edge = [], 0.0
+    for k in kinds:
+        edge += KINDS[k] / total
+        bounds.append((edge, k))
+    original = table.read_text() if table is not None else ""
     for i in range(count):
         roll = rng.random()
-        if roll < 0.70:
+        kind_of_case = next((k for edge, k in bounds if roll < edge), kinds[-1])
+        if kind_of_case == "cache":
+            what = damage_cache(table, original, rng)
+            yield Case("cache", what, ["prune", "lenet.onnx", "--policy", "channel.json", "--data", "data.npz",
+                                       "--out", f"run{i}", *CHANNEL], ["lenet.onnx", "channel.json", "data.npz"],
+                       [f"run{i}"], after=_restore(table, original))
+        elif kind_of_case == "channel-policy":
+            text, what = mutate_policy(folder, rng, "channel.json")
+            name = f"c{i}.json"
+            (folder / name).write_text(text, encoding="latin1")
+            yield Case("channel-policy", what, ["prune", "lenet.onnx", "--policy", name, "--data", "data.npz",
+                                                "--out", f"run{i}", *CHANNEL], ["lenet.onnx", name, "data.npz"],
+                       [f"run{i}"])
+        elif kind_of_case == "onnx":
             kind = rng.choice(("flip", "flip", "truncate", "fields", "fields", "fields"))
             data, what = {"flip": lambda: flip_bytes(raw, rng, spans), "truncate": lambda: truncate(raw, rng),
                           "fields": lambda: mutate_fields(raw, rng)}[kind]()
@@ -389,7 +517,7 @@ def make_cases(folder: Path, count: int, seed: int) -> Iterator[Case]:
             else:
                 yield Case(f"onnx:{kind}", what, ["evaluate", name, "--data", "data.npz", "--repeats", "1",
                                                   "--device", "cpu", "--json"], [name, "data.npz"])
-        elif roll < 0.85:
+        elif kind_of_case == "npz":
             data, what = mutate_npz(folder, rng)
             name = f"d{i}.npz"
             if isinstance(data, bytes):
@@ -468,6 +596,8 @@ def run_case(case: Case, folder: Path) -> Outcome:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
+    if case.after is not None:
+        case.after()
     return Outcome(case, code, stderr, seconds, problem)
 
 
@@ -487,6 +617,8 @@ def judge(case: Case, folder: Path, code: int | None, stdout: str, stderr: str, 
         return "traceback"
     if code == 0:
         return check_result(case, folder, stdout)
+    if case.kind == "cache":  # the policy and the model are whole: a damaged cache is measured again, never an error
+        return f"a damaged cache failed the run: {lines[-1:]}"
     if code not in (1, 2):
         return f"exit code {code}"
     if len(lines) != 1 or not lines[0].startswith("error: "):
@@ -510,8 +642,11 @@ def check_result(case: Case, folder: Path, stdout: str) -> str | None:
             for name in ("model.onnx", "policy.json", "report.json", "report.md"):
                 if not (out / name).is_file():
                     return f"exit 0 but {name} is missing"
-            json.loads((out / "report.json").read_text())
+            report = json.loads((out / "report.json").read_text())
             onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+            for key in ("predicted_speedup", "target_speedup"):  # channel mode: no NaN passes as a prediction
+                if key in report and not (isinstance(report[key], float | int) and math.isfinite(report[key])):
+                    return f"exit 0 but {key} is {report[key]!r}"
     except Exception as e:
         return f"exit 0 but the result is not whole: {type(e).__name__}: {str(e)[:200]}"
     return None
@@ -520,7 +655,8 @@ def check_result(case: Case, folder: Path, stdout: str) -> str | None:
 # ------------------------------------------------------------------------------------------- main
 
 
-def fuzz(count: int, seed: int, keep: Path | None = None, log: Callable[[str], None] = print) -> dict:
+def fuzz(count: int, seed: int, keep: Path | None = None, log: Callable[[str], None] = print,
+         kinds: tuple[str, ...] = DEFAULT_KINDS) -> dict:
     import torch
 
     torch.set_num_threads(1)
@@ -529,13 +665,19 @@ def fuzz(count: int, seed: int, keep: Path | None = None, log: Callable[[str], N
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, hard))
     outcomes: list[Outcome] = []
     started = time.perf_counter()
+    unknown = set(kinds) - KINDS.keys()
+    if unknown or not kinds:
+        raise SystemExit(f"--kinds: {', '.join(sorted(unknown)) or 'none given'}; use some of {', '.join(KINDS)}")
+    cache_home = os.environ.get("XDG_CACHE_HOME")
     with tempfile.TemporaryDirectory(prefix="qlp-fuzz-") as tmp:
         folder = Path(tmp)
+        os.environ["XDG_CACHE_HOME"] = str(folder / "cache")  # the latency cache of this run only
         make_base(folder, np.random.default_rng(seed))
         cwd = os.getcwd()
         os.chdir(folder)
         try:
-            for i, case in enumerate(make_cases(folder, count, seed)):
+            table = make_channel_base(folder) if {"cache", "channel-policy"} & set(kinds) else None
+            for i, case in enumerate(make_cases(folder, count, seed, tuple(kinds), table)):
                 outcome = run_case(case, folder)
                 outcomes.append(outcome)
                 if outcome.problem:
@@ -548,10 +690,14 @@ def fuzz(count: int, seed: int, keep: Path | None = None, log: Callable[[str], N
                         (keep / f"{i}.txt").write_text(f"{case.what}\nqlp-compress {' '.join(case.args)}\n"
                                                        f"{outcome.problem}\n{outcome.stderr}")
                 for name in case.inputs:
-                    if name not in ("resnet20.onnx", "lenet.onnx", "data.npz", "policy.json"):
+                    if name not in ("resnet20.onnx", "lenet.onnx", "data.npz", "policy.json", "channel.json"):
                         (folder / name).unlink(missing_ok=True)
         finally:
             os.chdir(cwd)
+            if cache_home is None:
+                os.environ.pop("XDG_CACHE_HOME", None)
+            else:
+                os.environ["XDG_CACHE_HOME"] = cache_home
     by_kind: dict[str, Counter] = {}
     for o in outcomes:
         by_kind.setdefault(o.case.kind, Counter())[o.verdict] += 1
@@ -579,8 +725,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the summary here")
     parser.add_argument("--keep", type=Path, help="copy failing inputs here")
+    parser.add_argument("--kinds", default=",".join(DEFAULT_KINDS),
+                        help=f"what to damage, comma-separated: some of {', '.join(KINDS)}")
     args = parser.parse_args()
-    summary = fuzz(args.mutations, args.seed, args.keep, log=lambda line: print(line, file=sys.stderr, flush=True))
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    summary = fuzz(args.mutations, args.seed, args.keep, log=lambda line: print(line, file=sys.stderr, flush=True),
+                   kinds=kinds)
     text = json.dumps(summary, indent=2)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from qlp_compress.base.messages import console
@@ -99,9 +100,13 @@ def speedup_warning(target: float, predicted: float, measured: float, batch: int
     """The warning (printed, and returned) when the exported model's measured speedup at the target's batch is below
     SPEEDUP_SHORTFALL × the target; None otherwise. It suggests the target that the table's error, read as
     proportional, would have turned into the one asked for."""
-    if measured >= SPEEDUP_SHORTFALL * target:
+    if not math.isfinite(target) or measured >= SPEEDUP_SHORTFALL * target:
         return None
-    ask = target * predicted / measured
+    ask = target * predicted / measured if measured > 0 else math.nan
+    if not (math.isfinite(ask) and ask > 1):  # no target to suggest (the run refuses NaN before it gets here)
+        return _warn(f"the pruned model measures {measured:.2f}× at batch {batch}, short of --speedup {target:g} (the "
+                     f"latency table predicted {predicted:.2f}× for these widths); rebuild the latency table on a "
+                     "quiet machine")
     return _warn(f"the pruned model measures {measured:.2f}× at batch {batch}, short of --speedup {target:g} (the "
                  f"latency table predicted {predicted:.2f}× for these widths); to land near {target:g}× ask for about "
                  f"--speedup {ask:.2f}, or rebuild the latency table on a quiet machine")
