@@ -100,7 +100,8 @@ def test_old_spellings_still_work_with_a_note(capsys):
 
 def test_compare_resume_keeps_the_rows_measured_before_an_interruption(tiny, tmp_path):
     """An interrupted compare left one row in OUT/.work/compare.json: --resume keeps it as it is (it is not measured
-    again) and measures only the missing cell; a row of another model is not reused."""
+    again) and measures only the missing cell; the rows of another model are refused (issue 24: a resume continues
+    the same run or refuses), and --force without --resume starts over."""
     import hashlib
 
     model, data = tiny / "lenet.onnx", tiny / "data.npz"
@@ -117,5 +118,7 @@ def test_compare_resume_keeps_the_rows_measured_before_an_interruption(tiny, tmp
     assert json.loads((out / "compare.json").read_text())["rows"] == rows
     (out / ".work").mkdir()
     (out / ".work" / "compare.json").write_text(json.dumps({"model_sha256": "another", "rows": [kept]}))
-    rows = json.loads(invoke(*args, "--resume", "--force").stdout)["rows"]
+    refused = CliRunner().invoke(cli.app, [str(a) for a in (*args, "--resume", "--force")])
+    assert type(refused.exception).__name__ == "UsageError" and "another model" in str(refused.exception)
+    rows = json.loads(invoke(*args, "--force").stdout)["rows"]
     assert [r["method"] for r in rows] == ["lamp", "uniform"] and rows[0]["pruned_accuracy"] != 0.123

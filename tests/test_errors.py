@@ -453,7 +453,7 @@ def test_interrupted_choice_of_the_answer_resumes_from_the_finished_candidates(t
     again) and fine-tunes the rest."""
     out = tmp_path / "run"
     args = ("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--episodes", "12", "--stages", "2",
-            "--reward-size", "2700", "--reward-images", "400", "--finetune-epochs", "1", "--select-epochs", "96",
+            "--reward-size", "2700", "--reward-images", "400", "--finetune-epochs", "96", "--select-epochs", "96",
             *DEVICE, "--out", str(out))
     process = start(*args, cwd=tiny)
     wait_for(out / ".work" / "selection.json", process)  # written when the first candidate is measured
