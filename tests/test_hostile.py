@@ -552,17 +552,18 @@ def test_finetune_resume_never_overwrites_its_output(work, qlp) -> None:
               "--resume", *DEVICE, cwd=work)
     assert run.code == 2 and "tuned.onnx already exists" in run.line and "--force" in run.line
     assert snapshot(work) == before
-    (work / "other.ckpt").write_bytes(b"a file of the user's")  # nor is a file where the checkpoint would go
+    (work / ".other.onnx.qlp-ckpt").write_bytes(b"an interrupted run's")  # nor is the checkpoint started over
     run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--finetune-epochs", "0.1", "--out", "other.onnx",
               *DEVICE, cwd=work)
-    assert run.code == 2 and "other.ckpt already exists" in run.line and "--resume" in run.line
-    assert (work / "other.ckpt").read_bytes() == b"a file of the user's" and not (work / "other.onnx").exists()
+    assert run.code == 2 and ".other.onnx.qlp-ckpt already exists" in run.line and "--resume" in run.line
+    assert (work / ".other.onnx.qlp-ckpt").read_bytes() == b"an interrupted run's"
+    assert not (work / "other.onnx").exists()
     run = qlp("finetune", "base/model.onnx", "--data", "data.npz", "--finetune-epochs", "0.1", "--out", "tuned.onnx",
               "--force", *DEVICE, cwd=work)
     assert run.code == 0 and (work / "tuned.onnx").read_bytes() != before["tuned.onnx"]
 
 
-@pytest.mark.parametrize("killed_at", [2, 5, 8], ids=["first-move", "moving-old-away", "moving-new-in"])
+@pytest.mark.parametrize("killed_at", [2, 5, 10], ids=["first-move", "moving-old-away", "moving-new-in"])
 def test_a_swap_cut_short_by_kill_9_is_finished_by_the_next_run(work, monkeypatch, killed_at) -> None:
     """The journal: a run killed while it moves the previous files away or the new ones in."""
     old = snapshot(work / "base")
@@ -574,7 +575,8 @@ def test_a_swap_cut_short_by_kill_9_is_finished_by_the_next_run(work, monkeypatc
     real = os.replace
 
     def killed(src, dst):
-        if len(moves) == killed_at:  # the journal, then 6 previous files out, then 3 new ones in
+        if len(moves) == killed_at:  # the new record and the journal, then 7 previous files out (the record too),
+            #                          then 4 new ones in
             raise SystemExit("killed")  # stands for kill -9: nothing after it runs
         moves.append(dst)
         return real(src, dst)
@@ -589,7 +591,8 @@ def test_a_swap_cut_short_by_kill_9_is_finished_by_the_next_run(work, monkeypatc
     now = snapshot(work / "base")
     assert {k: now[k] for k in ("model.onnx", "policy.json", "report.md")} == \
         {k: f"new {k}".encode() for k in ("model.onnx", "policy.json", "report.md")}
-    assert not any(k in now for k in old if k not in ("model.onnx", "policy.json", "report.md"))
+    assert not any(k in now for k in old if k not in ("model.onnx", "policy.json", "report.md", ".qlp-outputs.json"))
+    assert json.loads(now[".qlp-outputs.json"])["files"] == ["model.onnx", "policy.json", "report.md"]
 
 
 # ------------------------------------------------------------------------------------------------ 7. advice that works
@@ -809,4 +812,4 @@ def test_a_finished_run_removes_the_temporaries_a_kill_left(tmp_path) -> None:
     with outputs.OutputRun(out, force=True, resume=True) as run:
         (run.staging / "policy.json").write_text("{}")
         run.commit()
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "policy.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".qlp-outputs.json", "notes.txt", "policy.json"]

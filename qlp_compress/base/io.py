@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.errors import QLPError, UsageError, os_error_line
 
 # Inputs read whole into memory, and the most the tool reads of each kind: (environment variable that
 # overrides the limit, default limit in bytes). A file over the limit is refused before it is read.
@@ -120,6 +120,18 @@ def load_checkpoint(path: Path) -> dict:
     except Exception as e:
         raise QLPError(f"checkpoint {path} is unreadable ({type(e).__name__}); pass --force instead of --resume to "
                        "start over") from e
+
+
+@contextlib.contextmanager
+def disk_errors(what: str) -> Iterator[None]:
+    """A full disk, the file size limit or a name too long while writing `what` → a one-line QLPError."""
+    try:
+        yield
+    except OSError as e:
+        line = os_error_line(e, what)
+        if line is None:
+            raise
+        raise QLPError(line) from e
 
 
 def sha256_file(path: Path) -> str:

@@ -2,38 +2,43 @@
 
 A run that writes a folder (`search`, `prune`, `compare`) works in `OUT/.work/`: its checkpoints (for
 `--resume`), a lock file that keeps a second run out, and `out/`, where its output files are written. Only when
-every file is complete are they put in place: the previous run's files move to `.work/old/`, the new ones move
-in, and `.work/` is deleted. An error or an interrupt before or during that swap puts the previous files back.
-A list of the new files (`.work/commit.json`) is written first, so a run killed outright (kill -9, a power
-cut) in the middle of the swap is finished by the next run in that folder.
+every file is complete are they put in place: the previous run's files (those OUT's record, `.qlp-outputs.json`,
+lists) move to `.work/old/`, the new ones and the new record move in, and `.work/` is deleted. An error or an
+interrupt before or during that swap puts the previous files back. A list of the files to move
+(`.work/commit.json`) is written first, so a run killed outright (kill -9, a power cut) in the middle of the swap
+is finished by the next run in that folder. What the tool treats as its own, and why no user file is ever
+replaced or deleted, is in qlp_compress.base.ownership.
 
 Commands that write one file (`finetune`, `export`, `train`) write it atomically (qlp_compress.base.io) and lock it
-with a hidden `.NAME.lock` beside it while they run.
+with a hidden `.NAME.lock` beside it while they run; their checkpoint is `.NAME.qlp-ckpt`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.interrupts import deferred_interrupts
 from qlp_compress.base.io import atomic_path, atomic_write_json
+from qlp_compress.base.ownership import (
+    CHECKPOINTS,
+    MANIFEST,
+    OUTPUT_NAMES,
+    WORK,
+    check_work,
+    in_the_way,
+    is_own,
+    owned_outputs,
+    refuse_in_the_way,
+)
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; runs are not guarded against each other there
     fcntl = None
 
-WORK = ".work"  # the run's working folder inside OUT
-# every file a folder-writing run may leave in OUT: a new run replaces all of these that it finds
-OUTPUT_NAMES = ("model.onnx", "model.sparse.onnx", "model.int8.onnx", "policy.json", "report.json", "report.md",
-                "sparsity.png", "reward.png", "compare.json", "compare.md")
-CHECKPOINTS = ("search.ckpt", "selection.json", "selection.ckpt", "finetune.ckpt",
-               "compare.json")  # what --resume continues from (in .work)
 
 
 # ----------------------------------------------------------------------------------------------- locks
@@ -194,11 +199,13 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
-def check_out_dir(out: Path, force: bool, resume: bool, resumable: bool = True) -> None:
+def check_out_dir(out: Path, force: bool, resume: bool, resumable: bool = True, writes: tuple[str, ...] = ()) -> None:
     """Refuse, without creating anything, an output folder that may not (or cannot) be written:
 
-    - files of an earlier run are replaced only with --force (with or without --resume);
+    - files of an earlier run are replaced only with --force (with or without --resume), and only those the tool
+      wrote: a file among `writes` (the outputs the run will write) that OUT's record does not list is refused;
     - an interrupted run (OUT/.work) is continued with --resume or started over with --force;
+    - OUT/.work holding what the tool did not write, or a damaged commit.json, is refused (ownership.check_work);
     - a folder that another run is using is refused."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; choose a folder")
@@ -207,6 +214,7 @@ def check_out_dir(out: Path, force: bool, resume: bool, resumable: bool = True) 
     work = out / WORK
     if WORK in names:
         check_unlocked(work / "lock", str(out))
+        check_work(out)
     if files and not force:
         if resume and WORK in names:
             raise UsageError(f"output folder {out} already exists and holds files of an earlier run "
@@ -223,6 +231,7 @@ def check_out_dir(out: Path, force: bool, resume: bool, resumable: bool = True) 
         how = "pass --resume to continue it, --force to start over" if resumable else "pass --force to start over"
         raise UsageError(f"output folder {out} already exists and holds an interrupted run ({work}); {how}, or "
                          "choose another --out")
+    refuse_in_the_way(out, in_the_way(out, writes))
     check_writable(out, out)
 
 
@@ -253,14 +262,23 @@ class OutputRun:
         except OSError as e:
             raise QLPError(f"cannot create {self.work} ({e.strerror}); choose a writable --out") from e
         self.lock.acquire()
+        try:  # nothing in .work is touched before it is known to be the tool's
+            journal = check_work(self.out)
+            if journal is not None:  # a run killed during its swap: finish it first
+                self._swap(*journal)
+                self._finish(journal[1])
+        except OSError as e:
+            self.lock.release()
+            raise QLPError(f"cannot finish putting an interrupted run's files in place in {self.out} ({e.strerror}); "
+                           "fix the folder's permissions and rerun") from e
+        except BaseException:
+            self.lock.release()
+            raise
         try:
-            if self.journal.exists():  # a run killed during its swap: finish it first
-                self._swap()
             if not self.resume:  # start over: an earlier run's checkpoints are not continued
                 for name in CHECKPOINTS:
                     (self.work / name).unlink(missing_ok=True)
-            shutil.rmtree(self.staging, ignore_errors=True)
-            shutil.rmtree(self.old, ignore_errors=True)
+            _remove_own(self.staging)
             self.staging.mkdir()
         except OSError as e:
             self._cleanup()
@@ -271,12 +289,15 @@ class OutputRun:
         return self
 
     def commit(self) -> None:
-        """Put the staged files in place of the previous run's, as one set."""
+        """Put the staged files in place of the previous run's (those OUT's record lists), as one set."""
         with deferred_interrupts():
-            new = sorted(p.name for p in self.staging.iterdir())
-            atomic_write_json(self.journal, {"new": new})
+            new = sorted(p.name for p in self.staging.iterdir() if p.name in OUTPUT_NAMES)
+            refuse_in_the_way(self.out, in_the_way(self.out, new), " and rerun")
+            atomic_write_json(self.staging / MANIFEST, {"files": new, "written_by": "qlp-compress"})
+            new, replace = [*new, MANIFEST], [*sorted(owned_outputs(self.out)), MANIFEST]
+            atomic_write_json(self.journal, {"new": new, "replace": replace})
             try:
-                self._swap()
+                self._swap(new, replace)
             except OSError as e:
                 if self._roll_back(new):
                     raise QLPError(f"putting the new files in {self.out} failed ({e.strerror}); the previous files "
@@ -284,19 +305,29 @@ class OutputRun:
                                    "rerun") from e
                 raise QLPError(f"putting the new files in {self.out} failed ({e.strerror}), and some previous files "
                                f"could not be put back: they are in {self.old}; move them back by hand") from e
+            self._finish(replace)
             self.committed = True
 
-    def _swap(self) -> None:
-        """Move the previous outputs to .work/old and the staged ones in; safe to repeat after an interruption."""
-        new = set(json.loads(self.journal.read_text())["new"])
+    def _swap(self, new: list[str], replace: list[str]) -> None:
+        """Move the previous outputs (`replace`) to .work/old and the staged ones (`new`) in; safe to repeat after an
+        interruption. A file in the way that is not the tool's is refused before anything moves."""
+        refuse_in_the_way(self.out, [n for n in new if n not in replace and (self.staging / n).exists()
+                                     and os.path.lexists(self.out / n)])
         self.old.mkdir(exist_ok=True)
-        for name in OUTPUT_NAMES:  # previous files: those not yet replaced by a staged one
-            if (self.out / name).exists() and ((self.staging / name).exists() or name not in new):
+        for name in replace:  # previous files: those not yet replaced by a staged one
+            if os.path.lexists(self.out / name) and ((self.staging / name).exists() or name not in new):
                 os.replace(self.out / name, self.old / name)
-        for name in sorted(new):
+        for name in new:
             if (self.staging / name).exists():
                 os.replace(self.staging / name, self.out / name)
-        self.journal.unlink()
+
+    def _finish(self, replace: list[str]) -> None:
+        """After a complete swap: the previous files go, then the journal."""
+        for name in replace:
+            (self.old / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.old.rmdir()
+        self.journal.unlink(missing_ok=True)
 
     def _roll_back(self, new: list[str]) -> bool:
         """After a failed swap: the staged files that went in come out, the previous ones go back. False when a
@@ -305,7 +336,7 @@ class OutputRun:
             if (self.out / name).exists() and not (self.staging / name).exists():
                 with contextlib.suppress(OSError):
                     os.replace(self.out / name, self.staging / name)
-        for path in self.old.glob("*") if self.old.exists() else ():
+        for path in self.old.iterdir() if self.old.exists() else ():
             with contextlib.suppress(OSError):
                 os.replace(path, self.out / path.name)
         self.journal.unlink(missing_ok=True)
@@ -316,10 +347,12 @@ class OutputRun:
 
     def _cleanup(self) -> None:
         """After success: remove .work. After a failure: remove the staged files, and .work and the folders this
-        run created when no checkpoint is left in them (a checkpoint stays for --resume)."""
-        shutil.rmtree(self.staging, ignore_errors=True)
-        if self.committed or not (self.old.exists() and any(self.old.iterdir())):  # never a file not put back
-            shutil.rmtree(self.old, ignore_errors=True)
+        run created when no checkpoint is left in them (a checkpoint stays for --resume). Only the tool's own
+        names are removed; a folder that holds anything else stays."""
+        _remove_own(self.staging)
+        if not (self.old.exists() and any(self.old.iterdir())):  # never a file not put back
+            with contextlib.suppress(OSError):
+                self.old.rmdir()
         keep = not self.committed and any((self.work / name).exists() for name in (*CHECKPOINTS, "old"))
         if self.committed:
             for name in CHECKPOINTS:
@@ -333,3 +366,14 @@ class OutputRun:
                 self.work.rmdir()
         if not self.committed and self.created is not None:
             remove_empty(self.out.absolute(), self.created)
+
+
+def _remove_own(folder: Path) -> None:
+    """Remove the outputs and temporaries the tool writes in `folder` (.work/out), then the folder if empty."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if is_own(path.name, (*OUTPUT_NAMES, MANIFEST)) and not path.is_dir():
+            path.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()

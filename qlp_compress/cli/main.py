@@ -10,7 +10,7 @@ import traceback
 import typer
 from rich.markup import escape
 
-from qlp_compress.base.errors import QLPError
+from qlp_compress.base.errors import QLPError, os_error_line
 from qlp_compress.base.interrupts import sigterm_as_interrupt
 from qlp_compress.base.messages import console
 from qlp_compress.cli.commands import app
@@ -60,12 +60,18 @@ def main() -> None:
     except MemoryError:
         _fail("out of memory; ask for less (a smaller model, data set, --episodes or batch) or use a machine with "
               "more memory", 1, debug)
+    except OSError as e:  # a full disk, the file size limit, a name too long: the user can act on these
+        _fail(os_error_line(e) or _unexpected(e), 1, debug)
     except Exception as e:  # an unexpected failure: still one line, unless --debug
-        first = next((line for line in str(e).splitlines() if line.strip()), "")[:300]
-        _fail(f"unexpected {type(e).__name__}: {first} (rerun with --debug for details, and report it)", 1, debug)
+        _fail(_unexpected(e), 1, debug)
     if code == 130:  # Typer turns a KeyboardInterrupt outside our handlers into exit code 130, silently
         _fail(_interrupted(args), 130, False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _unexpected(e: BaseException) -> str:
+    first = next((line for line in str(e).splitlines() if line.strip()), "")[:300]
+    return f"unexpected {type(e).__name__}: {first} (rerun with --debug for details, and report it)"
 
 
 def _interrupted(args: list[str]) -> str:

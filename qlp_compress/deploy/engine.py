@@ -203,7 +203,7 @@ def timing_session(model: bytes, threads: int) -> ort.InferenceSession:
     """A CPU session for timing: a fixed thread count and no spinning, which on a shared machine makes times
     erratic."""
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: a failure is raised, and reported in one line
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -35,7 +35,7 @@ import onnx
 from torch.utils.data import Dataset
 
 from qlp_compress.base.errors import QLPError, UsageError
-from qlp_compress.base.io import atomic_write_bytes
+from qlp_compress.base.io import atomic_write_bytes, disk_errors
 from qlp_compress.data import iterate_batches
 from qlp_compress.deploy import engine, export
 
@@ -271,7 +271,7 @@ def quantize_int8(model_bytes: bytes, calibration: Dataset, settings: QuantizeSe
     images = min(settings.calibration_images, len(calibration))
     if images < 1:
         raise UsageError("the reward split is empty; int8 calibration needs reward-split images")
-    with tempfile.TemporaryDirectory(prefix="qlp-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="qlp-int8-") as tmp, disk_errors(f"int8's temporary files in {tmp}"):
         src, pre, dst = Path(tmp, "float.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "int8.onnx")
         src.write_bytes(model_bytes)
         preprocess = _preprocess(src, pre)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.report.plots import plot_layer_sparsity, plot_reward_curve
+from qlp_compress.report.provenance import finetune_lines
 
 
 def write_report(out: Path, report: dict, policy) -> None:
@@ -54,6 +55,7 @@ def report_markdown(report: dict, plots: list[str]) -> str:
               f"{v['same_top1']}; {v['layers_matched']} layers' zero patterns found in the file.", ""]
     lines += _int8_lines(report.get("int8"))
     lines += [f"Note: {n}." for n in report.get("notes", [])] + ([""] if report.get("notes") else [])
+    lines += finetune_lines(report.get("finetune"))
     if report["search"]:
         s = report["search"]
         counts = (f"{s['agent_episodes']} by the agent and {s['demonstration_episodes']} demonstrations; "

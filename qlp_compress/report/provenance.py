@@ -53,3 +53,25 @@ def jsonable(x: object) -> object:
     if x is None or isinstance(x, bool | int | float | str):
         return x
     return str(x)
+
+
+def finetune_lines(tune: dict | None) -> list[str]:
+    """How fine-tuning went (report.json `finetune`, from train.finetune.finetune_record): its learning rate and
+    where it came from, the held-out accuracy before and at the end, and every divergence it undid; a paragraph
+    and a blank line, or nothing."""
+    if not tune or "lr" not in tune:
+        return []
+    test = tune.get("range_test") or {}
+    lr = (f"learning rate {tune['lr']:.3g} (range test: the largest of {len(test.get('tried', []))} tried whose "
+          f"loss still fell, {test['largest_falling']:.3g}, ÷ {test['safety']:g})"
+          if tune.get("lr_from") == "range test" and test.get("largest_falling") else f"learning rate {tune['lr']:.3g}"
+          + (" (range test: none tried lowered the loss)" if tune.get("lr_from") == "range test" else " (--lr)"))
+    parts = [f"Fine-tuning: {lr}"]
+    if "start_held_out_accuracy" in tune:
+        parts.append(f"held-out accuracy on {tune['held_out_images']} reward-split images the reward never measured: "
+                     f"{tune['start_held_out_accuracy']:.2%} before, {tune['held_out_accuracy']:.2%} at the state "
+                     f"it ended on (step {tune['ended_at_step']}, the best of {len(tune['checks'])} checks)")
+    for r in tune.get("restores", []):
+        then = f"went on with learning rate {r['lr']:.3g}" if r.get("lr") is not None else "stopped"
+        parts.append(f"**diverged at step {r['step']}** ({r['reason']}): back to step {r['back_to_step']}, {then}")
+    return ["; ".join(parts) + ".", ""]

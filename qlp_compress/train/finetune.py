@@ -231,7 +231,7 @@ def train(
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
-            if watch is not None and not stopped and watch.due(step):
+            if watch is not None and reason is None and watch.due(step):  # not right after a restore
                 watch.check(model, step)
                 model.train()
             if on_step:

@@ -8,8 +8,9 @@ caught and undone, and the best state on held-out images kept.
   `margin` for `patience` steps in a row, is divergence: the model goes back to the best state so far, the momentum
   is dropped and training goes on at a learning rate `lr_drop` times lower (at most `max_drops` times, then it
   stops). Every `1 / checks_per_epoch` epoch it measures the accuracy on held-out images (never the test split) and
-  keeps the best state; training ends on it. When that is below the accuracy before fine-tuning, measured the same
-  way, `FinetuneFailed` says so in one line.
+  keeps the best state; training ends on it (on the model as it started when no trained state did better). When
+  every trained state is below the accuracy before fine-tuning, measured the same way, `FinetuneFailed` says so in
+  one line.
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ def loss_on(model: nn.Module, batches: list, objective: Callable) -> float:
     """The mean objective over the batches, in training mode (as training sees it), leaving the model's buffers
     (BatchNorm statistics) as they were."""
     kept = {k: v.clone() for k, v in model.named_buffers()}
-    torch.manual_seed(0)  # the same dropout masks at every measurement
+    was_training = model.training
+    model.train()
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same dropout masks at every measurement
         for x, y, t in batches:
             total += float(objective(model(x), y, t))
+    model.train(was_training)
     buffers = dict(model.named_buffers())
     for k, v in kept.items():
         buffers[k].copy_(v)
@@ -215,19 +219,20 @@ class Guard:
         return step % self.every == 0 or step == self.total_steps
 
     def check(self, model: nn.Module, step: int) -> None:
-        """Measure the held-out accuracy; keep the state when it is the best so far (a later state wins a tie)."""
+        """Measure the held-out accuracy; keep the state when it is better than the best so far."""
         acc = self.accuracy(model)
         self.record["checks"].append([step, acc])
-        if acc >= self.best_accuracy:
+        if acc > self.best_accuracy:
             self.best, self.best_accuracy, self.best_step = snapshot(model), acc, step
 
     def finish(self, model: nn.Module) -> dict:
-        """End on the best state. When no trained state reached the start's accuracy, raise FinetuneFailed (or,
-        without `fail_below_start`, end on the start)."""
+        """End on the best state (the start when no trained state beat it). When every trained state is below the
+        start, raise FinetuneFailed (unless not `fail_below_start`)."""
         if self.best is not None:
             model.load_state_dict(self.best)
         self.record.update(held_out_accuracy=self.best_accuracy, ended_at_step=self.best_step)
-        if self.best_step == 0 and self.settings.fail_below_start:
+        trained = [acc for _, acc in self.record["checks"]]
+        if self.settings.fail_below_start and (not trained or max(trained) < self.record["start_held_out_accuracy"]):
             raise FinetuneFailed(self.failure())
         return self.record
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from qlp_compress.base import validate
 from qlp_compress.base.errors import UsageError
 from qlp_compress.base.outputs import check_out_dir
+from qlp_compress.base.ownership import check_file_out, check_folder_out, file_checkpoint
 from qlp_compress.deploy.engine import resolve_device
 from qlp_compress.deploy.quantize import QuantizeSettings, int8_path, settings_for
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings
@@ -32,6 +33,7 @@ from qlp_compress.workflows.selection import SelectionSettings
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 STRUCTURES = ("weight", "channel")
+MAX_LATENCY_BATCH = 4096  # latency is timed at a serving batch; a larger one only exhausts memory
 DEFAULT_DEMONSTRATIONS = "default"  # every baseline that applies to the structure
 
 
@@ -115,6 +117,9 @@ def _check_choice(how: Choice, searching: bool) -> None:
     validate.choice("--method", how.method, methods_for(how.structure))
     if how.structure == "channel":
         check_speedup(how.speedup)
+        if how.latency_batch > MAX_LATENCY_BATCH:
+            raise UsageError(f"--latency-batch must be at most {MAX_LATENCY_BATCH}, got {how.latency_batch}: latency "
+                             "is timed at the batch the model will serve; e.g. --latency-batch 64")
         check_latency_settings(_latency(how))
     else:
         validate.sparsity(how.sparsity)
@@ -167,6 +172,18 @@ def _finetune(run: RunOptions) -> TrainSettings | None:
                          device=resolve_device(run.device))
 
 
+def _inputs(run: RunOptions) -> tuple[Path | None, ...]:
+    """The files a run reads, which no output may replace: the model and a data file."""
+    data = Path(run.data)
+    return run.model, data if data.is_file() else None
+
+
+def _folder_writes(run: RunOptions, how: Choice, int8: QuantizeSettings | None) -> tuple[str, ...]:
+    """The outputs a search or prune run writes in its folder (the plots aside: the run's commit checks those)."""
+    extra = ("model.sparse.onnx",) if run.sparse_storage and how.structure == "weight" else ()
+    return ("model.onnx", "policy.json", "report.json", "report.md", *extra, *(("model.int8.onnx",) if int8 else ()))
+
+
 def _workspace(run: RunOptions) -> Workspace:
     return open_workspace(run.model, ModelSettings(run.arch, run.trust_pickle, run.mean, run.std),
                           DataSettings(run.data, run.data_dir, run.reward_size), run.device)
@@ -211,7 +228,8 @@ def search(run: RunOptions, how: Choice) -> dict:
     else:
         _check_choice(how, searching=True)
     out = run.out or default_out(run.model, how)
-    check_out_dir(out, run.force, run.resume)
+    check_folder_out(out, (*_inputs(run), how.policy))
+    check_out_dir(out, run.force, run.resume, writes=_folder_writes(run, how, int8))
     ws = _workspace(run)
     if how.structure == "channel":
         searching = how.method in SEARCHES and how.policy is None
@@ -251,7 +269,8 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
                           **({"speedup": target} if how.structure == "channel" else {"sparsity": target}))
             _check_choice(one, searching=True)
     out = run.out or run.model.parent / f"{run.model.stem}.compare{'-channel' if how.structure == 'channel' else ''}"
-    check_out_dir(out, run.force, run.resume)
+    check_folder_out(out, _inputs(run))
+    check_out_dir(out, run.force, run.resume, writes=("compare.json", "compare.md"))
     ws = _workspace(run)
     if how.structure == "channel":
         rows = channels.compare_channels(ws, methods, targets, _channel_settings(how, run, None), out, run.command,
@@ -270,9 +289,11 @@ def finetune(run: RunOptions) -> dict:
     int8 = _check_run(run)
     if run.out is None:
         raise UsageError("finetune needs --out FILE.onnx (the file to write)")
-    check_can_write(run.out, run.force, run.out.with_suffix(".ckpt"), run.resume)
-    if int8:
-        check_can_write(int8_path(run.out), run.force or run.resume)
+    checkpoint = file_checkpoint(run.out)
+    check_file_out(run.out, (checkpoint, *((int8_path(run.out),) if int8 else ())), _inputs(run))
+    check_can_write(run.out, run.force, checkpoint, run.resume)
+    if int8:  # --resume continues a fine-tuning; it never overwrites a file (that takes --force)
+        check_can_write(int8_path(run.out), run.force, resume=run.resume)
     ws = _workspace(run)
     result = weights.finetune_pruned(ws, _finetune(run) or TrainSettings(epochs=0), run.out, run.command, run.resume,
                                      run.force, int8=int8)
@@ -285,6 +306,7 @@ def export(run: RunOptions) -> dict:
     if run.out is None:
         raise UsageError("export needs --out FILE.onnx (the file to write)")
     sparse = run.out.with_suffix(".sparse.onnx") if run.sparse_storage else None
+    check_file_out(run.out, [p for p in (sparse, int8_path(run.out) if int8 else None) if p], _inputs(run))
     for path in (run.out, sparse, int8_path(run.out) if int8 else None):
         if path is not None:
             check_can_write(path, run.force)
@@ -318,6 +340,7 @@ def train_zoo_model(run: RunOptions, how: TrainOptions) -> dict:
     validate.seed(run.seed)
     if run.out is None:
         raise UsageError("train needs --out FILE.onnx (the file to write)")
+    check_file_out(run.out, (file_checkpoint(run.out),), _inputs(run)[1:])
     settings = TrainSettings(epochs=how.epochs, batch_size=how.batch_size, lr=how.lr, weight_decay=how.weight_decay,
                              schedule=how.schedule, seed=run.seed, device=resolve_device(run.device))
     result = train.train_model(how.arch, DataSettings(run.data, run.data_dir), settings, run.out, run.command,
@@ -330,5 +353,6 @@ def quantize_model(run: RunOptions) -> dict:
     settings = settings_for("int8", run.calibration_images, run.keep_float, run.int8_max_loss)
     if run.out is None:
         raise UsageError("quantize needs --out FILE.onnx (the file to write)")
+    check_file_out(run.out, (), _inputs(run))
     return quantize.quantize_file(run.model, run.out, DataSettings(run.data, run.data_dir, run.reward_size), settings,
                                   run.command, run.force)

@@ -11,6 +11,7 @@ from torch import nn
 from qlp_compress import data as datasets
 from qlp_compress.base.io import atomic_write_bytes
 from qlp_compress.base.outputs import file_lock
+from qlp_compress.base.ownership import file_checkpoint
 from qlp_compress.deploy import engine, export
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.train.zoo import build_model, stats_for
@@ -25,7 +26,7 @@ from qlp_compress.workflows.workspace import DataSettings, check_can_write, trai
 def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings, out: Path, command: str,
                 resume: bool = False, force: bool = False, checkpoint: Path | None = None) -> dict:
     """Train a zoo model on the fine-tune split, export it to ONNX with metadata, measure test accuracy."""
-    checkpoint = checkpoint or out.with_suffix(".ckpt")
+    checkpoint = checkpoint or file_checkpoint(out)  # hidden, never OUT itself (OUT may end in .ckpt)
     check_can_write(out, force, checkpoint, resume)
     data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)

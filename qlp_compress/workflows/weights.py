@@ -15,6 +15,7 @@ import onnx
 from qlp_compress.base import machine, validate
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.outputs import OutputRun, file_lock
+from qlp_compress.base.ownership import file_checkpoint
 from qlp_compress.deploy import export, quantize
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings, allocate
 from qlp_compress.pruning.masks import find_prunable_layers
@@ -251,8 +252,9 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
 def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool = False,
                     force: bool = False, int8: quantize.QuantizeSettings | None = None) -> dict:
     """Fine-tune a model that is already pruned: its zero weights are the masks, held at zero. `out` is written
-    only when it does not exist or with `force`; its checkpoint (OUT.ckpt) is continued with `resume`."""
-    check_can_write(out, force, out.with_suffix(".ckpt"), resume)
+    only when it does not exist or with `force`; its checkpoint (a hidden `.OUT.qlp-ckpt`) is continued with
+    `resume`."""
+    check_can_write(out, force, file_checkpoint(out), resume)
     lock = file_lock(out)
     lock.acquire()
     try:
@@ -266,7 +268,7 @@ def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command:
     module = copy.deepcopy(ws.loaded.module)
     masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
     if settings.epochs > 0:
-        train_interruptible(module, ws.splits.finetune, settings, "fine-tune", out.with_suffix(".ckpt"), resume,
+        train_interruptible(module, ws.splits.finetune, settings, "fine-tune", file_checkpoint(out), resume,
                             masks=masks)
     module.cpu().eval()
     data = export_bytes(module, ws)
@@ -276,7 +278,7 @@ def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command:
     export_verified(module, export.with_metadata(data, metadata), ws, out)
     if int8 is not None:
         measured["int8"] = quantize_beside(ws, out, int8, measured["accuracy"])
-    out.with_suffix(".ckpt").unlink(missing_ok=True)
+    file_checkpoint(out).unlink(missing_ok=True)
     return measured
 
 
