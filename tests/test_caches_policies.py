@@ -276,7 +276,8 @@ def test_a_weight_policy_that_empties_a_layer_is_warned_about(tiny, capsys):
     (lambda d: d.pop("groups"), "groups"),
     (lambda d: d["groups"][1].update(width=0), "group"),
     (lambda d: d.update(criterion=None), "criterion"),
-], ids=["speedup-text-nan", "speedup-nan", "width-text", "no-groups", "width-0", "no-criterion"])
+    (lambda d: d.update(criterion=[]), "criterion"),
+], ids=["speedup-text-nan", "speedup-nan", "width-text", "no-groups", "width-0", "no-criterion", "criterion-list"])
 def test_a_channel_policy_is_checked_field_by_field(tiny, qlp, tmp_path, monkeypatch, edit, says):
     """Row 17: one `not a valid policy.json (...)` line naming the field; never "unexpected ValueError/KeyError",
     and never a run that ends advising "--speedup nan"."""

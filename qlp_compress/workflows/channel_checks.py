@@ -54,9 +54,9 @@ def read_channel_policy(path: Path) -> dict:
     methods = (*SEARCHES, *BASELINES)
     if doc.get("method") not in methods:
         raise invalid(f"method {_clip(doc.get('method'))!r} is none of {', '.join(methods)}")
-    if doc.get("criterion") not in set(CRITERION_OF.values()):
-        raise invalid(f"criterion {_clip(doc.get('criterion'))!r} is none of "
-                      f"{', '.join(sorted(set(CRITERION_OF.values())))}")
+    criteria = tuple(sorted(set(CRITERION_OF.values())))
+    if doc.get("criterion") not in criteria:  # a tuple: an unhashable value is simply not in it
+        raise invalid(f"criterion {_clip(doc.get('criterion'))!r} is none of {', '.join(criteria)}")
     speedup = doc.get("target_speedup")
     if not (type(speedup) in (int, float) and math.isfinite(speedup) and speedup > 1):
         raise invalid(f"target_speedup {_clip(speedup)!r} is not a number above 1")
