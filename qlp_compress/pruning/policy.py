@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,8 +74,11 @@ def read_policy(path: Path) -> Policy:
 
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_POLICY_BYTES:
-            raise QLPError(f"{path} is {path.stat().st_size} bytes, too large for a policy.json; pass the policy.json "
+        info = path.stat()
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):  # a FIFO or a device: never read
+            raise UsageError(f"policy file {path} is not a regular file; pass the policy.json a search wrote")
+        if info.st_size > MAX_POLICY_BYTES:
+            raise QLPError(f"{path} is {info.st_size} bytes, too large for a policy.json; pass the policy.json "
                            "a search wrote")
         doc = json.loads(path.read_bytes())
     except FileNotFoundError as e:
