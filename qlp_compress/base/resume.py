@@ -44,6 +44,8 @@ def _shown(value: object) -> str:
         return f"SHA-256 {value[:12]}…"
     if isinstance(value, list):
         return ",".join(map(_shown, value)) or "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}"
     return "none" if value is None else str(value)

@@ -108,8 +108,9 @@ def finetune_guarded(model: nn.Module, ws: Workspace, settings: TrainSettings, w
                      checkpoint: Path | None = None, resume: bool = False, measured: int | None = None,
                      **kwargs) -> list[dict]:
     """`train_interruptible` on the fine-tune split, guarded on `held_out_images(ws, measured)` (train.guard;
-    None: the reward's default count)."""
+    None: the reward's default count); its checkpoint records ws.record unless `record` says otherwise."""
     held_out = held_out_images(ws, REWARD_IMAGES if measured is None else measured)
+    kwargs.setdefault("record", ws.record)
     return train_interruptible(model, ws.splits.finetune, settings, what, checkpoint, resume, held_out=held_out,
                                **kwargs)
 
