@@ -123,6 +123,32 @@ def run_app(*args, cwd: Path | None = None, code: int | None = 0):
     return result
 
 
+PAUSED_CLI = Path(__file__).with_name("paused_cli.py")
+
+
+def start_paused(*args, cwd: Path, pause: str | None, marker: Path, env: dict[str, str] | None = None,
+                 ) -> subprocess.Popen:
+    """The CLI in a subprocess (one torch thread, SIGINT at its default) that stops at `pause` (tests/paused_cli.py:
+    "WHERE:N[:AFTER]") and waits there for a signal; `wait_for(marker, process)` returns once it is there. Tests
+    signal or kill a run at a point the code reaches, never after a guessed time."""
+    marker.unlink(missing_ok=True)
+    extra = {"OMP_NUM_THREADS": "1", "QLP_TEST_PAUSED": str(marker), **(env or {})}
+    if pause:
+        extra["QLP_TEST_PAUSE"] = pause
+    return subprocess.Popen([sys.executable, str(PAUSED_CLI), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **extra},
+                            preexec_fn=default_sigint)
+
+
+def near_tie_share(logits: torch.Tensor, tolerance: float = 1e-4) -> float:
+    """The share of images whose two best logits lie within float noise of each other (`tolerance` per unit of the
+    largest |logit|, at least 1): another kernel's summation order (onnxruntime, another CPU) may flip their top-1,
+    so two correct implementations' accuracies may differ by this much, and no more."""
+    top2 = logits.float().topk(2, dim=1).values
+    scale = logits.abs().amax(dim=1).clamp(min=1.0)
+    return float(((top2[:, 0] - top2[:, 1]) <= tolerance * scale).float().mean())
+
+
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
     """Poll until `path` exists; fail at once when the process ends first, or after `timeout` seconds."""
     deadline = time.monotonic() + timeout

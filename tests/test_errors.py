@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import default_sigint, make_tiny_task, run_app, wait_for
+from conftest import make_tiny_task, run_app, start_paused, wait_for
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -390,116 +389,105 @@ def test_full_disk_through_the_cli(bad, tmp_path, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------------------------ interruption
 
-# 48 episodes (2 stages) with rewards on 400 images, then 48 fine-tuning epochs of 3 steps (300 images): the first
-# search checkpoint (episode 10) and the first fine-tuning checkpoint (epoch 1) come a few seconds before the end,
-# enough for the signal to arrive first on a loaded machine (16 epochs, about a second, once was not)
-EPISODES, EPOCHS = 48, 48
+# One run (24 episodes in 2 stages, the answer chosen among 3 candidates, 3 fine-tuning epochs) is stopped at every
+# kind of point, each time resumed by the next process: SIGINT and SIGTERM in the search, in the choice of the
+# answer and in the fine-tuning, and kill -9 in the search, after policy.json and after model.onnx are staged. Each
+# process stops where the code reaches a known point (tests/paused_cli.py), never after a guessed time, so the test
+# proves the same on a fast machine and a loaded one. The first search checkpoint comes at episode 10.
+EPISODES, EPOCHS = 24, 3
 RUN = ("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--episodes", str(EPISODES), "--stages",
        "2", "--reward-size", "2700", "--reward-images", "400", "--finetune-epochs", str(EPOCHS), *DEVICE)
+KILL = "kill -9"
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cli_args(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                            env={**os.environ, **ENV}, preexec_fn=default_sigint)
-
-
-def stop(process: subprocess.Popen, signum: int) -> subprocess.CompletedProcess:
-    process.send_signal(signum)
+def stopped(args: tuple, pause: str, how: int | str, cwd: Path, marker: Path) -> subprocess.CompletedProcess:
+    """Run the CLI until it reaches `pause` (see tests/paused_cli.py), then signal it (or kill -9 it)."""
+    process = start_paused(*args, cwd=cwd, pause=pause, marker=marker)
+    try:
+        wait_for(marker, process, timeout=300)
+    except AssertionError:
+        process.kill()
+        raise
+    if how == KILL:
+        process.kill()  # SIGKILL: nothing runs after it
+    else:
+        process.send_signal(how)
     stdout, stderr = process.communicate(timeout=120)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def interrupted(result: subprocess.CompletedProcess, says: str) -> str:
+    """A run stopped by SIGINT or SIGTERM: exit 130 and one error line that says how to resume."""
+    assert result.returncode == 130, result.stderr[-2000:]
+    line = error_line(result)
+    assert says in line and "--resume" in line, line
+    return line
+
+
+def killed_whole(result: subprocess.CompletedProcess, out: Path) -> None:
+    """A run killed by kill -9: no output in OUT before all are complete, every staged or checkpoint file whole
+    (an atomic write cut short leaves only a hidden temporary name)."""
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert [p.name for p in out.iterdir()] == [".work"]
+    staged = out / ".work" / "out"
+    for path in staged.iterdir() if staged.is_dir() else ():
+        if path.name.endswith((".tmp", ".new")):  # atomic writes cut short: hidden temporary names only
+            assert path.name.startswith("."), path
+            continue
+        check_complete(path)
+    for path in (out / ".work").glob("*.ckpt"):
+        load_checkpoint(path)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("search_signal, finetune_signal", [(signal.SIGINT, signal.SIGTERM),
-                                                            (signal.SIGTERM, signal.SIGINT)],
-                         ids=["search-SIGINT,finetune-SIGTERM", "search-SIGTERM,finetune-SIGINT"])
-def test_interrupted_search_and_finetune_resume(tiny, tmp_path, search_signal, finetune_signal):
-    """Stopped mid-search, resumed and stopped mid-fine-tuning, resumed to the end: each stop exits 130 with one
-    line that says how to resume and leaves a valid checkpoint; the end result is complete and verified."""
-    out = tmp_path / "run"
+def test_a_run_stopped_at_every_stage_resumes_to_a_complete_result(tiny, tmp_path):
+    """Each SIGINT/SIGTERM exits 130 with one line that says how to resume and keeps a checkpoint that holds every
+    finished episode, candidate or epoch; each kill -9 leaves no half-written output; the choice of the answer keeps
+    the candidates already measured (a changed record shows they are not measured again); the last --resume ends
+    with every output complete and verified, all episodes and epochs counted."""
+    out, marker = tmp_path / "run", tmp_path / "paused"
     args = (*RUN, "--out", str(out))
-    process = start(*args, cwd=tiny)
-    wait_for(out / ".work" / "search.ckpt", process)
-    result = stop(process, search_signal)
-    assert result.returncode == 130, result.stderr[-2000:]
-    line = error_line(result)
-    assert "search interrupted after" in line and "--resume" in line
-    state = load_checkpoint(out / ".work" / "search.ckpt")
-    assert 10 <= state["progress"]["episode"] < EPISODES
-    assert not (out / "policy.json").exists()
+    resume = (*args, "--resume")
+    search_ckpt = out / ".work" / "search.ckpt"
 
-    process = start(*args, "--resume", cwd=tiny)
-    wait_for(out / ".work" / "finetune.ckpt", process)
-    result = stop(process, finetune_signal)
-    assert result.returncode == 130, result.stderr[-2000:]
-    line = error_line(result)
-    assert "fine-tune interrupted" in line and "--resume" in line and "finetune.ckpt" in line
-    state = load_checkpoint(out / ".work" / "finetune.ckpt")
-    assert 0 <= state["epoch"] < EPOCHS - 1 and len(state["history"]) == state["epoch"] + 1
-    assert not (out / "model.onnx").exists()
+    # the search: SIGINT in the episode after its first checkpoint, SIGTERM after the resumed run's first, kill -9
+    line = interrupted(stopped(args, "reward:1:.work/search.ckpt", signal.SIGINT, tiny, marker),
+                       "search interrupted after")
+    first = load_checkpoint(search_ckpt)["progress"]["episode"]
+    assert 10 <= first < EPISODES and f"after {first} episodes" in line  # the running episode is dropped
+    assert [p.name for p in out.iterdir()] == [".work"]
+    interrupted(stopped(resume, "reward:1:.work/search.ckpt", signal.SIGTERM, tiny, marker), "search interrupted")
+    second = load_checkpoint(search_ckpt)["progress"]["episode"]
+    assert max(first + 1, 20) <= second < EPISODES
+    killed_whole(stopped(resume, "reward:2", KILL, tiny, marker), out)
+    assert load_checkpoint(search_ckpt)["progress"]["episode"] == second
 
-    resumed = run_cli(*args, "--resume", cwd=tiny)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    check_outputs(out)
-    policy = json.loads((out / "policy.json").read_text())
-    assert len(policy["search"]["rewards"]) == EPISODES  # every episode, before and after the interruption
-    assert json.loads((out / "report.json").read_text())["finetune"]["epochs"] == EPOCHS
-
-
-@pytest.mark.slow
-def test_interrupted_choice_of_the_answer_resumes_from_the_finished_candidates(tiny, tmp_path):
-    """Stopped while the candidates are fine-tuned to choose the answer: exit 130 with one line that says how to
-    resume; --resume keeps the candidates already measured (a changed record shows that they are not measured
-    again) and fine-tunes the rest."""
-    out = tmp_path / "run"
-    args = ("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--episodes", "12", "--stages", "2",
-            "--reward-size", "2700", "--reward-images", "400", "--finetune-epochs", "96", "--select-epochs", "96",
-            *DEVICE, "--out", str(out))
-    process = start(*args, cwd=tiny)
-    wait_for(out / ".work" / "selection.json", process)  # written when the first candidate is measured
-    result = stop(process, signal.SIGINT)
-    assert result.returncode == 130, result.stderr[-2000:]
-    line = error_line(result)
-    assert "interrupted" in line and "--resume" in line
+    # the choice of the answer: SIGINT while the second candidate fine-tunes
+    interrupted(stopped(resume, "step:1:.work/selection.json", signal.SIGINT, tiny, marker), "interrupted")
     record = out / ".work" / "selection.json"
-    finished = json.loads(record.read_text())["candidates"]
-    assert 1 <= len(finished) < 3
+    document = json.loads(record.read_text())
+    finished = document["candidates"]
+    assert len(finished) == 1
     finished[0]["held_out_accuracy"] = 1.0  # no fine-tuned model can be this good on the held-out images
-    record.write_text(json.dumps({"candidates": finished}))
+    record.write_text(json.dumps({**document, "candidates": finished}))
+    killed_whole(stopped(resume, "written:1:.work/out/policy.json", KILL, tiny, marker), out)
 
-    resumed = run_cli(*args, "--resume", cwd=tiny)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    check_outputs(out)
-    selection = json.loads((out / "policy.json").read_text())["search"]["selection"]
-    assert len(selection["candidates"]) == 3 and selection["candidates"][0]["held_out_accuracy"] == 1.0
-    assert selection["chosen"] == finished[0]["name"]
+    # the fine-tuning: SIGINT in its second epoch, SIGTERM in its third (each after the epoch before is saved)
+    finetune_ckpt = out / ".work" / "finetune.ckpt"
+    for signum, epoch in ((signal.SIGINT, 0), (signal.SIGTERM, 1)):
+        line = interrupted(stopped(resume, "step:1:.work/finetune.ckpt", signum, tiny, marker), "fine-tune interrupted")
+        assert "finetune.ckpt" in line
+        state = load_checkpoint(finetune_ckpt)
+        assert state["epoch"] == epoch and len(state["history"]) == epoch + 1
+        assert [p.name for p in out.iterdir()] == [".work"]
+    killed_whole(stopped(resume, "written:1:.work/out/model.onnx", KILL, tiny, marker), out)
 
-
-@pytest.mark.slow
-def test_kill_9_leaves_no_half_written_output(tiny, tmp_path):
-    """kill -9 mid-search, mid-fine-tuning and mid-export (each run resuming the one before): the outputs, written
-    to OUT/.work/out/ until all are complete, never appear in OUT before that; every file written is whole, and a
-    last --resume finishes the job."""
-    out = tmp_path / "run"
-    args = (*RUN, "--out", str(out))
-    for after, delay, resume in ((".work/search.ckpt", 0.0, ()), (".work/out/policy.json", 0.2, ("--resume",)),
-                                 (".work/out/model.onnx", 0.0, ("--resume",))):
-        if (out / after).exists():
-            (out / after).unlink()  # wait for this run to write it again
-        process = start(*args, *resume, cwd=tiny)
-        wait_for(out / after, process)
-        time.sleep(delay)
-        process.kill()  # SIGKILL: nothing runs after it
-        process.communicate(timeout=60)
-        assert process.returncode == -signal.SIGKILL
-        assert [p.name for p in out.iterdir()] == [".work"]  # no output in place before all are complete
-        for path in (out / ".work" / "out").iterdir():
-            if path.name.endswith(".tmp"):  # an atomic write cut short: a hidden temporary name, never an output's
-                assert path.name.startswith(".")
-                continue
-            check_complete(path)
-        for path in (out / ".work").glob("*.ckpt"):
-            load_checkpoint(path)
-    resumed = run_cli(*args, "--resume", cwd=tiny)
+    resumed = run_cli(*resume, cwd=tiny)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     check_outputs(out)  # the killed writes' temporary files went with .work/
+    policy = json.loads((out / "policy.json").read_text())
+    assert len(policy["search"]["rewards"]) == EPISODES  # every episode, before and after the interruptions
+    assert json.loads((out / "report.json").read_text())["finetune"]["epochs"] == EPOCHS
+    selection = policy["search"]["selection"]
+    assert len(selection["candidates"]) == 3 and selection["candidates"][0]["held_out_accuracy"] == 1.0
+    assert selection["chosen"] == finished[0]["name"]

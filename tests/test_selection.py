@@ -5,6 +5,7 @@ fine-tuning and measurement of every candidate."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -77,18 +78,23 @@ def test_the_most_accurate_candidate_wins_and_a_resumed_choice_reuses_the_finish
     found = [Candidate("search", baseline("uniform", 0.6), 0.5), Candidate("lamp", lamp.sparsities, 0.4),
              Candidate("erk", baseline("erk", 0.6), 0.3)]
     tune = TrainSettings(epochs=2.0, lr=0.01, warmup_epochs=0.0, seed=3)
-    settings = SelectionSettings(candidates=3, epochs=0.3)
+    settings = SelectionSettings(candidates=3, epochs=0.2)
     chosen, record = selection.select(tiny_ws, lamp, found, settings, tune, reward_images=100, work=tmp_path)
-    # the reference: each candidate pruned and fine-tuned on its own, measured on the images the reward skips
+    # the reference: each candidate pruned and fine-tuned on its own with the selection's own settings (the run's
+    # fine-tuning for --select-epochs), measured on the images the reward skips
     x, y = materialize(tiny_ws.splits.reward)
+    reference = replace(tune, epochs=settings.epochs)
+    per_epoch = math.ceil(len(tiny_ws.splits.finetune) / tune.batch_size)
+    steps = [max(1, round(e * per_epoch)) for e in (settings.epochs, 0.5)]
+    assert steps[0] != steps[1]  # a reference fine-tuned for another budget (0.5 epoch) would not match below
     expected = []
     for c in found:
-        _, tuned, _ = prune_and_finetune(tiny_ws, replace(lamp, sparsities=c.sparsities), replace(tune, epochs=0.5))
+        _, tuned, _ = prune_and_finetune(tiny_ws, replace(lamp, sparsities=c.sparsities), reference)
         expected.append(accuracy(tuned, [(x[100:], y[100:])]))
     assert [r["held_out_accuracy"] for r in record["candidates"]] == pytest.approx(expected)
     best = max(expected)
     assert chosen == found[expected.index(best)] and record["chosen"] == chosen.name
-    assert record["held_out_images"] == 300 and record["epochs"] == 0.3
+    assert record["held_out_images"] == 300 and record["epochs"] == 0.2
     assert len(set(expected)) > 1  # the candidates really differ, so the choice above means something
 
     def no_more_training(*args, **kwargs):
