@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_task, run_app
+from conftest import run_app
 from torch import nn
 
 from qlp_compress.data import TensorImages
@@ -222,9 +222,16 @@ def export_as_users_do(model: nn.Module, arch: str, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("zoo")
-    make_tiny_task(root, n=1200, n_train=1000, steps=1)
-    return root / "data.npz"
+    """4 classes of 28×28 images, class k a bright band across rows 7k … 7k+6: unlike conftest's quadrants, a
+    horizontal flip (fine-tuning's augmentation) keeps the class. The first 1000 images train, 200 test."""
+    path = tmp_path_factory.mktemp("zoo") / "data.npz"
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 1200)
+    x = rng.integers(0, 80, (1200, 1, 28, 28)).astype(np.uint8)
+    for k in range(4):
+        x[y == k, :, 7 * k + 1 : 7 * k + 6, 2:26] = 200
+    np.savez(path, x=x[:1000], y=y[:1000], x_test=x[1000:], y_test=y[1000:])
+    return path
 
 
 @pytest.mark.slow
@@ -235,7 +242,7 @@ def test_channel_mode_end_to_end_on_a_model_unlike_resnet20(arch, tiny_data, tmp
     out = tmp_path / "run"
     run_app("search", model, "--structure", "channel", "--speedup", "1.5", "--latency-batch", "8", "--threads", "1",
             "--round-to", "2", "--data", tiny_data, "--reward-size", "300", "--episodes", "6", "--stages", "2",
-            "--reward-images", "200", "--finetune-epochs", "0.3", "--out", out, "--device", "cpu")
+            "--reward-images", "200", "--finetune-epochs", "1", "--out", out, "--device", "cpu")
     report = json.loads((out / "report.json").read_text())
     tune = report["finetune"]
     assert tune["lr_from"] == "range test" and tune["held_out_images"] == 100  # reward split after its first 200

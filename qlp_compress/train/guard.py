@@ -244,8 +244,8 @@ class Guard:
                    f"{r.get('lr', math.nan) * self.scale:.3g}") if r["restores"] else ""
         return (f"fine-tuning ended below the accuracy it started from on {r['held_out_images']} held-out images "
                 f"({r['start_held_out_accuracy']:.2%} before, {best} after{lowered}); try a smaller --lr (e.g. "
-                f"{r.get('lr', 0.01) * self.scale / 10:.2g}), --no-distill, or --finetune-epochs 0 to keep the "
-                f"pruned model")
+                f"{r.get('lr', 0.01) * self.scale / 10:.2g}){', --no-distill,' if r.get('distill') else ''} or "
+                f"--finetune-epochs 0 to keep the pruned model")
 
 
 def first_batches(dataset: Dataset, batch_size: int, count: int, seed: int,

@@ -97,7 +97,8 @@ class CifarResNet(nn.Module):
 
 class PlainVGG(nn.Module):
     """VGG-style without BatchNorm: two stages of two 3×3 convolutions with ReLU and max pooling, then one Linear
-    on the 4×4 feature map. Its logits are not normalised by anything (issue 25's first unseen model)."""
+    on the 4×4 feature map (for 28×28 and 32×32 images). Its logits are not normalised by anything (issue 25's
+    first unseen model)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
         super().__init__()
@@ -108,7 +109,9 @@ class PlainVGG(nn.Module):
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * w * 16, num_classes))
+        # 28×28 or 32×32 images: 7×7 or 8×8 → 4×4 (an exportable stand-in for adaptive pooling)
+        self.classifier = nn.Sequential(nn.MaxPool2d(2, ceil_mode=True), nn.Flatten(),
+                                        nn.Linear(2 * w * 16, num_classes))
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -118,7 +121,7 @@ class SeparableNet(nn.Module):
     """MobileNet-style: depthwise-separable convolutions with BatchNorm and ReLU6, a residual around one block and
     a concat of two branches (issue 25's second unseen model)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
         super().__init__()
         w = width
 
@@ -148,7 +151,8 @@ class LinearHead(nn.Module):
         w = width
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Conv2d(w, 2 * w, 3, padding=1, bias=False), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.MaxPool2d(2, ceil_mode=True),  # 28×28 or 32×32 images → 4×4
         )
         self.classifier = nn.Sequential(
             nn.Flatten(), nn.Linear(2 * w * 16, 96), nn.ReLU(), nn.Dropout(0.2), nn.Linear(96, 48), nn.ReLU(),
