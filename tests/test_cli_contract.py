@@ -3,12 +3,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
+import struct
 import subprocess
 import sys
+import termios
+from pathlib import Path
 
 import pytest
 from conftest import make_tiny_task
+from rich.cells import cell_len
 from typer.testing import CliRunner
 
 from qlp_compress import cli
@@ -47,9 +55,38 @@ def test_help_reads_at_80_columns():
                 assert f"{option} " in text  # the full name, followed by its metavar or a space
 
 
+def documented(command: str, document: dict, folder: Path, model: Path) -> None:
+    """What the README's output contract and each command's result line promise its --json document holds."""
+    if command in ("search", "prune"):  # the same content as report.json, and the folder it is in
+        out = Path(document["out"])
+        assert out == folder / command[0]
+        assert {k: v for k, v in document.items() if k != "out"} == json.loads((out / "report.json").read_text())
+    elif command == "compare":  # the rows, as compare.json holds them
+        assert document["rows"] == json.loads((folder / "c" / "compare.json").read_text())["rows"]
+        assert [r["method"] for r in document["rows"]] == ["lamp", "uniform"]
+    elif command == "evaluate":  # the measurements: accuracy, latency, size, sparsity
+        assert {"accuracy", "test_images", "latency", "file_bytes", "weights", "global_sparsity", "layers"} <= set(
+            document)
+        assert 0 <= document["accuracy"] <= 1 and document["test_images"] == 100
+        assert all(lat["median_ms"] > 0 for lat in document["latency"])
+        assert document["file_bytes"] == model.stat().st_size
+    else:  # the file written, and the figures its result line shows
+        path = Path(document["path"])
+        assert path.is_file() and path.parent == folder, document["path"]
+        shown = {"finetune": ("accuracy", "global_sparsity"), "export": ("bytes", "max_abs_diff"),
+                 "quantize": ("accuracy", "bytes", "float_bytes", "zeros"),
+                 "train": ("test_accuracy", "data", "train_seconds")}[command]
+        assert set(shown) <= set(document), (command, sorted(document))
+        if command in ("export", "quantize"):
+            assert document["bytes"] == path.stat().st_size
+        if command == "export":
+            assert document["max_abs_diff"] <= 1e-4
+
+
 @pytest.mark.slow
 def test_every_command_prints_one_json_document(tiny, tmp_path):
-    """--json: stdout holds exactly one JSON document for every command; progress stays on stderr."""
+    """--json: stdout holds exactly one JSON document for every command, holding what the README's output contract
+    says (report.json for search and prune, compare's rows, evaluate's measurements); progress stays on stderr."""
     model, data = tiny / "lenet.onnx", tiny / "data.npz"
     common = ("--data", data, "--device", "cpu")
     small_search = ("--episodes", "4", "--stages", "1", "--reward-images", "64", "--finetune-epochs", "0.05")
@@ -70,7 +107,74 @@ def test_every_command_prints_one_json_document(tiny, tmp_path):
         result = invoke(*args, "--json")
         document = json.loads(result.stdout)  # exactly one document: trailing text would fail here
         assert isinstance(document, dict), command
-    assert json.loads(invoke(*runs["evaluate"], "--json").stdout)["test_images"] == 100
+        documented(command, document, tmp_path, model)
+
+
+def table_blocks(text: str) -> list[list[str]]:
+    """The tables in a command's output: runs of lines drawn with box characters."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if any(c in line for c in "│┃━─┏┗┡└┌╇"):
+            current.append(line)
+        elif current:
+            blocks.append(current)
+            current = []
+    return [*blocks, current] if current else blocks
+
+
+def test_outside_a_terminal_nothing_wraps_and_nothing_is_cut(tiny, tmp_path):
+    """Outside a terminal (here at COLUMNS=80) results are laid out wide: every table's lines are whole rows of one
+    width, nothing is cut short with an ellipsis, and each `wrote` line is one line that ends its sentence."""
+    model, data = tiny / "lenet.onnx", tiny / "data.npz"
+    outputs = [invoke("prune", model, "--sparsity", "0.5", "--finetune-epochs", "0", "--out", tmp_path / "p",
+                      "--data", data, "--device", "cpu", "--no-sparse-storage").stdout,
+               invoke("evaluate", tmp_path / "p" / "model.onnx", "--data", data, "--repeats", "1").stdout]
+    for text in outputs:
+        assert "…" not in text and "..." not in text
+        blocks = table_blocks(text)
+        assert blocks, text
+        for block in blocks:
+            assert len({cell_len(line) for line in block}) == 1, block  # a wrapped row would break the frame
+    wrote = [line for line in outputs[0].splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1 and wrote[0].endswith(")") and str(tmp_path / "p") in wrote[0], outputs[0]
+    assert cell_len(wrote[0]) > 80  # wider than the 80 columns asked, and still one line
+
+
+@pytest.mark.slow
+def test_in_a_terminal_no_line_is_wider_than_the_terminal(tiny, tmp_path):
+    """In a terminal of 80 columns (a pseudo-terminal), every line of a result fits in 80 columns."""
+    model, data = tiny / "lenet.onnx", tiny / "data.npz"
+    for args in (("prune", model, "--sparsity", "0.5", "--finetune-epochs", "0", "--out", tmp_path / "p", "--data",
+                  data, "--device", "cpu", "--no-sparse-storage", "--quiet"),
+                 ("evaluate", model, "--data", data, "--repeats", "1", "--quiet")):
+        text = in_terminal(args, columns=80)
+        lines = [line for line in text.splitlines() if line.strip()]
+        assert any(line.startswith("wrote ") for line in lines) or args[0] == "evaluate", text
+        assert table_blocks(text), text
+        assert max(cell_len(line) for line in lines) <= 80, text
+
+
+def in_terminal(args, columns: int) -> str:
+    """The CLI's stdout when stdout is a terminal `columns` wide (stderr is a pipe), without colour codes."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns), "OMP_NUM_THREADS": "1", "TERM": "xterm"}
+    process = subprocess.Popen([sys.executable, "-m", "qlp_compress", *map(str, args)], stdout=child,
+                               stderr=subprocess.PIPE, env=env)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 65536)
+        except OSError:  # the terminal is closed once the run ends
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07", "", b"".join(chunks).decode()).replace("\r", "")
 
 
 @pytest.mark.slow

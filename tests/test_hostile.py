@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import Run, default_sigint, make_tiny_task, run_app, wait_for
+from conftest import Run, make_tiny_task, run_app, start_paused, wait_for
 from onnx import TensorProto, helper, numpy_helper
 
 from qlp_compress.base import io as qio
@@ -43,12 +43,6 @@ ENV = {"OMP_NUM_THREADS": "1"}
 def run_cli(*args, cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "qlp_compress", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, **ENV}, **kwargs)
-
-
-def start(*args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "qlp_compress", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, **ENV},
-                            preexec_fn=default_sigint)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -515,15 +509,25 @@ def test_export_writes_its_two_files_together(work, qlp, monkeypatch) -> None:
 
 
 @pytest.mark.slow
-def test_interrupted_force_run_keeps_the_previous_outputs_and_prune_resumes(work, qlp) -> None:
-    """SIGINT during prune's fine-tuning into an existing folder (--force): the old outputs stay, all of them, and
-    `prune --resume` (the advice given) continues; the finished run replaces every output."""
+def test_an_interrupted_force_run_holds_its_lock_keeps_the_previous_outputs_and_resumes(work, qlp,
+                                                                                        tmp_path_factory) -> None:
+    """prune --force into an existing folder, stopped in its fine-tuning's second epoch (a point the code reaches,
+    tests/paused_cli.py): while it runs, a second run there (--resume) is refused; SIGINT then leaves the old
+    outputs, all of them, and the checkpoint; `prune --resume` (the advice given) continues, and the finished run
+    replaces every output."""
     old = {name: data for name, data in snapshot(work / "base").items()}
-    args = (*prune_args(out="base"), "--sparsity", "0.7", "--finetune-epochs", "60", "--force")
-    process = start(*args, cwd=work)
-    wait_for(work / "base" / ".work" / "finetune.ckpt", process)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    args = (*prune_args(out="base"), "--sparsity", "0.7", "--finetune-epochs", "3", "--force")
+    marker = tmp_path_factory.mktemp("pause") / "paused"
+    process = start_paused(*args, cwd=work, pause="step:1:.work/finetune.ckpt", marker=marker)
+    try:
+        wait_for(marker, process)
+        second = qlp(*args, "--resume", cwd=work)
+        assert process.poll() is None  # paused: the first run still holds the folder
+        assert second.code == 1 and "another qlp-compress run is using base" in second.line, second.stderr[-2000:]
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
     line = Run(130, "", stderr).line
     assert "fine-tune interrupted" in line and "--resume" in line
@@ -536,6 +540,7 @@ def test_interrupted_force_run_keeps_the_previous_outputs_and_prune_resumes(work
     new = snapshot(work / "base")
     assert new.keys() == old.keys() and all(new[k] != old[k] for k in ("model.onnx", "policy.json", "report.json"))
     assert json.loads(new["policy.json"])["target_sparsity"] == 0.7
+    assert json.loads(new["report.json"])["finetune"]["epochs"] == 3
 
 
 def test_resume_never_replaces_a_finished_run(work, qlp) -> None:
@@ -699,24 +704,6 @@ def test_full_disk_while_saving_the_search_checkpoint(work) -> None:
     assert result.returncode == 1, result.stderr[-2000:]
     line = Run(1, result.stdout, result.stderr).line
     assert "search.ckpt failed (File too large)" in line and "nothing was overwritten" in line
-
-
-@pytest.mark.slow
-def test_a_second_resume_while_the_first_runs_is_refused(work, qlp) -> None:
-    args = (*prune_args(out="locked"), "--finetune-epochs", "60")
-    first = start(*args, cwd=work)
-    try:
-        wait_for(work / "locked" / ".work" / "finetune.ckpt", first)
-        second = qlp(*args, "--resume", cwd=work)
-        assert first.poll() is None, "the first run ended too early for this test"
-        assert second.code == 1 and "another qlp-compress run is using locked" in second.line
-    finally:
-        first.kill()  # kill -9: its lock goes with it
-        first.communicate(timeout=60)
-    resumed = qlp(*args, "--resume", cwd=work)
-    assert resumed.code == 0, resumed.stderr[-2000:]
-    assert {"model.onnx", "policy.json", "report.json"} <= {p.name for p in (work / "locked").iterdir()}
-    assert not (work / "locked" / ".work").exists()
 
 
 def _damaged(work: Path, how: str) -> str:

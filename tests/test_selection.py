@@ -66,7 +66,7 @@ def test_held_out_images_are_the_reward_split_after_the_measured_ones():
 @pytest.fixture(scope="module")
 def tiny_ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
-    make_tiny_task(root, n=1200, n_train=1000, steps=60)
+    make_tiny_task(root, n=1200, n_train=1000, steps=60, faint=True)  # candidates that differ
     return open_workspace(root / "lenet.onnx", ModelSettings(), DataSettings(str(root / "data.npz"), reward_size=400),
                           "cpu")
 
