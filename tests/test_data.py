@@ -115,6 +115,21 @@ def test_fashion_mnist_data_dir_wins_over_env_var(tmp_path, no_system_data, monk
     check_split(ds.train, first["train_x"][:, None], first["train_y"])
 
 
+def test_fashion_mnist_from_the_user_cache_then_the_system_folder(tmp_path, no_system_data, monkeypatch) -> None:
+    """Without --data-dir and $QLP_DATA_DIR: ~/.cache/qlp-compress (XDG_CACHE_HOME), then Debian's
+    /usr/share/datasets/fashion-mnist; the cache wins when both hold the files, $QLP_DATA_DIR wins over both."""
+    cached, system, env = fashion_arrays(seed=5), fashion_arrays(seed=6), fashion_arrays(seed=7)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", tmp_path / "usr-share" / "fashion-mnist")
+    write_fashion(tmp_path / "usr-share" / "fashion-mnist", system, gz=True)  # as the Debian package installs it
+    check_split(load_fashion_mnist(None, download=False).test, system["test_x"][:, None], system["test_y"])
+    write_fashion(tmp_path / "xdg" / "qlp-compress" / "fashion-mnist", cached, gz=False)
+    check_split(load_fashion_mnist(None, download=False).test, cached["test_x"][:, None], cached["test_y"])
+    write_fashion(tmp_path / "env", env, gz=False)
+    monkeypatch.setenv("QLP_DATA_DIR", str(tmp_path / "env"))
+    check_split(load_fashion_mnist(None, download=False).test, env["test_x"][:, None], env["test_y"])
+
+
 def test_fashion_mnist_through_load_dataset(tmp_path, no_system_data) -> None:
     arrays = fashion_arrays(seed=4)
     write_fashion(tmp_path / "d", arrays, gz=True)
