@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -71,6 +72,36 @@ def make_tiny_task(root: Path, n: int, n_train: int, steps: int, faint: bool = F
     model.eval()
     (root / "lenet.onnx").write_bytes(export.to_onnx_bytes(model, (1, 28, 28)))
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory) -> Path:
+    """One folder with the tiny task's lenet.onnx and data.npz (1,000 training and 200 test images, 60 steps), shared
+    by every module that only reads them: write elsewhere."""
+    root = tmp_path_factory.mktemp("tiny_task")
+    make_tiny_task(root, n=1200, n_train=1000, steps=60)
+    return root
+
+
+SEARCHED = ("--sparsity", "0.8", "--reward-size", "300", "--episodes", "12", "--stages", "2", "--reward-images", "200",
+            "--finetune-epochs", "0.5", "--device", "cpu")
+
+
+@pytest.fixture(scope="session")
+def searched(tiny_task, tmp_path_factory) -> tuple[Path, str]:
+    """One QLP search end to end through the command line (search → choice among 3 candidates → prune → fine-tune →
+    export → verify → report) on the tiny task, at SEARCHED's budget: (its output folder, the command it records).
+    Shared by the tests of the pipeline and of the report, which only read it."""
+    out = tmp_path_factory.mktemp("searched") / "run"
+    args = ("search", str(tiny_task / "lenet.onnx"), "--data", str(tiny_task / "data.npz"), *SEARCHED, "--out",
+            str(out))
+    argv = sys.argv
+    sys.argv = ["qlp-compress", *args]  # what the report records as the command
+    try:
+        run_app(*args)
+    finally:
+        sys.argv = argv
+    return out, "qlp-compress " + shlex.join(args)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI in-process

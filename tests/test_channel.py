@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_task, run_app
+from conftest import run_app
 from torch import nn
 
 from qlp_compress.deploy import export
@@ -273,10 +273,8 @@ def test_channel_env_episodes_meet_the_budget(lenet_table):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("tiny_channel")
-    make_tiny_task(root, n=1200, n_train=1000, steps=60)
-    return root / "lenet.onnx", root / "data.npz"
+def tiny(tiny_task) -> tuple[Path, Path]:
+    return tiny_task / "lenet.onnx", tiny_task / "data.npz"  # conftest's shared tiny task (read only)
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import make_tiny_task, run_app
+from conftest import run_app
 
 from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session
@@ -19,19 +19,17 @@ pytestmark = pytest.mark.slow  # whole pipelines through the CLI; the parts have
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[Path, Path]:
-    """A small LeNet-5 ONNX model trained a few steps on a learnable .npz task (28×28, 4 classes)."""
-    root = tmp_path_factory.mktemp("tiny")
-    make_tiny_task(root, n=1200, n_train=1000, steps=60)
-    return root / "lenet.onnx", root / "data.npz"
+def tiny(tiny_task) -> tuple[Path, Path]:
+    """A small LeNet-5 ONNX model trained a few steps on a learnable .npz task (28×28, 4 classes): conftest's
+    session-wide tiny task."""
+    return tiny_task / "lenet.onnx", tiny_task / "data.npz"
 
 
-def test_search_end_to_end(tiny, tmp_path, qlp):
+def test_search_end_to_end(tiny, searched, tmp_path, qlp):
+    """conftest's shared search run (12 episodes in 2 stages, the answer chosen among 3 candidates, 0.5 epoch of
+    fine-tuning), then prune --policy and finetune on its result."""
     model, data = tiny
-    out = tmp_path / "run"
-    run_app("search", str(model), "--sparsity", "0.8", "--data", str(data), "--reward-size", "300",
-            "--episodes", "12", "--stages", "2", "--reward-images", "200", "--finetune-epochs", "0.5",
-            "--out", str(out), "--device", "cpu")
+    out, _ = searched
     for name in ("model.onnx", "model.sparse.onnx", "policy.json", "report.json", "report.md", "sparsity.png",
                  "reward.png"):
         assert (out / name).is_file(), name

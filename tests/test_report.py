@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_tiny_task
 from torch import nn
 
 from qlp_compress.base import names as layer_names
@@ -213,28 +212,18 @@ def test_phase_lines_outside_a_terminal_and_quiet(capsys, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny qlp search (8 episodes over 2 stages) through the library, written to a folder."""
-    from qlp_compress.reward.weights import RewardSettings
-    from qlp_compress.train.finetune import TrainSettings
-    from qlp_compress.workflows import CompressSettings, DataSettings, ModelSettings, compress, open_workspace
-
-    root = tmp_path_factory.mktemp("report")
-    make_tiny_task(root, n=1200, n_train=1000, steps=60)
-    ws = open_workspace(root / "lenet.onnx", ModelSettings(), DataSettings(str(root / "data.npz"), reward_size=300),
-                        "cpu")
-    settings = CompressSettings(method="qlp", target=0.5, search=SearchSettings(target=0.5, episodes=8, stages=2),
-                                reward=RewardSettings(images=200, device="cpu"),
-                                finetune=TrainSettings(epochs=0.1, device="cpu"), latency_repeats=2)
-    report = compress(root / "lenet.onnx", ws, settings, root / "out", "qlp-compress search (test)")
-    return root / "out", report
+def run(searched):
+    """conftest's shared qlp search (12 episodes over 2 stages, 0.5 epoch of fine-tuning) through the command line:
+    its folder, its report, and the command it records."""
+    out, command = searched
+    return out, json.loads((out / "report.json").read_text()), command
 
 
 @pytest.mark.slow
 def test_report_names_match_evaluate_and_policy(run):
     from qlp_compress.workflows import evaluate_model
 
-    out, report = run
+    out, report, _ = run
     policy = json.loads((out / "policy.json").read_text())
     shown = evaluate_model(out / "model.onnx", None, "cpu", latency_batches=(1,), repeats=1)["layers"]
     names = [e["name"] for e in policy["layers"]]
@@ -243,8 +232,9 @@ def test_report_names_match_evaluate_and_policy(run):
     for e in policy["layers"]:  # the same layer under the same name: its sparsity read back from the file
         assert shown[e["name"]]["weights"] == e["weights"]
         assert shown[e["name"]]["sparsity"] == pytest.approx(e["sparsity"], abs=1.5 / e["weights"])
-    original = load_model(out.parent / "lenet.onnx")
-    original_names = export.weight_layer_names(onnx.load(str(out.parent / "lenet.onnx")))
+    source = Path(report["model"])  # the user's file
+    original = load_model(source)
+    original_names = export.weight_layer_names(onnx.load(str(source)))
     assert sorted(original_names.values()) == sorted(names)  # the names of the user's own file
     assert original.names_of([x.name for x in find_prunable_layers(original.module)]) == names
 
@@ -253,15 +243,15 @@ def test_report_names_match_evaluate_and_policy(run):
 def test_report_is_complete(run):
     import onnxruntime
 
-    out, _ = run
+    out, _, command = run
     saved = json.loads((out / "report.json").read_text())
     assert saved["versions"]["torch"] == torch.__version__
     assert saved["versions"]["onnx"] == onnx.__version__
     assert saved["versions"]["onnxruntime"] == onnxruntime.__version__
-    assert saved["seed"]["search"] == 0 and saved["settings"]["search"]["episodes"] == 8
-    assert saved["settings"]["finetune"]["epochs"] == 0.1 and saved["command"] == "qlp-compress search (test)"
+    assert saved["seed"]["search"] == 0 and saved["settings"]["search"]["episodes"] == 12
+    assert saved["settings"]["finetune"]["epochs"] == 0.5 and saved["command"] == command
     s = saved["search"]
-    assert s["episodes"] == 8 == s["agent_episodes"] + s["demonstration_episodes"]
+    assert s["episodes"] == 12 == s["agent_episodes"] + s["demonstration_episodes"]
     assert s["episodes"] == s["reward_evaluations"] + s["failed_episodes"]
     policy = json.loads((out / "policy.json").read_text())
     assert s["failed_episodes"] == sum(not x for x in policy["search"]["succeeded"])
