@@ -112,10 +112,7 @@ def test_quiet_silences_progress_but_not_warnings(work, qlp):
     assert run.code == 0, run.stderr[-2000:]
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert lines and all(line.startswith("warning:") for line in lines), lines
-    assert any("--episodes" in line for line in lines)
-    loud = qlp("search", "lenet.onnx", *SEARCH, "--episodes", "4", "--out", "s", "--force", cwd=work)
-    assert [line for line in loud.stderr.splitlines() if line.startswith("warning:")] == lines
-    assert len(loud.stderr.splitlines()) > len(lines)  # without --quiet: progress too
+    assert any("--episodes" in line for line in lines)  # (without --quiet progress shows too: test_cli_contract)
 
 
 # ------------------------------------------------------------------------------------------------ interrupted runs
