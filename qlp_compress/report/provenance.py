@@ -62,10 +62,11 @@ def finetune_lines(tune: dict | None) -> list[str]:
     if not tune or "lr" not in tune:
         return []
     test = tune.get("range_test") or {}
-    lr = (f"learning rate {tune['lr']:.3g} (range test: the largest of {len(test.get('tried', []))} tried whose "
-          f"loss still fell, {test['largest_falling']:.3g}, ÷ {test['safety']:g})"
-          if tune.get("lr_from") == "range test" and test.get("largest_falling") else f"learning rate {tune['lr']:.3g}"
-          + (" (range test: none tried lowered the loss)" if tune.get("lr_from") == "range test" else " (--lr)"))
+    lr = f"learning rate {tune['lr']:.3g} (--lr)"
+    if tune.get("lr_from") == "range test":
+        lr = (f"learning rate {tune['lr']:.3g} (range test: {test.get('best', 0):.3g} had the lowest loss after "
+              f"{test.get('steps')} steps among {len(test.get('tried', []))} learning rates tried"
+              + (", one step lower because one step higher the loss no longer fell)" if test.get("edge") else ")"))
     parts = [f"Fine-tuning: {lr}"]
     if "start_held_out_accuracy" in tune:
         parts.append(f"held-out accuracy on {tune['held_out_images']} reward-split images the reward never measured: "

@@ -2,8 +2,9 @@
 caught and undone, and the best state on held-out images kept.
 
 - `find_lr`: the default learning rate, from a short range test on a few fine-tune batches: from the same start,
-  each learning rate of a grid takes `RANGE_STEPS` SGD steps on the same batches; the largest one after which the
-  loss on those batches is lower than before, divided by `SAFETY`, is the learning rate (docs/method.md).
+  each learning rate of a grid (steps of √10) takes `RANGE_STEPS` SGD steps on the same batches. The learning rate
+  is the one after which the loss on those batches is lowest (the best), one step lower when the loss no longer
+  falls one step higher: at least `SAFETY` below the largest learning rate whose loss still falls (docs/method.md).
 - `Guard`: watches the training loss. A non-finite loss, or a smoothed loss above `factor` × its starting level +
   `margin` for `patience` steps in a row, is divergence: the model goes back to the best state so far, the momentum
   is dropped and training goes on at a learning rate `lr_drop` times lower (at most `max_drops` times, then it
@@ -28,10 +29,12 @@ from qlp_compress.base.messages import console
 from qlp_compress.data import iterate_batches
 
 RANGE_STEPS = 5  # SGD steps per learning rate in the range test (on the same RANGE_STEPS batches)
-RANGE_FIRST = 1e-3  # the range test starts here and goes up (or down, when the loss does not fall at it)
-RANGE_FACTOR = math.sqrt(10)  # between neighbouring learning rates of the test
-RANGE_LIMITS = (1e-6, 1.0)  # the test never goes below or above these
-SAFETY = 10.0  # the learning rate is the largest one whose loss still falls, divided by this
+# the learning rates tried are 10^(e/2) for whole e (…, 0.001, 0.00316, 0.01, 0.0316, …): from e = RANGE_FIRST
+# towards the lower loss, within RANGE_LIMITS
+RANGE_FIRST = -6  # 0.001
+RANGE_LIMITS = (-12, 0)  # 1e-6 … 1
+SAFETY = math.sqrt(10)  # one step of the grid: the learning rate stays at least this far below the largest one
+#                         whose loss still falls
 
 
 class FinetuneFailed(QLPError):
@@ -78,45 +81,42 @@ def loss_on(model: nn.Module, batches: list, objective: Callable) -> float:
 def find_lr(model: nn.Module, batches: list, objective: Callable, make_optimizer: Callable[[float], object],
             after_step: Callable[[object], None]) -> dict:
     """The range test (see the module's docstring) on `batches` [(x, y, teacher logits or None)]. Leaves the model
-    as it was. Returns {"lr", "start_loss", "tried": [[lr, loss after its steps], ...], "largest_falling"}."""
+    as it was. Returns {"lr", "start_loss", "best", "safety", "steps", "tried": [[lr, loss after its steps], ...]}."""
     start = snapshot(model)
-    with torch.random.fork_rng(devices=[]):
-        before = loss_on(model, batches, objective)
-        tried: dict[float, float] = {}
+    tried: dict[int, float] = {}  # exponent e (learning rate 10^(e/2)) → the loss after its steps
 
-        def trial(lr: float) -> bool:
+    def loss_after(e: int) -> float:
+        if e not in tried:
             model.load_state_dict(start)
-            optimizer = make_optimizer(lr)
+            optimizer = make_optimizer(10 ** (e / 2))
             model.train()
             torch.manual_seed(1)
+            tried[e] = math.inf
             for x, y, t in batches:
                 loss = objective(model(x), y, t)
                 if not torch.isfinite(loss):
-                    tried[lr] = math.inf
-                    return False
+                    return math.inf
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 after_step(optimizer)
             after = loss_on(model, batches, objective)
-            tried[lr] = after if math.isfinite(after) else math.inf
-            return after < before
+            tried[e] = after if math.isfinite(after) else math.inf
+        return tried[e]
 
-        lr, falling = RANGE_FIRST, None
-        if trial(lr):
-            falling = lr
-            while lr * RANGE_FACTOR <= RANGE_LIMITS[1] * 1.0001 and trial(lr * RANGE_FACTOR):
-                lr *= RANGE_FACTOR
-                falling = lr
-        else:
-            while lr / RANGE_FACTOR >= RANGE_LIMITS[0] * 0.9999:
-                lr /= RANGE_FACTOR
-                if trial(lr):
-                    falling = lr
-                    break
+    with torch.random.fork_rng(devices=[]):
+        before = loss_on(model, batches, objective)
+        e = RANGE_FIRST
+        step = 1 if loss_after(e + 1) < loss_after(e) else -1  # walk towards the lower loss while it keeps falling
+        while RANGE_LIMITS[0] <= e + step <= RANGE_LIMITS[1] and loss_after(e + step) < loss_after(e):
+            e += step
+        if loss_after(e) >= before:  # no learning rate lowered the loss: the smallest tried
+            e = min(tried)
+        edge = e + 1 > RANGE_LIMITS[1] or loss_after(e + 1) >= before  # one step up, the loss no longer falls
     model.load_state_dict(start)
-    chosen = (falling if falling is not None else min(tried)) / SAFETY
-    return {"lr": float(f"{chosen:.3g}"), "start_loss": before, "largest_falling": falling, "safety": SAFETY,
-            "steps": len(batches), "tried": [[float(f"{k:.3g}"), v] for k, v in sorted(tried.items())]}
+    best = 10 ** (e / 2)
+    lr = best / SAFETY if edge else best
+    return {"lr": float(f"{lr:.3g}"), "start_loss": before, "best": float(f"{best:.3g}"), "edge": edge,
+            "steps": len(batches), "tried": [[float(f"{10 ** (k / 2):.3g}"), v] for k, v in sorted(tried.items())]}
 
 
 class Guard:
