@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_app
+from conftest import make_tiny_task, run_app
 from torch import nn
 
 from qlp_compress.data import TensorImages
@@ -244,3 +244,13 @@ def test_channel_mode_end_to_end_on_a_model_unlike_resnet20(arch, tiny_data, tmp
     assert report["macs"]["pruned"] < report["macs"]["dense"]
     assert report["verification"]["same_top1"]
     assert "Fine-tuning: learning rate" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_command_fails_in_one_line_when_fine_tuning_cannot_reach_its_start(tmp_path, qlp):
+    make_tiny_task(tmp_path, n=1200, n_train=1000, steps=60)
+    run = qlp("finetune", "lenet.onnx", "--data", "data.npz", "--out", "t.onnx", "--lr", "1e6", "--finetune-epochs",
+              "1", "--device", "cpu", cwd=tmp_path)
+    assert run.code == 1 and "fine-tuning ended below the accuracy it started from" in run.line
+    assert "try a smaller --lr" in run.line and "fine-tuning diverged at step" in run.stderr
+    assert not (tmp_path / "t.onnx").exists()

@@ -109,14 +109,16 @@ def find_lr(model: nn.Module, batches: list, objective: Callable, make_optimizer
         step = 1 if loss_after(e + 1) < loss_after(e) else -1  # walk towards the lower loss while it keeps falling
         while RANGE_LIMITS[0] <= e + step <= RANGE_LIMITS[1] and loss_after(e + step) < loss_after(e):
             e += step
-        if loss_after(e) >= before:  # no learning rate lowered the loss: the smallest tried
+        lowered = loss_after(e) < before
+        if not lowered:  # no learning rate lowered the loss (a model at a minimum of it): the smallest tried
             e = min(tried)
         edge = e + 1 > RANGE_LIMITS[1] or loss_after(e + 1) >= before  # one step up, the loss no longer falls
     model.load_state_dict(start)
     best = 10 ** (e / 2)
     lr = best / SAFETY if edge else best
-    return {"lr": float(f"{lr:.3g}"), "start_loss": before, "best": float(f"{best:.3g}"), "edge": edge,
-            "steps": len(batches), "tried": [[float(f"{10 ** (k / 2):.3g}"), v] for k, v in sorted(tried.items())]}
+    return {"lr": float(f"{lr:.3g}"), "start_loss": before, "best": float(f"{best:.3g}"), "lowered": lowered,
+            "edge": edge, "steps": len(batches),
+            "tried": [[float(f"{10 ** (k / 2):.3g}"), v] for k, v in sorted(tried.items())]}
 
 
 class Guard:
