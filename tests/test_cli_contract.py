@@ -165,15 +165,16 @@ def in_terminal(args, columns: int) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_results_go_to_stdout_and_quiet_silences_progress(tiny, tmp_path):
-    """A real pipe: the result table on stdout, not wrapped at 80 columns, plain progress lines on stderr. A real
-    terminal of 80 columns with --quiet: the same result within 80 columns, and nothing on stderr."""
+def test_results_go_to_stdout_and_quiet_silences_progress(tiny, tmp_path, qlp, monkeypatch):
+    """Outside a terminal (file descriptors 1 and 2 captured, COLUMNS=80): the result table on stdout, not wrapped,
+    plain progress lines on stderr. A real terminal of 80 columns with --quiet: the same result within 80 columns,
+    and nothing on stderr."""
     model, data = tiny / "lenet.onnx", tiny / "data.npz"
     args = ["prune", str(model), "--sparsity", "0.5", "--finetune-epochs", "0.05", "--data", str(data), "--device",
             "cpu", "--out", str(tmp_path / "p")]
-    loud = subprocess.run([sys.executable, "-m", "qlp_compress", *args], capture_output=True, text=True, timeout=600,
-                          env={"COLUMNS": "80", "PATH": ""})
-    assert loud.returncode == 0, loud.stderr[-2000:]
+    monkeypatch.setenv("COLUMNS", "80")
+    loud = qlp(*args, cwd=tmp_path)
+    assert loud.code == 0, loud.stderr[-2000:]
     assert "wrote " in loud.stdout and "fine-tuned" in loud.stdout  # the table and the summary line
     assert "fine-tune: step" in loud.stderr and "fine-tune: step" not in loud.stdout  # plain progress lines
     for block in table_blocks(loud.stdout):
