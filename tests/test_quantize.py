@@ -306,7 +306,7 @@ BAD = {
     "bad_keep_float": (("lenet.onnx", "--keep-float", "middle"), 2, ("--keep-float", "'middle'", "first,last")),
     "no_calibration_images": (("lenet.onnx", "--calibration-images", "0"), 2, ("--calibration-images", "at least")),
     "out_exists": (("lenet.onnx", "--out", "existing.onnx"), 2, ("already exists", "--force")),
-    "out_is_input": (("lenet.onnx", "--out", "lenet.onnx", "--force"), 2, ("is the input model",)),
+    "out_is_input": (("lenet.onnx", "--out", "lenet.onnx", "--force"), 2, ("is the input", "choose another --out")),
 }
 
 
