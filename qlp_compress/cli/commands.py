@@ -75,7 +75,9 @@ def _int8_line(r: dict) -> Text:
     a = r["accuracy"]
     return Text(f"wrote {r['path']}: int8 test accuracy {a['int8_accuracy']:.2%} (float {a['float_accuracy']:.2%}), "
                 f"{r['bytes'] / 1e6:.3f} MB (float {r['float_bytes'] / 1e6:.3f} MB), all "
-                f"{r['zeros']['float_zeros']:,} zero weights kept")
+                f"{r['zeros']['float_zeros']:,} zero weights kept"
+                + "".join(f", {b['int8_speedup']:.2f}× float's speed at batch {b['batch']}"
+                          for b in r.get("speed", {}).get("batches", [])))
 
 
 @app.command("search")

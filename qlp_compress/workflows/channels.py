@@ -35,7 +35,7 @@ from qlp_compress.pruning.widths import (
     widths_from,
 )
 from qlp_compress.report.progress import phase
-from qlp_compress.report.provenance import jsonable, versions
+from qlp_compress.report.provenance import finetune_lines, jsonable, versions
 from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
@@ -48,7 +48,8 @@ from qlp_compress.workflows.workspace import (
     Workspace,
     export_bytes,
     export_verified,
-    train_interruptible,
+    finetune_guarded,
+    finetune_report,
 )
 
 METHODS = (*SEARCHES, *BASELINES)
@@ -124,7 +125,7 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
         env = ChannelEnv(ctx.table, reward, search.env)
         budget_warning(search)
         result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
-                            allocation=demonstration_allocator(ctx.space, ctx.table))
+                            allocation=demonstration_allocator(ctx.space, ctx.table), run_record=ws.record)
         if result.final.sparsities is None:
             raise QLPError(f"no episode reached a {settings.speedup:g}× predicted speedup in {search.episodes} "
                            "episodes; raise --episodes or --passes")
@@ -154,15 +155,15 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
 
 def prune_finetune(ws: Workspace, ctx: ChannelContext, widths: list[int], criterion: str,
                    settings: TrainSettings | None, distill: bool, checkpoint: Path | None = None,
-                   resume: bool = False) -> tuple[nn.Module, nn.Module]:
-    """(pruned network with BatchNorm re-estimated, fine-tuned copy). The pruned network is dense: no masks."""
+                   resume: bool = False, measured: int | None = None) -> tuple[nn.Module, nn.Module]:
+    """(pruned network with BatchNorm re-estimated, fine-tuned copy guarded by held_out_images). Dense: no masks."""
     pruned = ctx.space.prune(widths, criterion)
     batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
     recalibrate_batchnorm(pruned, (x for x, _ in batches))
     tuned = copy.deepcopy(pruned)
     if settings is not None and settings.epochs > 0:
         teacher = copy.deepcopy(ws.loaded.module) if distill else None
-        train_interruptible(tuned, ws.splits.finetune, settings, "fine-tune", checkpoint, resume, teacher=teacher)
+        finetune_guarded(tuned, ws, settings, "fine-tune", checkpoint, resume, measured, teacher=teacher)
     for m in (pruned, tuned):
         m.cpu().eval()
     return pruned, tuned
@@ -217,7 +218,7 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
     policy = policy_json(ws, ctx, settings, found)
     atomic_write_json(staged / "policy.json", policy)
     pruned, tuned = prune_finetune(ws, ctx, widths, found["criterion"], settings.finetune, settings.distill,
-                                   work / "finetune.ckpt", resume)
+                                   work / "finetune.ckpt", resume, settings.reward.images)
     x, _ = datasets.materialize(ws.splits.reward, limit=1)
     dense_macs, dense_params = count_macs_params(ws.loaded.module, x)
     pruned_bytes, tuned_bytes = export_bytes(pruned, ws), export_bytes(tuned, ws)
@@ -260,8 +261,7 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
         "versions": versions(),
         "channel_maps": ctx.space.channel_maps, "latency_table": ctx.table.summary(), "search": found,
         "measured": measured, "verification": verification,
-        "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
-                                                            "lr": settings.finetune.lr, "distill": settings.distill},
+        "finetune": finetune_report(settings.finetune, tuned, distill=settings.distill),
         "command": command, "wall_seconds": round(time.perf_counter() - started + ctx.seconds, 1),
     }
     if settings.quantize is not None:  # int8 on top of the smaller network, timed against the dense fp32 model
@@ -315,7 +315,7 @@ def report_markdown(r: dict) -> str:
                       f"fp32 model: {', '.join(f'batch {b}: {v:.2f}×' for b, v in s.items())} "
                       f"({describe_cpu(r['cpu'])})"]
     lines += [f"| {g['name']} | {g['channels']} | {g['width']} |" for g in r["groups"]]
-    lines += ["", f"Command: `{r['command']}`", ""]
+    lines += ["", *finetune_lines(r.get("finetune")), f"Command: `{r['command']}`", ""]
     if r.get("versions"):
         lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
                   "Seeds: " + ", ".join(f"{k} {v}" for k, v in r["seed"].items() if v is not None)
@@ -340,10 +340,12 @@ def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], s
 
 def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings,
                       run: OutputRun, command: str) -> list[dict]:
-    from qlp_compress.workflows.compare import measured_rows
+    from qlp_compress.workflows.compare import channel_record, measured_rows
+    from qlp_compress.workflows.workspace import with_record
 
+    ws = with_record(ws, channel_record(settings))  # what every row shares; a resume with others is refused
     ctx = open_channels(ws, settings.latency)
-    rows = measured_rows(run.work / "compare.json", ws.loaded.sha256)
+    rows = measured_rows(run.work / "compare.json", ws.loaded.sha256, dict(ws.record))
     for speedup in speedups:
         for method in methods:
             if any(r["method"] == method and r["target_speedup"] == speedup for r in rows):
@@ -361,7 +363,7 @@ def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], 
                          "macs": result["macs"], "params": result["params"],
                          "search_seconds": found["search_seconds"]})
             atomic_write_json(run.work / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
-                                                     "structure": "channel",
+                                                     "structure": "channel", "record": dict(ws.record),
                                                      "groups": [g.name for g in ctx.space.groups], "rows": rows})
     header = "| method | target | predicted | measured (batch: speedup) | pruned acc | fine-tuned acc | MACs |"
     lines = [header, "|---|---:|---:|---|---:|---:|---:|"]

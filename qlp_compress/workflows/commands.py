@@ -53,7 +53,7 @@ class RunOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     finetune_epochs: float = 2.0  # 0 = no fine-tuning
-    lr: float = 0.01
+    lr: float | None = None  # fine-tuning; None: derived from the model by a range test (train.guard.find_lr)
     sparse_storage: bool = True
     quantize: str = "none"
     calibration_images: int = 1024
@@ -105,7 +105,8 @@ def _check_run(run: RunOptions) -> QuantizeSettings | None:
     resolve_device(run.device)
     validate.seed(run.seed)
     validate.positive("--finetune-epochs", run.finetune_epochs, "2", zero_ok=True)
-    validate.positive("--lr", run.lr, "0.01")
+    if run.lr is not None:
+        validate.positive("--lr", run.lr, "0.01")
     validate.normalisation(run.mean, run.std)
     if run.reward_size is not None:
         validate.whole("--reward-size", run.reward_size, 1, "5000")

@@ -75,7 +75,7 @@ def _compare(ws: Workspace, methods: list[str], targets: list[float], search: Se
             else:
                 policy = find_policy(ws, method, target, allocation=allocation)
             search_seconds = time.perf_counter() - started
-            pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+            pruned, tuned, _ = prune_and_finetune(ws, policy, finetune, measured=reward_settings.images)
             rows.append({"method": method, "target": target, "achieved": policy.achieved,
                          "dense_accuracy": dense_accuracy,
                          "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, repeats=1)["accuracy"],

@@ -45,7 +45,8 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
 
 def _train_and_export(arch: str, data: datasets.ImageData, splits: datasets.Splits, model: nn.Module,
                       settings: TrainSettings, out: Path, command: str, checkpoint: Path, resume: bool) -> dict:
-    history = train_interruptible(model, splits.finetune, settings, f"train {arch}", checkpoint, resume)
+    history = train_interruptible(model, splits.finetune, settings, f"train {arch}", checkpoint, resume,
+                                  {"architecture": arch, "--data": data.name}, "--epochs")
     train_seconds = sum(h.get("seconds", 0.0) for h in history)  # a resumed run counts every epoch
     model_bytes = export.to_onnx_bytes(model, data.input_shape)
     session = engine.open_session(model_bytes)

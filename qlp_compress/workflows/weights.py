@@ -26,15 +26,17 @@ from qlp_compress.search.env import PruningEnv
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import advice
 from qlp_compress.workflows.quantize import quantize_beside
-from qlp_compress.workflows.selection import SelectionSettings, choose_answer
+from qlp_compress.workflows.selection import SelectionSettings, choose_answer, run_record
 from qlp_compress.workflows.workspace import (
     Workspace,
     check_can_write,
     export_bytes,
     export_verified,
+    finetune_guarded,
+    finetune_report,
     measure_onnx,
     prune_and_finetune,
-    train_interruptible,
+    with_record,
 )
 
 
@@ -100,7 +102,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
     reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings)
     env = PruningEnv(reward.numels, reward, search.env)
     result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
-                        allocation=baseline)
+                        allocation=baseline, run_record=ws.record)
     advice.signal_warning(result.history, ws.data.num_classes, target,
                           reward_settings.finetune_steps if target >= reward_settings.finetune_from else 0)
     if result.final.sparsities is None:
@@ -171,6 +173,8 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
 
     work, staged = run.work, run.staging
     started = time.perf_counter()
+    ws = with_record(ws, run_record(settings.search, settings.reward, settings.allocation, settings.finetune,
+                                    settings.selection, settings.method, settings.target, policy))
     if policy is None and settings.method not in METHODS:  # a baseline allocator: closed form, no search
         policy = find_policy(ws, settings.method, settings.target, allocation=settings.allocation)
     if policy is None:
@@ -183,7 +187,8 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
             policy = choose_answer(ws, policy, allocator(ws, settings.allocation), settings.selection,
                                    settings.finetune, reward_images, work, resume)
     policy.save(staged / "policy.json")
-    pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume)
+    pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume,
+                                          measured=(settings.reward or RewardSettings()).images)
     measured = {}
     for key, module, what in (("dense", ws.loaded.module, "the dense model"),
                               ("pruned", pruned, "the pruned model (not fine-tuned)"),
@@ -233,8 +238,7 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
                                              strict=True)],
         "search": {k: v for k, v in policy.search.items() if k not in PER_EPISODE},
         "stages": [{k: v for k, v in s.items() if k != "sparsities"} for s in policy.stages],
-        "finetune": None if settings.finetune is None else {"epochs": settings.finetune.epochs,
-                                                            "lr": settings.finetune.lr},
+        "finetune": finetune_report(settings.finetune, tuned),
         "file_layers_read_back": len(readback), "command": command,
         "int8": int8, "cpu": machine.cpu_capability(),
         "seed": {"search": policy.seed if policy.method in METHODS else None,
@@ -268,8 +272,8 @@ def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command:
     module = copy.deepcopy(ws.loaded.module)
     masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
     if settings.epochs > 0:
-        train_interruptible(module, ws.splits.finetune, settings, "fine-tune", file_checkpoint(out), resume,
-                            masks=masks)
+        finetune_guarded(module, ws, settings, "fine-tune", file_checkpoint(out), resume, record=ws.record,
+                         masks=masks)
     module.cpu().eval()
     data = export_bytes(module, ws)
     measured = measure_onnx(data, ws, repeats=1)

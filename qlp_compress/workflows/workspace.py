@@ -292,10 +292,11 @@ def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30, what: st
 def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
                        checkpoint: Path | None = None, resume: bool = False, what: str = "fine-tune",
                        epochs_option: str = "--finetune-epochs",
-                       measured: int = REWARD_IMAGES) -> tuple[nn.Module, nn.Module, dict]:
+                       measured: int | None = None) -> tuple[nn.Module, nn.Module, dict]:
     """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None;
     `what` names the fine-tuning in its progress and its interruption message; its checkpoint records ws.record
-    and the allocation (train_interruptible). Fine-tuning is guarded on held_out_images(ws, measured).
+    and the allocation (train_interruptible). With `measured` (the reward's image count), fine-tuning is guarded on
+    held_out_images(ws, measured) (train.guard); without, as for the candidates of workflows.selection, it is not.
 
     The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
     pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
@@ -308,5 +309,5 @@ def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | 
     if settings is not None and settings.epochs > 0:
         train_interruptible(tuned, ws.splits.finetune, settings, what, checkpoint, resume,
                             {**ws.record, "allocation": digest(list(policy.sparsities))}, epochs_option, masks=masks,
-                            held_out=held_out_images(ws, measured))
+                            held_out=None if measured is None else held_out_images(ws, measured))
     return pruned.cpu().eval(), tuned.cpu().eval(), masks
