@@ -66,9 +66,8 @@ def finetune_lines(tune: dict | None) -> list[str]:
     if tune.get("lr_from") == "range test":
         lr = (f"learning rate {tune['lr']:.3g} (range test over {len(test.get('tried', []))} learning rates, "
               f"{test.get('steps')} steps each: "
-              + (f"{test.get('best', 0):.3g} lowered the loss most" if test.get("lowered", True) else
-                 f"none lowered the loss, {test.get('best', 0):.3g} is the smallest tried")
-              + ("; one step lower because one step higher the loss no longer fell)" if test.get("edge") else ")"))
+              + ("the one that lowered the loss most)" if test.get("lowered", True) else
+                 "none lowered the loss: the smallest tried)"))
     parts = [f"Fine-tuning: {lr}"]
     if "start_held_out_accuracy" in tune:
         parts.append(f"held-out accuracy on {tune['held_out_images']} reward-split images the reward never measured: "

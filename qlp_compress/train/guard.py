@@ -2,9 +2,8 @@
 caught and undone, and the best state on held-out images kept.
 
 - `find_lr`: the default learning rate, from a short range test on a few fine-tune batches: from the same start,
-  each learning rate of a grid (steps of √10) takes `RANGE_STEPS` SGD steps on the same batches. The learning rate
-  is the one after which the loss on those batches is lowest (the best), one step lower when the loss no longer
-  falls one step higher: at least `SAFETY` below the largest learning rate whose loss still falls (docs/method.md).
+  each learning rate of a grid (steps of √10) takes `RANGE_STEPS` SGD steps on the same batches; the one after
+  which the loss on those batches is lowest is the learning rate (docs/method.md, with the alternatives measured).
 - `Guard`: watches the training loss. A non-finite loss, or a smoothed loss above `factor` × its starting level +
   `margin` for `patience` steps in a row, is divergence: the model goes back to the best state so far, the momentum
   is dropped and training goes on at a learning rate `lr_drop` times lower (at most `max_drops` times, then it
@@ -33,8 +32,6 @@ RANGE_STEPS = 5  # SGD steps per learning rate in the range test (on the same RA
 # towards the lower loss, within RANGE_LIMITS
 RANGE_FIRST = -6  # 0.001
 RANGE_LIMITS = (-12, 0)  # 1e-6 … 1
-SAFETY = math.sqrt(10)  # one step of the grid: the learning rate stays at least this far below the largest one
-#                         whose loss still falls
 
 
 class FinetuneFailed(QLPError):
@@ -81,7 +78,7 @@ def loss_on(model: nn.Module, batches: list, objective: Callable) -> float:
 def find_lr(model: nn.Module, batches: list, objective: Callable, make_optimizer: Callable[[float], object],
             after_step: Callable[[object], None]) -> dict:
     """The range test (see the module's docstring) on `batches` [(x, y, teacher logits or None)]. Leaves the model
-    as it was. Returns {"lr", "start_loss", "best", "safety", "steps", "tried": [[lr, loss after its steps], ...]}."""
+    as it was. Returns {"lr", "start_loss", "lowered", "steps", "tried": [[lr, loss after its steps], ...]}."""
     start = snapshot(model)
     tried: dict[int, float] = {}  # exponent e (learning rate 10^(e/2)) → the loss after its steps
 
@@ -112,12 +109,8 @@ def find_lr(model: nn.Module, batches: list, objective: Callable, make_optimizer
         lowered = loss_after(e) < before
         if not lowered:  # no learning rate lowered the loss (a model at a minimum of it): the smallest tried
             e = min(tried)
-        edge = e + 1 > RANGE_LIMITS[1] or loss_after(e + 1) >= before  # one step up, the loss no longer falls
     model.load_state_dict(start)
-    best = 10 ** (e / 2)
-    lr = best / SAFETY if edge else best
-    return {"lr": float(f"{lr:.3g}"), "start_loss": before, "best": float(f"{best:.3g}"), "lowered": lowered,
-            "edge": edge, "steps": len(batches),
+    return {"lr": float(f"{10 ** (e / 2):.3g}"), "start_loss": before, "lowered": lowered, "steps": len(batches),
             "tried": [[float(f"{10 ** (k / 2):.3g}"), v] for k, v in sorted(tried.items())]}
 
 
