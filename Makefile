@@ -62,7 +62,7 @@ bench-quick: setup
 	$(BIN)/python benchmarks/run.py --grid quick
 
 # Damaged inputs through the CLI (mutated ONNX, .npz and policy.json files); every case must end in a correct result
-# or a one-line error. About 0.2 s per case on 2 CPU cores. The test suite runs 300 at seed 0.
+# or a one-line error. About 0.2 s per case on 2 CPU cores. The test suite runs 100 at seed 0 (every kind of damage and both outcomes occur).
 FUZZ_CASES ?= 2000
 FUZZ_SEED ?= 1
 fuzz: setup
