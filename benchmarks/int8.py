@@ -206,10 +206,10 @@ def markdown(results: list[dict]) -> str:
 
 def cpu_section(r: dict) -> list[str]:
     lines = [
-        f"## {r['cpu_description']}", "",
+        f"## {machine.describe_cpu(r['cpu'])}", "",
         f"`{r['command']}` → `benchmarks/results/{r['results_file']}`." + (f" {r['note']}" if r.get("note") else ""),
         "",
-        f"- CPU: **{r['cpu_description']}**. onnxruntime {r['onnxruntime']}, CPU execution provider, "
+        f"- CPU: **{machine.describe_cpu(r['cpu'])}**. onnxruntime {r['onnxruntime']}, CPU execution provider, "
         f"intra-op threads {', '.join(map(str, r['threads']))} (one table each).",
         f"- Model: `{r['model']}` on {r['data']}; pruned models: LAMP at "
         f"{', '.join(f'{s:g}' for s in r['sparsities'])}, fine-tuned {r['finetune_epochs']:g} epoch "

@@ -126,7 +126,10 @@ def _machine() -> dict:
     with contextlib.suppress(OSError):
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name")), "")
-    return {"host": platform.node(), "cpu": cpu or platform.processor(), "onnxruntime": ORT_VERSION}
+    from qlp_compress.base.machine import cpu_capability, describe_cpu
+
+    return {"host": platform.node(), "cpu": cpu or platform.processor(), "onnxruntime": ORT_VERSION,
+            "cpu_extensions": describe_cpu(cpu_capability())}  # latency depends on the vector extensions
 
 
 def _channels(full: int, group: int | None, width: int | None, sizes: Sequence[int]) -> int:

@@ -299,7 +299,7 @@ def report_markdown(r: dict) -> str:
              f"{r['threads']} threads)", "",
              f"- model: `{r['model']}` ({r['data']})",
              f"- predicted speedup (latency table): {r['predicted_speedup']:.2f}×; measured (onnxruntime, interleaved "
-             f"medians): {speed}",
+             f"medians): {speed}; CPU: {r['latency_table'].get('machine', {}).get('cpu_extensions', '?')}",
              f"- test accuracy: dense {r['accuracy']['dense']:.2%}, pruned {r['accuracy']['pruned']:.2%}, "
              f"fine-tuned {r['accuracy']['finetuned']:.2%}",
              f"- MACs: {r['macs']['dense'] / 1e6:.2f} M → {r['macs']['pruned'] / 1e6:.2f} M; parameters: "
