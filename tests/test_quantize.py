@@ -182,8 +182,7 @@ def test_cpu_capability_reads_the_flags(tmp_path):
     cpu = machine.cpu_capability(info)
     assert cpu["model"] == "Test Xeon" and cpu["model_number"] == 143
     assert cpu["avx512_vnni"] and cpu["amx"] and cpu["avx2"] and not cpu["avx_vnni"]
-    assert machine.describe_cpu(cpu) == ("Test Xeon (family 6, model 143): AVX2, AVX-512 VNNI, AMX; no AVX-512, "
-                                         "no AVX-VNNI")
+    assert machine.describe_cpu(cpu) == "Test Xeon (family 6, model 143): AVX2, AVX-512, AVX-512 VNNI, AMX; no AVX-VNNI"
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 23\nmodel\t\t: 1\nflags\t\t: fpu avx2 fma\n")
     assert machine.describe_cpu(machine.cpu_capability(info)) == (
         "AMD EPYC (family 23, model 1): AVX2; no AVX-512, no AVX-512 VNNI, no AVX-VNNI, no AMX")
