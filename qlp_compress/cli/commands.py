@@ -13,7 +13,7 @@ from rich.text import Text
 
 from qlp_compress import __version__
 from qlp_compress.cli import options as o
-from qlp_compress.cli.output import emit, set_quiet
+from qlp_compress.cli.output import compressed_lines, emit, int8_line, set_quiet
 from qlp_compress.report import tables
 from qlp_compress.workflows import commands as run_command
 from qlp_compress.workflows.commands import Choice, RunOptions, TrainOptions
@@ -53,31 +53,6 @@ def _run(model: Path, out, data, data_dir, device, seed, arch=None, trust_pickle
                       sparse_storage=sparse_storage, quantize=quantize, calibration_images=calibration_images,
                       keep_float=keep_float, int8_max_loss=int8_max_loss, resume=resume, force=force,
                       command=_command())
-
-
-def _compressed(report: dict):
-    """What a terminal shows for a finished search or prune: its table and one summary line."""
-    if report.get("structure") == "channel":
-        speed = ", ".join(f"batch {b}: {v:.2f}×" for b, v in report["measured_speedup"].items())
-        yield Text(f"wrote {report['out']}: model.onnx measured speedup {speed} (target {report['target_speedup']:g}× "
-                   f"at batch {report['latency_batch']}), test accuracy {report['accuracy']['finetuned']:.2%} (dense "
-                   f"{report['accuracy']['dense']:.2%})")
-        if report.get("left_whole"):
-            yield Text("left whole: " + "; ".join(f"{g['group']} ({g['why']})" for g in report["left_whole"]))
-        return
-    yield tables.report_table(report)
-    yield Text(f"wrote {report['out']}: model.onnx at sparsity "
-               f"{report['achieved_sparsity']:.4f}, test accuracy {report['accuracy'].get('finetuned', 0):.2%} "
-               f"(dense {report['accuracy']['dense']:.2%})")
-
-
-def _int8_line(r: dict) -> Text:
-    a = r["accuracy"]
-    return Text(f"wrote {r['path']}: int8 test accuracy {a['int8_accuracy']:.2%} (float {a['float_accuracy']:.2%}), "
-                f"{r['bytes'] / 1e6:.3f} MB (float {r['float_bytes'] / 1e6:.3f} MB), all "
-                f"{r['zeros']['float_zeros']:,} zero weights kept"
-                + "".join(f", {b['int8_speedup']:.2f}× float's speed at batch {b['batch']}"
-                          for b in r.get("speed", {}).get("batches", [])))
 
 
 @app.command("search")
@@ -142,7 +117,7 @@ def search_cmd(
                  reward_finetune_from=reward_finetune_from, reward_engine=reward_engine, latency_batch=latency_batch,
                  threads=threads, round_to=round_to, distill=distill)
     report = run_command.search(run, how)
-    emit(report, as_json, lambda: _compressed(report))
+    emit(report, as_json, lambda: compressed_lines(report))
 
 
 @app.command("prune")
@@ -196,7 +171,7 @@ def prune_cmd(
         raise typer.BadParameter(f"{method} is a search; use `qlp-compress search --method {method}`",
                                  param_hint="--method")
     report = run_command.search(run, how)
-    emit(report, as_json, lambda: _compressed(report))
+    emit(report, as_json, lambda: compressed_lines(report))
 
 
 @app.command("compare")
@@ -306,7 +281,7 @@ def finetune_cmd(
     result = run_command.finetune(run)
     emit(result, as_json, lambda: [Text(f"wrote {out}: test accuracy {result['accuracy']:.2%} at sparsity "
                                         f"{result['global_sparsity']:.4f}"),
-                                   *([_int8_line(result["int8"])] if result.get("int8") else [])])
+                                   *([int8_line(result["int8"])] if result.get("int8") else [])])
 
 
 @app.command("export")
@@ -339,7 +314,7 @@ def export_cmd(
     result = run_command.export(run)
     emit(result, as_json, lambda: [Text(f"wrote {out} ({result['bytes'] / 1e6:.3f} MB, verified: max abs diff "
                                         f"{result['max_abs_diff']:.1e})"),
-                                   *([_int8_line(result["int8"])] if result.get("int8") else [])])
+                                   *([int8_line(result["int8"])] if result.get("int8") else [])])
 
 
 @app.command("quantize")
@@ -366,7 +341,7 @@ def quantize_cmd(
     run = _run(model, out, data, data_dir, "cpu", 0, reward_size=reward_size, calibration_images=calibration_images,
                keep_float=keep_float, int8_max_loss=int8_max_loss, force=force)
     result = run_command.quantize_model(run)
-    emit(result, as_json, lambda: [_int8_line(result)])
+    emit(result, as_json, lambda: [int8_line(result)])
 
 
 @app.command("train")

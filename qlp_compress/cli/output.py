@@ -9,8 +9,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from rich.console import Console, RenderableType
+from rich.text import Text
 
 from qlp_compress.base import messages
+from qlp_compress.report import tables
 
 WIDE = 200  # columns used outside a terminal, so that tables never wrap when piped or logged
 
@@ -44,3 +46,29 @@ def emit(result: dict | list, as_json: bool, renderables: Callable[[], Iterable[
     console = stdout_console()
     for item in renderables():
         console.print(item)
+
+
+def compressed_lines(report: dict):
+    """What a terminal shows for a finished search or prune: its table and one summary line."""
+    if report.get("structure") == "channel":
+        speed = ", ".join(f"batch {b}: {v:.2f}×" for b, v in report["measured_speedup"].items())
+        yield Text(f"wrote {report['out']}: model.onnx measured speedup {speed} (target {report['target_speedup']:g}× "
+                   f"at batch {report['latency_batch']}), test accuracy {report['accuracy']['finetuned']:.2%} (dense "
+                   f"{report['accuracy']['dense']:.2%})")
+        if report.get("left_whole"):
+            yield Text("left whole: " + "; ".join(f"{g['group']} ({g['why']})" for g in report["left_whole"]))
+        return
+    yield tables.report_table(report)
+    yield Text(f"wrote {report['out']}: model.onnx at sparsity "
+               f"{report['achieved_sparsity']:.4f}, test accuracy {report['accuracy'].get('finetuned', 0):.2%} "
+               f"(dense {report['accuracy']['dense']:.2%})")
+
+
+def int8_line(r: dict) -> Text:
+    """The one line an int8 file gets: accuracy, size, zeros kept, and its speed against float here."""
+    a = r["accuracy"]
+    return Text(f"wrote {r['path']}: int8 test accuracy {a['int8_accuracy']:.2%} (float {a['float_accuracy']:.2%}), "
+                f"{r['bytes'] / 1e6:.3f} MB (float {r['float_bytes'] / 1e6:.3f} MB), all "
+                f"{r['zeros']['float_zeros']:,} zero weights kept"
+                + "".join(f", {b['int8_speedup']:.2f}× float's speed at batch {b['batch']}"
+                          for b in r.get("speed", {}).get("batches", [])))

@@ -66,13 +66,9 @@ class Policy:
 MAX_POLICY_BYTES = 64 << 20  # a policy.json lists one entry per layer: far below this
 
 
-def read_policy(path: Path) -> Policy:
-    """Read and check a policy.json on its own (before any model is loaded): every field of the right type and
-    range, `method` one of the known names (it becomes part of the default output folder's name)."""
-    from qlp_compress.pruning.allocate import ALLOCATORS
-    from qlp_compress.search.curriculum import METHODS
-
-    path = Path(path)
+def read_policy_document(path: Path) -> object:
+    """The JSON a policy file holds, read safely (weight and channel policies alike): only a regular file within
+    MAX_POLICY_BYTES is read (a FIFO or a device never), and every failure is one line naming the fix."""
     try:
         info = path.stat()
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):  # a FIFO or a device: never read
@@ -92,6 +88,17 @@ def read_policy(path: Path) -> Policy:
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise QLPError(f"{path} is not a valid policy.json ({type(e).__name__}: {_clip(e)}); rerun the search that "
                        "wrote it") from e
+    return doc
+
+
+def read_policy(path: Path) -> Policy:
+    """Read and check a policy.json on its own (before any model is loaded): every field of the right type and
+    range, `method` one of the known names (it becomes part of the default output folder's name)."""
+    from qlp_compress.pruning.allocate import ALLOCATORS
+    from qlp_compress.search.curriculum import METHODS
+
+    path = Path(path)
+    doc = read_policy_document(path)
 
     def invalid(what: str) -> QLPError:
         return QLPError(f"{path} is not a valid policy.json ({what}); rerun the search that wrote it")

@@ -4,43 +4,22 @@ leaves nothing to prune, widths that are never faster) instead of a bare "ask fo
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import stat
 from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.pruning.latency import LatencyTable
 from qlp_compress.pruning.policy import FORMAT as WEIGHT_POLICY_FORMAT
+from qlp_compress.pruning.policy import read_policy_document
 from qlp_compress.pruning.widths import BASELINES, CRITERION_OF, SEARCHES
 
 POLICY_FORMAT = "qlp-compress/channel-policy/v1"
-MAX_POLICY_BYTES = 64 << 20  # a channel policy lists one entry per group: far below this
 
 
 def read_channel_policy(path: Path) -> dict:
     """A channel policy.json, every field checked (types, ranges, known names) before any model is loaded."""
     path = Path(path)
-    try:
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise UsageError(f"policy file {path} is a folder; pass the policy.json a search wrote")
-        if not stat.S_ISREG(info.st_mode):
-            raise UsageError(f"policy file {path} is not a regular file; pass the policy.json a search wrote")
-        if info.st_size > MAX_POLICY_BYTES:
-            raise QLPError(f"{path} is {info.st_size} bytes, too large for a policy.json; pass the policy.json a "
-                           "search wrote")
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError as e:
-        raise UsageError(f"policy file {path} does not exist; pass the policy.json a search wrote") from e
-    except OSError as e:
-        raise QLPError(f"policy file {path} cannot be read ({e.strerror}); check its permissions") from e
-    except RecursionError as e:
-        raise QLPError(f"{path} is not a valid policy.json (nested too deeply); rerun the search that wrote it") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise QLPError(f"{path} is not a valid policy.json ({type(e).__name__}: {_clip(e)}); rerun the search that "
-                       "wrote it") from e
+    doc = read_policy_document(path)
 
     def invalid(what: str) -> QLPError:
         return QLPError(f"{path} is not a valid policy.json ({what}); rerun the search that wrote it")
