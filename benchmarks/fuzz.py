@@ -400,7 +400,7 @@ def make_channel_base(folder: Path) -> Path:
     base = Case("base", "the undamaged channel run", ["prune", "lenet.onnx", "--policy", "channel.json", "--data",
                                                       "data.npz", "--out", "base-run", *CHANNEL], [])
     outcome = run_case(base, folder)
-    tables = sorted((folder / "cache").glob("qlp-compress/latency/*.json"))
+    tables = sorted(Path(os.environ["XDG_CACHE_HOME"]).glob("qlp-compress/latency/*.json"))
     if outcome.code != 0 or len(tables) != 1:
         raise SystemExit(f"the base channel run failed ({outcome.code}): {outcome.stderr[-2000:]}")
     return tables[0]
@@ -672,8 +672,11 @@ def fuzz(count: int, seed: int, keep: Path | None = None, log: Callable[[str], N
         raise SystemExit(f"--kinds: {', '.join(sorted(unknown)) or 'none given'}; use some of {', '.join(KINDS)}")
     cache_home = os.environ.get("XDG_CACHE_HOME")
     with tempfile.TemporaryDirectory(prefix="qlp-fuzz-") as tmp:
-        folder = Path(tmp)
-        os.environ["XDG_CACHE_HOME"] = str(folder / "cache")  # the latency cache of this run only
+        folder = Path(tmp) / "inputs"
+        folder.mkdir()
+        # this run's caches (the latency tables; matplotlib's and onnxruntime's own files) live beside the inputs
+        # folder, not in it, so they never count as files a case wrote beside its inputs
+        os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
         make_base(folder, np.random.default_rng(seed))
         cwd = os.getcwd()
         os.chdir(folder)
