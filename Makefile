@@ -30,12 +30,17 @@ data:
 demo: setup
 	$(QLP) search models/resnet20_fmnist.onnx --sparsity 0.9 --out out/demo --force
 
+# The tests run on up to 4 processes (pytest-xdist; each test keeps one torch thread), work-stealing so that the
+# long end-to-end runs do not leave a core idle at the end.
+JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := $(BIN)/pytest -n $(JOBS) --dist worksteal
+
 test: setup
-	$(BIN)/pytest
+	$(PYTEST)
 
 # The inner loop: everything but the end-to-end runs (under a minute on 2 cores).
 test-fast: setup
-	$(BIN)/pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check qlp_compress tests benchmarks tools
