@@ -64,6 +64,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------------------------ rows 1-3: one file
 
 
+@pytest.mark.slow
 def test_row1_an_output_named_ckpt_is_the_output_not_the_checkpoint(work, qlp) -> None:
     run = qlp("finetune", "base/model.onnx", *FINETUNE, "--out", "tuned.ckpt", "--json", cwd=work)
     assert run.code == 0, run.stderr[-2000:]
@@ -79,6 +80,7 @@ def test_row1_train_to_a_ckpt_name_keeps_its_output(work, qlp) -> None:
     onnx.checker.check_model(onnx.load(str(work / "trained.ckpt")))
 
 
+@pytest.mark.slow
 def test_row2_a_users_ckpt_beside_the_output_is_left_alone(work, qlp) -> None:
     (work / "lt.ckpt").write_text("mine\n")
     run = qlp("finetune", "base/model.onnx", *FINETUNE, "--out", "lt.onnx", cwd=work)
@@ -125,6 +127,7 @@ def test_row4_out_dot_never_replaces_the_input_or_a_users_report(work, qlp) -> N
     assert snapshot(work) == before
 
 
+@pytest.mark.slow
 def test_row5_force_replaces_only_what_the_tool_wrote(work, qlp) -> None:
     base = work / "base"
     assert set(json.loads((base / MANIFEST).read_text())["files"]) == \
@@ -235,6 +238,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+@pytest.mark.slow
 def test_row19_the_file_size_limit_during_quantize_is_one_line(work) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(work)}
     result = subprocess.run([sys.executable, "-m", "qlp_compress", "quantize", "lenet.onnx", "--data", "data.npz",

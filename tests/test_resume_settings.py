@@ -83,6 +83,7 @@ def stop_training_in_epoch(monkeypatch, epoch: int):
 # ------------------------------------------------------------------------------------------------ row 7: compare
 
 
+@pytest.mark.slow
 def test_row7_compare_resumed_with_other_finetune_epochs_is_refused_and_compare_md_lists_its_settings(work, qlp,
                                                                                                    monkeypatch):
     compare = importlib.import_module("qlp_compress.workflows.compare")  # the package's `compare` is the function
@@ -112,6 +113,7 @@ def test_row7_compare_resumed_with_other_finetune_epochs_is_refused_and_compare_
 # ------------------------------------------------------------------------------------------------ row 8: selection
 
 
+@pytest.mark.slow
 def test_row8_search_resumed_in_the_choice_with_other_select_epochs_is_refused(work, qlp, monkeypatch):
     from qlp_compress.workflows import selection
 
@@ -138,6 +140,7 @@ def test_row8_search_resumed_in_the_choice_with_other_select_epochs_is_refused(w
 # ------------------------------------------------------------------------------------------------ row 9: held out
 
 
+@pytest.mark.slow
 def test_row9_a_choice_without_held_out_images_says_so_and_records_it(work, qlp):
     run = qlp("search", "lenet.onnx", "--sparsity", "0.6", *SEARCH, *COMMON, "--reward-size", "100",
               "--candidates", "2", "--select-epochs", "0.01", "--finetune-epochs", "0.01", "--out", "r", cwd=work)
@@ -151,6 +154,7 @@ def test_row9_a_choice_without_held_out_images_says_so_and_records_it(work, qlp)
 # ------------------------------------------------------------------------------------------------ row 10: the budget
 
 
+@pytest.mark.slow
 def test_row10_compare_has_the_selection_options_and_never_fine_tunes_past_the_budget(work, qlp, monkeypatch):
     from qlp_compress.workflows import workspace
 
@@ -174,6 +178,7 @@ def test_row10_compare_has_the_selection_options_and_never_fine_tunes_past_the_b
 # ------------------------------------------------------------------------------------------------ every command
 
 
+@pytest.mark.slow
 def test_search_resumed_with_other_reward_images_data_seed_or_model_is_refused(work, qlp, monkeypatch):
     from qlp_compress.search import curriculum
 
@@ -204,6 +209,7 @@ def test_search_resumed_with_other_reward_images_data_seed_or_model_is_refused(w
     assert len(json.loads((work / "s" / "policy.json").read_text())["search"]["rewards"]) == 6
 
 
+@pytest.mark.slow
 def test_prune_resumed_with_another_sparsity_or_finetune_epochs_is_refused(work, qlp, monkeypatch):
     train_normally = stop_training_in_epoch(monkeypatch, 2)
     args = ("prune", "lenet.onnx", "--method", "lamp", *COMMON, "--no-sparse-storage", "--out", "p")
