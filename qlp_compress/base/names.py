@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 
+SEARCH_METHODS = ("qlp", "random")  # how a search chooses (search/curriculum.py); a policy.json's method is one of
+# these or a baseline allocator's name (pruning/allocate.py). Here, below both, so that pruning needs no search.
 OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Linear", "Conv2d", "Conv1d", "Conv3d"})
 _EXPORTER_PREFIXES = ("onnx::",)
 _QUANTIZED_SUFFIXES = ("_quantized", "_DequantizeLinear", "_QuantizeLinear")

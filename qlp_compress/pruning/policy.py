@@ -94,8 +94,8 @@ def read_policy_document(path: Path) -> object:
 def read_policy(path: Path) -> Policy:
     """Read and check a policy.json on its own (before any model is loaded): every field of the right type and
     range, `method` one of the known names (it becomes part of the default output folder's name)."""
+    from qlp_compress.base.names import SEARCH_METHODS as METHODS
     from qlp_compress.pruning.allocate import ALLOCATORS
-    from qlp_compress.search.curriculum import METHODS
 
     path = Path(path)
     doc = read_policy_document(path)

@@ -38,11 +38,12 @@ from qlp_compress.base import validate
 from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.interrupts import deferred_interrupts, sigterm_as_interrupt
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
+from qlp_compress.base.names import SEARCH_METHODS
 from qlp_compress.base.resume import check_same, flatten
 from qlp_compress.search.agent import AgentSettings, DQNAgent
 from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv
 
-METHODS = ("qlp", "random")
+METHODS = SEARCH_METHODS
 
 
 class SearchInterrupted(Interrupted):
