@@ -110,5 +110,5 @@ def test_models_without_removable_blocks_and_unknown_names():
     x = torch.rand(2, 1, 28, 28)
     assert find_blocks(vgg, x) == []
     model, shape = MODELS["torchvision resnet18"]
-    with pytest.raises(QLPError, match="not removable residual blocks: layer2.0"):  # its shortcut is a trained conv
+    with pytest.raises(QLPError, match=r"not removable residual blocks: layer2\.0"):  # its shortcut is a trained conv
         drop_blocks(model, torch.rand(2, *shape), ["layer2.0"])
