@@ -4,9 +4,11 @@ A group is a set of coupled channels: removing channel k of the group removes ou
 layer that writes it (convolutions, BatchNorm; in a ResNet, every block writing the residual stream) and
 input channel k of every layer that reads it. The classifier's outputs never form a group.
 
-Before grouping, parameter-free channel maps (option-A shortcuts) are rewritten into FixedChannelMaps
-(see rewrite.py). Every group is then try-pruned alone on a copy and the copy run forward; a group that
-fails (a pad, slice, reshape or concat the library mishandles) is left whole and listed in `unsafe`.
+Before grouping, parameter-free channel maps (option-A shortcuts) are rewritten into FixedChannelMaps, and
+reshapes that flatten into `torch.flatten` (see shortcuts.py). Every group is then try-pruned alone on a copy, the
+copy run forward, and its outputs compared with the model whose pruned channels write zeros (`_silenced`); a group
+that fails or differs (a pad, slice, reshape or concat the library mishandles) is left whole and listed in
+`unsafe`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from torch_pruning.dependency.group import Group
 
 from qlp_compress.base.errors import QLPError
-from qlp_compress.pruning.shortcuts import FixedChannelMap, freeze_channel_maps, rewrite_channel_maps
+from qlp_compress.pruning.shortcuts import FixedChannelMap, freeze_channel_maps, rewrite_channel_maps, rewrite_flattens
 
 CRITERIA = ("l1", "bn")  # how channels are ranked inside a group: filter L1 norm, or BatchNorm |scale|
 
@@ -71,6 +73,7 @@ class ChannelSpace:
         self.example = example[:1].detach().cpu()
         source = copy.deepcopy(model).cpu().eval()
         self.model, self.channel_maps = rewrite_channel_maps(source, self.example)
+        self.model, _ = rewrite_flattens(self.model, self.example)
         with torch.no_grad():
             self.output_shape = tuple(self.model(self.example).shape)
         self.unsafe: list[tuple[str, str]] = []  # (group, why it is left whole)
@@ -116,15 +119,23 @@ class ChannelSpace:
         trial = copy.deepcopy(self.model)
         try:
             graph = self._graph(trial)
+            names = {m: n for n, m in trial.named_modules()}
             module = trial.get_submodule(root)
             group = graph.get_pruning_group(module, _out_fn(module), list(range(size // 2)))
+            writers = [(names[i.dep.target.module], list(i.idxs)) for i in group.items
+                       if graph.is_out_channel_pruning_fn(i.dep.handler) and i.dep.target.module in names]
             group.prune()
             with torch.no_grad():
-                shape = tuple(trial(self.example).shape)
+                pruned = trial(self.example)
         except Exception as e:  # the library mishandled an op in the group
             return f"pruning it breaks the model ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
-        if shape != self.output_shape:
+        if tuple(pruned.shape) != self.output_shape:
             return "output"
+        with torch.no_grad():
+            reference = _silenced(self.model, writers)(self.example)
+        if not torch.allclose(pruned, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()) + 1e-6):
+            return ("pruning it changes what the other channels compute (an operation the library maps wrongly, "
+                    "such as a concat or reshape it does not know)")
         return None
 
     @staticmethod
@@ -218,6 +229,21 @@ class ChannelSpace:
             raise QLPError(f"the pruned network outputs shape {list(shape)} instead of {list(self.output_shape)}; "
                            "rerun with --debug and report it")
         return model
+
+
+def _silenced(model: nn.Module, writers: Sequence[tuple[str, Sequence[int]]]) -> nn.Module:
+    """A copy of the model in which the given output channels of each layer are exactly zero (weight and bias rows
+    of convolutions and Linear layers; scale and shift of BatchNorms). Removing those channels, when the library
+    maps every consumer's input channels correctly, computes the same outputs: the reference `_try_prune` checks
+    the pruned model against."""
+    silent = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, idxs in writers:
+            layer = silent.get_submodule(name)
+            for tensor in (getattr(layer, "weight", None), getattr(layer, "bias", None)):
+                if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.shape[0] > max(idxs, default=-1):
+                    tensor[list(idxs)] = 0
+    return silent
 
 
 def _out_fn(module: nn.Module):

@@ -183,3 +183,56 @@ def rewrite_channel_maps(model: nn.Module, example: torch.Tensor) -> tuple[nn.Mo
         if not torch.equal(gm(x), model.eval()(x)):
             return model, []  # never change what the model computes
     return gm, replaced
+
+
+def rewrite_flattens(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, int]:
+    """(model with every reshape that flattens an (N, C, H, W) tensor into (N, C·H·W) replaced by
+    `torch.flatten(x, 1)`, how many were replaced).
+
+    An ONNX file stores `x.flatten(1)` as a Reshape to a constant shape such as [-1, 512]. Torch-Pruning maps the
+    channels through it, but the constant stays, so pruning the last convolution broke the forward pass and its
+    group was left whole. `torch.flatten` follows the pruned width. Found by probing each single-input node (its
+    output must equal `torch.flatten` exactly); the model comes back unchanged (same object) when there is none
+    or the rewrite would change an output."""
+    try:
+        gm = fx.GraphModule(model, _LeafTracer().trace(model))
+        ShapeProp(gm).propagate(example)
+    except Exception:
+        return model, 0
+    gm = copy.deepcopy(gm)
+    modules = dict(gm.named_modules())
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function", "call_method") or node.target is torch.flatten \
+                or not _parameter_free(node, modules) or len(_data_inputs(node)) != 1:
+            continue
+        source = _data_inputs(node)[0]
+        in_shape, out_shape = _shape(source), _shape(node)
+        if in_shape is None or out_shape is None or len(in_shape) != 4 \
+                or out_shape != (in_shape[0], in_shape[1] * in_shape[2] * in_shape[3]):
+            continue
+        x = torch.randn(2, *in_shape[1:], generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                same = torch.equal(_chain_function([node], modules, gm)(x), torch.flatten(x, 1))
+        except Exception:
+            same = False
+        if not same:
+            continue
+        with gm.graph.inserting_before(node):
+            flat = gm.graph.call_function(torch.flatten, (source, 1))
+        node.replace_all_uses_with(flat)
+        gm.graph.erase_node(node)
+        count += 1
+    if not count:
+        return model, 0
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    with torch.no_grad():
+        x = torch.rand(2, *example.shape[1:], generator=torch.Generator().manual_seed(1))
+        if not torch.equal(gm(x), model.eval()(x)):
+            return model, 0
+    return gm, count
