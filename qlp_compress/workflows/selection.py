@@ -36,7 +36,7 @@ from qlp_compress.base.resume import check_same, flatten
 from qlp_compress.pruning.allocate import AllocationSettings
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import RewardSettings
-from qlp_compress.search.curriculum import OPTIONS as SEARCH_OPTIONS
+from qlp_compress.search.checkpoint import OPTIONS as SEARCH_OPTIONS
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings, accuracy
 from qlp_compress.workflows.workspace import Workspace, digest, prune_and_finetune
@@ -74,7 +74,8 @@ def run_record(search: SearchSettings | None, reward: RewardSettings | None, all
                    "--candidates": selection.candidates, "--select-epochs": selection.epochs})
     if search is not None:
         flat = flatten(asdict(search))
-        record.update({option: flat[key] for key, option in SEARCH_OPTIONS.items() if key != "method"})
+        record.update({option: flat[key] for key, option in SEARCH_OPTIONS.items() if key != "method"
+                       and not (key == "batch_episodes" and flat[key] == 1)})  # 1: the default, unrecorded before
     if reward is not None:
         record.update({option: getattr(reward, key) for key, option in REWARD_OPTIONS.items()})
     record["--min-density"] = (allocation or AllocationSettings()).min_density
