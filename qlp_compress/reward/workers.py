@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qlp_compress.base import messages
 from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.messages import console
 from qlp_compress.deploy import engine
 from qlp_compress.reward.spec import RewardSpec, build_scorer
 
@@ -77,6 +79,21 @@ def _init(ray, address: str | None, cpus: int) -> None:
         raise QLPError(f"cannot start Ray ({first}); check --ray-address / RAY_ADDRESS") from None
 
 
+def _errors_to_stderr(ray) -> None:
+    """Ray's driver echoes the cluster's messages on stdout, where the CLI's results go (--json): they go to stderr
+    instead, and the raylet's (a worker's death, at length) are dropped, since the pool says that itself in one
+    line."""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    echo = getattr(worker, "print_to_stdstream", None)
+    if echo is not None and not getattr(echo, "qlp_quiet", False):
+        def quiet(data: dict, ignore_prefix: bool) -> None:
+            if data.get("pid") != "raylet":
+                echo({**data, "is_err": True}, ignore_prefix)
+
+        quiet.qlp_quiet = True
+        worker.print_to_stdstream = quiet
+
+
 class RewardWorker:
     """One worker: the scorer built once from the description, then one allocation per call."""
 
@@ -113,6 +130,7 @@ class RewardPool:
         self.owns_ray = not ray.is_initialized()  # a caller's own Ray session is used as it is, and left running
         if self.owns_ray:
             _init(ray, address, settings.workers * settings.threads)
+        _errors_to_stderr(ray)
         self.actors = []
         try:
             self.actor_class = ray.remote(RewardWorker).options(num_cpus=settings.threads, num_gpus=self.gpus,
@@ -133,6 +151,10 @@ class RewardPool:
 
     def _start(self):
         return self.actor_class.remote(self.spec_ref, self.settings.threads)
+
+    def _name(self, actor) -> str:
+        i = self.infos[self.actors.index(actor)]
+        return f"pid {i['pid']}@{i['host']}"
 
     def describe(self) -> str:
         where = "this machine" if self.local else "the Ray cluster"
@@ -156,6 +178,9 @@ class RewardPool:
                 results[i] = ray.get(done[0])
                 idle.append(actor)
             except ray.exceptions.RayActorError:  # the worker died: score its allocation again on another
+                if not messages.quiet:
+                    console.print(f"a reward worker was lost ({self._name(actor)}); its allocation is scored again on "
+                                  "another worker", highlight=False, soft_wrap=True)
                 self._replace(actor)
                 idle.append(self.actors[-1])
                 waiting.appendleft(i)
@@ -168,8 +193,11 @@ class RewardPool:
         if self.losses > MAX_LOSSES_PER_WORKER * self.settings.workers:
             raise QLPError(f"{self.losses} reward workers were lost; the last one ended without a result; check "
                            "the workers' memory and the cluster's nodes")
-        self.actors.remove(actor)
-        self.actors.append(self._start())
+        i = self.actors.index(actor)
+        del self.actors[i], self.infos[i]
+        new = self._start()
+        self.infos.append(self.ray.get(new.info.remote()))
+        self.actors.append(new)
 
     def close(self) -> None:
         """Stop the workers (and Ray itself, or the connection to the cluster, when this pool opened it)."""
