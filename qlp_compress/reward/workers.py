@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from qlp_compress.base import messages
 from qlp_compress.base.errors import QLPError, UsageError
@@ -31,6 +32,7 @@ from qlp_compress.reward.spec import RewardSpec, build_scorer
 RAY_EXTRA = "pip install 'qlp-compress[distributed]'"
 MAX_LOSSES_PER_WORKER = 3  # workers lost per worker asked for before the search gives up
 CONNECT_TIMEOUT_S = 5.0  # how long a cluster's address may take to answer before the run fails
+START_TIMEOUT_S = 300.0  # how long the workers may take to start (import torch, build the scorer) before it fails
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ class RewardPool:
         self.local = address is None
         if address is not None:
             check_reachable(address)
+        if self.gpus and address is None and settings.workers > torch.cuda.device_count():
+            raise UsageError(f"--workers {settings.workers} with --device cuda needs one GPU per worker, and this "
+                             f"machine has {torch.cuda.device_count()}; give --workers {torch.cuda.device_count()}")
         self.owns_ray = not ray.is_initialized()  # a caller's own Ray session is used as it is, and left running
         if self.owns_ray:
             _init(ray, address, settings.workers * settings.threads)
@@ -137,11 +142,15 @@ class RewardPool:
                                                                 max_restarts=0)
             self.spec_ref = ray.put(spec)
             self.actors = [self._start() for _ in range(settings.workers)]
-            self.infos = ray.get([a.info.remote() for a in self.actors])
+            self.infos = ray.get([a.info.remote() for a in self.actors], timeout=START_TIMEOUT_S)
         except Exception as e:
             self.close()
             if isinstance(e, QLPError):
                 raise
+            if isinstance(e, ray.exceptions.GetTimeoutError):
+                raise QLPError(f"the {settings.workers} reward worker(s) did not start within {START_TIMEOUT_S:.0f} s; "
+                               f"the Ray cluster may lack {settings.threads} free CPU(s) per worker"
+                               + (" and a GPU per worker" if self.gpus else "")) from None
             first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
             raise QLPError(f"a reward worker could not start: {first}") from e
         self.engine = self.infos[0]["engine"]

@@ -74,8 +74,7 @@ def run_record(search: SearchSettings | None, reward: RewardSettings | None, all
                    "--candidates": selection.candidates, "--select-epochs": selection.epochs})
     if search is not None:
         flat = flatten(asdict(search))
-        record.update({option: flat[key] for key, option in SEARCH_OPTIONS.items() if key != "method"
-                       and not (key == "batch_episodes" and flat[key] == 1)})  # 1: the default, unrecorded before
+        record.update({option: flat[key] for key, option in SEARCH_OPTIONS.items() if key != "method"})
     if reward is not None:
         record.update({option: getattr(reward, key) for key, option in REWARD_OPTIONS.items()})
     record["--min-density"] = (allocation or AllocationSettings()).min_density
