@@ -34,6 +34,7 @@ from qlp_compress.workflows.workspace import DataSettings, ModelSettings, open_w
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs/benchmarks_scale.md"
 HEADING = "## Ray rewards"
+CELLS = ("one process as today", "1 worker × 1 thread", "2 workers × 1 thread, K = 2")
 
 
 def load() -> float:
@@ -41,19 +42,30 @@ def load() -> float:
 
 
 def run(ws, search: SearchSettings, reward: RewardSettings, scale: ScaleSettings, on_episode=None) -> dict:
-    """One search; its policy, wall time (the search alone) and reward time."""
+    """One search: its policy, and its speed after its first batch (from then on every run is in its steady state:
+    workers started, scorers built), from the moments each batch's episodes were reported."""
+    marks: list[tuple[float, int]] = []
+
+    def on_each(record: dict) -> None:
+        marks.append((time.perf_counter(), record["episode"]))
+        if on_episode:
+            on_episode(record)
+
     started = time.perf_counter()
-    policy = find_policy(ws, "qlp", search.target, search, reward, scale=scale, on_episode=on_episode)
-    total = time.perf_counter() - started
+    policy = find_policy(ws, "qlp", search.target, search, reward, scale=scale, on_episode=on_each)
     s = policy.search
     scaled = s.get("scale", {})
-    wall = scaled.get("wall_seconds", s["wall_seconds"])
+    first = next(i for i, (_, e) in enumerate(marks) if e == search.batch_episodes)  # the first batch's last report
+    span, episodes = marks[-1][0] - marks[first][0], marks[-1][1] - marks[first][1]
+    per_reward = s["reward_seconds"] / max(1, s["reward_evaluations"])
     return {"workers": scale.workers, "threads": scale.threads if scale.workers else torch.get_num_threads(),
-            "batch_episodes": search.batch_episodes, "episodes": s["episodes"], "wall_seconds": round(wall, 2),
-            "episodes_per_second": round(s["episodes"] / wall, 3), "reward_seconds": s["reward_seconds"],
-            "seconds_per_reward": round(s["reward_seconds"] / max(1, s["reward_evaluations"]), 4),
-            "startup_seconds": round(total - wall, 1), "workers_lost": scaled.get("workers_lost", 0),
-            "allocations_rescored": scaled.get("allocations_rescored", 0), "load_before": load(),
+            "batch_episodes": search.batch_episodes, "episodes": s["episodes"], "timed_episodes": episodes,
+            "wall_seconds": round(span, 2), "episodes_per_second": round(episodes / span, 3),
+            "reward_seconds": s["reward_seconds"], "seconds_per_reward": round(per_reward, 4),
+            "learner_seconds_per_episode": round(max(0.0, span / episodes - per_reward), 4),
+            "startup_seconds": round(marks[first][0] - started, 1), "workers_lost": scaled.get("workers_lost", 0),
+            "allocations_rescored": scaled.get("allocations_rescored", 0), "load_after": load(),
+            "dispatch_seconds_per_batch": scaled.get("dispatch_seconds_per_batch"),
             "rewards": s["rewards"], "sparsities": policy.sparsities}
 
 
@@ -73,18 +85,19 @@ def killer(after: int) -> tuple[callable, list]:
 
 def estimate(cells: dict) -> dict:
     """Episodes per second of N workers at K = N, from the measured costs: per batch, the learner plays and learns
-    K episodes (a each), the workers score them (r each, one round when N ≥ K), and the batch pays a dispatch
-    overhead (o)."""
-    one, two = cells["1 worker × 1 thread"], cells["2 workers × 1 thread, K = 2"]
-    r = one["seconds_per_reward"]  # one reward on one core, in a worker
-    a = max(0.0, (one["wall_seconds"] - one["reward_seconds"]) / one["episodes"])  # learner time and dispatch, per ep.
-    batches = two["episodes"] / 2
-    o = max(0.0, (two["wall_seconds"] - two["episodes"] * a - batches * two["seconds_per_reward"]) / batches)
+    K episodes (a each, measured in one process: its time per episode minus its reward time), the workers score
+    them in one round (r, one reward on one core in a worker) and the batch pays Ray's dispatch (o, measured on 2
+    workers: a batch's wall time beyond its slowest reward)."""
+    today, one, two = (cells[k] for k in CELLS)
+    r = one["seconds_per_reward"]
+    a = today["learner_seconds_per_episode"]
+    o = two["dispatch_seconds_per_batch"]
+
     def rate(n: int, reward: float) -> float:
         return round(n / (n * a + reward + o), 2)
 
     return {"seconds_per_reward_1_core": r, "learner_seconds_per_episode": round(a, 4),
-            "overhead_seconds_per_batch": round(o, 4),
+            "dispatch_seconds_per_batch": o,
             "cpu_cluster_4_nodes_x_2_cores": {"workers": 8, "episodes_per_second": rate(8, r)},
             "cpu_cluster_4_nodes_x_16_cores": {"workers": 64, "episodes_per_second": rate(64, r)},
             "gpu_node_4_gpus_if_gpu_reward_is_10x": {"workers": 4, "episodes_per_second": rate(4, r / 10)},
@@ -94,43 +107,62 @@ def estimate(cells: dict) -> dict:
 def section(result: dict) -> str:
     c = result["cells"]
     rows = "\n".join(f"| {name} | {x['workers'] or 'in process'} | {x['threads']} | {x['batch_episodes']} | "
-                     f"{x['episodes']} | {x['wall_seconds']:.1f} | **{x['episodes_per_second']:.3f}** | "
-                     f"{x['seconds_per_reward']:.3f} | {x['startup_seconds']:.0f} | {x['load_before']} |"
+                     f"{x['timed_episodes']} | {x['wall_seconds']:.1f} | **{x['episodes_per_second']:.3f}** | "
+                     f"{x['seconds_per_reward']:.3f} | {x['startup_seconds']:.0f} | {x['load_after']} |"
                      for name, x in c.items())
-    base, one, two = (c[k]["episodes_per_second"] for k in c)
+    base, one, two = (c[k]["episodes_per_second"] for k in CELLS)
     same, kill, e = result["identical"], result["kill"], result["estimate"]
+    verdict = {True: "identical", False: "DIFFERENT"}
+    cpu8, cpu64 = (e[k]["episodes_per_second"] for k in ("cpu_cluster_4_nodes_x_2_cores",
+                                                          "cpu_cluster_4_nodes_x_16_cores"))
+    gpu4, gpu1 = (e[k]["episodes_per_second"] for k in ("gpu_node_4_gpus_if_gpu_reward_is_10x",
+                                                         "one_gpu_if_gpu_reward_is_10x"))
+    facts = [
+        f"2 workers over 1 worker: **{two / one:.2f}×** (goal ≥ 1.5×); over one process as today: "
+        f"**{two / base:.2f}×** (goal ≥ 1.1×).",
+        "Identical policy for the same seed and K = 2, scored in this process, on 1 worker and on 2 workers: "
+        f"**{verdict[same['identical']]}** (per-layer sparsities and every episode's reward).",
+        f"kill -9 of one worker after episode {kill['after_episode']} of a 2-worker search: {kill['workers_lost']} "
+        f"worker lost, {kill['allocations_rescored']} allocation(s) scored again on another worker; result "
+        f"**{verdict[kill['identical']]}** to the undisturbed run; wall {kill['wall_seconds']:.1f} s against "
+        f"{c[CELLS[2]]['wall_seconds']:.1f} s undisturbed (the replacement worker's start included).",
+        f"Ray's dispatch, measured: {c[CELLS[2]]['dispatch_seconds_per_batch']} s per batch on 2 workers beyond the "
+        f"batch's slowest reward ({c[CELLS[1]]['dispatch_seconds_per_batch']} s on 1 worker).",
+    ]
+    paper = [
+        f"4 nodes × 2 cores (8 workers, K = 8): {cpu8} episodes/s; 4 nodes × 16 cores (64 workers, K = 64): {cpu64} "
+        "episodes/s (there the learner's N·a dominates: a faster learner, not more workers, pays).",
+        f"A 4-GPU node (one worker per GPU, K = 4), *if* a GPU reward costs r/10 (the issue's goal; no GPU was "
+        f"measured here, `make gpu-check` measures it): {gpu4} episodes/s, against {gpu1} on one GPU "
+        f"({gpu4 / gpu1:.1f}×; goal ≥ 3.5×).",
+    ]
+    bullets = "\n".join(f"- {x}" for x in facts)
+    estimates = "\n".join(f"- {x}" for x in paper)
     return f"""{HEADING}
 
-`python benchmarks/scale.py` ({result['settings']}), on {result['cpu']}, {result['cores']} cores; load average
-{result['load_start']} at the start and {result['load_end']} at the end{result['load_note']}. Wall time is the search
-alone; starting the workers (Ray, then each worker importing torch and building its scorer) is the "start s" column.
+`python benchmarks/scale.py` (or `make scale`): {result['settings']}. CPU: {result['cpu']}, {result['cores']} cores.
+Load average {result['load_start']} at the start and {result['load_end']} at the end{result['load_note']}.
+Each run is timed from the end of its first batch to its last (its steady state); everything before, starting the
+workers included (Ray, then each worker importing torch and building its scorer from the reward description), is
+the "start s" column. "s per reward" is the time inside the scorer (2 threads in one process, 1 thread in a worker);
+"load" is the 1-minute load average at the end of the run.
 
-| run | workers | threads | K | episodes | wall s | episodes/s | s per reward | start s | load |
+| run | workers | threads | K | timed episodes | wall s | episodes/s | s per reward | start s | load |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 {rows}
 
-- 2 workers over 1 worker: **{two / one:.2f}×** (goal ≥ 1.5×); over one process as today: **{two / base:.2f}×**
-  (goal ≥ 1.1×).
-- Identical policy for the same seed and K = 2: in this process, on 1 worker and on 2 workers:
-  **{'identical' if same['identical'] else 'DIFFERENT'}** (per-layer sparsities and every episode's reward).
-- kill -9 of one worker after episode {kill['after_episode']} of a 2-worker search: {kill['workers_lost']} worker
-  lost, {kill['allocations_rescored']} allocation(s) scored again on another worker, result
-  **{'identical to the undisturbed run' if kill['identical'] else 'DIFFERENT'}**; wall {kill['wall_seconds']:.1f} s
-  against {c['2 workers × 1 thread, K = 2']['wall_seconds']:.1f} s undisturbed (the replacement worker's start).
+{bullets}
 
-Paper estimate (not measured): per batch of K = N episodes the learner plays and learns them one after another
-(a = {e['learner_seconds_per_episode']} s per episode, measured on 1 worker: wall minus reward time), the N workers
-score them in one round (r = {e['seconds_per_reward_1_core']} s per reward on one core, measured), and the batch pays
-o = {e['overhead_seconds_per_batch']} s of dispatch (measured on 2 workers: what is left of the wall time). Episodes/s
-≈ N / (N·a + r + o). Assumptions: a cluster node's core is as fast as this one, the object store's transfer happens
-once at the start (the description is {result['spec_mb']:.1f} MB), the network adds nothing per batch beyond o, and
-N ≤ the episodes per stage.
-- 4 nodes × 2 cores (8 workers, K = 8): {e['cpu_cluster_4_nodes_x_2_cores']['episodes_per_second']} episodes/s;
-  4 nodes × 16 cores (64 workers): {e['cpu_cluster_4_nodes_x_16_cores']['episodes_per_second']} episodes/s (the
-  learner's N·a dominates: a faster learner, not more workers, is then what pays).
-- 4-GPU node (one worker per GPU, K = 4), *if* a GPU reward costs r/10 (the issue's goal; no GPU was measured here,
-  `make gpu-check` measures it): {e['gpu_node_4_gpus_if_gpu_reward_is_10x']['episodes_per_second']} episodes/s,
-  against {e['one_gpu_if_gpu_reward_is_10x']['episodes_per_second']} on one GPU.
+Paper estimate (not measured). Per batch of K = N episodes the learner plays and learns them one after another
+(a = {e['learner_seconds_per_episode']} s per episode, measured in one process: time per episode minus the reward),
+N workers score them in one round (r = {e['seconds_per_reward_1_core']} s per reward on one core, measured in a
+worker) and the batch pays o = {e['dispatch_seconds_per_batch']} s of dispatch (measured on 2 workers).
+Episodes/s ≈ N / (N·a + r + o).
+Assumptions: a cluster node's core is as fast as this one; the reward description ({result['spec_mb']:.1f} MB)
+crosses the network once per worker at the start; the network adds nothing per batch beyond o; N is at most the
+episodes per stage; the figures above were taken at the load shown, so r and a are inflated by it.
+
+{estimates}
 """
 
 
@@ -155,12 +187,10 @@ def main() -> None:
     reward = RewardSettings(images=args.reward_images, device="cpu")
     search = SearchSettings(target=0.9, episodes=args.episodes, stages=2, seed=0)
     k2 = replace(search, batch_episodes=2)
-    cells = {"one process as today": run(ws, search, reward, ScaleSettings()),
-             "1 worker × 1 thread": run(ws, search, reward, ScaleSettings(workers=1)),
-             "2 workers × 1 thread, K = 2": run(ws, k2, reward, ScaleSettings(workers=2))}
+    runs = ((search, ScaleSettings()), (search, ScaleSettings(workers=1)), (k2, ScaleSettings(workers=2)))
+    cells = {name: run(ws, how, reward, scale) for name, (how, scale) in zip(CELLS, runs, strict=True)}
     same = [run(ws, k2, reward, ScaleSettings()), run(ws, k2, reward, ScaleSettings(workers=1))]
-    identical = all((x["rewards"], x["sparsities"]) == (cells["2 workers × 1 thread, K = 2"]["rewards"],
-                                                        cells["2 workers × 1 thread, K = 2"]["sparsities"])
+    identical = all((x["rewards"], x["sparsities"]) == (cells[CELLS[2]]["rewards"], cells[CELLS[2]]["sparsities"])
                     for x in same)
     after = max(2, args.episodes // 3)
     on_episode, killed = killer(after)

@@ -157,6 +157,8 @@ class RewardPool:
         self.losses = 0  # workers lost and replaced
         self.rescored = 0  # allocations scored again after their worker was lost
         self.worker_seconds = 0.0  # time inside the workers' scorers
+        self.dispatch_seconds = 0.0  # a batch's wall time beyond its scoring rounds: Ray's dispatch and transfers
+        self.batches = 0
 
     def _start(self):
         return self.actor_class.remote(self.spec_ref, self.settings.threads)
@@ -173,6 +175,7 @@ class RewardPool:
 
     def score(self, allocations: list[np.ndarray]) -> list[tuple[float, float]]:
         ray = self.ray
+        started = time.perf_counter()
         results: list[tuple[float, float] | None] = [None] * len(allocations)
         waiting = deque(range(len(allocations)))
         idle = deque(self.actors)
@@ -195,6 +198,11 @@ class RewardPool:
                 waiting.appendleft(i)
                 self.rescored += 1
         self.worker_seconds += sum(r[1] for r in results)
+        rounds = -(-len(allocations) // len(self.actors))  # scoring rounds the batch needs at best
+        longest = sorted((r[1] for r in results), reverse=True)[:rounds]
+        self.dispatch_seconds += max(0.0, time.perf_counter() - started - sum(longest) / len(longest) * rounds) \
+            if results else 0.0
+        self.batches += 1
         return results
 
     def _replace(self, actor) -> None:

@@ -73,7 +73,8 @@ def scale_report(scale: ScaleSettings, batch_episodes: int, result: SearchResult
             "batch_episodes": batch_episodes, "where": pool.describe() if pool else "in this process",
             "worker_seconds": round(result.reward_seconds, 2) if pool else None,  # inside the workers' scorers
             "wall_seconds": round(wall, 2), "episodes_per_second": round(episodes / max(wall, 1e-9), 4),
-            "workers_lost": pool.losses if pool else 0, "allocations_rescored": pool.rescored if pool else 0}
+            "workers_lost": pool.losses if pool else 0, "allocations_rescored": pool.rescored if pool else 0,
+            "dispatch_seconds_per_batch": round(pool.dispatch_seconds / max(1, pool.batches), 4) if pool else None}
 
 
 IN_PROCESS = {"workers": 0, "batch_episodes": 1, "where": "in this process"}  # the report's `scale` by default
