@@ -44,7 +44,7 @@ from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
 from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning, speedup_warning
 from qlp_compress.workflows.channel_checks import POLICY_FORMAT, check_channel_policy, check_reach, read_channel_policy
 from qlp_compress.workflows.quantize import quantize_beside
-from qlp_compress.workflows.scale import scale_report, scoring
+from qlp_compress.workflows.scale import scale_record, scoring
 from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
     Workspace,
@@ -132,8 +132,7 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
             result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
                                 allocation=demonstration_allocator(ctx.space, ctx.table), run_record=ws.record,
                                 score_batch=scorer.score_batch)
-            scaled = scale_report(settings.scale, search.batch_episodes, result, scorer.pool)
-        reward = scorer.reward_fn if scorer.pool is None else None
+            info.update(scale_record(settings.scale, search.batch_episodes, result, scorer.pool))
         if result.final.sparsities is None:
             raise QLPError(f"no episode reached a {settings.speedup:g}× predicted speedup in {search.episodes} "
                            "episodes; raise --episodes or --passes")
@@ -154,11 +153,10 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
                              "widths": widths_from(ctx.space.sizes, b.sparsities) if b.sparsities else None}
                             for b in result.best],
                     rewards=[round(h["reward"], 5) for h in result.history])
-        if reward is not None:  # scored in this process: what its reward counted (workers keep their own counts)
-            info.update(reward_evaluations=reward.evaluations, distinct_networks_scored=len(reward.cache),
-                        reward_failures=len(reward.failures))
-        if settings.scale.workers or search.batch_episodes > 1:  # a search as before records what it did before
-            info["scale"] = scaled
+        if scorer.pool is None:  # scored in this process: what its reward counted (workers keep their own counts)
+            r = scorer.reward_fn
+            info.update(reward_evaluations=r.evaluations, distinct_networks_scored=len(r.cache),
+                        reward_failures=len(r.failures))
     info.update(widths=widths, predicted_speedup=ctx.table.speedup(widths),
                 search_seconds=round(time.perf_counter() - started, 2))
     return info

@@ -65,16 +65,20 @@ def scoring(structure: str, ws: Workspace, settings, scale: ScaleSettings,
         pool.close()
 
 
-def scale_report(scale: ScaleSettings, batch_episodes: int, result: SearchResult, pool: RewardPool | None) -> dict:
-    """report.json's `scale`: the workers, K, the worker-seconds spent and the search's wall time."""
+def scale_record(scale: ScaleSettings, batch_episodes: int, result: SearchResult, pool: RewardPool | None) -> dict:
+    """{"scale": the workers, K, the worker-seconds spent and the search's wall time} for policy.json and the report;
+    {} for a search in this process one episode at a time, which records what it always did."""
+    if not (scale.workers or batch_episodes > 1):
+        return {}
     episodes = len(result.history)
     wall = result.wall_seconds or result.total_seconds
-    return {"workers": scale.workers, "worker_threads": scale.threads if scale.workers else None,
-            "batch_episodes": batch_episodes, "where": pool.describe() if pool else "in this process",
-            "worker_seconds": round(result.reward_seconds, 2) if pool else None,  # inside the workers' scorers
-            "wall_seconds": round(wall, 2), "episodes_per_second": round(episodes / max(wall, 1e-9), 4),
-            "workers_lost": pool.losses if pool else 0, "allocations_rescored": pool.rescored if pool else 0,
-            "dispatch_seconds_per_batch": round(pool.dispatch_seconds / max(1, pool.batches), 4) if pool else None}
+    return {"scale": {
+        "workers": scale.workers, "worker_threads": scale.threads if scale.workers else None,
+        "batch_episodes": batch_episodes, "where": pool.describe() if pool else "in this process",
+        "worker_seconds": round(result.reward_seconds, 2) if pool else None,  # inside the workers' scorers
+        "wall_seconds": round(wall, 2), "episodes_per_second": round(episodes / max(wall, 1e-9), 4),
+        "workers_lost": pool.losses if pool else 0, "allocations_rescored": pool.rescored if pool else 0,
+        "dispatch_seconds_per_batch": round(pool.dispatch_seconds / max(1, pool.batches), 4) if pool else None}}
 
 
 IN_PROCESS = {"workers": 0, "batch_episodes": 1, "where": "in this process"}  # the report's `scale` by default

@@ -27,7 +27,7 @@ from qlp_compress.search.env import PruningEnv
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import advice
 from qlp_compress.workflows.quantize import quantize_beside
-from qlp_compress.workflows.scale import IN_PROCESS, scale_report, scoring
+from qlp_compress.workflows.scale import IN_PROCESS, scale_record, scoring
 from qlp_compress.workflows.selection import SelectionSettings, choose_answer, run_record
 from qlp_compress.workflows.workspace import (
     Workspace,
@@ -108,7 +108,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
         env = PruningEnv(numels, scorer.reward_fn, search.env)
         result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
                             allocation=baseline, run_record=ws.record, score_batch=scorer.score_batch)
-        scaled = scale_report(scale, search.batch_episodes, result, scorer.pool)
+        scaled = scale_record(scale, search.batch_episodes, result, scorer.pool)
     advice.signal_warning(result.history, ws.data.num_classes, target,
                           reward_settings.finetune_steps if target >= reward_settings.finetune_from else 0)
     if result.final.sparsities is None:
@@ -129,9 +129,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
              "share_outside_reward": round(outside / max(1e-9, result.total_seconds), 4),
              "rewards": [round(h["reward"], 5) for h in result.history],
              "stage_of_episode": [h["stage"] for h in result.history], "succeeded": succeeded,
-             "demonstration": demonstrations, "near_best": [bool(h.get("near_best")) for h in history]}
-    if scale.workers or search.batch_episodes > 1:  # a search as before records what it did before
-        stats["scale"] = scaled
+             "demonstration": demonstrations, "near_best": [bool(h.get("near_best")) for h in history], **scaled}
     stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities,
                "demonstration": b.demonstration, "near_best": b.near_best} for b in result.best]
     return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
