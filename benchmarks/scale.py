@@ -171,6 +171,14 @@ crosses the network once per worker at the start; the network adds nothing per b
 episodes per stage; the figures above were taken at the load shown, so r and a are inflated by it.
 
 {estimates}
+
+Latency is never measured beside the workers: a search's rewards are scored inside one block (`workflows.scale.scoring`)
+that starts the workers and stops them; channel mode's latency table is built before that block and every speed and
+latency figure of a run is measured after it, and a table built at a high load average says so (`busy_table_warning`).
+Other people's work on a shared machine is not stopped: the load average is recorded with every figure here.
+
+GPU: no GPU was lent to this work; `make gpu-check` (benchmarks/gpu_check.py) runs every CUDA path and writes
+benchmarks/results/gpu_check.json where there is one.
 """
 
 

@@ -159,9 +159,9 @@ def search_progress(title: str, episodes: int) -> Iterator[Callable[[dict], None
     if messages.quiet or not console.is_terminal:
         with (_silent() if messages.quiet else _plain_lines(title, lambda r: (
                 f"episode {r['episode']}/{episodes}, stage {r['stage']}/{r['stages']} at target {r['target']:.3f}, "
-                f"explore ε {r['epsilon']:.2f}, last {_reward(r['reward'])}, stage best {_reward(r['best'])}, "
-                f"{rate(r['episode'])}"))) as on_episode:
-            yield on_episode
+                f"explore ε {r['epsilon']:.2f}, last {_reward(r['reward'])}, stage best {_reward(r['best'])}"
+                + (f", {r['rate']}" if r["rate"] else "")))) as on_record:
+            yield lambda r: on_record({**r, "rate": rate(r["episode"])})  # the rate when the episode ended
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("stage {task.fields[stage]}  explore ε {task.fields[eps]}  last {task.fields[last]}  "
