@@ -18,10 +18,13 @@ stage's best, so the search climbs from the best allocation instead of starting 
 Random search ("random") plays the same game with uniformly random actions, all at the final target, for
 the same number of reward evaluations.
 
-Interrupts: a checkpoint holds everything (agent, replay, RNG states, history, best-so-far) as of the
-end of an episode. Ctrl-C or SIGTERM during an episode drops that episode and writes the checkpoint as of
-the last one; `resume` continues and ends with the same policy as an uninterrupted run. A checkpoint keeps the
-settings and the caller's `run_record` (base.resume), and a resume with others is refused, naming the option.
+Batches (`batch_episodes` K): the agents play K episodes with their networks as they are, the K allocations are
+scored together (`score_batch`: on workers, say), then the agents learn from them in episode order (K = 1: as ever).
+
+Interrupts: a checkpoint (search.checkpoint) holds everything (agent, replay, RNG states, history, best-so-far) as
+of the end of a batch. Ctrl-C or SIGTERM during a batch drops that batch and writes the checkpoint as of the last
+one; `resume` continues and ends with the same policy as an uninterrupted run. A checkpoint keeps the settings and
+the caller's `run_record` (base.resume), and a resume with others is refused, naming the option.
 """
 
 from __future__ import annotations
