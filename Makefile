@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 QLP    := $(BIN)/qlp-compress
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: setup data demo test test-fast lint architecture models bench bench-quick export-check fuzz clean
+.PHONY: setup data demo test test-fast lint architecture models bench bench-quick export-check fuzz gpu-check scale clean
 
 setup: $(VENV)/.installed data
 
@@ -73,6 +73,16 @@ FUZZ_SEED ?= 1
 fuzz: setup
 	$(BIN)/python benchmarks/fuzz.py --mutations $(FUZZ_CASES) --seed $(FUZZ_SEED) --json benchmarks/results/fuzz.json \
 	  --keep out/fuzz-failures
+
+# Every CUDA path (the reward on the GPU and its agreement with the CPU reward, a short search with fine-tuning,
+# evaluate and int8 through onnxruntime's CUDA provider) in under 5 minutes; prints "no GPU" without one.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py --out benchmarks/results/gpu_check.json
+
+# Ray reward workers on this machine: episodes/s, the identical-policy check, a worker killed mid-search
+# (docs/benchmarks_scale.md, "Ray rewards"). Run it on a quiet machine.
+scale: setup
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache build *.egg-info

@@ -22,7 +22,7 @@ MAX_LINES = 400  # no module longer than this
 CLI_MAX_IMPORTS = 6  # project modules outside the CLI that the CLI may import
 # third-party libraries that belong to one part each (any other part importing them breaks the layout)
 LIBRARY_OWNERS = {"onnxruntime": {"deploy"}, "onnx2torch": {"importer"}, "torch_pruning": {"pruning"},
-                  "typer": {"cli"}, "matplotlib": {"report"}}
+                  "typer": {"cli"}, "matplotlib": {"report"}, "ray": {"reward"}}
 NO_ONNX = {"search", "data", "train"}  # parts that must not import onnx at all
 
 

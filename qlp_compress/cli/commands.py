@@ -79,6 +79,10 @@ def search_cmd(
     reward_finetune_steps: o.RewardFinetuneSteps = o.HOW.reward_finetune_steps,
     reward_finetune_from: o.RewardFinetuneFrom = o.HOW.reward_finetune_from,
     reward_engine: o.RewardEngine = o.HOW.reward_engine,
+    workers: o.Workers = o.HOW.workers,
+    batch_episodes: o.BatchEpisodes = None,
+    worker_threads: o.WorkerThreads = o.HOW.worker_threads,
+    ray_address: o.RayAddress = None,
     finetune_epochs: o.FinetuneEpochs = o.RUN.finetune_epochs,
     lr: o.Lr = o.RUN.lr,
     sparse_storage: o.SparseStorage = True,
@@ -115,7 +119,8 @@ def search_cmd(
                  candidates=candidates, select_epochs=select_epochs, reward_images=reward_images,
                  bn_recalibrate=bn_recalibrate, reward_finetune_steps=reward_finetune_steps,
                  reward_finetune_from=reward_finetune_from, reward_engine=reward_engine, latency_batch=latency_batch,
-                 threads=threads, round_to=round_to, distill=distill)
+                 threads=threads, round_to=round_to, distill=distill, workers=workers, batch_episodes=batch_episodes,
+                 worker_threads=worker_threads, ray_address=ray_address)
     report = run_command.search(run, how)
     emit(report, as_json, lambda: compressed_lines(report))
 

@@ -27,6 +27,15 @@ VERIFY_ATOL = 1e-4  # max abs difference allowed between two runs of a model, pe
 # what onnxruntime raises when a session cannot load or run a model (its exception classes share no base but Exception)
 ORT_ERRORS = tuple(v for v in vars(ort.capi.onnxruntime_pybind11_state).values()
                    if isinstance(v, type) and issubclass(v, Exception))
+_session_threads = 0  # intra-op threads of every session opened without its own count (0: onnxruntime's default)
+
+
+def use_threads(threads: int) -> None:
+    """This process's torch and onnxruntime intra-op threads (a reward worker's `--worker-threads`): onnxruntime
+    ignores OMP_NUM_THREADS, so its sessions get the count here."""
+    global _session_threads
+    _session_threads = threads
+    torch.set_num_threads(threads)
 
 
 def ort_message(e: BaseException, limit: int = 240) -> str:
@@ -64,6 +73,7 @@ def open_session(model: Path | bytes, device: str = "cpu", threads: int = 0,
     """An onnxruntime session; `name` is how errors call the model (default: its path, or "the model")."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # fatal only: a failure is reported below, in one line
+    threads = threads or _session_threads
     if threads:
         options.intra_op_num_threads = threads
     source = str(model) if isinstance(model, Path) else model

@@ -65,6 +65,7 @@ def report_markdown(report: dict, plots: list[str]) -> str:
         lines += [f"Search: {s['episodes']} episodes ({counts}); {s['wall_seconds']:.0f} s, "
                   f"{s['seconds_per_episode']:.2f} s per episode, {s['share_outside_reward']:.1%} of the time outside "
                   f"the reward ({s['reward_engine']} engine, {s['reward_images']} reward images).", ""]
+        lines += _scale_lines(report.get("scale"))
         lines += ["| stage | target | best reward | episode | found by |", "|---:|---:|---:|---:|---|"]
         lines += [f"| {i + 1} | {st['target']:.4f} | {st['reward']:.4f} | {st['episode']} | "
                   f"{st['demonstration'] + ' demonstration' if st.get('demonstration') else 'the agent'} |"
@@ -145,3 +146,13 @@ def compare_markdown(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['target']:g} | {r['method']} | {r['pruned_accuracy']:.2%} | {tuned} | "
                      f"{r['search_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _scale_lines(scale: dict | None) -> list[str]:
+    """Where the rewards were scored: the workers, K, worker-seconds and wall time (workflows.scale)."""
+    if not scale or not (scale["workers"] or scale["batch_episodes"] > 1):
+        return []
+    workers = f"{scale['worker_seconds']:.0f} worker-seconds, " if scale.get("worker_seconds") is not None else ""
+    return [f"Rewards: scored on {scale['where']}, in batches of K = {scale['batch_episodes']} episodes; {workers}"
+            f"{scale['wall_seconds']:.0f} s wall time ({scale['episodes_per_second']:.2f} episodes/s); "
+            f"{scale['workers_lost']} worker(s) lost, {scale['allocations_rescored']} allocation(s) scored again.", ""]

@@ -155,25 +155,41 @@ def search_progress(title: str, episodes: int) -> Iterator[Callable[[dict], None
     """A live line for `run_search`'s on_episode records: stage, exploration rate, the last reward, the best of the
     current stage and the best of the whole search, ETA. "best overall" is the highest reward of any stage (an
     earlier stage's target is lower, so its rewards are usually higher); "stage best" restarts with each stage."""
+    rate = _rate()
     if messages.quiet or not console.is_terminal:
         with (_silent() if messages.quiet else _plain_lines(title, lambda r: (
                 f"episode {r['episode']}/{episodes}, stage {r['stage']}/{r['stages']} at target {r['target']:.3f}, "
-                f"explore ε {r['epsilon']:.2f}, last {_reward(r['reward'])}, stage best {_reward(r['best'])}"))) \
-                as on_episode:
-            yield on_episode
+                f"explore ε {r['epsilon']:.2f}, last {_reward(r['reward'])}, stage best {_reward(r['best'])}"
+                + (f", {r['rate']}" if r["rate"] else "")))) as on_record:
+            yield lambda r: on_record({**r, "rate": rate(r["episode"])})  # the rate when the episode ended
         return
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("stage {task.fields[stage]}  explore ε {task.fields[eps]}  last {task.fields[last]}  "
-                          "stage best {task.fields[best]}  best overall {task.fields[overall]}"),
+                          "stage best {task.fields[best]}  best overall {task.fields[overall]}  {task.fields[rate]}"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=messages.quiet) as progress:
-        task = progress.add_task(title, total=episodes, stage="-", eps="-", last="-", best="-", overall="-")
+        task = progress.add_task(title, total=episodes, stage="-", eps="-", last="-", best="-", overall="-", rate="")
         overall = [-float("inf")]
 
         def on_episode(r: dict) -> None:
             overall[0] = max(overall[0], r["best"])
             eps = "demo" if r.get("demonstration") else f"{r['epsilon']:.2f}"
             progress.update(task, completed=r["episode"], stage=f"{r['stage']}/{r['stages']} @ {r['target']:.3f}",
-                            eps=eps, last=_reward(r["reward"]), best=_reward(r["best"]), overall=_reward(overall[0]))
+                            eps=eps, last=_reward(r["reward"]), best=_reward(r["best"]), overall=_reward(overall[0]),
+                            rate=rate(r["episode"]))
 
         yield on_episode
+
+
+def _rate() -> Callable[[int], str]:
+    """episode number → "N episodes/s" since the first episode this display saw (a resumed search's included)."""
+    start: list = []
+
+    def rate(episode: int) -> str:
+        now = time.monotonic()
+        if not start:
+            start.extend((now, episode))
+            return ""
+        return f"{(episode - start[1]) / max(now - start[0], 1e-9):.2f} episodes/s"
+
+    return rate

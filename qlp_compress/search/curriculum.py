@@ -18,10 +18,13 @@ stage's best, so the search climbs from the best allocation instead of starting 
 Random search ("random") plays the same game with uniformly random actions, all at the final target, for
 the same number of reward evaluations.
 
-Interrupts: a checkpoint holds everything (agent, replay, RNG states, history, best-so-far) as of the
-end of an episode. Ctrl-C or SIGTERM during an episode drops that episode and writes the checkpoint as of
-the last one; `resume` continues and ends with the same policy as an uninterrupted run. A checkpoint keeps the
-settings and the caller's `run_record` (base.resume), and a resume with others is refused, naming the option.
+Batches (`batch_episodes` K): the agents play K episodes with their networks as they are, the K allocations are
+scored together (`score_batch`: on workers, say), then the agents learn from them in episode order (K = 1: as ever).
+
+Interrupts: a checkpoint (search.checkpoint) holds everything (agent, replay, RNG states, history, best-so-far) as
+of the end of a batch. Ctrl-C or SIGTERM during a batch drops that batch and writes the checkpoint as of the last
+one; `resume` continues and ends with the same policy as an uninterrupted run. A checkpoint keeps the settings and
+the caller's `run_record` (base.resume), and a resume with others is refused, naming the option.
 """
 
 from __future__ import annotations
@@ -29,19 +32,21 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from qlp_compress.base import validate
-from qlp_compress.base.errors import Interrupted, QLPError, UsageError
+from qlp_compress.base.errors import Interrupted, UsageError
 from qlp_compress.base.interrupts import deferred_interrupts, sigterm_as_interrupt
-from qlp_compress.base.io import atomic_torch_save, load_checkpoint
 from qlp_compress.base.names import SEARCH_METHODS
-from qlp_compress.base.resume import check_same, flatten
+from qlp_compress.search import checkpoint as saved
 from qlp_compress.search.agent import AgentSettings, DQNAgent
-from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv
+from qlp_compress.search.checkpoint import SearchProgress, StageBest
+from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv, RewardFn
+
+ScoreBatch = Callable[[list[np.ndarray]], list[tuple[float, float]]]  # allocations → [(score, seconds)], in order
 
 METHODS = SEARCH_METHODS
 
@@ -68,6 +73,7 @@ class SearchSettings:
     exact_demonstrations: bool = True  # a demonstration is scored at its allocator's exact allocation (False:
     #                                    at the allocation its 10 %-step replay reaches, as before issue 17)
     seed: int = 0  # agent initialisation, exploration and replay sampling
+    batch_episodes: int = 1  # episodes played with one network before they are scored and learnt from (K)
     checkpoint_every: int = 10  # episodes between checkpoint writes
     env: EnvSettings = field(default_factory=EnvSettings)  # the pruning game
     agent: AgentSettings = field(default_factory=AgentSettings)  # DQN hyper-parameters
@@ -90,27 +96,6 @@ def stage_episodes(total: int, stages: int, final_share: float = 0.5) -> list[in
     return [base] * (stages - 1) + [total - base * (stages - 1)]
 
 
-@dataclass
-class StageBest:
-    target: float
-    reward: float = -float("inf")
-    sparsities: list[float] | None = None
-    episode: int = -1
-    demonstration: str | None = None  # the baseline whose demonstration this is, None when the agent found it
-    near_best: bool = False  # found by a near-best episode (started from the stage's best so far)
-
-
-@dataclass
-class SearchProgress:
-    """Everything a search accumulates besides the agent; saved in checkpoints."""
-
-    episode: int = 0  # episodes completed
-    history: list[dict] = field(default_factory=list)  # one record per episode
-    best: list[StageBest] = field(default_factory=list)  # one per stage
-    reward_seconds: float = 0.0  # wall time inside the reward function
-    total_seconds: float = 0.0  # wall time of the episodes, reward included
-
-
 @dataclass(frozen=True)
 class SearchResult:
     settings: SearchSettings
@@ -118,6 +103,7 @@ class SearchResult:
     history: list[dict]
     reward_seconds: float
     total_seconds: float
+    wall_seconds: float = 0.0
 
     @property
     def final(self) -> StageBest:
@@ -138,6 +124,32 @@ def _near_best_agent(env: PruningEnv, settings: SearchSettings) -> DQNAgent:
     return DQNAgent(env.state_size, len(settings.env.relative_steps), agent, settings.seed + 1_000_003)
 
 
+def scored_in_turn(reward_fn: RewardFn) -> ScoreBatch:
+    """Score a batch's allocations one after another in this process: [(score, seconds)] in their order."""
+
+    def score(allocations: list[np.ndarray]) -> list[tuple[float, float]]:
+        out = []
+        for allocation in allocations:
+            t0 = time.perf_counter()
+            value = float(reward_fn(allocation))
+            out.append((value, time.perf_counter() - t0))
+        return out
+
+    return score
+
+
+class _Deferred:
+    """The environments' reward function while a batch is played: it keeps the allocation to be scored and answers
+    0; the batch's allocations are scored together once all its episodes are played."""
+
+    def __init__(self):
+        self.allocation: np.ndarray | None = None
+
+    def __call__(self, sparsities: np.ndarray) -> float:
+        self.allocation = np.asarray(sparsities, dtype=np.float64).copy()
+        return 0.0
+
+
 def run_search(
     env: PruningEnv,
     settings: SearchSettings,
@@ -146,15 +158,22 @@ def run_search(
     on_episode: Callable[[dict], None] | None = None,
     allocation: Callable[[str, float], np.ndarray] | None = None,
     run_record: Mapping[str, object] | None = None,
+    score_batch: ScoreBatch | None = None,
 ) -> SearchResult:
     """Run (or resume) a search; returns the best policy of every stage.
 
     `allocation(name, target)` gives the per-layer sparsities of a baseline allocator, for the
     demonstrations; without it the search plays none. `run_record`: what else shapes the run's results
-    (base.resume), kept in the checkpoint and compared on resume."""
+    (base.resume), kept in the checkpoint and compared on resume. `score_batch` scores a batch's allocations (in
+    parallel, on workers, say) and returns them in order; without it `env.reward_fn` scores them in turn.
+
+    Episodes are played in batches of `settings.batch_episodes`, all with the networks as they were at the batch's
+    start; their allocations are then scored, and the agents learn from the episodes in episode order. The result
+    depends on the batch size, never on who scored the allocations or in which order they finished."""
     if settings.method not in METHODS:
         raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
     validate.sparsity(settings.target)
+    validate.whole("--batch-episodes", settings.batch_episodes, 1, "4")
     if settings.method == "random":
         targets = [settings.target]
     elif settings.stage_targets:
@@ -173,88 +192,122 @@ def run_search(
     agent = DQNAgent(env.state_size, env.n_actions, settings.agent, settings.seed)
     learn = settings.method == "qlp"
     demos = settings.demonstrations if learn and allocation is not None else ()
-    near_env = NearBestEnv(env.numels, env.reward_fn, env.settings) if learn and settings.near_best > 0 else None
+    score = score_batch or scored_in_turn(env.reward_fn)
+    deferred = _Deferred()
+    near_env = NearBestEnv(env.numels, deferred, env.settings) if learn and settings.near_best > 0 else None
     near = _near_best_agent(env, settings) if near_env is not None else None
     near_counts = [round(settings.near_best * max(0, n - len(demos))) if near_env is not None else 0
                    for n in lengths]
     progress = SearchProgress(best=[StageBest(t) for t in targets])
     if resume and checkpoint is not None and checkpoint.exists():
-        progress = _load(checkpoint, settings, agent, near, run_record)
+        progress = saved.load(checkpoint, settings, agent, near, run_record)
 
     stage_of = np.repeat(np.arange(stages), lengths)
     stage_start = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     rngs = [a.rng for a in (agent, near) if a is not None]
     rng_at_start, episode_at_start = [r.bit_generator.state for r in rngs], progress.episode
+    reward_fn, env.reward_fn = env.reward_fn, deferred
     with sigterm_as_interrupt():
         try:
             while progress.episode < settings.episodes:
-                k = int(stage_of[progress.episode])
-                in_stage = progress.episode - stage_start[k]
-                eps = _epsilon(settings.agent, k, in_stage, lengths[k], settings.method)
+                started = time.perf_counter()
                 rng_at_start, episode_at_start = [r.bit_generator.state for r in rngs], progress.episode
-                near_from = lengths[k] - near_counts[k]
-                learner = agent
-                if in_stage >= near_from and progress.best[k].sparsities is not None:
-                    eps = _epsilon(settings.agent, 1, in_stage - near_from, near_counts[k], settings.method)
-                    n_layers = min(settings.env.near_best_layers, env.n_layers - 1)
-                    layers = sorted(int(i) for i in near.rng.choice(env.n_layers, n_layers, replace=False))
-                    near_env.start_from(progress.best[k].sparsities, layers)
-                    record, transitions = _play_episode(near_env, targets[k], lambda state, e=eps: near.act(state, e))
-                    record.update(epsilon=round(eps, 4), near_best=True)
-                    learner = near
-                elif in_stage < len(demos):
-                    wanted = np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
-                    record, transitions = _play_episode(env, targets[k], lambda _, g=1.0 - wanted:
-                                                        env.action_towards(g),
-                                                        exact=wanted if settings.exact_demonstrations else None)
-                    record.update(epsilon=0.0, demonstration=demos[in_stage],
-                                  last_demonstration=in_stage == len(demos) - 1)
-                else:
-                    record, transitions = _play_episode(env, targets[k], lambda state, e=eps: agent.act(state, e))
-                    record["epsilon"] = round(eps, 4)
-                best = _finish_episode(settings, agent, progress, checkpoint, learn, record, transitions, k,
-                                       targets[k], learner, near, run_record)
+                played = []
+                for e in range(progress.episode, min(progress.episode + settings.batch_episodes, settings.episodes)):
+                    k = int(stage_of[e])
+                    in_stage = e - stage_start[k]
+                    eps = _epsilon(settings.agent, k, in_stage, lengths[k], settings.method)
+                    near_from = lengths[k] - near_counts[k]
+                    learner = agent
+                    deferred.allocation = None
+                    if in_stage >= near_from and progress.best[k].sparsities is not None:
+                        eps = _epsilon(settings.agent, 1, in_stage - near_from, near_counts[k], settings.method)
+                        n_layers = min(settings.env.near_best_layers, env.n_layers - 1)
+                        layers = sorted(int(i) for i in near.rng.choice(env.n_layers, n_layers, replace=False))
+                        near_env.start_from(progress.best[k].sparsities, layers)
+                        record, transitions = _play_episode(near_env, targets[k],
+                                                            lambda state, e=eps: near.act(state, e))
+                        record.update(epsilon=round(eps, 4), near_best=True)
+                        learner = near
+                    elif in_stage < len(demos):
+                        wanted = np.asarray(allocation(demos[in_stage], targets[k]), dtype=np.float64)
+                        record, transitions = _play_episode(env, targets[k], lambda _, g=1.0 - wanted:
+                                                            env.action_towards(g),
+                                                            exact=wanted if settings.exact_demonstrations else None)
+                        record.update(epsilon=0.0, demonstration=demos[in_stage],
+                                      last_demonstration=in_stage == len(demos) - 1)
+                    else:
+                        record, transitions = _play_episode(env, targets[k],
+                                                            lambda state, e=eps: agent.act(state, e))
+                        record["epsilon"] = round(eps, 4)
+                    played.append((k, record, transitions, learner, deferred.allocation))
+                _score_played(played, score)
+                bests = _finish_batch(settings, agent, progress, checkpoint, learn, played, targets, near, run_record,
+                                      time.perf_counter() - started)
                 if on_episode:
-                    on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
-        except KeyboardInterrupt:  # anywhere in the loop: keep the episodes that finished, drop the one running
-            if progress.episode == episode_at_start:  # the running episode did not count
+                    for (_, record, _, _, _), best in zip(played, bests, strict=True):
+                        on_episode({**record, "best": best.reward, "stages": stages, "episodes": settings.episodes})
+        except KeyboardInterrupt:  # anywhere in the loop: keep the batches that finished, drop the one running
+            if progress.episode == episode_at_start:  # the running batch did not count
                 for r, state in zip(rngs, rng_at_start, strict=True):
                     r.bit_generator.state = state  # as if it never started
             if checkpoint is not None:
                 with deferred_interrupts():
-                    _save(checkpoint, settings, agent, progress, near, run_record)
+                    saved.save(checkpoint, settings, agent, progress, near, run_record)
             where = f"; rerun the same command with --resume to continue (checkpoint {checkpoint})" \
                 if checkpoint else "; rerun the command to start again"
             raise SearchInterrupted(f"search interrupted after {progress.episode} episodes{where}") from None
-    return SearchResult(settings, progress.best, progress.history, progress.reward_seconds, progress.total_seconds)
+        finally:
+            env.reward_fn = reward_fn
+    return SearchResult(settings, progress.best, progress.history, progress.reward_seconds, progress.total_seconds,
+                        progress.wall_seconds)
 
 
-def _finish_episode(settings: SearchSettings, agent: DQNAgent, progress: SearchProgress, checkpoint: Path | None,
-                    learn: bool, record: dict, transitions: list[tuple], k: int, target: float,
-                    learner: DQNAgent, near: DQNAgent | None, run_record: Mapping | None = None) -> StageBest:
-    """Learn from a finished episode (`learner`: the agent that played it) and record it, as one unit that an
-    interrupt cannot split."""
+def _score_played(played: list[tuple], score: ScoreBatch) -> None:
+    """Score the allocations of the batch's episodes that met their target, and write each score where the reward
+    function's answer would have gone: the episode's reward and its last transition's."""
+    waiting = [p for p in played if p[4] is not None]
+    results = score([p[4] for p in waiting]) if waiting else []
+    for (_, record, transitions, _, _), (value, seconds) in zip(waiting, results, strict=True):
+        state, action, _, next_state, done = transitions[-1]
+        transitions[-1] = (state, action, float(value), next_state, done)
+        record.update(reward=float(value), _reward_seconds=seconds, seconds=record["seconds"] + seconds)
+
+
+def _finish_batch(settings: SearchSettings, agent: DQNAgent, progress: SearchProgress, checkpoint: Path | None,
+                  learn: bool, played: list[tuple], targets: list[float], near: DQNAgent | None,
+                  run_record: Mapping | None, seconds: float) -> list[StageBest]:
+    """Learn from a scored batch in episode order and record it, as one unit that an interrupt cannot split; the
+    checkpoint is written at the end of a batch that reached a multiple of `checkpoint_every` or the last episode."""
     with deferred_interrupts():
-        if learn:
-            learner.learn_from_episode(transitions, demonstration=record.get("demonstration") is not None)
-            if record.get("last_demonstration"):
-                agent.pretrain()  # the stage's demonstrations are all in: DQfD's pre-training on them
-        record.pop("last_demonstration", None)
-        record.update(stage=k + 1, target=target, episode=progress.episode + 1)
-        progress.history.append(record)
-        progress.reward_seconds += record.pop("_reward_seconds")
-        progress.total_seconds += record["seconds"]
-        best = progress.best[k]
-        if record["succeeded"] and record["reward"] > best.reward:
-            best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), \
-                progress.episode + 1
-            best.demonstration = record.get("demonstration")
-            best.near_best = bool(record.get("near_best"))
-        record.pop("_sparsities", None)
-        progress.episode += 1
-        if checkpoint is not None and (progress.episode % settings.checkpoint_every == 0
-                                       or progress.episode == settings.episodes):
-            _save(checkpoint, settings, agent, progress, near, run_record)
+        bests = [_finish_episode(agent, progress, learn, record, transitions, k, targets[k], learner)
+                 for k, record, transitions, learner, _ in played]
+        progress.wall_seconds += seconds
+        end, every = progress.episode, settings.checkpoint_every
+        if checkpoint is not None and (end // every > (end - len(played)) // every or end == settings.episodes):
+            saved.save(checkpoint, settings, agent, progress, near, run_record)
+    return bests
+
+
+def _finish_episode(agent: DQNAgent, progress: SearchProgress, learn: bool, record: dict, transitions: list[tuple],
+                    k: int, target: float, learner: DQNAgent) -> StageBest:
+    """Learn from a finished episode (`learner`: the agent that played it) and record it."""
+    if learn:
+        learner.learn_from_episode(transitions, demonstration=record.get("demonstration") is not None)
+        if record.get("last_demonstration"):
+            agent.pretrain()  # the stage's demonstrations are all in: DQfD's pre-training on them
+    record.pop("last_demonstration", None)
+    record.update(stage=k + 1, target=target, episode=progress.episode + 1)
+    progress.history.append(record)
+    progress.reward_seconds += record.pop("_reward_seconds")
+    progress.total_seconds += record["seconds"]
+    best = progress.best[k]
+    if record["succeeded"] and record["reward"] > best.reward:
+        best.reward, best.sparsities, best.episode = record["reward"], record.pop("_sparsities"), progress.episode + 1
+        best.demonstration = record.get("demonstration")
+        best.near_best = bool(record.get("near_best"))
+    record.pop("_sparsities", None)
+    progress.episode += 1
     return best
 
 
@@ -284,65 +337,6 @@ def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray],
               "_sparsities": [float(s) for s in (env.sparsities() if exact_sparsities is None else exact_sparsities)]
               if succeeded else None}
     return record, transitions
-
-
-def _save(path: Path, settings: SearchSettings, agent: DQNAgent, progress: SearchProgress,
-          near: DQNAgent | None = None, run_record: Mapping | None = None) -> None:
-    state = {"settings": asdict(settings), "record": dict(run_record or {}), "agent": agent.state_dict(),
-             "progress": {**asdict(progress), "best": [asdict(b) for b in progress.best]}}
-    if near is not None:
-        state["near_agent"] = near.state_dict()
-    atomic_torch_save(state, path)
-
-
-# the search settings a user sets, by option (the others are the tool's own)
-OPTIONS = {"seed": "--seed", "method": "--method", "episodes": "--episodes", "stages": "--stages",
-           "env.passes": "--passes", "demonstrations": "--demonstrations", "near_best": "--near-best"}
-
-
-def _load(path: Path, settings: SearchSettings, agent: DQNAgent, near: DQNAgent | None = None,
-          run_record: Mapping | None = None) -> SearchProgress:
-    state = load_checkpoint(path)
-    check_same(state.get("record"), run_record)
-    old, new = _normalise(state.get("settings")), _normalise(asdict(settings))
-    if old != new:
-        if isinstance(old, dict):  # name the option that differs when a user can set it
-            named = {OPTIONS.get(k, f"search setting {k}"): v for k, v in flatten(old).items()}
-            check_same(named, {OPTIONS.get(k, f"search setting {k}"): v for k, v in flatten(new).items()})
-        raise UsageError(f"{path} belongs to a search with other settings; rerun with the same options, or pass "
-                         "--force instead of --resume to start over")
-    try:
-        agent.load_state_dict(state["agent"])
-        if near is not None:
-            near.load_state_dict(state["near_agent"])
-        p = state["progress"]
-        return SearchProgress(episode=p["episode"], history=p["history"], best=[StageBest(**b) for b in p["best"]],
-                              reward_seconds=p["reward_seconds"], total_seconds=p["total_seconds"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise QLPError(f"checkpoint {path} is damaged ({type(e).__name__}); pass --force instead of --resume to "
-                       "start over") from e
-
-
-def _normalise(settings: dict | None) -> dict | None:
-    """Settings minus what may change between a run and its resumption (the checkpoint interval)."""
-    if settings is None:
-        return None
-    out = dict(settings)
-    out.pop("checkpoint_every", None)
-    if out.get("exact_demonstrations", True):  # the default; older checkpoints lack the field
-        out.pop("exact_demonstrations", None)
-    if not out.get("near_best"):  # without near-best episodes their settings change nothing (and older
-        out.pop("near_best", None)  # checkpoints, which lack them, stay resumable)
-        out["env"] = {k: v for k, v in out.get("env", {}).items() if k not in ("relative_steps", "near_best_layers")}
-    return _tuples_to_lists(out)
-
-
-def _tuples_to_lists(x):
-    if isinstance(x, dict):
-        return {k: _tuples_to_lists(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_tuples_to_lists(v) for v in x]
-    return x
 
 
 def check_budget(episodes: int, stages: int, stages_option: bool = True) -> None:

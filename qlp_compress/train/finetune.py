@@ -312,8 +312,9 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     """Top-1 accuracy of `model` (in eval mode) over the batches."""
     model.eval()
     correct = seen = 0
-    for x, y in batches:
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
+    for x, y in batches:  # labels already on the GPU (the reward's) stay there: one sync per batch, no copies
+        predicted = model(x.to(device)).argmax(1)
+        correct += int((predicted == y.to(predicted.device)).sum())
         seen += len(y)
     return correct / max(1, seen)
 

@@ -37,12 +37,14 @@ from qlp_compress.pruning.widths import (
 from qlp_compress.report.progress import phase
 from qlp_compress.report.provenance import finetune_lines, jsonable, versions
 from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
+from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
 from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
 from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning, speedup_warning
 from qlp_compress.workflows.channel_checks import POLICY_FORMAT, check_channel_policy, check_reach, read_channel_policy
 from qlp_compress.workflows.quantize import quantize_beside
+from qlp_compress.workflows.scale import scale_record, scoring
 from qlp_compress.workflows.workspace import (
     BN_RECALIBRATION_IMAGES,
     Workspace,
@@ -71,6 +73,7 @@ class ChannelSettings:
     #                       same widths, 0.1 epoch, ResNet-20 seed 0; docs/benchmarks_channel.md)
     speed_rounds: int = 15  # interleaved rounds per measured speedup
     quantize: QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
+    scale: ScaleSettings = field(default_factory=ScaleSettings)  # where the search's rewards are scored
 
 
 def check_method(method: str) -> None:
@@ -117,15 +120,19 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
     if settings.method in BASELINES:
         widths = allocate_widths(settings.method, ctx.space, ctx.table, target)
     else:
-        reward = ChannelReward(ctx.space, ws.splits.reward, replace(settings.reward, device=ws.device))
+        reward_settings = replace(settings.reward, device=ws.device)
         search = replace(settings.search or SearchSettings(target=target), target=target, method=settings.method,
                          near_best=0.0)  # near-best episodes move per-layer sparsities: weight mode only
         demos = settings.demonstrations if settings.demonstrations is not None else default_demonstrations(ctx.space)
         search = replace(search, demonstrations=tuple(demos))
-        env = ChannelEnv(ctx.table, reward, search.env)
         budget_warning(search)
-        result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
-                            allocation=demonstration_allocator(ctx.space, ctx.table), run_record=ws.record)
+        with scoring("channel", ws, reward_settings, settings.scale,
+                     lambda: ChannelReward(ctx.space, ws.splits.reward, reward_settings)) as scorer:
+            env = ChannelEnv(ctx.table, scorer.reward_fn, search.env)
+            result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
+                                allocation=demonstration_allocator(ctx.space, ctx.table), run_record=ws.record,
+                                score_batch=scorer.score_batch)
+            info.update(scale_record(settings.scale, search.batch_episodes, result, scorer.pool))
         if result.final.sparsities is None:
             raise QLPError(f"no episode reached a {settings.speedup:g}× predicted speedup in {search.episodes} "
                            "episodes; raise --episodes or --passes")
@@ -140,14 +147,16 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
                            "widths were scored before is answered from a cache, so distinct_networks_scored can be "
                            "fewer; a resumed search counts only its own)",
                     best_reward=result.final.reward, demonstration=result.final.demonstration,
-                    episodes=len(result.history), reward_evaluations=reward.evaluations,
-                    distinct_networks_scored=len(reward.cache), reward_failures=len(reward.failures),
-                    reward_seconds=round(result.reward_seconds, 2),
+                    episodes=len(result.history), reward_seconds=round(result.reward_seconds, 2),
                     stages=[{"target_speedup": round(1 / (1 - b.target), 4), "reward": b.reward, "episode": b.episode,
                              "demonstration": b.demonstration, "near_best": b.near_best,
                              "widths": widths_from(ctx.space.sizes, b.sparsities) if b.sparsities else None}
                             for b in result.best],
                     rewards=[round(h["reward"], 5) for h in result.history])
+        if scorer.pool is None:  # scored in this process: what its reward counted (workers keep their own counts)
+            r = scorer.reward_fn
+            info.update(reward_evaluations=r.evaluations, distinct_networks_scored=len(r.cache),
+                        reward_failures=len(r.failures))
     info.update(widths=widths, predicted_speedup=ctx.table.speedup(widths),
                 search_seconds=round(time.perf_counter() - started, 2))
     return info

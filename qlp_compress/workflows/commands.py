@@ -22,6 +22,7 @@ from qlp_compress.pruning.widths import check_speedup
 from qlp_compress.report.progress import search_progress
 from qlp_compress.reward.channels import ChannelRewardSettings
 from qlp_compress.reward.weights import ENGINES, RewardSettings
+from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.search.curriculum import SearchSettings, check_budget
 from qlp_compress.search.env import EnvSettings
@@ -29,6 +30,7 @@ from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
 from qlp_compress.workflows import channels, evaluate, quantize, selection, train, weights
 from qlp_compress.workflows.compare import compare as compare_weights
+from qlp_compress.workflows.scale import check_scale
 from qlp_compress.workflows.selection import SelectionSettings
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
@@ -92,6 +94,10 @@ class Choice:
     candidates: int = SelectionSettings.candidates  # weight, qlp: allocations fine-tuned to choose the answer
     select_epochs: float = SelectionSettings.epochs  # fine-tuning per candidate
     targets: tuple[float, ...] = field(default_factory=tuple)  # compare: several targets
+    workers: int = 0  # search: Ray reward workers (0: rewards scored in this process)
+    batch_episodes: int | None = None  # search: episodes per batch (None: the workers, or 1)
+    worker_threads: int = 1  # search: torch and onnxruntime threads per worker
+    ray_address: str | None = None  # search: a Ray cluster to join (None: $RAY_ADDRESS, else workers here)
 
 
 def methods_for(structure: str) -> tuple[str, ...]:
@@ -141,6 +147,7 @@ def _check_choice(how: Choice, searching: bool) -> None:
         validate.choice("--reward-engine", how.reward_engine, ENGINES)
         _demonstrations(how)
         selection.check(_selection(how))
+        check_scale(how.workers, how.worker_threads, how.batch_episodes, how.ray_address)
 
 
 def _demonstrations(how: Choice) -> tuple[str, ...] | None:
@@ -160,6 +167,10 @@ def _demonstrations(how: Choice) -> tuple[str, ...] | None:
 
 def _selection(how: Choice) -> SelectionSettings:
     return SelectionSettings(candidates=how.candidates, epochs=how.select_epochs)
+
+
+def _scale(how: Choice) -> ScaleSettings:
+    return ScaleSettings(workers=how.workers, threads=how.worker_threads, address=how.ray_address)
 
 
 def _latency(how: Choice) -> LatencySettings:
@@ -193,7 +204,8 @@ def _workspace(run: RunOptions) -> Workspace:
 def _search_settings(how: Choice, run: RunOptions, target: float) -> SearchSettings:
     demos = _demonstrations(how)
     settings = SearchSettings(target=target, episodes=how.episodes, stages=how.stages, method=how.method,
-                              seed=run.seed, env=EnvSettings(passes=how.passes))
+                              seed=run.seed, env=EnvSettings(passes=how.passes),
+                              batch_episodes=how.batch_episodes or max(1, how.workers))
     if how.near_best is not None:
         settings = replace(settings, near_best=how.near_best)
     if demos is not None and how.structure == "weight":
@@ -206,7 +218,7 @@ def _channel_settings(how: Choice, run: RunOptions, int8: QuantizeSettings | Non
         method=how.method, speedup=how.speedup, latency=_latency(how), finetune=_finetune(run), distill=how.distill,
         search=_search_settings(how, run, 0.5),
         reward=ChannelRewardSettings(images=how.reward_images, bn_recalibrate=how.bn_recalibrate),
-        demonstrations=_demonstrations(how), quantize=int8)
+        demonstrations=_demonstrations(how), quantize=int8, scale=_scale(how))
 
 
 def default_out(model: Path, how: Choice, suffix: str = "") -> Path:
@@ -250,7 +262,7 @@ def search(run: RunOptions, how: Choice) -> dict:
     settings = weights.CompressSettings(
         method=how.method, target=how.sparsity, search=_search_settings(how, run, how.sparsity), reward=reward,
         allocation=AllocationSettings(min_density=how.min_density), finetune=_finetune(run),
-        sparse_storage=run.sparse_storage, quantize=int8, selection=_selection(how))
+        sparse_storage=run.sparse_storage, quantize=int8, selection=_selection(how), scale=_scale(how))
     report = weights.compress(run.model, ws, settings, out, run.command, resume=run.resume, policy=chosen,
                               force=run.force)
     return {"out": str(out), **report}

@@ -36,7 +36,7 @@ from qlp_compress.base.resume import check_same, flatten
 from qlp_compress.pruning.allocate import AllocationSettings
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import RewardSettings
-from qlp_compress.search.curriculum import OPTIONS as SEARCH_OPTIONS
+from qlp_compress.search.checkpoint import OPTIONS as SEARCH_OPTIONS
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings, accuracy
 from qlp_compress.workflows.workspace import Workspace, digest, prune_and_finetune

@@ -21,11 +21,13 @@ from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings, alloca
 from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import Reward, RewardSettings
+from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.curriculum import METHODS, SearchSettings, run_search
 from qlp_compress.search.env import PruningEnv
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import advice
 from qlp_compress.workflows.quantize import quantize_beside
+from qlp_compress.workflows.scale import IN_PROCESS, scale_record, scoring
 from qlp_compress.workflows.selection import SelectionSettings, choose_answer, run_record
 from qlp_compress.workflows.workspace import (
     Workspace,
@@ -82,8 +84,9 @@ def allocator(ws: Workspace, settings: AllocationSettings | None = None) -> Call
 def find_policy(ws: Workspace, method: str, target: float, search: SearchSettings | None = None,
                 reward_settings: RewardSettings | None = None, allocation: AllocationSettings | None = None,
                 checkpoint: Path | None = None, resume: bool = False,
-                on_episode: Callable[[dict], None] | None = None) -> Policy:
-    """Per-layer sparsities by QLP, random search or a baseline allocator."""
+                on_episode: Callable[[dict], None] | None = None, scale: ScaleSettings | None = None) -> Policy:
+    """Per-layer sparsities by QLP, random search or a baseline allocator; the search's rewards are scored in this
+    process or on `scale.workers` Ray workers."""
     validate.sparsity(target)
     layers = find_prunable_layers(ws.loaded.module)
     names, numels = [layer.name for layer in layers], [layer.numel for layer in layers]
@@ -99,10 +102,13 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
     check_demonstrations(search.demonstrations)
     reward_settings = reward_settings or RewardSettings(device=ws.device)
     advice.budget_warning(search)
-    reward = Reward(ws.loaded.module, ws.splits.reward, reward_settings)
-    env = PruningEnv(reward.numels, reward, search.env)
-    result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
-                        allocation=baseline, run_record=ws.record)
+    scale = scale or ScaleSettings()
+    with scoring("weight", ws, reward_settings, scale,
+                 lambda: Reward(ws.loaded.module, ws.splits.reward, reward_settings)) as scorer:
+        env = PruningEnv(numels, scorer.reward_fn, search.env)
+        result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
+                            allocation=baseline, run_record=ws.record, score_batch=scorer.score_batch)
+        scaled = scale_record(scale, search.batch_episodes, result, scorer.pool)
     advice.signal_warning(result.history, ws.data.num_classes, target,
                           reward_settings.finetune_steps if target >= reward_settings.finetune_from else 0)
     if result.final.sparsities is None:
@@ -117,13 +123,13 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
              "demonstration_episodes": sum(d is not None for d in demonstrations),
              "agent_episodes": sum(d is None for d in demonstrations),
              "counts": EPISODE_COUNTS,
-             "reward_engine": reward.engine, "reward_images": len(reward.y),
+             "reward_engine": scorer.engine, "reward_images": min(reward_settings.images, len(ws.splits.reward)),
              "wall_seconds": round(result.total_seconds, 2), "reward_seconds": round(result.reward_seconds, 2),
              "seconds_per_episode": round(result.total_seconds / max(1, len(result.history)), 4),
              "share_outside_reward": round(outside / max(1e-9, result.total_seconds), 4),
              "rewards": [round(h["reward"], 5) for h in result.history],
              "stage_of_episode": [h["stage"] for h in result.history], "succeeded": succeeded,
-             "demonstration": demonstrations, "near_best": [bool(h.get("near_best")) for h in history]}
+             "demonstration": demonstrations, "near_best": [bool(h.get("near_best")) for h in history], **scaled}
     stages = [{"target": b.target, "reward": b.reward, "episode": b.episode, "sparsities": b.sparsities,
                "demonstration": b.demonstration, "near_best": b.near_best} for b in result.best]
     return Policy(method=method, sparsities=result.final.sparsities, best_reward=result.final.reward,
@@ -146,6 +152,7 @@ class CompressSettings:
     latency_repeats: int = 30  # timed runs per latency figure
     quantize: quantize.QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
     selection: SelectionSettings = field(default_factory=SelectionSettings)  # how a QLP answer is chosen
+    scale: ScaleSettings = field(default_factory=ScaleSettings)  # where the search's rewards are scored
 
 
 def default_out_dir(model_path: Path, method: str, target: float) -> Path:
@@ -181,7 +188,8 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
         search = settings.search or SearchSettings(target=settings.target)
         with search_progress(f"{settings.method} search", search.episodes) as on_episode:
             policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
-                                 checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode)
+                                 checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode,
+                                 scale=settings.scale)
         if settings.method == "qlp":
             reward_images = (settings.reward or RewardSettings()).images
             policy = choose_answer(ws, policy, allocator(ws, settings.allocation), settings.selection,
@@ -237,6 +245,7 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
                    for label, n, w, s in zip(policy.labels, policy.layers, policy.numels, policy.sparsities,
                                              strict=True)],
         "search": {k: v for k, v in policy.search.items() if k not in PER_EPISODE},
+        "scale": policy.search.get("scale", IN_PROCESS) if policy.search else None,
         "stages": [{k: v for k, v in s.items() if k != "sparsities"} for s in policy.stages],
         "finetune": finetune_report(settings.finetune, tuned),
         "file_layers_read_back": len(readback), "command": command,
