@@ -10,7 +10,7 @@ Splits: the training split is cut, by a fixed seed, into a *reward* part (the se
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +110,18 @@ def iterate_batches(
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
                         num_workers=num_workers)
     yield from loader
+
+
+def iterate_order(dataset: Dataset, order: Sequence[int],
+                  batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float32 images in [0, 1], int64 labels) of the images at `order`, in that order (a sampler's indices,
+    such as one rank's share from a DistributedSampler)."""
+    if isinstance(dataset, TensorImages):
+        idx = torch.as_tensor(list(order), dtype=torch.long)
+        for start in range(0, len(idx), batch_size):
+            yield to_float(dataset.x[idx[start : start + batch_size]]), dataset.y[idx[start : start + batch_size]]
+        return
+    yield from DataLoader(Subset(dataset, list(order)), batch_size=batch_size)
 
 
 def materialize(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
-"""The PyTorch training loop: trains a dense model (`train`) or fine-tunes a pruned one with its masks held.
+"""The PyTorch training loop: trains a dense model (`train`) or fine-tunes a pruned one with its masks held, in one
+process or as one rank of several (train.ranks, train.distributed).
 
 Masked weights stay exactly zero: their gradients are zeroed before each step and the weights and the
-momentum buffers are re-masked after it, so neither weight decay nor momentum can regrow them.
+momentum buffers are re-masked after it, so neither weight decay nor momentum can regrow them. Under DDP the
+gradients are masked after they are averaged, so every rank takes the same step and holds the same zeros.
 """
 
 from __future__ import annotations
@@ -9,17 +11,18 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
-from qlp_compress.data import iterate_batches
+from qlp_compress.data import iterate_order
+from qlp_compress.train import ranks
 from qlp_compress.train.guard import RANGE_STEPS, Guard, GuardSettings, find_lr, first_batches, loss_on
 
 RECORD = "qlp_finetune"  # the attribute `train` leaves its record in (see finetune_record)
@@ -30,7 +33,7 @@ class TrainSettings:
     """How to train or fine-tune."""
 
     epochs: float = 15.0  # passes over the data; a fraction (0.05) trains on part of one epoch
-    batch_size: int = 128  # images per step
+    batch_size: int = 128  # images per step, all ranks together (each rank takes batch_size / nproc, rounded up)
     lr: float | None = 0.1  # peak learning rate of SGD; None: from a range test on the first batches (guard.find_lr)
     momentum: float = 0.9  # SGD momentum (Nesterov)
     weight_decay: float = 5e-4  # L2 penalty on all parameters
@@ -38,7 +41,8 @@ class TrainSettings:
     warmup_epochs: float = 1.0  # linear warm-up length for "cosine"
     augment: bool = True  # random crop (padding 1/8 of the side) and horizontal flip
     seed: int = 0  # shuffling, augmentation and initialisation
-    device: str = "cpu"  # torch device to train on
+    device: str = "cpu"  # torch device to train on ("cuda": one GPU per rank)
+    nproc: int = 1  # processes training together with torch DDP (train.distributed); 1: this process alone
 
 
 def _cosine(total: int, warmup: int) -> Callable[[int], float]:
@@ -56,6 +60,12 @@ SCHEDULES = {
     "onecycle": lambda opt, s, total, per_epoch: torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=s.lr, total_steps=total),
 }
+
+
+def augment_seed(seed: int, epoch: int, rank: int) -> int:
+    """The augmentation generator's seed for one epoch on one rank: a resumed run draws what an uninterrupted one
+    would, and ranks draw independently."""
+    return (seed * 1_000_003 + epoch) * 1009 + rank
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -153,20 +163,30 @@ def train(
     (qlp_compress.train.guard): divergence is undone, training ends on the best held-out state, and
     `finetune_record(model)` tells what happened (also when `settings.lr` is None). `run_settings` (base.resume)
     is kept in the checkpoint for the caller to compare on resume.
+
+    In a process group (train.distributed) this is one rank: the ranks must hold the same model shapes and masks
+    (checked first), each trains on its share of every batch (a DistributedSampler with the same seed everywhere,
+    so the global batches are those of one process at the same batch size), DistributedDataParallel averages the
+    gradients, only rank 0 saves the checkpoint, and `resume` restores every rank from it.
     """
-    device = torch.device(settings.device)
+    device = ranks.device(settings.device)
     model.to(device)
-    steps_per_epoch = math.ceil(len(dataset) / settings.batch_size)
+    ranks.check_same_model(model, masks)
+    ranks.sync_states(model)
+    local_batch = math.ceil(settings.batch_size / ranks.world())
+    sampler = DistributedSampler(dataset, num_replicas=ranks.world(), rank=ranks.rank(), seed=settings.seed)
+    steps_per_epoch = math.ceil(len(sampler) / local_batch)
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator()  # augmentation; seeded per epoch and rank (augment_seed)
     holder = MaskHolder(model, masks, device) if masks else None
     if teacher is not None:
         teacher = teacher.to(device).eval()
     objective = _objective(distill_weight, distill_temperature)
     history: list[dict] = []
     start_epoch = 0
-    state = _load(checkpoint, settings) if resume and checkpoint is not None and checkpoint.exists() else None
+    state = ranks.from_main(_load(checkpoint, settings) if resume and checkpoint is not None and ranks.is_main()
+                            and checkpoint.exists() else None)
     watch = None if held_out is None or guard is None or len(held_out) == 0 else \
         Guard(held_out, guard, total_steps, steps_per_epoch, device, state.get("guard") if state else None)
     record = watch.record if watch is not None else {}
@@ -181,7 +201,6 @@ def train(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["python_rng"])
             history, start_epoch = state["history"], state["epoch"] + 1
@@ -193,26 +212,29 @@ def train(
 
     step = start_epoch * steps_per_epoch
     stopped = False
+    net = ranks.wrap(model)  # DDP on several ranks; the loop masks, measures and saves `model`
     for epoch in range(start_epoch, n_epochs):
         epoch_started = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in iterate_batches(dataset, settings.batch_size, shuffle=True, generator=generator):
+        sampler.set_epoch(epoch)
+        generator.manual_seed(augment_seed(settings.seed, epoch, ranks.rank()))
+        for x, y in iterate_order(dataset, list(sampler), local_batch):
             if step >= total_steps or stopped:
                 break
             if settings.augment:
                 x = augment(x, generator)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            logits = net(x)
             with torch.no_grad():
                 target = teacher(x) if teacher is not None else None
             loss = objective(logits, y, target)
-            reason = watch.diverged(float(loss.detach())) if watch is not None else None
-            if reason is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # on every rank, always: DDP averages the gradients here
+            reason = watch.diverged(ranks.mean(float(loss.detach()))) if watch is not None else None
+            if reason is not None:  # the same on every rank: it is decided on the mean loss
                 stopped = not watch.restore(model, optimizer, step + 1, reason, holder.remask if holder else None)
             else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if holder:
                     holder.before_step()
                 optimizer.step()
@@ -227,24 +249,27 @@ def train(
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
             if watch is not None and reason is None and watch.due(step):  # not right after a restore
+                ranks.sync_buffers(model)
                 watch.check(model, step)
                 model.train()
             if on_step:
                 on_step({"epoch": epoch + 1, "epochs": n_epochs, "step": step, "steps": total_steps,
                          "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen)})
+        loss_sum, correct, seen = ranks.total(loss_sum, correct, seen)
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen),
                         "seconds": round(time.perf_counter() - epoch_started, 2)})
-        if checkpoint is not None and not stopped:
+        if checkpoint is not None and not stopped and ranks.is_main():
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate(),
                 "history": history, "epoch": epoch, "settings": asdict(settings), "lr": lr,
                 "guard": watch.state() if watch is not None else None, "finetune_record": record,
                 "run_settings": dict(run_settings or {}),
             }, checkpoint)
         if stopped:
             break
+    ranks.sync_buffers(model)  # every rank ends on rank 0's BatchNorm statistics
     if state is not None and watch is None:
         record = state.get("finetune_record") or {}
     if watch is not None:
@@ -301,36 +326,8 @@ def _first_lr(model: nn.Module, dataset: Dataset, settings: TrainSettings, objec
         lr = settings.lr
         start_loss = loss_on(model, batches, objective)
         record.update(lr=lr, lr_from="--lr")
+    lr, start_loss, main_record = ranks.from_main((lr, start_loss, dict(record)))  # rank 0's, on every rank
+    record.update(main_record)
     if watch is not None:
         watch.start(model, start_loss)
     return lr, record
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy of `model` (in eval mode) over the batches."""
-    model.eval()
-    correct = seen = 0
-    for x, y in batches:
-        correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
-        seen += len(y)
-    return correct / max(1, seen)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Re-estimate BatchNorm running statistics from the batches (cumulative average), then eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average over the given batches
-    model.train()
-    for x in batches:
-        model(x)
-    for bn, momentum in zip(bns, momenta, strict=True):
-        bn.momentum = momentum
-    model.eval()

@@ -27,7 +27,8 @@ from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.report.progress import phase, training_progress
-from qlp_compress.train.finetune import TrainSettings, finetune_record, recalibrate_batchnorm, train
+from qlp_compress.train.finetune import TrainSettings, finetune_record, train
+from qlp_compress.train.measure import recalibrate_batchnorm
 
 if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
     from qlp_compress.importer import LoadedModel
