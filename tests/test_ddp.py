@@ -5,8 +5,6 @@ and pruning refuses a DDP-wrapped model."""
 from __future__ import annotations
 
 import copy
-import os
-import signal
 import time
 from dataclasses import replace
 
@@ -14,11 +12,10 @@ import onnx
 import pytest
 import torch
 import torch.distributed as dist
+from ddp_ranks import frozen_bn_model, other_width_on_rank_1, rank_1_dies, tiny_data
 from torch import nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from qlp_compress.base.errors import QLPError, UsageError
-from qlp_compress.data import TensorImages
 from qlp_compress.deploy import export
 from qlp_compress.pruning.channel_groups import ChannelSpace
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, find_prunable_layers
@@ -29,25 +26,6 @@ from qlp_compress.train.finetune import TrainSettings, train
 # single process is a reference the 2 ranks must meet
 SETTINGS = TrainSettings(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, warmup_epochs=0.0,
                          augment=False, seed=3)
-
-
-def frozen_bn_model(width: int = 6) -> nn.Module:
-    """A small CNN whose BatchNorm statistics are frozen (FrozenBatchNorm2d normalises with its running statistics
-    in training too): then 2 ranks of 8 images and 1 process of 16 compute the same gradients."""
-    torch.manual_seed(0)
-    bn = FrozenBatchNorm2d(width)
-    bn.running_mean.uniform_(-0.2, 0.2)
-    bn.running_var.uniform_(0.5, 1.5)
-    return nn.Sequential(nn.Conv2d(1, width, 3, padding=1), bn, nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(width, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
-
-
-def tiny_data(n: int = 320) -> TensorImages:
-    g = torch.Generator().manual_seed(1)
-    y = torch.randint(0, 3, (n,), generator=g)
-    x = torch.randint(0, 60, (n, 1, 8, 8), dtype=torch.uint8, generator=g)
-    x[:, :, :, :3] += (90 * y).to(torch.uint8).view(n, 1, 1, 1)
-    return TensorImages(x, y)
 
 
 def pruned(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -79,19 +57,6 @@ def test_two_gloo_ranks_train_what_one_process_trains_and_keep_the_masks_into_th
     proto = onnx.load_from_string(export.to_onnx_bytes(tuned.eval(), (1, 8, 8)))
     matched = export.match_layers(export.weight_initializers(proto), {k: v.numpy() for k, v in masks.items()})
     assert set(matched) == set(masks)  # every layer's zeros are exactly the mask's, read back from the file
-
-
-def other_width_on_rank_1(model, data, settings, progress, kwargs, errors):
-    """Rank 1 loads a model of other shapes (as a rank that read another file would)."""
-    if os.environ["RANK"] == "1":
-        model = frozen_bn_model(width=4)
-    return distributed._rank_main(model, data, settings, progress, kwargs, errors)
-
-
-def rank_1_dies(model, data, settings, progress, kwargs, errors):
-    if os.environ["RANK"] == "1":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return distributed._rank_main(model, data, settings, progress, kwargs, errors)
 
 
 @pytest.mark.parametrize(("fn", "expected"), [(other_width_on_rank_1, "rank 1 holds a model of other shapes"),

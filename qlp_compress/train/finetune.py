@@ -288,7 +288,8 @@ def finetune_record(model: nn.Module) -> dict:
 
 def _load(checkpoint: Path, settings: TrainSettings) -> dict:
     state = load_checkpoint(checkpoint)
-    if state.get("settings") != asdict(settings):
+    same = {k: v for k, v in asdict(settings).items() if k != "nproc"}  # another process count trains the same
+    if {k: v for k, v in (state.get("settings") or {}).items() if k != "nproc"} != same:
         from qlp_compress.base.errors import UsageError
 
         raise UsageError(f"{checkpoint} was written with other settings; rerun with the same options, or pass "
