@@ -3,6 +3,7 @@ no more than a rank needs (torch and the training code; not onnx, torchvision or
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -50,3 +51,15 @@ def rank_1_dies(model, data, settings, progress, kwargs, errors):
     if os.environ["RANK"] == "1":
         os.kill(os.getpid(), signal.SIGKILL)
     return distributed._rank_main(model, data, settings, progress, kwargs, errors)
+
+
+@contextlib.contextmanager
+def stop_in_the_second_epoch():
+    """A progress display (rank 0's) that fails at the second epoch's first step: the first epoch's checkpoint is
+    written by then."""
+
+    def on_step(record: dict) -> None:
+        if record["epoch"] == 2:
+            raise RuntimeError("stopped in the second epoch")
+
+    yield on_step

@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 import uuid
+import warnings
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -159,18 +160,27 @@ def launch(nproc: int, fn: Callable, args: tuple) -> dict[int, object]:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"qlp-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn", rdzv_configs={"timeout": int(TIMEOUT.total_seconds())})
-    elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
-    elastic.setLevel(logging.CRITICAL)  # its warnings and failure tables would bury the one line
+    # the launcher's warnings ("Received 2 death signal, ...") and failure tables would bury the one line
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="qlp-ddp-") as errors:
         try:
-            return elastic_launch(config, fn)(*args, errors)
+            return elastic_launch(config, _entry)(fn, list(warnings.filters), *args, errors)
         except ChildFailedError as e:
             raise _first_failure(Path(errors), e) from None
         except SignalException as e:
             raise KeyboardInterrupt(signal.Signals(e.sigval).name) from None
         finally:
-            elastic.setLevel(level)
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def _entry(fn: Callable, filters: list, *args) -> object:
+    """A launched process: the caller's warning filters (its modules' imports set some), then fn(*args)."""
+    warnings.filters[:] = filters
+    return fn(*args)
 
 
 def _first_failure(folder: Path, failed) -> Exception:
