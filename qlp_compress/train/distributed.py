@@ -6,7 +6,7 @@ elastic launcher. The loop is the same in every case (finetune.train with train.
   has no SyncBatchNorm: on CPU each rank normalises with the statistics of its own share of the batch (128 / N
   images), and DDP broadcasts rank 0's running statistics before each forward. With small shares (16 images or
   fewer) those batch statistics are noisy and accuracy can drop: keep the per-rank share large, or train on GPUs.
-- Nothing hangs: the process group times out after `TIMEOUT` (gloo's default is 30 minutes); the launcher stops
+- Nothing hangs: the process group times out after `timeout()` (gloo's default is 30 minutes); the launcher stops
   every rank as soon as one fails; the failure that came first is raised here as one line naming its rank (the
   rank's traceback is attached as a note, which --debug prints).
 - Only rank 0 writes (checkpoints in the loop, everything else in the workflows: ranks.is_main), int8 calibration
@@ -41,8 +41,22 @@ from qlp_compress.base.errors import QLPError, UsageError, first_line
 from qlp_compress.train import ranks
 from qlp_compress.train.finetune import RECORD, TrainSettings, finetune_record, train
 
-TIMEOUT = timedelta(seconds=float(os.environ.get("QLP_DDP_TIMEOUT", "30")))  # a collective waits at most this long
+TIMEOUT_SECONDS = 30.0  # a collective waits at most this long (QLP_DDP_TIMEOUT overrides it)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def timeout() -> timedelta:
+    """How long a collective may wait for the other ranks before the job fails: 30 s, or QLP_DDP_TIMEOUT seconds
+    (for a model whose checkpoint takes longer to write). gloo's own default, 30 minutes, is what a hang would cost."""
+    text = os.environ.get("QLP_DDP_TIMEOUT", str(TIMEOUT_SECONDS))
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 86400:
+        raise UsageError(f"QLP_DDP_TIMEOUT={text} is not a number of seconds between 0 and 86400; e.g. "
+                         "QLP_DDP_TIMEOUT=120, or unset it for 30")
+    return timedelta(seconds=seconds)
 
 
 def in_torchrun_job() -> bool:
@@ -58,6 +72,8 @@ def check_nproc(nproc: int, device: str) -> None:
     if nproc > 1 and in_torchrun_job():
         raise UsageError("--nproc starts local processes, but this command runs inside a torchrun job already; leave "
                          "--nproc out (torchrun's --nproc-per-node sets the processes)")
+    if nproc > 1 or in_torchrun_job():
+        timeout()  # a bad QLP_DDP_TIMEOUT is refused before any work
     if nproc > 1 and torch.device(device).type == "cuda" and nproc > torch.cuda.device_count():
         raise UsageError(f"--nproc {nproc} asks for one GPU per process but {torch.cuda.device_count()} are visible; "
                          f"use --nproc {torch.cuda.device_count()} or --device cpu")
@@ -65,7 +81,7 @@ def check_nproc(nproc: int, device: str) -> None:
 
 def join(device: str) -> None:
     """Join the job's process group from the environment (torchrun's variables): NCCL and this rank's GPU on CUDA,
-    gloo on CPU, with the short TIMEOUT."""
+    gloo on CPU, with the short timeout()."""
     if dist.is_initialized():
         return
     missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
@@ -75,7 +91,7 @@ def join(device: str) -> None:
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout())
 
 
 def fit(model: nn.Module, dataset: Dataset, settings: TrainSettings,
@@ -159,7 +175,7 @@ def launch(nproc: int, fn: Callable, args: tuple) -> dict[int, object]:
 
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"qlp-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
-                          start_method="spawn", rdzv_configs={"timeout": int(TIMEOUT.total_seconds())})
+                          start_method="spawn", rdzv_configs={"timeout": max(1, int(timeout().total_seconds()))})
     # the launcher's warnings ("Received 2 death signal, ...") and failure tables would bury the one line
     loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
     levels = [logger.level for logger in loggers]
@@ -198,10 +214,11 @@ def _first_failure(folder: Path, failed) -> Exception:
         return QLPError(f"rank {r} exited with code {f.exitcode} and the job stopped; rerun with --debug")
     first = records[0]
     error = pickle.loads(first["error"])
+    who = "" if str(error).startswith("rank ") else f"rank {first['rank']}: "  # ranks.check_same_model names it
     try:
-        raised = type(error)(f"rank {first['rank']}: {error}") if isinstance(error, QLPError) else \
-            RuntimeError(f"rank {first['rank']}: {type(error).__name__}: {first_line(error)}")
+        raised = type(error)(f"{who}{error}") if isinstance(error, QLPError) else \
+            RuntimeError(f"{who}{type(error).__name__}: {first_line(error)}")
     except TypeError:  # an error class that takes other arguments
-        raised = QLPError(f"rank {first['rank']}: {first_line(error)}")
+        raised = QLPError(f"{who}{first_line(error)}")
     raised.add_note(f"rank {first['rank']}'s traceback:\n{first['traceback']}")
     return raised
