@@ -176,8 +176,10 @@ def launch(nproc: int, fn: Callable, args: tuple) -> dict[int, object]:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"qlp-{uuid.uuid4().hex[:12]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn", rdzv_configs={"timeout": max(1, int(timeout().total_seconds()))})
-    # the launcher's warnings ("Received 2 death signal, ...") and failure tables would bury the one line
-    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("torch.distributed")]
+    # the launcher's warnings ("Received 2 death signal", "Terminating process") and failure tables would bury the
+    # one line
+    loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)
+               if n.startswith(("torch.distributed", "torch.multiprocessing"))]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.CRITICAL)
