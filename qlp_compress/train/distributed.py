@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Dataset
 
+from qlp_compress.base import messages
 from qlp_compress.base.errors import QLPError, UsageError, first_line
 from qlp_compress.train import ranks
 from qlp_compress.train.finetune import RECORD, TrainSettings, finetune_record, train
@@ -185,7 +186,7 @@ def launch(nproc: int, fn: Callable, args: tuple) -> dict[int, object]:
         logger.setLevel(logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="qlp-ddp-") as errors:
         try:
-            return elastic_launch(config, _entry)(fn, list(warnings.filters), *args, errors)
+            return elastic_launch(config, _entry)(fn, (list(warnings.filters), messages.quiet), *args, errors)
         except ChildFailedError as e:
             raise _first_failure(Path(errors), e) from None
         except SignalException as e:
@@ -195,9 +196,11 @@ def launch(nproc: int, fn: Callable, args: tuple) -> dict[int, object]:
                 logger.setLevel(level)
 
 
-def _entry(fn: Callable, filters: list, *args) -> object:
-    """A launched process: the caller's warning filters (its modules' imports set some), then fn(*args)."""
-    warnings.filters[:] = filters
+def _entry(fn: Callable, caller: tuple[list, bool], *args) -> object:
+    """A launched process: the caller's warning filters (its modules' imports set some) and --quiet, then
+    fn(*args)."""
+    warnings.filters[:], quiet = caller
+    messages.set_quiet(quiet)
     return fn(*args)
 
 
