@@ -1,6 +1,6 @@
 """DDP fine-tuning (issue 29): one epoch of fine-tuning the shipped ResNet-20, pruned by LAMP to 0.9 sparsity, on
-this machine as 1 process × 2 threads and as 2 processes × 1 thread (`--nproc 2`: gloo, a DistributedSampler, the
-same global batch of 128), then a paper estimate for 4 GPUs and for 2 nodes.
+this machine as 1 process × 2 threads and as 2 processes × 1 thread (`--nproc 2`: gloo, each rank half of each of the
+single process's batches of 128), then a paper estimate for 4 GPUs and for 2 nodes.
 
 The fine-tuning is what `qlp-compress prune models/resnet20_fmnist.onnx --method lamp --sparsity 0.9
 --finetune-epochs 1 --lr 0.01 [--nproc 2]` runs, without the guard's held-out checks (so that the time is the loop's

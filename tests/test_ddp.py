@@ -22,16 +22,17 @@ from ddp_ranks import frozen_bn_model, other_width_on_rank_1, rank_1_dies, stop_
 from torch import nn
 
 from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.data import iterate_shares
 from qlp_compress.deploy import export
 from qlp_compress.pruning.channel_groups import ChannelSpace
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, find_prunable_layers
 from qlp_compress.train import distributed
-from qlp_compress.train.finetune import TrainSettings, train
+from qlp_compress.train.finetune import TrainSettings, augment, train
 
-# 320 images at a global batch of 16: one epoch is 20 steps; no augmentation and a fixed learning rate, so that the
-# single process is a reference the 2 ranks must meet
+# 320 images at a global batch of 16: one epoch is 20 steps, augmented, at a fixed learning rate; the single process
+# is the reference the 2 ranks must meet
 SETTINGS = TrainSettings(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, warmup_epochs=0.0,
-                         augment=False, seed=3)
+                         augment=True, seed=3)
 
 
 def pruned(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -100,6 +101,23 @@ def test_a_rank_with_another_model_or_a_dead_rank_ends_the_job_fast_in_one_line(
     assert time.monotonic() - started < 60
     message = str(caught.value)
     assert message.startswith(expected) and "\n" not in message
+
+
+def test_the_ranks_shares_are_one_process_batches_and_augment_as_it_does():
+    """iterate_shares cuts each batch into contiguous slices that together are the batch (a rank whose slice would
+    be empty gets a stand-in image of weight 0); augmenting a slice with the batch's draws gives the batch's rows."""
+    data, order = tiny_data(35), torch.randperm(35, generator=torch.Generator().manual_seed(0))
+    whole = list(iterate_shares(data, order, 16))
+    parts = [list(iterate_shares(data, order, 16, 3, p)) for p in range(3)]
+    assert [len(s.x) for s in whole] == [16, 16, 3]
+    for k, batch in enumerate(whole):
+        shares = [parts[p][k] for p in range(3) if parts[p][k].weight > 0]
+        assert torch.equal(torch.cat([s.x for s in shares]), batch.x) and sum(s.weight for s in shares) == 1
+        for s in shares:
+            a = augment(s.x, torch.Generator().manual_seed(k), s.rows, s.batch)
+            assert torch.equal(a, augment(batch.x, torch.Generator().manual_seed(k))[s.rows])
+    last = list(iterate_shares(data, order[:33], 16, 3, 2))[-1]  # a last batch of 1 image for 3 parts
+    assert last.weight == 0 and len(last.x) == 1
 
 
 def test_pruning_refuses_a_model_already_wrapped_in_ddp(tmp_path):

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
-from qlp_compress.data import iterate_order
+from qlp_compress.data import iterate_shares
 from qlp_compress.train import ranks
 from qlp_compress.train.guard import RANGE_STEPS, Guard, GuardSettings, find_lr, first_batches, loss_on
 
@@ -33,7 +33,7 @@ class TrainSettings:
     """How to train or fine-tune."""
 
     epochs: float = 15.0  # passes over the data; a fraction (0.05) trains on part of one epoch
-    batch_size: int = 128  # images per step, all ranks together (each rank takes batch_size / nproc, rounded up)
+    batch_size: int = 128  # images per step, all ranks together (each rank takes about batch_size / nproc of them)
     lr: float | None = 0.1  # peak learning rate of SGD; None: from a range test on the first batches (guard.find_lr)
     momentum: float = 0.9  # SGD momentum (Nesterov)
     weight_decay: float = 5e-4  # L2 penalty on all parameters
@@ -62,21 +62,19 @@ SCHEDULES = {
 }
 
 
-def augment_seed(seed: int, epoch: int, rank: int) -> int:
-    """The augmentation generator's seed for one epoch on one rank: a resumed run draws what an uninterrupted one
-    would, and ranks draw independently."""
-    return (seed * 1_000_003 + epoch) * 1009 + rank
-
-
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random crop after zero padding, each image drawn independently."""
+def augment(x: torch.Tensor, generator: torch.Generator, rows: slice = slice(None),
+            batch: int | None = None) -> torch.Tensor:
+    """Random horizontal flip and random crop after zero padding, each image drawn independently. `x` may be the
+    `rows` of a batch of `batch` images (a rank's share): the draws are made for the whole batch and the share takes
+    its rows, so that ranks drawing from equal generators augment their images as one process would."""
     n, c, h, w = x.shape
+    drawn = n if batch is None else batch
     pad = max(1, h // 8)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    flip = (torch.rand(drawn, generator=generator) < 0.5)[rows].to(x.device)
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (drawn,), generator=generator)[rows].to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (drawn,), generator=generator)[rows].to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     return padded[torch.arange(n, device=x.device)[:, None, None, None],
@@ -165,20 +163,19 @@ def train(
     is kept in the checkpoint for the caller to compare on resume.
 
     In a process group (train.distributed) this is one rank: the ranks must hold the same model shapes and masks
-    (checked first), each trains on its share of every batch (a DistributedSampler with the same seed everywhere,
-    so the global batches are those of one process at the same batch size), DistributedDataParallel averages the
-    gradients, only rank 0 saves the checkpoint, and `resume` restores every rank from it.
+    (checked first); every rank draws the order and the augmentation from the same generator and trains on its slice
+    of each of one process's batches (data.iterate_shares), its loss weighted by its share; DistributedDataParallel
+    averages the gradients, so the step is one process's step. Only rank 0 saves the checkpoint, and `resume`
+    restores every rank from it.
     """
     device = ranks.device(settings.device)
     model.to(device)
     ranks.check_same_model(model, masks)
     ranks.sync_states(model)
-    local_batch = math.ceil(settings.batch_size / ranks.world())
-    sampler = DistributedSampler(dataset, num_replicas=ranks.world(), rank=ranks.rank(), seed=settings.seed)
-    steps_per_epoch = math.ceil(len(sampler) / local_batch)
+    steps_per_epoch = math.ceil(len(dataset) / settings.batch_size)
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    generator = torch.Generator()  # augmentation; seeded per epoch and rank (augment_seed)
+    generator = torch.Generator().manual_seed(settings.seed)  # the same on every rank: order and augmentation
     holder = MaskHolder(model, masks, device) if masks else None
     if teacher is not None:
         teacher = teacher.to(device).eval()
@@ -201,6 +198,7 @@ def train(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
             torch.set_rng_state(state["torch_rng"])
             random.setstate(state["python_rng"])
             history, start_epoch = state["history"], state["epoch"] + 1
@@ -217,22 +215,24 @@ def train(
         epoch_started = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        sampler.set_epoch(epoch)
-        generator.manual_seed(augment_seed(settings.seed, epoch, ranks.rank()))
-        for x, y in iterate_order(dataset, list(sampler), local_batch):
+        order = torch.randperm(len(dataset), generator=generator)
+        for share in iterate_shares(dataset, order, settings.batch_size, ranks.world(), ranks.rank()):
             if step >= total_steps or stopped:
                 break
+            x, y = share.x, share.y
             if settings.augment:
-                x = augment(x, generator)
+                x = augment(x, generator, share.rows, share.batch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = net(x)
             with torch.no_grad():
                 target = teacher(x) if teacher is not None else None
             loss = objective(logits, y, target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # on every rank, always: DDP averages the gradients here
-            reason = watch.diverged(ranks.mean(float(loss.detach()))) if watch is not None else None
-            if reason is not None:  # the same on every rank: it is decided on the mean loss
+            # on every rank, always: DDP averages the ranks' gradients, so each is weighted by its share of the batch
+            (loss * (share.weight * ranks.world())).backward()
+            # the batch's mean loss, the same on every rank, so that every rank takes the same decision
+            reason = watch.diverged(ranks.total(float(loss.detach()) * share.weight)[0]) if watch is not None else None
+            if reason is not None:
                 stopped = not watch.restore(model, optimizer, step + 1, reason, holder.remask if holder else None)
             else:
                 if holder:
@@ -244,7 +244,7 @@ def train(
             if watch is not None:
                 watch.scale_lr(optimizer)
             step += 1
-            if reason is None:
+            if reason is None and share.weight > 0:  # not a stand-in image (data.iterate_shares)
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
@@ -261,8 +261,8 @@ def train(
         if checkpoint is not None and not stopped and ranks.is_main():
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "python_rng": random.getstate(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "history": history, "epoch": epoch, "settings": asdict(settings), "lr": lr,
                 "guard": watch.state() if watch is not None else None, "finetune_record": record,
                 "run_settings": dict(run_settings or {}),

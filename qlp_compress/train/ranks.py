@@ -56,11 +56,6 @@ def total(*values: float) -> list[float]:
     return t.tolist()
 
 
-def mean(value: float) -> float:
-    """The mean of `value` over the ranks: every rank's loss counts, and every rank gets the same number."""
-    return total(value)[0] / world()
-
-
 def from_main(obj: object) -> object:
     """Rank 0's `obj` on every rank (a picklable object)."""
     if world() == 1:
