@@ -136,6 +136,7 @@ def markdown(r: dict) -> str:
         "then only an indication; re-run on a quiet machine." + (
             f" This run is {r['epochs']:g} of the issue's one epoch, because the machine was shared; "
             "`python benchmarks/ddp.py` runs the whole epoch." if r["epochs"] < 1 else ""), "",
+        *([f"Note: {r['note']}", ""] if r.get("note") else []),
         f"On CPU (gloo) there is no SyncBatchNorm: each of the 2 ranks normalises with the statistics of its own "
         f"{r['batch'] // 2} images, where one process uses all {r['batch']}; the accuracy column compares the two "
         "(one seed each: the seed spread is not measured here). With 8 or more ranks on one global batch of 128 (16 "
@@ -177,13 +178,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/ddp-CPUCLASS.json")
     parser.add_argument("--markdown", type=Path, default=ROOT / "docs/benchmarks_scale.md")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the page's section from --out")
+    parser.add_argument("--note", default=None, help="a remark on the conditions, kept in the results and the page")
     args = parser.parse_args()
     out = args.out or RESULTS / f"ddp-{cpu_class(machine.cpu_capability())}.json"
     if args.markdown_only:
         result = json.loads(out.read_text())
+        result.update({"note": args.note} if args.note is not None else {})
+        atomic_write_json(out, result)
     else:
         result = run(args)
-        result["results_file"] = out.name
+        result.update(results_file=out.name, note=args.note)
         atomic_write_json(out, result)
     write_section(args.markdown, markdown(result))
     print(markdown(result))
