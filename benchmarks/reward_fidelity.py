@@ -42,7 +42,8 @@ from qlp_compress.pruning.allocate import AllocationSettings, allocate, proporti
 from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import Reward, RewardSettings
-from qlp_compress.train.finetune import TrainSettings, accuracy
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.train.measure import accuracy
 from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_and_finetune
 
 ROOT = Path(__file__).resolve().parents[1]

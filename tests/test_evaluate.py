@@ -13,7 +13,8 @@ import torch
 from qlp_compress.base.errors import UsageError
 from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import find_prunable_layers
-from qlp_compress.train.finetune import TrainSettings, accuracy
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.train.measure import accuracy
 from qlp_compress.train.zoo import build_model, stats_for
 from qlp_compress.workflows import DataSettings, evaluate_model, train_model
 

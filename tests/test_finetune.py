@@ -13,7 +13,8 @@ from torch import nn
 from qlp_compress.base.errors import UsageError
 from qlp_compress.data import TensorImages
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks
-from qlp_compress.train.finetune import TrainSettings, accuracy, augment, recalibrate_batchnorm, train
+from qlp_compress.train.finetune import TrainSettings, augment, train
+from qlp_compress.train.measure import accuracy, recalibrate_batchnorm
 
 SETTINGS = TrainSettings(epochs=2, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-2, warmup_epochs=0.5,
                          augment=True, seed=7)

@@ -23,8 +23,9 @@ from torch import nn
 from qlp_compress.data import TensorImages
 from qlp_compress.deploy import export
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks
-from qlp_compress.train.finetune import TrainSettings, accuracy, distillation_loss, finetune_record, train
+from qlp_compress.train.finetune import TrainSettings, distillation_loss, finetune_record, train
 from qlp_compress.train.guard import FinetuneFailed, GuardSettings
+from qlp_compress.train.measure import accuracy
 from qlp_compress.train.zoo import UNLIKE_RESNET, build_model
 
 SETTINGS = TrainSettings(epochs=2, batch_size=16, lr=None, weight_decay=5e-4, warmup_epochs=0.0, augment=False,

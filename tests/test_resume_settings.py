@@ -43,16 +43,16 @@ def work(tiny, tmp_path) -> Path:
 def fine_tuning_may_lose_accuracy(monkeypatch):
     """These tests are about what a resume records and refuses. The tiny task's fine-tuning loses accuracy (its
     augmentation flips the squares that tell its classes apart), which the fine-tuning guard would stop as a failure."""
+    from qlp_compress.train import distributed
     from qlp_compress.train.guard import GuardSettings
-    from qlp_compress.workflows import workspace
 
-    real = workspace.train
+    real = distributed.train  # what the workflows' fine-tuning calls (through train.distributed.fit)
 
     def lenient(*args, **kwargs):
         kwargs.setdefault("guard", GuardSettings(fail_below_start=False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(workspace, "train", lenient)
+    monkeypatch.setattr(distributed, "train", lenient)
 
 
 def refused(run, *named: str) -> None:
@@ -65,9 +65,9 @@ def refused(run, *named: str) -> None:
 def stop_training_in_epoch(monkeypatch, epoch: int):
     """Fine-tuning and training stop with Ctrl-C as epoch `epoch` starts (earlier epochs are kept) until the
     function returned is called."""
-    from qlp_compress.workflows import workspace
+    from qlp_compress.train import distributed
 
-    real = workspace.train
+    real = distributed.train  # what the workflows' fine-tuning calls (through train.distributed.fit)
 
     def interrupted(*args, on_step, **kwargs):
         def step(info):
@@ -76,8 +76,8 @@ def stop_training_in_epoch(monkeypatch, epoch: int):
             on_step(info)
         return real(*args, on_step=step, **kwargs)
 
-    monkeypatch.setattr(workspace, "train", interrupted)
-    return lambda: monkeypatch.setattr(workspace, "train", real)
+    monkeypatch.setattr(distributed, "train", interrupted)
+    return lambda: monkeypatch.setattr(distributed, "train", real)
 
 
 # ------------------------------------------------------------------------------------------------ row 7: compare
@@ -156,15 +156,15 @@ def test_row9_a_choice_without_held_out_images_says_so_and_records_it(work, qlp)
 
 @pytest.mark.slow
 def test_row10_compare_has_the_selection_options_and_never_fine_tunes_past_the_budget(work, qlp, monkeypatch):
-    from qlp_compress.workflows import workspace
+    from qlp_compress.train import distributed
 
-    real, epochs = workspace.train, []
+    real, epochs = distributed.train, []
 
     def spy(model, dataset, settings, *args, **kwargs):
         epochs.append(settings.epochs)
         return real(model, dataset, settings, *args, **kwargs)
 
-    monkeypatch.setattr(workspace, "train", spy)
+    monkeypatch.setattr(distributed, "train", spy)
     run = qlp("compare", "lenet.onnx", "--sparsity", "0.6", "--method", "qlp", *SEARCH[:4], *COMMON,
               "--reward-images", "50", "--finetune-epochs", "0.01", "--candidates", "2", "--select-epochs", "0.3",
               "--out", "c", cwd=work)

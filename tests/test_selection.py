@@ -17,7 +17,8 @@ from conftest import make_tiny_task
 from qlp_compress.data import materialize
 from qlp_compress.data.images import TensorImages
 from qlp_compress.pruning.policy import Policy
-from qlp_compress.train.finetune import TrainSettings, accuracy
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.train.measure import accuracy
 from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_and_finetune, selection
 from qlp_compress.workflows.selection import Candidate, SelectionSettings
 from qlp_compress.workflows.weights import allocator, find_policy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rich.console import Console
 
 console = Console(stderr=True)
@@ -9,5 +11,6 @@ quiet = False  # --quiet: no progress (errors and warnings still show); read by 
 
 
 def set_quiet(value: bool) -> None:
+    """Progress on or off; always off on a rank of a torchrun job other than 0 (rank 0 shows the job's progress)."""
     global quiet
-    quiet = value
+    quiet = value or os.environ.get("RANK", "0") != "0"

@@ -46,13 +46,14 @@ def _command() -> str:
 
 def _run(model: Path, out, data, data_dir, device, seed, arch=None, trust_pickle=False, mean=None, std=None,
          reward_size=None, finetune_epochs=o.RUN.finetune_epochs, lr=o.RUN.lr, sparse_storage=True, quantize="none",
-         calibration_images=1024, keep_float="none", int8_max_loss=1.0, resume=False, force=False) -> RunOptions:
+         calibration_images=1024, keep_float="none", int8_max_loss=1.0, resume=False, force=False,
+         nproc=1) -> RunOptions:
     return RunOptions(model=model, out=out, data=data, data_dir=data_dir, reward_size=reward_size, device=device,
                       seed=seed, arch=arch, trust_pickle=trust_pickle, mean=tuple(mean) if mean else None,
                       std=tuple(std) if std else None, finetune_epochs=finetune_epochs, lr=lr,
                       sparse_storage=sparse_storage, quantize=quantize, calibration_images=calibration_images,
                       keep_float=keep_float, int8_max_loss=int8_max_loss, resume=resume, force=force,
-                      command=_command())
+                      nproc=nproc, command=_command())
 
 
 @app.command("search")
@@ -85,6 +86,7 @@ def search_cmd(
     ray_address: o.RayAddress = None,
     finetune_epochs: o.FinetuneEpochs = o.RUN.finetune_epochs,
     lr: o.Lr = o.RUN.lr,
+    nproc: o.Nproc = 1,
     sparse_storage: o.SparseStorage = True,
     latency_batch: o.LatencyBatch = o.HOW.latency_batch,
     threads: o.Threads = o.HOW.threads,
@@ -113,7 +115,7 @@ def search_cmd(
     --structure channel it chooses layer widths for a measured onnxruntime speedup: a smaller, faster model."""
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, reward_size, finetune_epochs,
-               lr, sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force)
+               lr, sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force, nproc)
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, episodes=episodes,
                  stages=stages, passes=passes, demonstrations=demonstrations, near_best=near_best,
                  candidates=candidates, select_epochs=select_epochs, reward_images=reward_images,
@@ -142,6 +144,7 @@ def prune_cmd(
     data_dir: o.DataDir = None,
     finetune_epochs: o.FinetuneEpochs = o.RUN.finetune_epochs,
     lr: o.Lr = o.RUN.lr,
+    nproc: o.Nproc = 1,
     sparse_storage: o.SparseStorage = True,
     latency_batch: o.LatencyBatch = o.HOW.latency_batch,
     threads: o.Threads = o.HOW.threads,
@@ -167,7 +170,7 @@ def prune_cmd(
     Example: qlp-compress prune model.onnx --method lamp --sparsity 0.9 --out runs/lamp90"""
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, None, finetune_epochs, lr,
-               sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force)
+               sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force, nproc)
     method = method or ("l1" if structure == "channel" else "lamp")
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, policy=policy,
                  min_density=min_density, latency_batch=latency_batch, threads=threads, round_to=round_to,
@@ -203,6 +206,7 @@ def compare_cmd(
     reward_images: o.RewardImages = o.HOW.reward_images,
     finetune_epochs: o.FinetuneEpochs = o.RUN.finetune_epochs,
     lr: o.Lr = o.RUN.lr,
+    nproc: o.Nproc = 1,
     min_density: o.MinDensity = o.HOW.min_density,
     latency_batch: o.LatencyBatch = o.HOW.latency_batch,
     threads: o.Threads = o.HOW.threads,
@@ -222,7 +226,7 @@ def compare_cmd(
     Example: qlp-compress compare model.onnx --sparsity 0.9 --sparsity 0.95 --method qlp,lamp,erk"""
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
-               resume=resume, force=force)
+               resume=resume, force=force, nproc=nproc)
     channel = structure == "channel"
     names = method or ("qlp,uniform,l1,bn-slimming,random" if channel else "qlp,lamp,global,erk,uniform")
     how = Choice(structure=structure, episodes=episodes, stages=stages, demonstrations=demonstrations,
@@ -263,6 +267,7 @@ def finetune_cmd(
     data_dir: o.DataDir = None,
     finetune_epochs: o.FinetuneEpochs = o.RUN.finetune_epochs,
     lr: o.Lr = o.RUN.lr,
+    nproc: o.Nproc = 1,
     quantize: o.Quantize = "none",
     calibration_images: o.CalibrationImages = 1024,
     keep_float: o.KeepFloat = "none",
@@ -282,7 +287,7 @@ def finetune_cmd(
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
                quantize=quantize, calibration_images=calibration_images, keep_float=keep_float,
-               int8_max_loss=int8_max_loss, resume=resume, force=force)
+               int8_max_loss=int8_max_loss, resume=resume, force=force, nproc=nproc)
     result = run_command.finetune(run)
     emit(result, as_json, lambda: [Text(f"wrote {out}: test accuracy {result['accuracy']:.2%} at sparsity "
                                         f"{result['global_sparsity']:.4f}"),
@@ -362,6 +367,7 @@ def train_cmd(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 5e-4,
     schedule: Annotated[str, typer.Option("--schedule", help="cosine or onecycle.")] = "cosine",
     seed: o.Seed = 0,
+    nproc: o.Nproc = 1,
     device: o.Device = "auto",
     resume: o.Resume = False,
     force: o.Force = False,
@@ -372,7 +378,7 @@ def train_cmd(
 
     Example: qlp-compress train resnet20 --out models/resnet20.onnx --epochs 20"""
     set_quiet(quiet)
-    run = _run(Path(arch), out, data, data_dir, device, seed, resume=resume, force=force)
+    run = _run(Path(arch), out, data, data_dir, device, seed, resume=resume, force=force, nproc=nproc)
     result = run_command.train_zoo_model(run, TrainOptions(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                                                            weight_decay=weight_decay, schedule=schedule))
     emit(result, as_json, lambda: [Text(f"wrote {out}: test accuracy {result['test_accuracy']:.2%} (onnxruntime, "

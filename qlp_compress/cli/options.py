@@ -49,6 +49,9 @@ KeepFloat = Annotated[str, typer.Option("--keep-float", help="Prunable layers le
                                                              "first, last, first,last or none.")]
 Int8MaxLoss = Annotated[float, typer.Option("--int8-max-loss", help="Warn when int8 loses more test accuracy than "
                                                                     "this many points.")]
+Nproc = Annotated[int, typer.Option("--nproc", help="Fine-tune (train) on this many local processes with torch DDP "
+                                                     "(gloo on CPU, one GPU each on CUDA); the same global batch. "
+                                                     "Inside a torchrun job leave it out: the job's ranks are used.")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its checkpoint (with the "
                                                         "same settings; others are refused).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")]

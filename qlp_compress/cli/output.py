@@ -38,7 +38,10 @@ def _plain(value):
 
 
 def emit(result: dict | list, as_json: bool, renderables: Callable[[], Iterable[RenderableType | str]]) -> None:
-    """Print the command's result on stdout: one JSON document, or its tables and summary lines."""
+    """Print the command's result on stdout: one JSON document, or its tables and summary lines. A rank of a
+    torchrun job other than 0 (its result is {"rank": R}) prints nothing: rank 0 reports."""
+    if isinstance(result, dict) and result.get("rank", 0) > 0:
+        return
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=_plain) + "\n")
         sys.stdout.flush()

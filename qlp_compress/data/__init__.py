@@ -17,14 +17,15 @@ from qlp_compress.data.images import (
     Splits,
     TensorImages,
     iterate_batches,
+    iterate_shares,
     make_splits,
     materialize,
     to_float,
 )
 
-__all__ = ["DATASETS", "DEFAULT_REWARD_SIZE", "ImageData", "Splits", "TensorImages", "iterate_batches", "load_cifar10",
-           "load_dataset", "load_fashion_mnist", "load_image_folder", "load_npz", "make_splits", "materialize",
-           "to_float"]
+__all__ = ["DATASETS", "DEFAULT_REWARD_SIZE", "ImageData", "Splits", "TensorImages", "iterate_batches",
+           "iterate_shares", "load_cifar10", "load_dataset", "load_fashion_mnist", "load_image_folder", "load_npz",
+           "make_splits", "materialize", "to_float"]
 
 DATASETS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
 

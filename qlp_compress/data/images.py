@@ -112,6 +112,40 @@ def iterate_batches(
     yield from loader
 
 
+@dataclass(frozen=True)
+class Share:
+    """One part's share of a batch: its images and where they sit in the whole batch."""
+
+    x: torch.Tensor  # float32 images in [0, 1]
+    y: torch.Tensor  # int64 labels
+    rows: slice  # these images' rows in the whole batch
+    batch: int  # images in the whole batch
+    weight: float  # len(x) / batch: the share's part of the batch's mean loss (0 for a stand-in image)
+
+
+def iterate_shares(dataset: Dataset, order: torch.Tensor, batch_size: int, parts: int = 1,
+                   part: int = 0) -> Iterator[Share]:
+    """Batches of `batch_size` images taken in `order`, each cut into `parts` near-equal contiguous slices
+    (torch.tensor_split): yield slice `part` of each, loading only its images. With parts=1, the whole batches.
+
+    This is how the ranks of a distributed fine-tuning share one process's batches: together they see exactly the
+    batches one process sees. A share that would be empty (a last batch smaller than `parts`) is the batch's first
+    image with weight 0, so that every rank still takes the step."""
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        bounds = [len(s) for s in chunk.tensor_split(parts)]
+        first = sum(bounds[:part])
+        rows, weight = slice(first, first + bounds[part]), bounds[part] / len(chunk)
+        if bounds[part] == 0:
+            rows = slice(0, 1)
+        idx = chunk[rows]
+        if isinstance(dataset, TensorImages):
+            x, y = to_float(dataset.x[idx]), dataset.y[idx]
+        else:
+            x, y = next(iter(DataLoader(Subset(dataset, idx.tolist()), batch_size=len(idx))))
+        yield Share(x, y, rows, len(chunk), weight)
+
+
 def materialize(dataset: Dataset, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole split (or its first `limit` images) as two tensors; used for the reward split."""
     xs, ys = zip(*iterate_batches(dataset, 512, limit=limit), strict=True)

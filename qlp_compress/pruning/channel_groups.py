@@ -23,6 +23,7 @@ from torch import nn
 from torch_pruning.dependency.group import Group
 
 from qlp_compress.base.errors import QLPError
+from qlp_compress.pruning.masks import refuse_wrapped
 from qlp_compress.pruning.shortcuts import FixedChannelMap, freeze_channel_maps, rewrite_channel_maps, rewrite_flattens
 
 CRITERIA = ("l1", "bn")  # how channels are ranked inside a group: filter L1 norm, or BatchNorm |scale|
@@ -70,6 +71,7 @@ class ChannelSpace:
     """The groups of a model and the means to prune them to given widths."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor):
+        refuse_wrapped(model)
         self.example = example[:1].detach().cpu()
         source = copy.deepcopy(model).cpu().eval()
         self.model, self.channel_maps = rewrite_channel_maps(source, self.example)

@@ -35,8 +35,21 @@ class PrunableLayer:
         return self.module.weight.numel()
 
 
+def refuse_wrapped(model: nn.Module) -> None:
+    """Pruning comes before DDP: a module already wrapped in DistributedDataParallel is refused. DDP records its
+    parameters' shapes and gradient hooks when it wraps, so a model pruned under it (channels removed) trains other
+    tensors than it synchronises, and the ranks' shapes drift apart (the size mismatches and hangs Torch-Pruning's and
+    NNI's users met). Prune, then hand the model to train.distributed.fit, which wraps it inside the training loop."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise QLPError("the model is already wrapped in DistributedDataParallel; prune it before wrapping (pass the "
+                       "pruned model to fine-tuning, which wraps it for DDP itself)")
+
+
 def find_prunable_layers(model: nn.Module) -> list[PrunableLayer]:
     """Every Conv (any kind, depthwise included) and Linear module with a weight, in module order."""
+    refuse_wrapped(model)
     layers = [PrunableLayer(name, m) for name, m in model.named_modules()
               if isinstance(m, PRUNABLE_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)]
     if not layers:
@@ -87,6 +100,7 @@ class MagnitudePruner:
 
 def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the weights outside the masks (masks from `MagnitudePruner.masks`)."""
+    refuse_wrapped(model)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, keep in masks.items():

@@ -13,7 +13,7 @@ from qlp_compress.base.errors import QLPError
 from qlp_compress.data import materialize
 from qlp_compress.pruning.channel_groups import ChannelSpace
 from qlp_compress.pruning.widths import widths_from
-from qlp_compress.train.finetune import accuracy, recalibrate_batchnorm
+from qlp_compress.train.measure import accuracy, recalibrate_batchnorm
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from qlp_compress.base.errors import UsageError
 from qlp_compress.data import materialize
 from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import MagnitudePruner, pruned_count
-from qlp_compress.train.finetune import TrainSettings, accuracy, recalibrate_batchnorm, train
+from qlp_compress.train.finetune import TrainSettings, train
+from qlp_compress.train.measure import accuracy, recalibrate_batchnorm
 
 ENGINES = ("auto", "onnxruntime", "torch")
 

@@ -1,7 +1,9 @@
-"""The PyTorch training loop: trains a dense model (`train`) or fine-tunes a pruned one with its masks held.
+"""The PyTorch training loop: trains a dense model (`train`) or fine-tunes a pruned one with its masks held, in one
+process or as one rank of several (train.ranks, train.distributed).
 
 Masked weights stay exactly zero: their gradients are zeroed before each step and the weights and the
-momentum buffers are re-masked after it, so neither weight decay nor momentum can regrow them.
+momentum buffers are re-masked after it, so neither weight decay nor momentum can regrow them. Under DDP the
+gradients are masked after they are averaged, so every rank takes the same step and holds the same zeros.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from qlp_compress.base.io import atomic_torch_save, load_checkpoint
-from qlp_compress.data import iterate_batches
+from qlp_compress.data import iterate_shares
+from qlp_compress.train import ranks
 from qlp_compress.train.guard import RANGE_STEPS, Guard, GuardSettings, find_lr, first_batches, loss_on
 
 RECORD = "qlp_finetune"  # the attribute `train` leaves its record in (see finetune_record)
@@ -30,7 +33,7 @@ class TrainSettings:
     """How to train or fine-tune."""
 
     epochs: float = 15.0  # passes over the data; a fraction (0.05) trains on part of one epoch
-    batch_size: int = 128  # images per step
+    batch_size: int = 128  # images per step, all ranks together (each rank takes about batch_size / nproc of them)
     lr: float | None = 0.1  # peak learning rate of SGD; None: from a range test on the first batches (guard.find_lr)
     momentum: float = 0.9  # SGD momentum (Nesterov)
     weight_decay: float = 5e-4  # L2 penalty on all parameters
@@ -38,7 +41,8 @@ class TrainSettings:
     warmup_epochs: float = 1.0  # linear warm-up length for "cosine"
     augment: bool = True  # random crop (padding 1/8 of the side) and horizontal flip
     seed: int = 0  # shuffling, augmentation and initialisation
-    device: str = "cpu"  # torch device to train on
+    device: str = "cpu"  # torch device to train on ("cuda": one GPU per rank)
+    nproc: int = 1  # processes training together with torch DDP (train.distributed); 1: this process alone
 
 
 def _cosine(total: int, warmup: int) -> Callable[[int], float]:
@@ -58,15 +62,19 @@ SCHEDULES = {
 }
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and random crop after zero padding, each image drawn independently."""
+def augment(x: torch.Tensor, generator: torch.Generator, rows: slice = slice(None),
+            batch: int | None = None) -> torch.Tensor:
+    """Random horizontal flip and random crop after zero padding, each image drawn independently. `x` may be the
+    `rows` of a batch of `batch` images (a rank's share): the draws are made for the whole batch and the share takes
+    its rows, so that ranks drawing from equal generators augment their images as one process would."""
     n, c, h, w = x.shape
+    drawn = n if batch is None else batch
     pad = max(1, h // 8)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    flip = (torch.rand(drawn, generator=generator) < 0.5)[rows].to(x.device)
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (drawn,), generator=generator)[rows].to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (drawn,), generator=generator)[rows].to(x.device)
     rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     return padded[torch.arange(n, device=x.device)[:, None, None, None],
@@ -153,20 +161,29 @@ def train(
     (qlp_compress.train.guard): divergence is undone, training ends on the best held-out state, and
     `finetune_record(model)` tells what happened (also when `settings.lr` is None). `run_settings` (base.resume)
     is kept in the checkpoint for the caller to compare on resume.
+
+    In a process group (train.distributed) this is one rank: the ranks must hold the same model shapes and masks
+    (checked first); every rank draws the order and the augmentation from the same generator and trains on its slice
+    of each of one process's batches (data.iterate_shares), its loss weighted by its share; DistributedDataParallel
+    averages the gradients, so the step is one process's step. Only rank 0 saves the checkpoint, and `resume`
+    restores every rank from it.
     """
-    device = torch.device(settings.device)
+    device = ranks.device(settings.device)
     model.to(device)
+    ranks.check_same_model(model, masks)
+    ranks.sync_states(model)
     steps_per_epoch = math.ceil(len(dataset) / settings.batch_size)
     total_steps = max(1, round(settings.epochs * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
-    generator = torch.Generator().manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)  # the same on every rank: order and augmentation
     holder = MaskHolder(model, masks, device) if masks else None
     if teacher is not None:
         teacher = teacher.to(device).eval()
     objective = _objective(distill_weight, distill_temperature)
     history: list[dict] = []
     start_epoch = 0
-    state = _load(checkpoint, settings) if resume and checkpoint is not None and checkpoint.exists() else None
+    state = ranks.from_main(_load(checkpoint, settings) if resume and checkpoint is not None and ranks.is_main()
+                            and checkpoint.exists() else None)
     watch = None if held_out is None or guard is None or len(held_out) == 0 else \
         Guard(held_out, guard, total_steps, steps_per_epoch, device, state.get("guard") if state else None)
     record = watch.record if watch is not None else {}
@@ -193,26 +210,31 @@ def train(
 
     step = start_epoch * steps_per_epoch
     stopped = False
+    net = ranks.wrap(model)  # DDP on several ranks; the loop masks, measures and saves `model`
     for epoch in range(start_epoch, n_epochs):
         epoch_started = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for x, y in iterate_batches(dataset, settings.batch_size, shuffle=True, generator=generator):
+        order = torch.randperm(len(dataset), generator=generator)
+        for share in iterate_shares(dataset, order, settings.batch_size, ranks.world(), ranks.rank()):
             if step >= total_steps or stopped:
                 break
+            x, y = share.x, share.y
             if settings.augment:
-                x = augment(x, generator)
+                x = augment(x, generator, share.rows, share.batch)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            logits = net(x)
             with torch.no_grad():
                 target = teacher(x) if teacher is not None else None
             loss = objective(logits, y, target)
-            reason = watch.diverged(float(loss.detach())) if watch is not None else None
+            optimizer.zero_grad(set_to_none=True)
+            # on every rank, always: DDP averages the ranks' gradients, so each is weighted by its share of the batch
+            (loss * (share.weight * ranks.world())).backward()
+            # the batch's mean loss, the same on every rank, so that every rank takes the same decision
+            reason = watch.diverged(ranks.total(float(loss.detach()) * share.weight)[0]) if watch is not None else None
             if reason is not None:
                 stopped = not watch.restore(model, optimizer, step + 1, reason, holder.remask if holder else None)
             else:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if holder:
                     holder.before_step()
                 optimizer.step()
@@ -222,19 +244,21 @@ def train(
             if watch is not None:
                 watch.scale_lr(optimizer)
             step += 1
-            if reason is None:
+            if reason is None and share.weight > 0:  # not a stand-in image (data.iterate_shares)
                 loss_sum += float(loss.detach()) * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 seen += len(y)
             if watch is not None and reason is None and watch.due(step):  # not right after a restore
+                ranks.sync_buffers(model)
                 watch.check(model, step)
                 model.train()
             if on_step:
                 on_step({"epoch": epoch + 1, "epochs": n_epochs, "step": step, "steps": total_steps,
                          "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen)})
+        loss_sum, correct, seen = ranks.total(loss_sum, correct, seen)
         history.append({"epoch": epoch + 1, "loss": loss_sum / max(1, seen), "accuracy": correct / max(1, seen),
                         "seconds": round(time.perf_counter() - epoch_started, 2)})
-        if checkpoint is not None and not stopped:
+        if checkpoint is not None and not stopped and ranks.is_main():
             atomic_torch_save({
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
@@ -245,6 +269,7 @@ def train(
             }, checkpoint)
         if stopped:
             break
+    ranks.sync_buffers(model)  # every rank ends on rank 0's BatchNorm statistics
     if state is not None and watch is None:
         record = state.get("finetune_record") or {}
     if watch is not None:
@@ -263,7 +288,8 @@ def finetune_record(model: nn.Module) -> dict:
 
 def _load(checkpoint: Path, settings: TrainSettings) -> dict:
     state = load_checkpoint(checkpoint)
-    if state.get("settings") != asdict(settings):
+    same = {k: v for k, v in asdict(settings).items() if k != "nproc"}  # another process count trains the same
+    if {k: v for k, v in (state.get("settings") or {}).items() if k != "nproc"} != same:
         from qlp_compress.base.errors import UsageError
 
         raise UsageError(f"{checkpoint} was written with other settings; rerun with the same options, or pass "
@@ -301,37 +327,8 @@ def _first_lr(model: nn.Module, dataset: Dataset, settings: TrainSettings, objec
         lr = settings.lr
         start_loss = loss_on(model, batches, objective)
         record.update(lr=lr, lr_from="--lr")
+    lr, start_loss, main_record = ranks.from_main((lr, start_loss, dict(record)))  # rank 0's, on every rank
+    record.update(main_record)
     if watch is not None:
         watch.start(model, start_loss)
     return lr, record
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device | str = "cpu") -> float:
-    """Top-1 accuracy of `model` (in eval mode) over the batches."""
-    model.eval()
-    correct = seen = 0
-    for x, y in batches:  # labels already on the GPU (the reward's) stay there: one sync per batch, no copies
-        predicted = model(x.to(device)).argmax(1)
-        correct += int((predicted == y.to(predicted.device)).sum())
-        seen += len(y)
-    return correct / max(1, seen)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Re-estimate BatchNorm running statistics from the batches (cumulative average), then eval mode."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average over the given batches
-    model.train()
-    for x in batches:
-        model(x)
-    for bn, momentum in zip(bns, momenta, strict=True):
-        bn.momentum = momentum
-    model.eval()

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.messages import console
 from qlp_compress.data import iterate_batches
+from qlp_compress.train import ranks
 
 RANGE_STEPS = 5  # SGD steps per learning rate in the range test (on the same RANGE_STEPS batches)
 # the learning rates tried are 10^(e/2) for whole e (…, 0.001, 0.00316, 0.01, 0.0316, …): from e = RANGE_FIRST
@@ -151,10 +152,12 @@ class Guard:
         was_training = model.training
         model.eval()
         correct = seen = 0
-        for x, y in iterate_batches(self.held_out, 500, limit=self.settings.images):
-            correct += int((model(x.to(self.device)).argmax(1).cpu() == y).sum())
-            seen += len(y)
+        for i, (x, y) in enumerate(iterate_batches(self.held_out, 500, limit=self.settings.images)):
+            if ranks.shard(i):  # under DDP each rank measures its share of the batches, and the counts are summed
+                correct += int((model(x.to(self.device)).argmax(1).cpu() == y).sum())
+                seen += len(y)
         model.train(was_training)
+        correct, seen = ranks.total(correct, seen)
         return correct / max(1, seen)
 
     def start(self, model: nn.Module, start_loss: float) -> None:

@@ -40,7 +40,8 @@ from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
-from qlp_compress.train.finetune import TrainSettings, recalibrate_batchnorm
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.train.measure import recalibrate_batchnorm
 from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning, speedup_warning
 from qlp_compress.workflows.channel_checks import POLICY_FORMAT, check_channel_policy, check_reach, read_channel_policy
 from qlp_compress.workflows.quantize import quantize_beside

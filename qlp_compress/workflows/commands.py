@@ -26,6 +26,8 @@ from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.search.curriculum import SearchSettings, check_budget
 from qlp_compress.search.env import EnvSettings
+from qlp_compress.train import ranks
+from qlp_compress.train.distributed import check_nproc, in_torchrun_job
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
 from qlp_compress.workflows import channels, evaluate, quantize, selection, train, weights
@@ -56,6 +58,7 @@ class RunOptions:
     std: tuple[float, ...] | None = None
     finetune_epochs: float = 2.0  # 0 = no fine-tuning
     lr: float | None = None  # fine-tuning; None: derived from the model by a range test (train.guard.find_lr)
+    nproc: int = 1  # processes every fine-tuning runs on (torch DDP, train.distributed)
     sparse_storage: bool = True
     quantize: str = "none"
     calibration_images: int = 1024
@@ -108,7 +111,7 @@ def methods_for(structure: str) -> tuple[str, ...]:
 
 
 def _check_run(run: RunOptions) -> QuantizeSettings | None:
-    resolve_device(run.device)
+    check_nproc(run.nproc, resolve_device(run.device))
     validate.seed(run.seed)
     validate.positive("--finetune-epochs", run.finetune_epochs, "2", zero_ok=True)
     if run.lr is not None:
@@ -181,7 +184,7 @@ def _finetune(run: RunOptions) -> TrainSettings | None:
     if run.finetune_epochs <= 0:
         return None
     return TrainSettings(epochs=run.finetune_epochs, lr=run.lr, warmup_epochs=0.0, seed=run.seed,
-                         device=resolve_device(run.device))
+                         device=resolve_device(run.device), nproc=run.nproc)
 
 
 def _inputs(run: RunOptions) -> tuple[Path | None, ...]:
@@ -194,6 +197,14 @@ def _folder_writes(run: RunOptions, how: Choice, int8: QuantizeSettings | None) 
     """The outputs a search or prune run writes in its folder (the plots aside: the run's commit checks those)."""
     extra = ("model.sparse.onnx",) if run.sparse_storage and how.structure == "weight" else ()
     return ("model.onnx", "policy.json", "report.json", "report.md", *extra, *(("model.int8.onnx",) if int8 else ()))
+
+
+def _not_in_torchrun() -> None:
+    """search, prune and compare run in one process, their fine-tunings on --nproc local ones; in a torchrun job
+    every rank would search and write the same folder."""
+    if in_torchrun_job():
+        raise UsageError("search, prune and compare run as one process, not inside a torchrun job; give them --nproc N "
+                         "(their fine-tuning then runs on N local processes), or use torchrun for finetune and train")
 
 
 def _workspace(run: RunOptions) -> Workspace:
@@ -233,6 +244,7 @@ def default_out(model: Path, how: Choice, suffix: str = "") -> Path:
 def search(run: RunOptions, how: Choice) -> dict:
     """`search` and `prune`: choose the per-layer amounts (search, a baseline, or a policy.json), prune, fine-tune,
     export verified ONNX and report, all under run.out (a folder, written as a set)."""
+    _not_in_torchrun()
     int8 = _check_run(run)
     chosen = None
     if how.policy is not None and how.structure == "weight":
@@ -270,6 +282,7 @@ def search(run: RunOptions, how: Choice) -> dict:
 
 def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
     """`compare`: every method at every target (sparsity or speedup), the same fine-tuning budget, one table."""
+    _not_in_torchrun()
     _check_run(run)
     if not methods:
         raise UsageError(f"--method lists no method; give e.g. --method {','.join(methods_for(how.structure))}")
@@ -303,9 +316,10 @@ def finetune(run: RunOptions) -> dict:
     if run.out is None:
         raise UsageError("finetune needs --out FILE.onnx (the file to write)")
     checkpoint = file_checkpoint(run.out)
-    check_file_out(run.out, (checkpoint, *((int8_path(run.out),) if int8 else ())), _inputs(run))
-    check_can_write(run.out, run.force, checkpoint, run.resume)
-    if int8:  # --resume continues a fine-tuning; it never overwrites a file (that takes --force)
+    if ranks.is_main():  # in a torchrun job only rank 0 writes
+        check_file_out(run.out, (checkpoint, *((int8_path(run.out),) if int8 else ())), _inputs(run))
+        check_can_write(run.out, run.force, checkpoint, run.resume)
+    if int8 and ranks.is_main():  # --resume continues a fine-tuning; it never overwrites a file (that takes --force)
         check_can_write(int8_path(run.out), run.force, resume=run.resume)
     ws = _workspace(run)
     result = weights.finetune_pruned(ws, _finetune(run) or TrainSettings(epochs=0), run.out, run.command, run.resume,
@@ -351,11 +365,13 @@ def train_zoo_model(run: RunOptions, how: TrainOptions) -> dict:
     validate.positive("--weight-decay", how.weight_decay, "5e-4", zero_ok=True)
     validate.choice("--schedule", how.schedule, tuple(SCHEDULES))
     validate.seed(run.seed)
+    check_nproc(run.nproc, resolve_device(run.device))
     if run.out is None:
         raise UsageError("train needs --out FILE.onnx (the file to write)")
-    check_file_out(run.out, (file_checkpoint(run.out),), _inputs(run)[1:])
+    if ranks.is_main():  # in a torchrun job only rank 0 writes
+        check_file_out(run.out, (file_checkpoint(run.out),), _inputs(run)[1:])
     settings = TrainSettings(epochs=how.epochs, batch_size=how.batch_size, lr=how.lr, weight_decay=how.weight_decay,
-                             schedule=how.schedule, seed=run.seed, device=resolve_device(run.device))
+                             schedule=how.schedule, seed=run.seed, device=resolve_device(run.device), nproc=run.nproc)
     result = train.train_model(how.arch, DataSettings(run.data, run.data_dir), settings, run.out, run.command,
                                resume=run.resume, force=run.force)
     return {"path": str(run.out), **result}

@@ -38,7 +38,8 @@ from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import RewardSettings
 from qlp_compress.search.checkpoint import OPTIONS as SEARCH_OPTIONS
 from qlp_compress.search.curriculum import SearchSettings
-from qlp_compress.train.finetune import TrainSettings, accuracy
+from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.train.measure import accuracy
 from qlp_compress.workflows.workspace import Workspace, digest, prune_and_finetune
 
 SEARCH_ANSWER = "search"  # the name of the candidate the search itself returned (when no demonstration won)

@@ -13,6 +13,7 @@ from qlp_compress.base.io import atomic_write_bytes
 from qlp_compress.base.outputs import file_lock
 from qlp_compress.base.ownership import file_checkpoint
 from qlp_compress.deploy import engine, export
+from qlp_compress.train import ranks
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.train.zoo import build_model, stats_for
 
@@ -25,9 +26,11 @@ from qlp_compress.workflows.workspace import DataSettings, check_can_write, trai
 
 def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings, out: Path, command: str,
                 resume: bool = False, force: bool = False, checkpoint: Path | None = None) -> dict:
-    """Train a zoo model on the fine-tune split, export it to ONNX with metadata, measure test accuracy."""
+    """Train a zoo model on the fine-tune split, export it to ONNX with metadata, measure test accuracy. In a
+    torchrun job the ranks other than 0 only train: rank 0 checks, writes and measures."""
     checkpoint = checkpoint or file_checkpoint(out)  # hidden, never OUT itself (OUT may end in .ckpt)
-    check_can_write(out, force, checkpoint, resume)
+    if ranks.is_main():
+        check_can_write(out, force, checkpoint, resume)
     data = datasets.load_dataset(data_settings.data, data_settings.data_dir)
     splits = datasets.make_splits(data, data_settings.reward_size, data_settings.split_seed)
     mean, std = stats_for(data.name, data.input_shape[0])
@@ -35,6 +38,10 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
 
     torch.manual_seed(settings.seed)
     model = build_model(arch, data.input_shape[0], data.num_classes, mean, std)
+    if not ranks.is_main():
+        train_interruptible(model, splits.finetune, settings, f"train {arch}", checkpoint, resume,
+                            _record(arch, data), "--epochs")
+        return {"rank": ranks.rank()}  # the CLI prints nothing for it
     lock = file_lock(out)
     lock.acquire()
     try:
@@ -43,10 +50,14 @@ def train_model(arch: str, data_settings: DataSettings, settings: TrainSettings,
         lock.release()
 
 
+def _record(arch: str, data: datasets.ImageData) -> dict:
+    return {"architecture": arch, "--data": data.name}
+
+
 def _train_and_export(arch: str, data: datasets.ImageData, splits: datasets.Splits, model: nn.Module,
                       settings: TrainSettings, out: Path, command: str, checkpoint: Path, resume: bool) -> dict:
     history = train_interruptible(model, splits.finetune, settings, f"train {arch}", checkpoint, resume,
-                                  {"architecture": arch, "--data": data.name}, "--epochs")
+                                  _record(arch, data), "--epochs")
     train_seconds = sum(h.get("seconds", 0.0) for h in history)  # a resumed run counts every epoch
     model_bytes = export.to_onnx_bytes(model, data.input_shape)
     session = engine.open_session(model_bytes)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx
+from torch import nn
 
 from qlp_compress.base import machine, validate
 from qlp_compress.base.errors import QLPError, UsageError
@@ -24,6 +25,7 @@ from qlp_compress.reward.weights import Reward, RewardSettings
 from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.curriculum import METHODS, SearchSettings, run_search
 from qlp_compress.search.env import PruningEnv
+from qlp_compress.train import ranks
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import advice
 from qlp_compress.workflows.quantize import quantize_beside
@@ -266,7 +268,10 @@ def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: 
                     force: bool = False, int8: quantize.QuantizeSettings | None = None) -> dict:
     """Fine-tune a model that is already pruned: its zero weights are the masks, held at zero. `out` is written
     only when it does not exist or with `force`; its checkpoint (a hidden `.OUT.qlp-ckpt`) is continued with
-    `resume`."""
+    `resume`. In a torchrun job the ranks other than 0 only fine-tune: rank 0 checks, writes and measures."""
+    if not ranks.is_main():
+        _tuned(ws, settings, out, resume)
+        return {"rank": ranks.rank()}  # the CLI prints nothing for it
     check_can_write(out, force, file_checkpoint(out), resume)
     lock = file_lock(out)
     lock.acquire()
@@ -276,13 +281,19 @@ def finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: 
         lock.release()
 
 
-def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool,
-                     int8: quantize.QuantizeSettings | None) -> dict:
+def _tuned(ws: Workspace, settings: TrainSettings, out: Path, resume: bool) -> nn.Module:
+    """The loaded model fine-tuned with its zeros as masks (the part every rank of a torchrun job runs)."""
     module = copy.deepcopy(ws.loaded.module)
     masks = {layer.name: layer.weight.detach() != 0 for layer in find_prunable_layers(module)}
     if settings.epochs > 0:
         finetune_guarded(module, ws, settings, "fine-tune", file_checkpoint(out), resume, record=ws.record,
                          masks=masks)
+    return module
+
+
+def _finetune_pruned(ws: Workspace, settings: TrainSettings, out: Path, command: str, resume: bool,
+                     int8: quantize.QuantizeSettings | None) -> dict:
+    module = _tuned(ws, settings, out, resume)
     module.cpu().eval()
     data = export_bytes(module, ws)
     measured = measure_onnx(data, ws, repeats=1)

@@ -4,6 +4,7 @@ before work starts, interruptible training, and verified export and measurement 
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import hashlib
 import json
@@ -27,7 +28,9 @@ from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.report.progress import phase, training_progress
-from qlp_compress.train.finetune import TrainSettings, finetune_record, recalibrate_batchnorm, train
+from qlp_compress.train.distributed import fit
+from qlp_compress.train.finetune import TrainSettings, finetune_record
+from qlp_compress.train.measure import recalibrate_batchnorm
 
 if TYPE_CHECKING:  # the importer pulls in onnx2torch and torchvision: loaded only when a model is read
     from qlp_compress.importer import LoadedModel
@@ -73,16 +76,17 @@ def training_record(settings: TrainSettings, record: Mapping[str, object] | None
 def train_interruptible(model: nn.Module, dataset, settings: TrainSettings, what: str,
                         checkpoint: Path | None = None, resume: bool = False, record: Mapping | None = None,
                         epochs_option: str = "--finetune-epochs", **kwargs) -> list[dict]:
-    """`finetune.train` with a progress bar, where Ctrl-C or SIGTERM stops with a one-line Interrupted error
-    (exit code 130); the checkpoint of the last finished epoch is kept for --resume. The checkpoint records
-    `training_record(settings, record, epochs_option)`, and --resume with other settings is refused, naming one."""
+    """`finetune.train` with a progress bar, in this process or on settings.nproc (train.distributed.fit), where
+    Ctrl-C or SIGTERM stops with a one-line Interrupted error (exit code 130); the checkpoint of the last finished
+    epoch is kept for --resume. The checkpoint records `training_record(settings, record, epochs_option)`, and
+    --resume with other settings is refused, naming one (another --nproc is not: the global batches are the same)."""
     full = training_record(settings, record, epochs_option)
     if resume and checkpoint is not None and checkpoint.exists():
         check_same(load_checkpoint(checkpoint).get("run_settings"), full)
     try:
-        with sigterm_as_interrupt(), training_progress(what) as on_step:
-            return train(model, dataset, settings, checkpoint=checkpoint, resume=resume, on_step=on_step,
-                         run_settings=full, **kwargs)
+        with sigterm_as_interrupt():
+            return fit(model, dataset, settings, functools.partial(training_progress, what), checkpoint=checkpoint,
+                       resume=resume, run_settings=full, **kwargs)
     except KeyboardInterrupt:
         if checkpoint is None:
             raise Interrupted(f"{what} interrupted; rerun the command to start again") from None
