@@ -37,8 +37,10 @@ CELLS = [  # arch, dynamo, opset (None: the exporter's default), external data
     ("lenet5", True, None, True),  # what `torch.onnx.export(model, args, "m.onnx")` writes today
     ("lenet5", False, None, False),
 ]
+# ResNet-56 (dynamo, opset 18, external data) repeats ResNet-20's structure and the lenet5 cell's external data at
+# 3x the cost: benchmarks/exporter_matrix.py keeps it.
 SLOW_CELLS = [("resnet20", True, 21, False), ("resnet20", False, 13, True), ("mobilenet_v2", True, None, False),
-              ("resnet56", True, 18, True), ("resnet18", False, 17, False)]
+              ("resnet18", False, 17, False)]
 
 
 def check(cell, tmp_path):
