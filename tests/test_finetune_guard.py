@@ -254,3 +254,28 @@ def test_the_command_fails_in_one_line_when_fine_tuning_cannot_reach_its_start(t
     assert run.code == 1 and "fine-tuning ended below the accuracy it started from" in run.line
     assert "try a smaller --lr" in run.line and "fine-tuning diverged at step" in run.stderr
     assert not (tmp_path / "t.onnx").exists()
+
+
+@pytest.mark.parametrize(("images", "best", "fails"), [(60, 0.2834, False), (60, 0.15, True), (2000, 0.2834, False),
+                                                      (2000, 0.27, True)])
+def test_a_best_state_below_the_start_fails_only_beyond_the_held_out_noise(images, best, fails, capsys):
+    """30 % at the start: on 60 images two standard errors are 11.8 points, so 28.34 % (one image fewer) warns and
+    ends on the start state, and 15 % fails; on 2,000 images the bound is 2.05 points (2·√(0.3·0.7/2000)), so
+    28.34 % warns and 27 % fails."""
+    from qlp_compress.train.guard import Guard
+
+    held_out = torch.utils.data.TensorDataset(torch.zeros(images, 1, 2, 2), torch.zeros(images, dtype=torch.long))
+    guard = Guard(held_out, GuardSettings(images=images), total_steps=10, steps_per_epoch=10, device="cpu")
+    model = nn.Linear(2, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    guard.record.update(start_held_out_accuracy=0.30, checks=[[5, best], [10, best - 0.01]])
+    guard.best, guard.best_accuracy = start, 0.30
+    with torch.no_grad():
+        model.weight.add_(1.0)  # fine-tuning changed the model
+    if fails:
+        with pytest.raises(FinetuneFailed, match="ended below the accuracy it started from"):
+            guard.finish(model)
+    else:
+        guard.finish(model)
+        assert "within their sampling noise" in capsys.readouterr().err
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())  # ends as it started, either way

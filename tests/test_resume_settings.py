@@ -255,7 +255,7 @@ def test_channel_compare_resumed_with_other_settings_is_refused(work, qlp, monke
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(work / "cache"))
     monkeypatch.setattr(channels, "find_widths", stop_at_l1)
-    args = ("compare", "lenet.onnx", "--structure", "channel", "--method", "uniform,l1", "--speedup", "1.2", *COMMON,
+    args = ("compare", "lenet.onnx", "--structure", "channel", "--method", "uniform,l1", "--speedup", "1.1", *COMMON,
             "--latency-batch", "8", "--round-to", "4", "--out", "c")
     assert qlp(*args, "--finetune-epochs", "0.01", cwd=work).code == 130
     monkeypatch.setattr(channels, "find_widths", real)

@@ -9,8 +9,8 @@ caught and undone, and the best state on held-out images kept.
   is dropped and training goes on at a learning rate `lr_drop` times lower (at most `max_drops` times, then it
   stops). Every `1 / checks_per_epoch` epoch it measures the accuracy on held-out images (never the test split) and
   keeps the best state; training ends on it (on the model as it started when no trained state did better). When
-  every trained state is below the accuracy before fine-tuning, measured the same way, `FinetuneFailed` says so in
-  one line.
+  every trained state is below the accuracy before fine-tuning, measured the same way, by more than the sampling
+  noise of the held-out images (`Guard.noise`), `FinetuneFailed` says so in one line; within the noise, a warning.
 """
 
 from __future__ import annotations
@@ -230,9 +230,23 @@ class Guard:
             model.load_state_dict(self.best)
         self.record.update(held_out_accuracy=self.best_accuracy, ended_at_step=self.best_step)
         trained = [acc for _, acc in self.record["checks"]]
-        if self.settings.fail_below_start and (not trained or max(trained) < self.record["start_held_out_accuracy"]):
+        start = self.record["start_held_out_accuracy"]
+        if self.settings.fail_below_start and (not trained or max(trained) < start - self.noise()):
             raise FinetuneFailed(self.failure())
+        if trained and max(trained) < start:
+            console.print(f"warning: fine-tuning did not beat the accuracy it started from on "
+                          f"{self.record['held_out_images']} held-out images ({start:.2%} before, at best "
+                          f"{max(trained):.2%} after, within their sampling noise); the model is kept as it was "
+                          "before fine-tuning", highlight=False, soft_wrap=True)
         return self.record
+
+    def noise(self) -> float:
+        """Two standard errors of the start accuracy on the held-out images (at least one image): a best state
+        less than this below the start is not evidence that fine-tuning hurt (60 images: 2 images either way
+        are 3.3 points), so it warns instead of failing; the model then ends as it started."""
+        n = self.record.get("held_out_images") or 0
+        p = self.record["start_held_out_accuracy"]
+        return max(1 / n, 2 * math.sqrt(p * (1 - p) / n)) if n else 0.0
 
     def failure(self) -> str:
         r = self.record
