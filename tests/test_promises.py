@@ -311,5 +311,7 @@ def test_compare_structure_channel_rows_and_no_distill(work, qlp):
         reports[out] = json.loads((work / out / "report.json").read_text())
     assert reports["distilled"]["finetune"]["distill"] is True and reports["plain"]["finetune"]["distill"] is False
     assert reports["distilled"]["groups"] == reports["plain"]["groups"]  # the same network, trained otherwise
-    weights = [export.weight_initializers(onnx.load(str(work / out / "model.onnx"))) for out in ("distilled", "plain")]
-    assert any(not np.array_equal(w, weights[1][name]) for name, w in weights[0].items())
+    # the same network and range-test batches, another objective: the KL term is in one loss and not the other (the
+    # weights may both end as they started, when no fine-tuned state beats the start on the 60 held-out images)
+    losses = [reports[out]["finetune"]["range_test"]["start_loss"] for out in ("distilled", "plain")]
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3), losses
