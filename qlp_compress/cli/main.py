@@ -4,6 +4,8 @@ or SIGTERM stopped the run."""
 
 from __future__ import annotations
 
+import atexit
+import signal
 import sys
 import traceback
 
@@ -56,6 +58,7 @@ def main() -> None:
     except QLPError as e:
         _fail(str(e), e.exit_code, debug)
     except KeyboardInterrupt:
+        _ignore_further_interrupts()
         _fail(_interrupted(args), 130, debug)
     except MemoryError:
         _fail("out of memory; ask for less (a smaller model, data set, --episodes or batch) or use a machine with "
@@ -65,8 +68,16 @@ def main() -> None:
     except Exception as e:  # an unexpected failure: still one line, unless --debug
         _fail(_unexpected(e), 1, debug)
     if code == 130:  # Typer turns a KeyboardInterrupt outside our handlers into exit code 130, silently
+        _ignore_further_interrupts()
         _fail(_interrupted(args), 130, False)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _ignore_further_interrupts() -> None:
+    """The run is already stopping: a second Ctrl-C (or the SIGINT a terminal sends to every process of a
+    multi-process run reaching this one again) must not print a traceback from an exit handler (torch's run at
+    interpreter exit). Registered at exit, not set now: the tests call main() in their own process."""
+    atexit.register(lambda: [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)])
 
 
 def _unexpected(e: BaseException) -> str:

@@ -150,6 +150,9 @@ def _rank_main(model: nn.Module, dataset: Dataset, settings: TrainSettings, prog
             result.update(state=model.cpu().state_dict(), history=history, record=finetune_record(model))
         dist.destroy_process_group()
         return result
+    except KeyboardInterrupt:  # the launcher stops the ranks: a second SIGINT (the terminal's, forwarded again)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # must not print a traceback from an exit handler
+        raise
     except Exception as e:
         _write_error(Path(errors), e)
         raise
