@@ -209,14 +209,17 @@ def _entry(fn: Callable, caller: tuple[list, bool], *args) -> object:
 
 def _first_failure(folder: Path, failed) -> Exception:
     """The failure to report: a rank killed by a signal the launcher did not send (it stops the others with
-    SIGTERM), else the first error a rank wrote, else the first exit code; prefixed with the rank."""
+    SIGTERM), else the first error a rank wrote, else a rank's abort, else the first exit code; prefixed with the
+    rank. An abort (SIGABRT) comes after the error it follows from: gloo aborts a rank whose peer left, as when
+    rank 0 refuses a model of other shapes and exits, so the written error names the cause."""
     killed = {r: f for r, f in failed.failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM}
-    if killed:
-        r = min(killed, key=lambda r: killed[r].timestamp)
+    records = sorted((pickle.loads(p.read_bytes()) for p in folder.glob("rank*.pickle")), key=lambda r: r["time"])
+    first_killed = sorted(killed, key=lambda r: (killed[r].exitcode == -signal.SIGABRT, killed[r].timestamp))
+    if first_killed and (killed[first_killed[0]].exitcode != -signal.SIGABRT or not records):
+        r = first_killed[0]
         name = signal.Signals(-killed[r].exitcode).name
         return QLPError(f"rank {r} died ({name}) and the job stopped; rerun (with --resume to continue from the last "
                         "finished epoch), and check the machine's memory (dmesg) if it was killed")
-    records = sorted((pickle.loads(p.read_bytes()) for p in folder.glob("rank*.pickle")), key=lambda r: r["time"])
     if not records:
         r, f = failed.get_first_failure()
         return QLPError(f"rank {r} exited with code {f.exitcode} and the job stopped; rerun with --debug")
