@@ -201,3 +201,10 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> Non
             process.kill()
             raise AssertionError(f"{path} did not appear in {timeout} s")
         time.sleep(0.02)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The end-to-end (slow) tests first, in their files' order: on several processes (`make test` runs
+    pytest-xdist, work-stealing) the minute-long runs then start early, and the short tests fill the end instead of
+    one long test running alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

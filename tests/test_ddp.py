@@ -41,6 +41,7 @@ def pruned(model: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     return model, masks
 
 
+@pytest.mark.slow  # several processes (Ray workers / gloo ranks / a spawned scorer)
 def test_two_gloo_ranks_train_what_one_process_trains_and_keep_the_masks_into_the_onnx_file():
     """20 steps with masks and a distillation teacher (each rank runs it on its own images): the same weights as one
     process within 1e-5, the same model on both ranks, and the masks' zeros in the exported file."""
@@ -91,6 +92,7 @@ def test_a_resumed_two_rank_run_ends_where_one_uninterrupted_process_ends(tmp_pa
         assert torch.allclose(results[0]["state"][name], p, rtol=0, atol=1e-5), name
 
 
+@pytest.mark.slow  # two gloo ranks each
 @pytest.mark.parametrize(("fn", "expected"), [
     (other_width_on_rank_1, "rank 1 holds a model of other shapes"),
     pytest.param(rank_1_dies, "rank 1 died (SIGKILL)", marks=pytest.mark.slow)])

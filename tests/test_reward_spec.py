@@ -50,6 +50,7 @@ def channel_case(ws):
     return spec, allocations, [reward(a) for a in allocations]
 
 
+@pytest.mark.slow  # several processes (Ray workers / gloo ranks / a spawned scorer)
 def test_a_spec_scores_as_the_reward_it_describes_here_and_in_a_spawned_process(ws):
     cases = [weight_case(ws), channel_case(ws)]
     for spec, allocations, expected in cases:

@@ -80,6 +80,7 @@ def reference(ws):
     return search(ws)  # K = 2, every reward scored in this process
 
 
+@pytest.mark.slow  # several processes (Ray workers / gloo ranks / a spawned scorer)
 def test_workers_give_the_search_of_one_process_even_when_one_is_killed(ws, spec, two, reference):
     with RewardPool(spec, ScaleSettings(workers=1)) as one:
         assert search(ws, one.score) == reference
@@ -97,6 +98,7 @@ def test_workers_give_the_search_of_one_process_even_when_one_is_killed(ws, spec
     assert search(ws, settings=replace(SEARCH, batch_episodes=1)) != reference  # the result does depend on K
 
 
+@pytest.mark.slow  # several processes (Ray workers / gloo ranks / a spawned scorer)
 def test_a_search_resumed_with_another_number_of_workers_ends_as_an_uninterrupted_one(ws, two, reference, tmp_path):
     checkpoint = tmp_path / "search.ckpt"
 
