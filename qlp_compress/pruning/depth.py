@@ -15,7 +15,6 @@ shortcut alone.
 from __future__ import annotations
 
 import copy
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,14 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.names import clean_path
-from qlp_compress.pruning.shortcuts import FixedChannelMap, _data_inputs, _LeafTracer, _shape
+from qlp_compress.pruning.shortcuts import (
+    FixedChannelMap,
+    _data_inputs,
+    _LeafTracer,
+    _parameter_free,
+    _shape,
+    run_node,
+)
 
 
 @dataclass(frozen=True)
@@ -51,39 +57,23 @@ def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     return copy.deepcopy(gm)
 
 
-def _value(gm: fx.GraphModule, node: fx.Node):
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _is_sum(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether `node` adds its two data inputs (run on random tensors of their shapes and compared with `+`)."""
     inputs = _data_inputs(node)
-    if node.op not in ("call_module", "call_function", "call_method") or len(inputs) != 2 or inputs[0] is inputs[1]:
-        return False
-    if node.op == "call_module" and next(modules[node.target].parameters(), None) is not None:
+    if node.op not in ("call_module", "call_function", "call_method") or not _parameter_free(node, modules) \
+            or len(inputs) != 2 or inputs[0] is inputs[1]:
         return False
     shape = _shape(node)
     if shape is None or any(_shape(a) != shape for a in inputs):
         return False
     g = torch.Generator().manual_seed(0)
     x, y = (torch.randn(shape, generator=g) for _ in inputs)
-    values = {inputs[0]: x, inputs[1]: y}
-    args = fx.node.map_arg(node.args, lambda a: values.get(a, _value(gm, a) if a.op == "get_attr" else a))
-    kwargs = fx.node.map_arg(node.kwargs, lambda a: values.get(a, _value(gm, a) if a.op == "get_attr" else a))
     try:
         with torch.no_grad():
-            if node.op == "call_module":
-                out = modules[node.target](*args, **kwargs)
-            elif node.op == "call_function":
-                out = node.target(*args, **kwargs)
-            else:
-                out = getattr(args[0], node.target)(*args[1:], **kwargs)
+            out = run_node(gm, modules, node, {inputs[0]: x, inputs[1]: y})
     except Exception:
         return False
-    return isinstance(out, torch.Tensor) and torch.allclose(out, operator.add(x, y), atol=1e-6)
+    return isinstance(out, torch.Tensor) and torch.allclose(out, x + y, atol=1e-6)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:

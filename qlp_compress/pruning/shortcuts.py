@@ -90,37 +90,62 @@ def _probe(run, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[
     return weight, stride
 
 
+def run_node(graph_module: fx.GraphModule, modules: dict[str, nn.Module], node: fx.Node, values: dict) -> object:
+    """Run one node of the graph on the given values of its input nodes (constants are read from the module)."""
+
+    def load(a: fx.Node):
+        if a in values:
+            return values[a]
+        if a.op == "get_attr":
+            obj = graph_module
+            for part in a.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        return a
+
+    args = fx.node.map_arg(node.args, load)
+    kwargs = fx.node.map_arg(node.kwargs, load)
+    if node.op == "call_module":
+        return modules[node.target](*args, **kwargs)
+    if node.op == "call_function":
+        return node.target(*args, **kwargs)
+    return getattr(args[0], node.target)(*args[1:], **kwargs)
+
+
 def _chain_function(chain: list[fx.Node], modules: dict[str, nn.Module], graph_module: fx.GraphModule):
     """A callable replaying `chain` (each node feeds the next) on a new input tensor."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        env: dict[fx.Node, object] = {}
+        values: dict[fx.Node, object] = {}
         current = x
         for node in chain:
-            source = _data_inputs(node)[0]
-
-            def load(a, source=source, value=current):
-                if a is source:
-                    return value
-                if isinstance(a, fx.Node) and a.op == "get_attr":
-                    obj = graph_module
-                    for part in a.target.split("."):
-                        obj = getattr(obj, part)
-                    return obj
-                return env.get(a, a)
-
-            args = fx.node.map_arg(node.args, load)
-            kwargs = fx.node.map_arg(node.kwargs, load)
-            if node.op == "call_module":
-                current = modules[node.target](*args, **kwargs)
-            elif node.op == "call_function":
-                current = node.target(*args, **kwargs)
-            else:
-                current = getattr(args[0], node.target)(*args[1:], **kwargs)
-            env[node] = current
+            values[_data_inputs(node)[0]] = current
+            current = values[node] = run_node(graph_module, modules, node, values)
         return current
 
     return run
+
+
+def _traced_copy(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | None:
+    """A copy of the model as a GraphModule whose nodes carry their shapes; None when it cannot be traced."""
+    try:
+        gm = fx.GraphModule(model, _LeafTracer().trace(model))
+        ShapeProp(gm).propagate(example)
+    except Exception:
+        return None
+    return copy.deepcopy(gm)
+
+
+def _finish_exact(gm: fx.GraphModule, model: nn.Module, example: torch.Tensor) -> bool:
+    """Clean up and recompile the rewritten graph; whether it computes exactly what the model does."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.eval()
+    with torch.no_grad():
+        x = torch.rand(2, *example.shape[1:], generator=torch.Generator().manual_seed(1))
+        return torch.equal(gm(x), model.eval()(x))
 
 
 def rewrite_channel_maps(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[str]]:
@@ -128,13 +153,9 @@ def rewrite_channel_maps(model: nn.Module, example: torch.Tensor) -> tuple[nn.Mo
 
     The model comes back unchanged (same object) when it cannot be traced or has no such map. The rewritten
     model is a GraphModule; its outputs equal the original's exactly (checked)."""
-    try:
-        graph = _LeafTracer().trace(model)
-        gm = fx.GraphModule(model, graph)
-        ShapeProp(gm).propagate(example)
-    except Exception:
+    gm = _traced_copy(model, example)
+    if gm is None:
         return model, []
-    gm = copy.deepcopy(gm)
     modules = dict(gm.named_modules())
     replaced: list[str] = []
     for end in list(gm.graph.nodes):
@@ -172,16 +193,8 @@ def rewrite_channel_maps(model: nn.Module, example: torch.Tensor) -> tuple[nn.Mo
             gm.graph.erase_node(node)
         replaced.append(name)
         modules = dict(gm.named_modules())
-    if not replaced:
-        return model, []
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.recompile()
-    gm.eval()
-    with torch.no_grad():
-        x = torch.rand(2, *example.shape[1:], generator=torch.Generator().manual_seed(1))
-        if not torch.equal(gm(x), model.eval()(x)):
-            return model, []  # never change what the model computes
+    if not replaced or not _finish_exact(gm, model, example):
+        return model, []  # never change what the model computes
     return gm, replaced
 
 
@@ -194,12 +207,9 @@ def rewrite_flattens(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module
     group was left whole. `torch.flatten` follows the pruned width. Found by probing each single-input node (its
     output must equal `torch.flatten` exactly); the model comes back unchanged (same object) when there is none
     or the rewrite would change an output."""
-    try:
-        gm = fx.GraphModule(model, _LeafTracer().trace(model))
-        ShapeProp(gm).propagate(example)
-    except Exception:
+    gm = _traced_copy(model, example)
+    if gm is None:
         return model, 0
-    gm = copy.deepcopy(gm)
     modules = dict(gm.named_modules())
     count = 0
     for node in list(gm.graph.nodes):
@@ -224,15 +234,6 @@ def rewrite_flattens(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module
         node.replace_all_uses_with(flat)
         gm.graph.erase_node(node)
         count += 1
-    if not count:
+    if not count or not _finish_exact(gm, model, example):
         return model, 0
-    gm.graph.eliminate_dead_code()
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    gm.eval()
-    with torch.no_grad():
-        x = torch.rand(2, *example.shape[1:], generator=torch.Generator().manual_seed(1))
-        if not torch.equal(gm(x), model.eval()(x)):
-            return model, 0
     return gm, count
