@@ -67,7 +67,8 @@ def test_near_best_defaults_to_half_in_weight_mode_and_off_in_channel_mode():
     from pathlib import Path
 
     from qlp_compress.search.curriculum import SearchSettings
-    from qlp_compress.workflows.commands import Choice, RunOptions, _search_settings
+    from qlp_compress.workflows.commands import Choice, RunOptions
+    from qlp_compress.workflows.options import search_settings as _search_settings
 
     run = RunOptions(model=Path("m.onnx"))
     assert _search_settings(Choice(), run, 0.9).near_best == SearchSettings(0.9).near_best == 0.5

@@ -16,9 +16,23 @@ from collections.abc import Mapping, Sequence
 
 SEARCH_METHODS = ("qlp", "random")  # how a search chooses (search/curriculum.py); a policy.json's method is one of
 # these or a baseline allocator's name (pruning/allocate.py). Here, below both, so that pruning needs no search.
+STRUCTURES = ("weight", "channel", "depth", "channel,depth")  # what a run removes: unstructured weights, channels,
+# residual blocks, or channels and blocks together (the last three share one pipeline: workflows/channels.py)
 OP_TYPES = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Linear", "Conv2d", "Conv1d", "Conv3d"})
 _EXPORTER_PREFIXES = ("onnx::",)
 _QUANTIZED_SUFFIXES = ("_quantized", "_DequantizeLinear", "_QuantizeLinear")
+
+
+def structure_name(text: str) -> str:
+    """The canonical spelling of a --structure value: parts in STRUCTURES' order ("depth,channel" → "channel,depth");
+    an unknown spelling comes back as it is, for the caller's check to name."""
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    return next((s for s in STRUCTURES if set(s.split(",")) == parts), text)
+
+
+def is_structured(structure: str) -> bool:
+    """Whether the structure removes whole channels or blocks (a smaller, faster network), not single weights."""
+    return structure != "weight"
 
 
 def _is_op(part: str) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
@@ -25,6 +26,7 @@ from qlp_compress.base.io import atomic_path, atomic_write_json
 from qlp_compress.base.ownership import (
     CHECKPOINTS,
     MANIFEST,
+    OUTPUT_FOLDERS,
     OUTPUT_NAMES,
     WORK,
     check_work,
@@ -278,6 +280,10 @@ class OutputRun:
             if not self.resume:  # start over: an earlier run's checkpoints are not continued
                 for name in CHECKPOINTS:
                     (self.work / name).unlink(missing_ok=True)
+            for name in OUTPUT_FOLDERS:  # a folder staged by a run that stopped before its commit: work again
+                staged, back = self.staging / name, self.work / name
+                if staged.is_dir() and not staged.is_symlink() and not os.path.lexists(back):
+                    os.replace(staged, back)
             _remove_own(self.staging)
             self.staging.mkdir()
         except OSError as e:
@@ -324,7 +330,11 @@ class OutputRun:
     def _finish(self, replace: list[str]) -> None:
         """After a complete swap: the previous files go, then the journal."""
         for name in replace:
-            (self.old / name).unlink(missing_ok=True)
+            path = self.old / name
+            if name in OUTPUT_FOLDERS and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)  # the tool's own folder (OUT's record listed it)
+            else:
+                path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.old.rmdir()
         self.journal.unlink(missing_ok=True)

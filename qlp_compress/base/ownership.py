@@ -27,10 +27,12 @@ WORK = ".work"  # the run's working folder inside OUT
 MANIFEST = ".qlp-outputs.json"  # OUT's record of the files its last run wrote
 # every file a folder-writing run may write in OUT
 OUTPUT_NAMES = ("model.onnx", "model.sparse.onnx", "model.int8.onnx", "policy.json", "report.json", "report.md",
-                "sparsity.png", "reward.png", "compare.json", "compare.md")
+                "sparsity.png", "reward.png", "compare.json", "compare.md", "optimize.json", "pareto.png",
+                "candidates")
+OUTPUT_FOLDERS = ("candidates",)  # outputs that are folders (optimize's candidates, each an output folder itself)
 CHECKPOINTS = ("search.ckpt", "selection.json", "selection.ckpt", "finetune.ckpt",
-               "compare.json")  # what --resume continues from (in .work)
-WORK_NAMES = ("lock", "commit.json", "out", "old", *CHECKPOINTS)  # what OUT/.work holds
+               "compare.json", "optimize.json")  # what --resume continues from (in .work)
+WORK_NAMES = ("lock", "commit.json", "out", "old", *CHECKPOINTS, *OUTPUT_FOLDERS)  # what OUT/.work holds
 # the hidden working files beside a one-file output (lock, checkpoint, atomic temporaries, write_together's)
 _HIDDEN = re.compile(r"^\..+\.(lock|qlp-ckpt|tmp|\d+\.new|\d+\.old)$")
 _TEMPORARY_OVERHEAD = 14  # an atomic write's temporary: ".NAME." + 8 random characters + ".tmp"

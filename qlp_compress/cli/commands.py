@@ -112,7 +112,8 @@ def search_cmd(
     Example: qlp-compress search model.onnx --sparsity 0.9 --out runs/q90
 
     With --structure weight (default) QLP chooses per-layer sparsities: a smaller file, no speedup. With
-    --structure channel it chooses layer widths for a measured onnxruntime speedup: a smaller, faster model."""
+    --structure channel it chooses layer widths for a measured onnxruntime speedup: a smaller, faster model; depth
+    removes whole residual blocks, and channel,depth does both."""
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, reward_size, finetune_epochs,
                lr, sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force, nproc)
@@ -171,7 +172,7 @@ def prune_cmd(
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, None, finetune_epochs, lr,
                sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force, nproc)
-    method = method or ("l1" if structure == "channel" else "lamp")
+    method = method or run_command.default_prune_method(structure)
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, policy=policy,
                  min_density=min_density, latency_batch=latency_batch, threads=threads, round_to=round_to,
                  distill=distill)
@@ -227,8 +228,8 @@ def compare_cmd(
     set_quiet(quiet)
     run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
                resume=resume, force=force, nproc=nproc)
-    channel = structure == "channel"
-    names = method or ("qlp,uniform,l1,bn-slimming,random" if channel else "qlp,lamp,global,erk,uniform")
+    channel = run_command.is_structured(run_command.structure_name(structure))
+    names = method or run_command.default_compare_methods(structure)
     how = Choice(structure=structure, episodes=episodes, stages=stages, demonstrations=demonstrations,
                  candidates=candidates, select_epochs=select_epochs, reward_images=reward_images, threads=threads,
                  min_density=min_density, latency_batch=latency_batch, round_to=round_to, distill=distill,

@@ -15,10 +15,11 @@ from rich.markup import escape
 from qlp_compress.base.errors import QLPError, os_error_line
 from qlp_compress.base.interrupts import sigterm_as_interrupt
 from qlp_compress.base.messages import console
+from qlp_compress.cli import optimize_command  # noqa: F401  (registers `optimize`)
 from qlp_compress.cli.commands import app
 from qlp_compress.cli.options import RENAMED
 
-RESUMABLE = ("search", "prune", "compare", "finetune", "train")  # the commands with --resume
+RESUMABLE = ("search", "prune", "compare", "finetune", "train", "optimize")  # the commands with --resume
 
 
 def renamed(args: list[str]) -> list[str]:

@@ -61,7 +61,8 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stder
 
 Structure = Annotated[str, typer.Option("--structure", help="weight: unstructured zeros (the paper; smaller files, "
                                                             "no speedup). channel: remove whole channels for a "
-                                                            "measured onnxruntime speedup.")]
+                                                            "measured onnxruntime speedup. depth: remove whole "
+                                                            "residual blocks. channel,depth: both.")]
 Sparsity = Annotated[float, typer.Option("--sparsity", help="weight: target global sparsity (fraction of the "
                                                             "prunable weights removed), in (0, 1).")]
 Speedup = Annotated[float, typer.Option("--speedup", help="channel: target dense ÷ pruned onnxruntime latency at "

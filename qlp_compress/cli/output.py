@@ -53,7 +53,7 @@ def emit(result: dict | list, as_json: bool, renderables: Callable[[], Iterable[
 
 def compressed_lines(report: dict):
     """What a terminal shows for a finished search or prune: its table and one summary line."""
-    if report.get("structure") == "channel":
+    if report.get("structure", "weight") != "weight":
         speed = ", ".join(f"batch {b}: {v:.2f}×" for b, v in report["measured_speedup"].items())
         yield Text(f"wrote {report['out']}: model.onnx measured speedup {speed} (target {report['target_speedup']:g}× "
                    f"at batch {report['latency_batch']}), test accuracy {report['accuracy']['finetuned']:.2%} (dense "

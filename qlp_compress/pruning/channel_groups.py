@@ -23,6 +23,7 @@ from torch import nn
 from torch_pruning.dependency.group import Group
 
 from qlp_compress.base.errors import QLPError
+from qlp_compress.pruning.depth import ResidualBlock, drop_blocks, find_blocks
 from qlp_compress.pruning.masks import refuse_wrapped
 from qlp_compress.pruning.shortcuts import FixedChannelMap, freeze_channel_maps, rewrite_channel_maps, rewrite_flattens
 
@@ -68,9 +69,14 @@ def _root_name(group: Group, names: dict[nn.Module, str]) -> str:
 
 
 class ChannelSpace:
-    """The groups of a model and the means to prune them to given widths."""
+    """The groups of a model and the means to prune them to given widths; with `depth`, also its removable
+    residual blocks (pruning.depth).
 
-    def __init__(self, model: nn.Module, example: torch.Tensor):
+    An allocation over the space is a list of *units*: one width per group (1 … its channels), then, with depth,
+    one keep flag per block (1 kept, 0 dropped). A block is a unit of size 1, so a sparsity of 1 drops it.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, depth: bool = False, width: bool = True):
         refuse_wrapped(model)
         self.example = example[:1].detach().cpu()
         source = copy.deepcopy(model).cpu().eval()
@@ -81,7 +87,7 @@ class ChannelSpace:
         self.unsafe: list[tuple[str, str]] = []  # (group, why it is left whole)
         graph = self._graph(self.model)
         names = {m: n for n, m in self.model.named_modules()}
-        candidates = list(graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear)))
+        candidates = list(graph.get_all_groups(root_module_types=(nn.modules.conv._ConvNd, nn.Linear))) if width else []
         groups, roots = [], []
         for group in candidates:
             root = _root_name(group, names)
@@ -106,6 +112,7 @@ class ChannelSpace:
         self.groups = [g for g, _ in ordered]  # network order
         self._roots = [r for _, r in ordered]
         self.layers = self._layer_shapes(graph, names)
+        self.blocks: list[ResidualBlock] = find_blocks(self.model, self.example) if depth else []
 
     # ------------------------------------------------------------------------------------- building
 
@@ -205,15 +212,36 @@ class ChannelSpace:
 
     @property
     def sizes(self) -> list[int]:
+        """The channels of each group."""
         return [g.size for g in self.groups]
+
+    @property
+    def unit_sizes(self) -> list[int]:
+        """The size of each unit: the groups' channels, then 1 per block."""
+        return self.sizes + [1] * len(self.blocks)
+
+    def units_from(self, sparsities: Sequence[float]) -> list[int]:
+        """The units of per-unit sparsities: a group keeps at least one channel; a block is kept below 0.5."""
+        n = len(self.groups)
+        if len(sparsities) not in (n, n + len(self.blocks)):
+            raise QLPError(f"{len(sparsities)} sparsities for {n} channel groups and {len(self.blocks)} blocks")
+        widths = [max(1, round(size * (1.0 - s))) for size, s in zip(self.sizes, sparsities[:n], strict=True)]
+        return widths + [0 if s >= 0.5 else 1 for s in sparsities[n:]]
+
+    def dropped(self, units: Sequence[int]) -> list[str]:
+        """The names of the blocks `units` drops."""
+        return [b.name for b, keep in zip(self.blocks, units[len(self.groups):], strict=False) if not keep]
 
     def prune(self, widths: Sequence[int], criterion: str = "l1", orders: Sequence[Sequence[int]] | None = None
               ) -> nn.Module:
         """A copy of the (rewritten) model with group i cut to widths[i] channels, dropping its least
-        important channels by `criterion` (or by the given per-group `orders`). Checked by a forward pass."""
-        if len(widths) != len(self.groups):
+        important channels by `criterion` (or by the given per-group `orders`), then without the blocks whose
+        keep flag (after the widths) is 0. Checked by a forward pass."""
+        if len(widths) not in (len(self.groups), len(self.groups) + len(self.blocks)):
             raise QLPError(f"{len(widths)} widths for {len(self.groups)} channel groups; the policy belongs to "
                            "another model")
+        dropped = self.dropped(widths)
+        widths = widths[: len(self.groups)]
         model = copy.deepcopy(self.model)
         graph = self._graph(model)
         for index, (group, root, width) in enumerate(zip(self.groups, self._roots, widths, strict=True)):
@@ -225,6 +253,8 @@ class ChannelSpace:
             module = model.get_submodule(root)
             graph.get_pruning_group(module, _out_fn(module), list(order[: group.size - width])).prune()
         freeze_channel_maps(model)
+        if dropped:
+            model = drop_blocks(model.eval(), self.example, dropped)
         with torch.no_grad():
             shape = tuple(model.eval()(self.example).shape)
         if shape != self.output_shape:

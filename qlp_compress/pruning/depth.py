@@ -43,6 +43,20 @@ class ResidualBlock:
     branch: tuple[str, ...]
     shortcut: str
     parameters: int  # trainable parameters removed with the branch
+    modules: tuple[str, ...] = ()  # module paths of the branch's layers (what the latency table stops timing)
+    shape: tuple[int, ...] = ()  # the sum's output shape: blocks of one stage share it
+
+
+def stages(blocks: list[ResidualBlock]) -> list[list[int]]:
+    """Indices of the blocks, grouped into stages: runs of consecutive blocks whose sums have one shape (channels
+    and resolution), which is how a ResNet's stages are drawn."""
+    grouped: list[list[int]] = []
+    for i, block in enumerate(blocks):
+        if grouped and blocks[grouped[-1][-1]].shape[1:] == block.shape[1:]:
+            grouped[-1].append(i)
+        else:
+            grouped.append([i])
+    return grouped
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -125,14 +139,16 @@ def _as_block(gm: fx.GraphModule, add: fx.Node, modules: dict[str, nn.Module]) -
         if parameters == 0:
             continue
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        return ResidualBlock(_block_name(branch, add.name), add.name,
-                             tuple(n.name for n in sorted(branch, key=order.__getitem__)), short_end.name,
-                             parameters)
+        ordered = sorted(branch, key=order.__getitem__)
+        return ResidualBlock(_block_name(branch, add.name), add.name, tuple(n.name for n in ordered), short_end.name,
+                             parameters, tuple(n.target for n in ordered if n.op == "call_module"),
+                             _shape(add) or ())
     return None
 
 
 def find_blocks(model: nn.Module, example: torch.Tensor) -> list[ResidualBlock]:
-    """The model's removable residual blocks, in graph order."""
+    """The model's removable residual blocks, in graph order. A block inside another block's branch is left out:
+    the outer one is the unit (dropping both would remove the inner one twice)."""
     gm = trace(model, example)
     modules = dict(gm.named_modules())
     blocks = []
@@ -141,7 +157,8 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[ResidualBlock]:
             block = _as_block(gm, node, modules)
             if block is not None:
                 blocks.append(block)
-    return blocks
+    inner = {b.add for b in blocks for outer in blocks if b is not outer and b.add in outer.branch}
+    return [b for b in blocks if b.add not in inner]
 
 
 def drop_blocks(model: nn.Module, example: torch.Tensor, names: list[str] | tuple[str, ...]) -> fx.GraphModule:

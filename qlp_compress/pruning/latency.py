@@ -5,20 +5,19 @@ fusing BatchNorm) at its input size, the chosen batch and thread count, for ever
 output groups may take (multiples of `round_to`, and the full width). The rest of the network (adds,
 pooling, the input normalisation) is the measured dense latency minus the layers' sum, scaled with the
 activation volume. A pruned network's latency is predicted as the sum; widths between grid points are
-interpolated (only when `round_to` is 1).
+interpolated (only when `round_to` is 1). A dropped residual block (depth) removes its layers from the sum and
+their outputs from the volume.
 
-The layers' sum does not follow the fused network's latency across widths: in the v3 table of the shipped
-ResNet-20 (a quiet machine) it fell to 0.43 of the full widths' sum at the narrowest widths while the network
-measured 0.34 (layers timed alone pay per-run costs, dispatch, thread hand-off, output allocation, that weigh
-more the narrower they are), and how far off it is changes with the load while the table is built. So the
-table's ratio is mapped onto directly measured uniform widths (100 %, 75 %, 50 %, 25 %, narrowest; minimum
-latencies, timed alternately with the dense model), piecewise linearly through those points: the prediction
-at those widths, the narrowest included, is their measurement. The affine fit of v3 could not bend to the
-narrow end: it predicted at most 2.73x where 3.23x had been measured.
+The layers' sum does not follow the fused network's latency: layers timed alone pay per-run costs (dispatch,
+thread hand-off, output allocation) that weigh more the narrower they are, and how far off the sum is changes with
+the load while the table is built. So the table's ratio is mapped onto directly measured networks (uniform widths
+of 100 %, 75 %, 50 %, 25 % and the narrowest; with depth also every other block dropped, every block dropped, and
+every block dropped at the narrowest widths; minimum latencies, timed alternately with the dense model),
+piecewise linearly through those points: the prediction there is their measurement. docs/benchmarks_channel.md
+and docs/benchmarks_optimize.md check predictions elsewhere against direct measurement.
 
-Timings are only as good as the machine is quiet: a table of the shipped ResNet-20 built at a load average of
-about 6 on 2 cores measured its half widths at 2.46x; two builds on the quiet machine measured 2.10x and 2.27x. So
-the build records the load average before and after it, and `busy_load` says when it exceeded the cores.
+Timings are only as good as the machine is quiet, so the build records the load average before and after it,
+and `busy_load` says when it exceeded the cores.
 
 The cache is data, not trust (`read_cached`): only a regular file of at most MAX_TABLE_BYTES is read (checked
 before opening, and opened without blocking, so a FIFO or a link to /dev/zero is never read), and every field is
@@ -33,7 +32,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -41,20 +39,19 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json, cache_dir
 from qlp_compress.base.messages import console
-from qlp_compress.deploy.engine import ORT_VERSION, measure_speedup, time_model
+from qlp_compress.deploy.engine import measure_speedup, time_model
 from qlp_compress.pruning.channel_groups import ChannelSpace, LayerShape
 from qlp_compress.pruning.latency_cache import BadCache, check_table, read_regular
+from qlp_compress.pruning.layer_timing import layer_model, load_average, machine, min_ratio
 
 CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)  # uniform widths timed directly to calibrate the table
-CALIBRATION_ROUNDS = 8  # dense and calibration model timed alternately this often (the minimum of each is kept)
 GRID_STEP = 8  # channel step of the table when widths are not rounded (round_to = 1)
-TABLE_FORMAT = "qlp-compress/latency/v4"  # v4: 4 calibration widths, piecewise-linear map
+TABLE_FORMAT = "qlp-compress/latency/v4"
 
 
 @dataclass(frozen=True)
@@ -84,54 +81,6 @@ def _grid(size: int, round_to: int) -> list[int]:
     return allowed_widths(size, round_to if round_to > 1 else GRID_STEP)
 
 
-def _layer_model(kind: str, cin: int, cout: int, layer: LayerShape, batch: int) -> bytes:
-    rng = np.random.default_rng(0)
-    if kind == "conv":
-        groups = cin if layer.depthwise else 1
-        w = rng.random((cout, cin // groups, *layer.kernel), dtype=np.float32)
-        nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], strides=list(layer.stride),
-                                  pads=list(layer.padding) * 2, dilations=list(layer.dilation), group=groups),
-                 helper.make_node("Relu", ["c"], ["y"])]
-        shape = [batch, cin, *layer.in_hw]
-    else:
-        w = rng.random((cout, cin), dtype=np.float32)
-        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1)]
-        shape = [batch, cin]
-    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.random(cout, dtype=np.float32), "b")]
-    graph = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8).SerializeToString()
-
-
-def min_ratio(dense: bytes, candidate: bytes, input_shape: Sequence[int], settings: LatencySettings) -> dict:
-    """Dense ÷ candidate minimum latency, the two timed alternately: on the table's own footing (its entries are
-    minimums too), so that load on a shared machine while the table is built does not bend the calibration."""
-    shape = [settings.batch, *input_shape]
-    dense_ms, candidate_ms = float("inf"), float("inf")
-    for _ in range(CALIBRATION_ROUNDS):
-        dense_ms = min(dense_ms, time_model(dense, shape, settings.threads, settings.repeats))
-        candidate_ms = min(candidate_ms, time_model(candidate, shape, settings.threads, settings.repeats))
-    return {"speedup": dense_ms / candidate_ms, "dense_min_ms": dense_ms, "min_ms": candidate_ms}
-
-
-def _load_average() -> float | None:
-    """The 1-minute load average (runnable threads, this process's included); None where the system has none."""
-    with contextlib.suppress(OSError, AttributeError):
-        return round(os.getloadavg()[0], 2)
-    return None
-
-
-def _machine() -> dict:
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    from qlp_compress.base.machine import cpu_capability, describe_cpu
-
-    return {"host": platform.node(), "cpu": cpu or platform.processor(), "onnxruntime": ORT_VERSION,
-            "cpu_extensions": describe_cpu(cpu_capability())}  # latency depends on the vector extensions
-
-
 def _channels(full: int, group: int | None, width: int | None, sizes: Sequence[int]) -> int:
     """A layer's channel count when its group has `width` of its sizes[group] channels (flatten-aware)."""
     if group is None or width is None:
@@ -145,12 +94,14 @@ class LatencyTable:
     def __init__(self, space: ChannelSpace, data: dict):
         self.space = space
         self.data = data
-        self.sizes = space.sizes
+        self.groups = len(space.groups)
+        self.sizes = space.unit_sizes  # units: the groups' channels, then 1 per removable block
+        self.block_layers = [set(b.modules) for b in space.blocks]
         self.settings = LatencySettings(**data["settings"])
         # dense (original) and rewritten dense model, timed interleaved: the rewrite's own cost is their ratio
         self.rewrite = data["rewrite"]
         self.entries = {k: float(v) for k, v in data["entries"].items()}
-        self.allowed = [allowed_widths(s, self.settings.round_to) for s in self.sizes]
+        self.allowed = [allowed_widths(s, self.settings.round_to) for s in space.sizes] + [[0, 1]] * len(space.blocks)
         full = self.sizes
         # what the layer table misses (adds, pooling, reorders); ≥ 0: timed alone, layers carry overheads
         # that the fused network does not
@@ -169,7 +120,8 @@ class LatencyTable:
         network for the calibration runs."""
         layers = [asdict(layer) for layer in space.layers]
         key = {"format": TABLE_FORMAT, "model_sha256": model_sha256, "layers": layers, "sizes": space.sizes,
-               "machine": _machine(), "settings": asdict(settings), "input_shape": list(input_shape)}
+               "machine": machine(), "settings": asdict(settings), "input_shape": list(input_shape),
+               **({"blocks": [[b.name, list(b.modules)] for b in space.blocks]} if space.blocks else {})}
         key = json.loads(json.dumps(key))  # as it reads back from the file (tuples become lists)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         folder = cache if cache is not None else cache_dir() / "latency"
@@ -178,7 +130,7 @@ class LatencyTable:
         if cached is not None:
             return cached
         started = time.perf_counter()
-        load_before = _load_average()
+        load_before = load_average()
         rewrite = measure_speedup(dense_onnx, rewritten_onnx, input_shape, settings.batch, settings.threads)
         entries: dict[str, float] = {}
         todo = []
@@ -190,19 +142,17 @@ class LatencyTable:
                     todo.append((k, layer, cin, cout))
         for done, (k, layer, cin, cout) in enumerate(todo):
             shape = [settings.batch, cin, *layer.in_hw] if layer.kind == "conv" else [settings.batch, cin]
-            entries[k] = time_model(_layer_model(layer.kind, cin, cout, layer, settings.batch), shape,
+            entries[k] = time_model(layer_model(layer.kind, cin, cout, layer, settings.batch), shape,
                                     settings.threads, settings.repeats)
             if on_progress:
                 on_progress(done + 1, len(todo))
-        calibration = []  # uniform widths (1.0 = the rewritten full model) timed directly against the dense model
-        for fraction in CALIBRATION_FRACTIONS:
-            widths = [min(allowed_widths(n, settings.round_to), key=lambda w, n=n: (abs(w - n * fraction), -w))
-                      for n in space.sizes]
+        calibration = []  # networks (1.0 = the rewritten full model) timed directly against the dense model
+        for widths in calibration_units(space, settings.round_to):
             calibration.append({"widths": widths, **min_ratio(dense_onnx, to_onnx(space.prune(widths)), input_shape,
                                                                settings)})
         data = {"key": key, "settings": asdict(settings), "rewrite": rewrite, "entries": entries,
                 "calibration": calibration, "seconds": round(time.perf_counter() - started, 1),
-                "load": {"before": load_before, "after": _load_average(), "cpus": os.cpu_count()}}
+                "load": {"before": load_before, "after": load_average(), "cpus": os.cpu_count()}}
         with contextlib.suppress(OSError, QLPError):  # a read-only cache only costs the measurement next time
             atomic_write_json(path, data)
         return cls(space, {**data, "cached": None, "file": str(path)})
@@ -257,13 +207,19 @@ class LatencyTable:
         return ((at(a0, b0) * (1 - tb) + at(a0, b1) * tb) * (1 - ta)
                 + (at(a1, b0) * (1 - tb) + at(a1, b1) * tb) * ta)
 
+    def _kept_layers(self, units: Sequence[int]) -> list[LayerShape]:
+        """The timed layers still in the network: those of dropped blocks are gone."""
+        gone = set().union(*(layers for layers, keep in zip(self.block_layers, units[self.groups:], strict=False)
+                             if not keep))
+        return [layer for layer in self.space.layers if layer.name not in gone]
+
     def _layers_ms(self, widths: Sequence[int]) -> float:
-        return sum(self._layer_ms(layer, widths) for layer in self.space.layers)
+        return sum(self._layer_ms(layer, widths) for layer in self._kept_layers(widths))
 
     def _volume(self, widths: Sequence[int]) -> float:
         """Output activations of the timed layers (what the untimed elementwise ops scale with)."""
         total = 0.0
-        for layer in self.space.layers:
+        for layer in self._kept_layers(widths):
             cout = _channels(layer.out_channels, layer.out_group,
                              widths[layer.out_group] if layer.out_group is not None else None, self.sizes)
             total += cout * (np.prod(layer.in_hw) if layer.in_hw else 1) / (np.prod(layer.stride) or 1)
@@ -322,7 +278,10 @@ class LatencyTable:
         return 1.0 - 1.0 / self.speedup(widths)
 
     def snap(self, group: int, channels: float) -> int:
-        """The allowed width of `group` nearest to `channels` (at least the smallest allowed)."""
+        """The allowed width of unit `group` nearest to `channels` (at least the smallest allowed); a block is kept
+        (1) from 0.5 up, else dropped (0)."""
+        if group >= self.groups:
+            return 1 if channels >= 0.5 else 0
         options = self.allowed[group]
         return min(options, key=lambda w: (abs(w - channels), -w))
 
@@ -337,10 +296,13 @@ class LatencyTable:
         return highest
 
     def max_speedup(self) -> float:
+        """The predicted speedup of the narrowest widths, every removable block dropped."""
         return self.speedup([a[0] for a in self.allowed])
 
+
     def summary(self) -> dict:
-        return {"batch": self.settings.batch, "threads": self.settings.threads, "round_to": self.settings.round_to,
+        return {"blocks": [b.name for b in self.space.blocks], "batch": self.settings.batch,
+                "threads": self.settings.threads, "round_to": self.settings.round_to,
                 "dense_ms": round(self.rewrite["dense_ms"], 4),
                 "rewritten_dense_ms": round(self.rewrite["pruned_ms"], 4),
                 "rewrite_speedup": round(self.rewrite["speedup"], 4), "table_full_ms": round(self.full_ms, 4),
@@ -350,7 +312,21 @@ class LatencyTable:
                 "entries": len(self.entries),
                 "measure_seconds": self.data.get("seconds"), "load_while_built": self.data.get("load"),
                 "cached": self.data.get("cached"),
-                "machine": _machine()}
+                "machine": machine()}
+
+
+def calibration_units(space: ChannelSpace, round_to: int) -> list[list[int]]:
+    """The networks timed directly to calibrate the table: uniform widths (every block kept), and with depth every
+    other block dropped, every block dropped, and every block dropped at the narrowest widths."""
+    def uniform(fraction: float) -> list[int]:
+        return [min(allowed_widths(n, round_to), key=lambda w, n=n: (abs(w - n * fraction), -w)) for n in space.sizes]
+
+    blocks = len(space.blocks)
+    points = [uniform(f) + [1] * blocks for f in CALIBRATION_FRACTIONS]
+    if blocks:
+        points += [uniform(1.0) + [i % 2 for i in range(blocks)], uniform(1.0) + [0] * blocks,
+                   uniform(0.0) + [0] * blocks]
+    return points
 
 
 # ------------------------------------------------------------------------------------ reading the cache
@@ -371,7 +347,8 @@ def read_cached(path: Path, key: dict, space: ChannelSpace) -> LatencyTable | No
             raise BadCache(f"is not JSON ({type(e).__name__})") from e
         round_to = key["settings"]["round_to"]
         check_table(data, key, space.sizes, {LatencyTable._key(layer, a, b) for layer in space.layers
-                                             for a, b in LatencyTable._points(layer, space.sizes, round_to)})
+                                             for a, b in LatencyTable._points(layer, space.sizes, round_to)},
+                    blocks=len(space.blocks))
         try:
             table = LatencyTable(space, {**data, "cached": str(path), "file": str(path)})
             finite = math.isfinite(table.full_ms) and table.full_ms > 0 and math.isfinite(table.max_speedup())

@@ -10,7 +10,7 @@ import os
 import stat
 from pathlib import Path
 
-CALIBRATION_POINTS = 20  # a table holds 5 calibration widths; more than this is not a table this tool wrote
+CALIBRATION_POINTS = 20  # a table holds 5 calibration points (8 with depth); more: not a table this tool wrote
 MAX_TABLE_BYTES = 64 << 20  # a cached table holds a few thousand entries (ResNet-20 at --round-to 1: about 1 MiB)
 
 
@@ -59,9 +59,9 @@ def _count(x: object) -> bool:
     return x is None or _positive(x) or (type(x) in (int, float) and x == 0)
 
 
-def check_table(data: object, key: dict, sizes: list[int], wanted: set[str]) -> None:
-    """Raise BadCache unless `data` is a whole table of `key` (groups of `sizes` channels, entries named `wanted`):
-    what LatencyTable reads, of the right types."""
+def check_table(data: object, key: dict, sizes: list[int], wanted: set[str], blocks: int = 0) -> None:
+    """Raise BadCache unless `data` is a whole table of `key` (groups of `sizes` channels, then `blocks` removable
+    blocks, entries named `wanted`): what LatencyTable reads, of the right types."""
     if not isinstance(data, dict):
         raise BadCache(f"holds a {type(data).__name__}, not a table")
     if data.get("key") != key:
@@ -86,8 +86,9 @@ def check_table(data: object, key: dict, sizes: list[int], wanted: set[str]) -> 
         raise BadCache("has a calibration that is not a short list")
     for c in calibration:
         widths = c.get("widths") if isinstance(c, dict) else None
-        if not (isinstance(widths, list) and len(widths) == len(sizes)
-                and all(type(w) is int and 1 <= w <= n for w, n in zip(widths, sizes, strict=True))
+        if not (isinstance(widths, list) and len(widths) == len(sizes) + blocks
+                and all(type(w) is int and 1 <= w <= n for w, n in zip(widths, sizes, strict=False))
+                and all(w in (0, 1) for w in widths[len(sizes):])
                 and _positive(c.get("speedup"))):
             raise BadCache("has a calibration point without widths of every group and a finite positive speedup")
     load = data.get("load", {})

@@ -1,5 +1,6 @@
-"""Channel widths: the speedup target as a latency fraction, and the baseline width allocations (uniform width,
-global filter-norm ranking, BatchNorm-scale ranking) over a latency table."""
+"""Channel widths and blocks: the speedup target as a latency fraction, and the baseline allocations over a latency
+table: uniform width, global filter-norm ranking, BatchNorm-scale ranking (every block kept), and uniform depth (the
+same share of blocks dropped in every stage, full widths)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,20 @@ import numpy as np
 
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.pruning.channel_groups import ChannelSpace
+from qlp_compress.pruning.depth import stages as block_stages
 
 if TYPE_CHECKING:
     from qlp_compress.pruning.latency import LatencyTable
 
-BASELINES = ("uniform", "l1", "bn-slimming")  # closed-form width allocations (prune --method)
+BASELINES = ("uniform", "l1", "bn-slimming", "depth")  # closed-form allocations (prune --method); depth drops blocks
+WIDTH_BASELINES = ("uniform", "l1", "bn-slimming")
 SEARCHES = ("qlp", "random")
+
+
+def baselines_for(structure: str) -> tuple[str, ...]:
+    """The closed-form allocations of a structured --structure: width baselines, depth, or both."""
+    parts = structure.split(",")
+    return (*(WIDTH_BASELINES if "channel" in parts else ()), *(("depth",) if "depth" in parts else ()))
 
 
 def speedup_to_target(speedup: float) -> float:
@@ -34,11 +43,32 @@ def widths_from(space_sizes: Sequence[int], sparsities: Sequence[float]) -> list
 
 
 def _by_fraction(table: LatencyTable, target: float) -> list[int]:
-    """uniform: the smallest common fraction removed from every group that meets the target."""
+    """uniform: the smallest common fraction removed from every group that meets the target (blocks kept)."""
+    blocks = [1] * (len(table.sizes) - table.groups)
     for f in np.linspace(0.0, 1.0, 401):
-        widths = [table.snap(i, n * (1.0 - f)) for i, n in enumerate(table.sizes)]
+        widths = [table.snap(i, n * (1.0 - f)) for i, n in enumerate(table.sizes[: table.groups])] + blocks
         if table.reduction(widths) >= target - 1e-9:
             return widths
+    raise _unreachable(table, target)
+
+
+def _by_depth(space: ChannelSpace, table: LatencyTable, target: float) -> list[int]:
+    """depth: full widths, and in every stage the same share of its blocks dropped, its last blocks first (the first
+    block of a stage changes the resolution or the channels; the later ones refine), the smallest share that meets
+    the target."""
+    if not space.blocks:
+        raise UsageError("--method depth drops residual blocks, and none were looked for; use --structure "
+                         "channel,depth (or depth)")
+    stages = block_stages(space.blocks)
+    longest = max(len(s) for s in stages)
+    for k in range(longest + 1):
+        keep = [1] * len(space.blocks)
+        for stage in stages:
+            for i in stage[len(stage) - round(k * len(stage) / longest):]:
+                keep[i] = 0
+        units = list(space.sizes) + keep
+        if table.reduction(units) >= target - 1e-9:
+            return units
     raise _unreachable(table, target)
 
 
@@ -77,6 +107,8 @@ def allocate_widths(method: str, space: ChannelSpace, table: LatencyTable, targe
     """Per-group widths of a baseline at latency-reduction `target`."""
     if method == "uniform":
         return _by_fraction(table, target)
+    if method == "depth":
+        return _by_depth(space, table, target)
     if method == "l1":
         return _by_ranking(table, [g.l1 for g in space.groups], target)
     if method == "bn-slimming":
@@ -87,13 +119,13 @@ def allocate_widths(method: str, space: ChannelSpace, table: LatencyTable, targe
     raise UsageError(f"unknown channel method {method!r}; use one of {', '.join((*SEARCHES, *BASELINES))}")
 
 
-CRITERION_OF = {"uniform": "l1", "l1": "l1", "bn-slimming": "bn", "qlp": "l1", "random": "l1"}
+CRITERION_OF = {"uniform": "l1", "l1": "l1", "bn-slimming": "bn", "depth": "l1", "qlp": "l1", "random": "l1"}
 
 
 def demonstration_allocator(space: ChannelSpace, table: LatencyTable) -> Callable[[str, float], np.ndarray]:
     def allocation(name: str, target: float) -> np.ndarray:
-        widths = allocate_widths(name, space, table, target)
-        return 1.0 - np.asarray(widths) / np.asarray(space.sizes)
+        units = allocate_widths(name, space, table, target)
+        return 1.0 - np.asarray(units) / np.asarray(space.unit_sizes)
 
     return allocation
 
@@ -102,4 +134,6 @@ def default_demonstrations(space: ChannelSpace) -> tuple[str, ...]:
     names = ["l1", "uniform"]
     if any(g.bn is not None for g in space.groups):
         names.insert(1, "bn-slimming")
+    if space.blocks:
+        names.append("depth")
     return tuple(names)

@@ -1,5 +1,6 @@
-"""The channel search's reward: accuracy of the channel-pruned network (BatchNorm re-estimated) on the reward
-images. A network that fails its forward pass scores 0 and is never exported."""
+"""The channel and depth search's reward: accuracy of the network with its groups narrowed and its dropped blocks
+removed (BatchNorm re-estimated) on the reward images. A network that fails its forward pass scores 0 and is never
+exported."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from torch.utils.data import Dataset
 from qlp_compress.base.errors import QLPError
 from qlp_compress.data import materialize
 from qlp_compress.pruning.channel_groups import ChannelSpace
-from qlp_compress.pruning.widths import widths_from
 from qlp_compress.train.measure import accuracy, recalibrate_batchnorm
 
 
@@ -28,7 +28,7 @@ class ChannelRewardSettings:
 
 
 class ChannelReward:
-    """Callable: per-group sparsities → accuracy of the channel-pruned network on the reward images."""
+    """Callable: per-unit sparsities (groups, then blocks) → accuracy of the pruned network on the reward images."""
 
     def __init__(self, space: ChannelSpace, reward_split: Dataset, settings: ChannelRewardSettings):
         self.space = space
@@ -42,7 +42,7 @@ class ChannelReward:
 
     def __call__(self, sparsities: Sequence[float]) -> float:
         self.evaluations += 1
-        widths = tuple(widths_from(self.space.sizes, sparsities))
+        widths = tuple(self.space.units_from(sparsities))
         if widths not in self.cache:
             self.cache[widths] = self.score(widths)
         return self.cache[widths]

@@ -7,8 +7,8 @@ The spec carries everything the scorer needs, so a worker needs no file and no d
   before the bytes are unpickled, and the SHA-256 of the user's model file it came from;
 - the reward images themselves (the first ones of the reward split, in their stored dtype), with the data set's
   name and the seed that cut the split, for the record;
-- the reward settings and the structure ("weight": per-layer sparsities of the prunable weights; "channel":
-  per-group sparsities of the channel groups).
+- the reward settings and the structure ("weight": per-layer sparsities of the prunable weights; "channel",
+  "depth" or "channel,depth": per-unit sparsities of the channel groups and then the removable blocks).
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from qlp_compress.base.errors import QLPError
+from qlp_compress.base.names import STRUCTURES
 from qlp_compress.data import materialize
 from qlp_compress.data.images import TensorImages
 from qlp_compress.deploy import engine
 from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.reward.weights import BRIEF_FINETUNE, Reward, RewardSettings
-
-STRUCTURES = ("weight", "channel")
 
 
 class Scorer(Protocol):
@@ -43,7 +42,7 @@ class Scorer(Protocol):
 class RewardSpec:
     """Everything a process needs to build the search's scorer."""
 
-    structure: str  # "weight" or "channel"
+    structure: str  # one of base.names.STRUCTURES
     model: bytes  # torch.save of the loaded network (normalisation folded in)
     model_digest: str  # SHA-256 of `model`, checked before it is unpickled
     source_sha256: str  # SHA-256 of the user's model file (what policy.json records)
@@ -108,7 +107,8 @@ def build_scorer(spec: RewardSpec, device: str | None = None) -> Reward | Channe
     from qlp_compress.pruning.channel_groups import ChannelSpace
 
     x, _ = materialize(split, limit=2)
-    return ChannelReward(ChannelSpace(module, x), split, settings)
+    parts = spec.structure.split(",")
+    return ChannelReward(ChannelSpace(module, x, depth="depth" in parts, width="channel" in parts), split, settings)
 
 
 def score_all(spec: RewardSpec, allocations: list[np.ndarray], threads: int = 1) -> list[float]:

@@ -39,12 +39,19 @@ def read_channel_policy(path: Path) -> dict:
     speedup = doc.get("target_speedup")
     if not (type(speedup) in (int, float) and math.isfinite(speedup) and speedup > 1):
         raise invalid(f"target_speedup {_clip(speedup)!r} is not a number above 1")
+    if doc.get("structure", "channel") not in ("channel", "depth", "channel,depth"):
+        raise invalid(f"structure {_clip(doc.get('structure'))!r} is none of channel, depth, channel,depth")
     sha = doc.get("model_sha256")
     if not isinstance(sha, str) or len(sha) != 64:
         raise invalid("model_sha256 is not a SHA-256 hex digest")
-    groups = doc.get("groups")
-    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+    groups, blocks = doc.get("groups"), doc.get("blocks", [])
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise invalid("groups is not a list of channel groups")
+    if not (isinstance(blocks, list) and all(isinstance(b, dict) and isinstance(b.get("name"), str)
+                                             and type(b.get("kept")) is bool for b in blocks)):
+        raise invalid("blocks is not a list of residual blocks, each with a name and kept true or false")
+    if not groups and not blocks:
+        raise invalid("it lists neither channel groups nor residual blocks")
     for g in groups:
         channels, width = g.get("channels"), g.get("width")
         if not (isinstance(g.get("name"), str) and isinstance(g.get("module", ""), str)
@@ -55,9 +62,9 @@ def read_channel_policy(path: Path) -> dict:
 
 
 def check_channel_policy(policy: dict, path: Path, layer_paths: list[str], names: list[str], sizes: list[int],
-                         model_sha256: str) -> list[int]:
-    """The widths of a policy (checked by read_channel_policy) on this model: same model file, same groups (by
-    module path, or by readable name), same group sizes."""
+                         model_sha256: str, block_names: list[str] | None = None) -> list[int]:
+    """The units of a policy (checked by read_channel_policy) on this model: same model file, same groups (by
+    module path, or by readable name), same group sizes, same removable blocks; widths, then block keep flags."""
     if policy["model_sha256"] != model_sha256:
         raise UsageError(f"{path} was found for another model file; run the search on this model")
     groups = policy["groups"]
@@ -68,7 +75,11 @@ def check_channel_policy(policy: dict, path: Path, layer_paths: list[str], names
     if wrong:
         raise UsageError(f"{path} gives other channel counts than this model has (group {_clip(wrong[0])}); run the "
                          "search again")
-    return [int(g["width"]) for g in groups]
+    blocks = policy.get("blocks", [])
+    if [b["name"] for b in blocks] != list(block_names or []):
+        raise UsageError(f"{path} names other residual blocks than this model has (with this --structure); run the "
+                         "search again, or give the --structure the policy was found with")
+    return [int(g["width"]) for g in groups] + [int(b["kept"]) for b in blocks]
 
 
 def check_reach(table: LatencyTable, speedup: float) -> None:

@@ -1,5 +1,6 @@
-"""Channel mode's workflows: widths (QLP, random search or a baseline) → smaller dense network → fine-tune →
-verified ONNX export → report with measured speedups. The weight mode's workflows are in pipeline.py."""
+"""The structured workflows (channel, depth, or both): units (QLP, random search or a baseline) → smaller dense
+network → fine-tune → verified ONNX export → report with measured speedups. An allocation is a list of units:
+a width per channel group, then a keep flag per removable residual block (pruning.channel_groups.ChannelSpace)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from qlp_compress import data as datasets
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
-from qlp_compress.base.machine import cpu_capability, describe_cpu
+from qlp_compress.base.machine import cpu_capability
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session, session_accuracy
@@ -32,10 +33,10 @@ from qlp_compress.pruning.widths import (
     default_demonstrations,
     demonstration_allocator,
     speedup_to_target,
-    widths_from,
 )
 from qlp_compress.report.progress import phase
-from qlp_compress.report.provenance import finetune_lines, jsonable, versions
+from qlp_compress.report.provenance import jsonable, versions
+from qlp_compress.report.structured import compare_markdown, report_markdown
 from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.channel_env import ChannelEnv
@@ -53,6 +54,7 @@ from qlp_compress.workflows.workspace import (
     export_verified,
     finetune_guarded,
     finetune_report,
+    with_record,
 )
 
 METHODS = (*SEARCHES, *BASELINES)
@@ -61,9 +63,10 @@ SPEEDUP_BATCHES = (1, 64)  # every report gives the measured speedup at these ba
 
 @dataclass(frozen=True)
 class ChannelSettings:
-    """One channel-mode run."""
+    """One structured run."""
 
-    method: str = "qlp"  # qlp, random, uniform, l1 (global filter norm) or bn-slimming
+    structure: str = "channel"  # channel, depth or channel,depth (base.names.STRUCTURES)
+    method: str = "qlp"  # qlp, random, uniform, l1 (global filter norm), bn-slimming or depth (uniform depth)
     speedup: float = 2.0  # target: dense ÷ pruned onnxruntime latency at latency.batch, predicted by the table
     latency: LatencySettings = field(default_factory=LatencySettings)  # how latency is measured
     search: SearchSettings | None = None  # for qlp/random (target and method are filled in)
@@ -92,16 +95,24 @@ class ChannelContext:
     seconds: float
 
 
-def open_channels(ws: Workspace, settings: LatencySettings, cache: Path | None = None) -> ChannelContext:
+def open_channels(ws: Workspace, settings: LatencySettings, cache: Path | None = None,
+                  structure: str = "channel", blocks_optional: bool = False) -> ChannelContext:
+    """The model's channel groups (and with depth its removable blocks) and their latency table. A model without a
+    removable block is refused with depth unless `blocks_optional` (then its units are its groups alone)."""
     started = time.perf_counter()
     check_latency_settings(settings)
     x, _ = datasets.materialize(ws.splits.reward, limit=2)
-    space = ChannelSpace(ws.loaded.module, x)
-    if not space.groups:
+    parts = structure.split(",")
+    with phase("find channel groups and residual blocks" if "depth" in parts else "find channel groups"):
+        space = ChannelSpace(ws.loaded.module, x, depth="depth" in parts, width="channel" in parts)
+    if "depth" in parts and not space.blocks and not (blocks_optional and space.groups):
+        raise QLPError("this model has no residual block that can be removed whole (a sum whose other side is an "
+                       "identity or a parameter-free channel map); use --structure channel")
+    if "channel" in parts and not space.groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in space.unsafe) or "no Conv/Linear output channels outside the " \
                                                                        "classifier"
         raise QLPError(f"no channel group of this model can be pruned safely ({reasons}); use --structure weight")
-    with phase("latency table (onnxruntime timings of each group's widths)"):
+    with phase("latency table (onnxruntime timings of each group's widths and block)"):
         dense = export_bytes(ws.loaded.module, ws)
         table = LatencyTable.build(space, dense, export_bytes(space.model, ws), ws.input_shape, settings,
                                    ws.loaded.sha256, lambda m: export_bytes(m, ws), cache=cache)
@@ -127,7 +138,7 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
         demos = settings.demonstrations if settings.demonstrations is not None else default_demonstrations(ctx.space)
         search = replace(search, demonstrations=tuple(demos))
         budget_warning(search)
-        with scoring("channel", ws, reward_settings, settings.scale,
+        with scoring(settings.structure, ws, reward_settings, settings.scale,
                      lambda: ChannelReward(ctx.space, ws.splits.reward, reward_settings)) as scorer:
             env = ChannelEnv(ctx.table, scorer.reward_fn, search.env)
             result = run_search(env, search, checkpoint=checkpoint, resume=resume, on_episode=on_episode,
@@ -138,7 +149,7 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
             raise QLPError(f"no episode reached a {settings.speedup:g}× predicted speedup in {search.episodes} "
                            "episodes; raise --episodes or --passes")
         signal_warning(result.history, ws.data.num_classes, target)
-        widths = widths_from(ctx.space.sizes, result.final.sparsities)
+        widths = ctx.space.units_from(result.final.sparsities)
         succeeded = sum(bool(h["succeeded"]) for h in result.history)
         demonstrations = sum(h.get("demonstration") is not None for h in result.history)
         info.update(agent_episodes=len(result.history) - demonstrations, demonstration_episodes=demonstrations,
@@ -151,7 +162,7 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
                     episodes=len(result.history), reward_seconds=round(result.reward_seconds, 2),
                     stages=[{"target_speedup": round(1 / (1 - b.target), 4), "reward": b.reward, "episode": b.episode,
                              "demonstration": b.demonstration, "near_best": b.near_best,
-                             "widths": widths_from(ctx.space.sizes, b.sparsities) if b.sparsities else None}
+                             "widths": ctx.space.units_from(b.sparsities) if b.sparsities else None}
                             for b in result.best],
                     rewards=[round(h["reward"], 5) for h in result.history])
         if scorer.pool is None:  # scored in this process: what its reward counted (workers keep their own counts)
@@ -215,10 +226,14 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
     started = time.perf_counter()
     work, staged = run.work, run.staging
     chosen = read_channel_policy(policy_path) if policy_path is not None else None  # before the table is timed
-    ctx = ctx or open_channels(ws, settings.latency)
+    if chosen is not None:  # the policy's own structure (files written before depth: channel)
+        settings = replace(settings, structure=chosen.get("structure", "channel"))
+    if settings.structure != "channel":  # a resumed search must have searched the same units
+        ws = with_record(ws, {"--structure": settings.structure})
+    ctx = ctx or open_channels(ws, settings.latency, structure=settings.structure)
     if chosen is not None:
         widths = check_channel_policy(chosen, policy_path, [g.name for g in ctx.space.groups], group_names(ws, ctx),
-                                      ctx.space.sizes, ws.loaded.sha256)
+                                      ctx.space.sizes, ws.loaded.sha256, [b.name for b in ctx.space.blocks])
         found = {"method": chosen["method"], "criterion": chosen["criterion"], "widths": widths,
                  "predicted_speedup": ctx.table.speedup(widths), "search_seconds": 0.0, "from_policy": str(policy_path)}
         settings = replace(settings, method=chosen["method"], speedup=float(chosen["target_speedup"]))
@@ -238,12 +253,13 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
     at = measured["finetuned"]["speedup"]
     speedup_warning(settings.speedup, found["predicted_speedup"], at[str(settings.latency.batch)]["speedup"],
                     settings.latency.batch)
-    metadata = {"qlp.source_sha256": ws.loaded.sha256, "qlp.structure": "channel", "qlp.method": settings.method,
+    metadata = {"qlp.source_sha256": ws.loaded.sha256, "qlp.structure": settings.structure,
+                "qlp.method": settings.method, "qlp.dropped_blocks": json.dumps(ctx.space.dropped(widths)),
                 "qlp.target_speedup": f"{settings.speedup:g}", "qlp.latency_batch": settings.latency.batch,
                 "qlp.threads": settings.latency.threads,
                 "qlp.predicted_speedup": f"{found['predicted_speedup']:.4f}",
                 "qlp.measured_speedup": ",".join(f"b{b}:{v['speedup']:.4f}" for b, v in at.items()),
-                "qlp.widths": json.dumps(dict(zip(group_names(ws, ctx), widths, strict=True))),
+                "qlp.widths": json.dumps(dict(zip(group_names(ws, ctx), widths, strict=False))),
                 "qlp.macs": measured["finetuned"]["macs"], "qlp.dense_macs": dense_macs,
                 "qlp.params": measured["finetuned"]["params"], "qlp.dense_params": dense_params,
                 "qlp.dataset": ws.data.name, "qlp.dense_test_accuracy": f"{dense_accuracy:.4f}",
@@ -253,7 +269,8 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
     verification = export_verified(tuned, export.with_metadata(tuned_bytes, metadata), ws, staged / "model.onnx")
     verification["path"] = str(out / "model.onnx")  # where it will be once the run's files are in place
     report = {
-        "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name, "structure": "channel",
+        "model": str(model_path), "model_sha256": ws.loaded.sha256, "data": ws.data.name,
+        "structure": settings.structure,
         "method": settings.method, "target_speedup": settings.speedup, "latency_batch": settings.latency.batch,
         "threads": settings.latency.threads, "round_to": settings.latency.round_to,
         "predicted_speedup": found["predicted_speedup"],
@@ -263,7 +280,8 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
         "macs": {"dense": dense_macs, "pruned": measured["finetuned"]["macs"]},
         "params": {"dense": dense_params, "pruned": measured["finetuned"]["params"]},
         "groups": [{"name": label, "module": g.name, "channels": g.size, "width": w}
-                   for label, g, w in zip(group_names(ws, ctx), ctx.space.groups, widths, strict=True)],
+                   for label, g, w in zip(group_names(ws, ctx), ctx.space.groups, widths, strict=False)],
+        "blocks": block_list(ctx, widths),
         "left_whole": [{"group": ws.loaded.layer_names.get(n, n), "why": r} for n, r in ctx.space.unsafe],
         "seed": {"search": settings.search.seed if settings.search is not None else None,
                  "finetune": None if settings.finetune is None else settings.finetune.seed, "split": ws.split_seed},
@@ -293,44 +311,20 @@ def group_names(ws: Workspace, ctx: ChannelContext) -> list[str]:
     return ws.loaded.names_of([g.name for g in ctx.space.groups])
 
 
+def block_list(ctx: ChannelContext, units: list[int]) -> list[dict]:
+    """The removable blocks, whether `units` keeps each, and the trainable parameters each holds."""
+    dropped = set(ctx.space.dropped(units))
+    return [{"name": b.name, "kept": b.name not in dropped, "parameters": b.parameters} for b in ctx.space.blocks]
+
+
 def policy_json(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, found: dict) -> dict:
-    return {"format": POLICY_FORMAT, "structure": "channel", "method": settings.method,
+    return {"format": POLICY_FORMAT, "structure": settings.structure, "method": settings.method,
             "target_speedup": settings.speedup, "latency": asdict(settings.latency),
             "model_sha256": ws.loaded.sha256, "criterion": found["criterion"],
             "groups": [{"name": label, "module": g.name, "channels": g.size, "width": w}
-                       for label, g, w in zip(group_names(ws, ctx), ctx.space.groups, found["widths"], strict=True)],
-            "predicted_speedup": found["predicted_speedup"],
+                       for label, g, w in zip(group_names(ws, ctx), ctx.space.groups, found["widths"], strict=False)],
+            "blocks": block_list(ctx, found["widths"]), "predicted_speedup": found["predicted_speedup"],
             "search": {k: v for k, v in found.items() if k not in ("widths", "criterion")}}
-
-
-def report_markdown(r: dict) -> str:
-    speed = ", ".join(f"batch {b}: {v:.2f}×" for b, v in r["measured_speedup"].items())
-    lines = [f"# Channel pruning: {r['method']} at {r['target_speedup']:g}× (batch {r['latency_batch']}, "
-             f"{r['threads']} threads)", "",
-             f"- model: `{r['model']}` ({r['data']})",
-             f"- predicted speedup (latency table): {r['predicted_speedup']:.2f}×; measured (onnxruntime, interleaved "
-             f"medians): {speed}; CPU: {r['latency_table'].get('machine', {}).get('cpu_extensions', '?')}",
-             f"- test accuracy: dense {r['accuracy']['dense']:.2%}, pruned {r['accuracy']['pruned']:.2%}, "
-             f"fine-tuned {r['accuracy']['finetuned']:.2%}",
-             f"- MACs: {r['macs']['dense'] / 1e6:.2f} M → {r['macs']['pruned'] / 1e6:.2f} M; parameters: "
-             f"{r['params']['dense']:,} → {r['params']['pruned']:,}",
-             f"- shortcut maps rewritten into fixed 1×1 convolutions: {len(r['channel_maps'])}",
-             f"- groups left whole (not safely prunable): "
-             f"{', '.join(g['group'] + ' (' + g['why'] + ')' for g in r['left_whole']) or 'none'}", "",
-             "| group | channels | width |", "|---|---:|---:|"]
-    if r.get("int8"):
-        a, s = r["int8"]["accuracy"], r["int8"]["measured_speedup"]
-        lines[4:4] = [f"- int8 (`model.int8.onnx`, onnxruntime static QDQ): test accuracy {a['int8_accuracy']:.2%} "
-                      f"({-a['loss_points']:+.2f} points against the float file); measured speedup over the dense "
-                      f"fp32 model: {', '.join(f'batch {b}: {v:.2f}×' for b, v in s.items())} "
-                      f"({describe_cpu(r['cpu'])})"]
-    lines += [f"| {g['name']} | {g['channels']} | {g['width']} |" for g in r["groups"]]
-    lines += ["", *finetune_lines(r.get("finetune")), f"Command: `{r['command']}`", ""]
-    if r.get("versions"):
-        lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()) + ".",
-                  "Seeds: " + ", ".join(f"{k} {v}" for k, v in r["seed"].items() if v is not None)
-                  + "; all settings in report.json (`settings`).", ""]
-    return "\n".join(lines)
 
 
 def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings, out: Path,
@@ -351,10 +345,8 @@ def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], s
 def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings,
                       run: OutputRun, command: str) -> list[dict]:
     from qlp_compress.workflows.compare import channel_record, measured_rows
-    from qlp_compress.workflows.workspace import with_record
-
     ws = with_record(ws, channel_record(settings))  # what every row shares; a resume with others is refused
-    ctx = open_channels(ws, settings.latency)
+    ctx = open_channels(ws, settings.latency, structure=settings.structure)
     rows = measured_rows(run.work / "compare.json", ws.loaded.sha256, dict(ws.record))
     for speedup in speedups:
         for method in methods:
@@ -366,6 +358,7 @@ def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], 
             tuned_bytes = export_bytes(tuned, ws)
             result = measure(ws, ctx, tuned_bytes, tuned, cell)
             rows.append({"method": method, "target_speedup": speedup, "widths": found["widths"],
+                         "dropped_blocks": ctx.space.dropped(found["widths"]),
                          "predicted_speedup": found["predicted_speedup"],
                          "pruned_accuracy": session_accuracy(open_session(export_bytes(pruned, ws)), ws.splits.test),
                          "finetuned_accuracy": result["accuracy"] if cell.finetune else None,
@@ -373,15 +366,8 @@ def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], 
                          "macs": result["macs"], "params": result["params"],
                          "search_seconds": found["search_seconds"]})
             atomic_write_json(run.work / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
-                                                     "structure": "channel", "record": dict(ws.record),
+                                                     "structure": settings.structure, "record": dict(ws.record),
                                                      "groups": [g.name for g in ctx.space.groups], "rows": rows})
-    header = "| method | target | predicted | measured (batch: speedup) | pruned acc | fine-tuned acc | MACs |"
-    lines = [header, "|---|---:|---:|---|---:|---:|---:|"]
-    for r in rows:
-        speed = ", ".join(f"{b}: {v:.2f}×" for b, v in r["measured_speedup"].items())
-        tuned_acc = f"{r['finetuned_accuracy']:.2%}" if r["finetuned_accuracy"] is not None else "–"
-        lines.append(f"| {r['method']} | {r['target_speedup']:g}× | {r['predicted_speedup']:.2f}× | {speed} | "
-                     f"{r['pruned_accuracy']:.2%} | {tuned_acc} | {r['macs'] / 1e6:.2f} M |")
     os.replace(run.work / "compare.json", run.staging / "compare.json")
-    atomic_write_text(run.staging / "compare.md", "\n".join([*lines, "", f"Command: `{command}`", ""]))
+    atomic_write_text(run.staging / "compare.md", compare_markdown(rows, command))
     return rows

@@ -135,6 +135,8 @@ def channel_record(settings) -> dict[str, object]:
     for weight_only in ("--candidates", "--select-epochs", "--min-density"):
         record.pop(weight_only)
     latency, reward = settings.latency, settings.reward
+    if settings.structure != "channel":  # (records written before depth have no structure: channel)
+        record["--structure"] = settings.structure
     return {**record, "--distill": settings.distill, "--latency-batch": latency.batch, "--threads": latency.threads,
             "--round-to": latency.round_to, "--reward-images": reward.images, "--bn-recalibrate": reward.bn_recalibrate}
 
