@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 from torch import nn
 
 from qlp_compress.base.errors import QLPError, UsageError
@@ -47,9 +46,15 @@ from qlp_compress.base.messages import console
 from qlp_compress.deploy.engine import measure_speedup, time_model
 from qlp_compress.pruning.channel_groups import ChannelSpace, LayerShape
 from qlp_compress.pruning.latency_cache import BadCache, check_table, read_regular
-from qlp_compress.pruning.layer_timing import layer_model, load_average, machine, min_ratio
+from qlp_compress.pruning.layer_timing import (
+    allowed_widths,
+    calibration_units,
+    layer_model,
+    load_average,
+    machine,
+    min_ratio,
+)
 
-CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)  # uniform widths timed directly to calibrate the table
 GRID_STEP = 8  # channel step of the table when widths are not rounded (round_to = 1)
 TABLE_FORMAT = "qlp-compress/latency/v4"
 
@@ -68,13 +73,6 @@ def check_latency_settings(settings: LatencySettings) -> None:
     if settings.batch < 1 or settings.threads < 1 or settings.round_to < 1 or settings.repeats < 1:
         raise UsageError(f"--latency-batch, --threads and --round-to must be ≥ 1 (got {settings.batch}, "
                          f"{settings.threads}, {settings.round_to})")
-
-
-def allowed_widths(size: int, round_to: int) -> list[int]:
-    """Widths a group of `size` channels may take, ascending: multiples of round_to below size, and size."""
-    if round_to <= 1:
-        return list(range(1, size + 1))
-    return [w for w in range(round_to, size, round_to)] + [size]
 
 
 def _grid(size: int, round_to: int) -> list[int]:
@@ -315,20 +313,6 @@ class LatencyTable:
                 "machine": machine()}
 
 
-def calibration_units(space: ChannelSpace, round_to: int) -> list[list[int]]:
-    """The networks timed directly to calibrate the table: uniform widths (every block kept), and with depth every
-    other block dropped, every block dropped, and every block dropped at the narrowest widths."""
-    def uniform(fraction: float) -> list[int]:
-        return [min(allowed_widths(n, round_to), key=lambda w, n=n: (abs(w - n * fraction), -w)) for n in space.sizes]
-
-    blocks = len(space.blocks)
-    points = [uniform(f) + [1] * blocks for f in CALIBRATION_FRACTIONS]
-    if blocks:
-        points += [uniform(1.0) + [i % 2 for i in range(blocks)], uniform(1.0) + [0] * blocks,
-                   uniform(0.0) + [0] * blocks]
-    return points
-
-
 # ------------------------------------------------------------------------------------ reading the cache
 
 
@@ -361,9 +345,3 @@ def read_cached(path: Path, key: dict, space: ChannelSpace) -> LatencyTable | No
         console.print(f"note: the cached latency table {path} {e}; measuring the table again", highlight=False,
                       soft_wrap=True, markup=False)
         return None
-
-
-def onnx_input_shape(model: bytes) -> list[int]:
-    proto = onnx.load_from_string(model)
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value for d in dims[1:]]

@@ -1,5 +1,6 @@
-"""Timing pieces of the latency table: one layer as its own ONNX model, the alternate timing of two models, and what
-the machine was (CPU, vector extensions, load) while it was timed."""
+"""Timing pieces of the latency table: the widths a group may take, the networks timed to calibrate it, one layer as
+its own ONNX model, the alternate timing of two models, and what the machine was (CPU, vector extensions, load)
+while it was timed."""
 
 from __future__ import annotations
 
@@ -15,12 +16,34 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qlp_compress.base.machine import cpu_capability, describe_cpu
 from qlp_compress.deploy.engine import ORT_VERSION, time_model
-from qlp_compress.pruning.channel_groups import LayerShape
+from qlp_compress.pruning.channel_groups import ChannelSpace, LayerShape
 
 if TYPE_CHECKING:
     from qlp_compress.pruning.latency import LatencySettings
 
 CALIBRATION_ROUNDS = 8  # dense and calibration model timed alternately this often (the minimum of each is kept)
+CALIBRATION_FRACTIONS = (1.0, 0.75, 0.5, 0.25, 0.0)  # uniform widths timed directly to calibrate the table
+
+
+def allowed_widths(size: int, round_to: int) -> list[int]:
+    """Widths a group of `size` channels may take, ascending: multiples of round_to below size, and size."""
+    if round_to <= 1:
+        return list(range(1, size + 1))
+    return [w for w in range(round_to, size, round_to)] + [size]
+
+
+def calibration_units(space: ChannelSpace, round_to: int) -> list[list[int]]:
+    """The networks timed directly to calibrate the table: uniform widths (every block kept), and with depth every
+    other block dropped, every block dropped, and every block dropped at the narrowest widths."""
+    def uniform(fraction: float) -> list[int]:
+        return [min(allowed_widths(n, round_to), key=lambda w, n=n: (abs(w - n * fraction), -w)) for n in space.sizes]
+
+    blocks = len(space.blocks)
+    points = [uniform(f) + [1] * blocks for f in CALIBRATION_FRACTIONS]
+    if blocks:
+        points += [uniform(1.0) + [i % 2 for i in range(blocks)], uniform(1.0) + [0] * blocks,
+                   uniform(0.0) + [0] * blocks]
+    return points
 
 
 def layer_model(kind: str, cin: int, cout: int, layer: LayerShape, batch: int) -> bytes:

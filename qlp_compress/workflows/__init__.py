@@ -6,7 +6,9 @@ benchmarks call them too.
 - commands: one library call per command, taking the options vocabulary every command shares;
 - weights: weight mode (unstructured zeros): search / allocate, prune, fine-tune, export, report; finetune; export;
 - selection: a QLP search's answer chosen among its best allocations by fine-tuning them (weight mode);
-- channels: channel mode (whole channels removed for a measured speedup);
+- channels: the structured modes (whole channels, residual blocks, or both, removed for a measured speedup);
+- optimize: the fastest (or smallest) model within an accuracy budget, with the Pareto front of its candidates;
+- options: the commands' options checked once and turned into the workflows' settings;
 - compare, evaluate, train, quantize: the commands of the same names.
 
 May import: base, data, deploy, importer, pruning, report, reward, search, train."""
@@ -23,6 +25,7 @@ from qlp_compress.workflows.channels import (
 )
 from qlp_compress.workflows.compare import compare
 from qlp_compress.workflows.evaluate import evaluate_model
+from qlp_compress.workflows.optimize import OptimizeSettings, best_within_budget, held_out
 from qlp_compress.workflows.quantize import quantize_beside, quantize_file
 from qlp_compress.workflows.train import train_model
 from qlp_compress.workflows.weights import (
@@ -52,7 +55,9 @@ __all__ = [
     "CompressSettings",
     "DataSettings",
     "ModelSettings",
+    "OptimizeSettings",
     "Workspace",
+    "best_within_budget",
     "check_can_write",
     "check_demonstrations",
     "check_method",
@@ -68,6 +73,7 @@ __all__ = [
     "find_policy",
     "find_widths",
     "finetune_pruned",
+    "held_out",
     "load_onnx_file",
     "measure",
     "measure_onnx",

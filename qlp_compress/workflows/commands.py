@@ -170,7 +170,8 @@ def optimize_model(run: RunOptions, how: Choice, goal: OptimizeSettings) -> dict
                            reward=RewardSettings(images=how.reward_images, device=ws.device),
                            allocation=AllocationSettings(min_density=how.min_density),
                            selection=selection_settings(how), scale=scale_settings(how)))
-    report = optimize.optimize(run.model, ws, settings, out, run.command, resume=run.resume, force=run.force)
+    report = optimize.best_within_budget(run.model, ws, settings, out, run.command, resume=run.resume,
+                                         force=run.force)
     return {"out": str(out), **report}
 
 

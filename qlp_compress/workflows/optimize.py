@@ -85,7 +85,7 @@ def held_out(ws: Workspace, measured: int) -> HeldOut:
     return HeldOut(ws.splits.reward, range(measured, n))
 
 
-def optimize(model_path: Path, ws: Workspace, settings: OptimizeSettings, out: Path, command: str,
+def best_within_budget(model_path: Path, ws: Workspace, settings: OptimizeSettings, out: Path, command: str,
              resume: bool = False, force: bool = False) -> dict:
     """Climb the ladder, choose, and write OUT (see the module docstring) as one set."""
     check_settings(settings)
@@ -194,14 +194,14 @@ def _forms(name: str, target: float, report: dict, settings: OptimizeSettings, d
     batch = str(settings.batch)
     accuracy = report["accuracy"]["finetuned"] if "finetuned" in report["accuracy"] else report["accuracy"]["pruned"]
     speed = report.get("measured_speedup", {})
-    sizes = report.get("measured", {})
-    float_bytes = (sizes.get("finetuned", {}).get("bytes") or sizes.get("sparse_storage", {}).get("bytes")
-                   or (folder / "model.onnx").stat().st_size)
+    # the float form's file: the sparse-storage one where it was written (size), else the model itself
+    file = "model.sparse.onnx" if settings.objective == "size" and (folder / "model.sparse.onnx").is_file() \
+        else "model.onnx"
     forms = [{"name": name, "form": "float", "target": target, "held_out_accuracy": accuracy,
               "loss": round((dense_held - accuracy) * 100, 4),
-              "speedup": {b: speed[b] for b in ("1", batch) if b in speed}, "bytes": float_bytes,
-              "file": f"candidates/{name}/model.onnx", "blocks_dropped": sum(not b["kept"] for b in
-                                                                           report.get("blocks", []))}]
+              "speedup": {b: speed[b] for b in ("1", batch) if b in speed}, "bytes": (folder / file).stat().st_size,
+              "file": f"candidates/{name}/{file}", "blocks_dropped": sum(not b["kept"] for b in
+                                                                       report.get("blocks", []))}]
     int8 = report.get("int8")
     if int8 and (folder / "model.int8.onnx").is_file():
         acc = int8["accuracy"]["int8_accuracy"]
@@ -219,17 +219,20 @@ def _value(form: dict, settings: OptimizeSettings) -> str:
     return f"{form['speedup'].get(str(settings.batch), float('nan')):.2f}× at batch {settings.batch}"
 
 
-def _key(form: dict, settings: OptimizeSettings) -> float:
-    """Higher is better: the speedup at the batch, or minus the size."""
-    if settings.objective == "size":
-        return -float(form["bytes"])
-    return float(form["speedup"].get(str(settings.batch), 0.0))
+def choose(rows: list[dict], settings: OptimizeSettings) -> dict:
+    """The answer: among the forms within the budget (the dense model always is), the fastest at the batch (or the
+    smallest file); on a tie the dense model, then the lower loss."""
+    def key(form: dict) -> tuple:
+        value = -float(form["bytes"]) if settings.objective == "size" else float(
+            form["speedup"].get(str(settings.batch), 0.0))
+        return value, form["name"] == "dense", -form["loss"]
+
+    return max((r for r in rows if r["loss"] <= settings.max_loss), key=key)
 
 
 def _finish(model_path: Path, ws: Workspace, settings: OptimizeSettings, run: OutputRun, command: str,
             rows: list[dict], dense_onnx: bytes, stopped: str, seconds: float, ctx, held_out_images: int) -> dict:
-    within = [r for r in rows if r["loss"] <= settings.max_loss]
-    chosen = max(within, key=lambda r: (_key(r, settings), r["name"] == "dense"))
+    chosen = choose(rows, settings)
     chosen_bytes = dense_onnx if chosen["file"] is None else (run.work / chosen["file"]).read_bytes()
     with phase("test accuracy of the answer and of the dense model (the test split's only reading)"):
         test = {"chosen": session_accuracy(open_session(chosen_bytes), ws.splits.test),

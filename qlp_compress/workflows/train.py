@@ -10,7 +10,7 @@ from torch import nn
 
 from qlp_compress import data as datasets
 from qlp_compress.base.io import atomic_write_bytes
-from qlp_compress.base.outputs import file_lock
+from qlp_compress.base.locks import file_lock
 from qlp_compress.base.ownership import file_checkpoint
 from qlp_compress.deploy import engine, export
 from qlp_compress.train import ranks

@@ -15,7 +15,8 @@ from torch import nn
 
 from qlp_compress.base import machine, validate
 from qlp_compress.base.errors import QLPError, UsageError
-from qlp_compress.base.outputs import OutputRun, file_lock
+from qlp_compress.base.locks import file_lock
+from qlp_compress.base.outputs import OutputRun
 from qlp_compress.base.ownership import file_checkpoint
 from qlp_compress.deploy import export, quantize
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings, allocate

@@ -22,7 +22,8 @@ from qlp_compress import data as datasets
 from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.interrupts import sigterm_as_interrupt
 from qlp_compress.base.io import check_file_size, load_checkpoint
-from qlp_compress.base.outputs import check_unlocked, check_writable, file_lock, write_together
+from qlp_compress.base.locks import check_unlocked, file_lock
+from qlp_compress.base.outputs import check_writable, write_together
 from qlp_compress.base.resume import check_same
 from qlp_compress.deploy import engine, export
 from qlp_compress.pruning.masks import MagnitudePruner, apply_masks, check_finite, find_prunable_layers, pruned_count
