@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from qlp_compress import cli
 from qlp_compress.cli.main import renamed
 
-COMMANDS = ("search", "prune", "compare", "evaluate", "finetune", "export", "quantize", "train")
+COMMANDS = ("search", "prune", "compare", "evaluate", "finetune", "export", "quantize", "train", "optimize")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,10 @@ def documented(command: str, document: dict, folder: Path, model: Path) -> None:
     elif command == "compare":  # the rows, as compare.json holds them
         assert document["rows"] == json.loads((folder / "c" / "compare.json").read_text())["rows"]
         assert [r["method"] for r in document["rows"]] == ["lamp", "uniform"]
+    elif command == "optimize":  # the same content as optimize.json, and the folder it is in
+        out = Path(document["out"])
+        assert out == folder / "o" and document["chosen"] == "dense" and "time budget" in document["stopped"]
+        assert {k: v for k, v in document.items() if k != "out"} == json.loads((out / "optimize.json").read_text())
     elif command == "evaluate":  # the measurements: accuracy, latency, size, sparsity
         assert {"accuracy", "test_images", "latency", "file_bytes", "weights", "global_sparsity", "layers"} <= set(
             document)
@@ -101,6 +105,9 @@ def test_every_command_prints_one_json_document(tiny, tmp_path):
         "export": ("export", model, "--out", tmp_path / "e.onnx", "--data", data, "--device", "cpu"),
         "quantize": ("quantize", model, "--out", tmp_path / "q.onnx", "--data", data, "--calibration-images", "32"),
         "evaluate": ("evaluate", model, "--data", data, "--repeats", "2"),
+        "optimize": ("optimize", model, "--max-loss", "1", "--time-budget", "0.001", "--batch", "4", "--threads", "1",
+                     "--reward-images", "16",
+                     "--out", tmp_path / "o", *common),  # the budget is spent at once: the answer is the dense model
     }
     assert set(runs) == set(COMMANDS)
     for command, args in runs.items():

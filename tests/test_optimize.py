@@ -78,7 +78,7 @@ def test_depth_policy_applies_again(resnet8, tmp_path, monkeypatch):
                                second.run(None, {second.get_inputs()[0].name: x})[0], atol=1e-5)
 
 
-OPTIMIZE = ("--max-loss", "30", "--episodes", "6", "--stages", "1", "--finetune-epochs", "0.1", "--batch", "4",
+OPTIMIZE = ("--max-loss", "30", "--episodes", "6", "--stages", "1", "--finetune-epochs", "0", "--batch", "4",
             "--reward-size", "300", "--reward-images", "100", *FAST)
 
 
@@ -98,7 +98,8 @@ def test_optimize_returns_the_fastest_form_within_the_budget_and_resumes(resnet8
         return real(model_path, ws, cell, folder, *args, **kwargs)
 
     monkeypatch.setattr(optimize, "compress_channels", interrupted)
-    run_app("optimize", model, "--data", data, "--out", out, *OPTIMIZE, "--time-budget", "100000", code=None)
+    result = run_app("optimize", model, "--data", data, "--out", out, *OPTIMIZE, "--time-budget", "100000", code=None)
+    assert result.exit_code == 130, result.output[-2000:]  # stopped as Ctrl-C stops it
     assert (out / ".work" / "candidates" / made[0] / "report.json").is_file() and not (out / "model.onnx").exists()
 
     # the resumed run makes only the others, and reads the test split for the answer alone
@@ -124,7 +125,8 @@ def test_optimize_returns_the_fastest_form_within_the_budget_and_resumes(resnet8
 
     result = json.loads((out / "optimize.json").read_text())
     rows = result["candidates"]
-    assert rows[0]["name"] == "dense" and {r["name"] for r in rows} >= {made[0], *again}
+    made_here = {made[0], *again} - ({again[-1]} if "failed" in result["stopped"] else set())  # a failed one goes
+    assert rows[0]["name"] == "dense" and {r["name"] for r in rows} >= made_here
     within = [r for r in rows if r["loss"] <= 30]
     best = max(r["speedup"]["4"] for r in within)
     chosen = next(r for r in rows if r["name"] == result["chosen"])

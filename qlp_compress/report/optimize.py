@@ -81,9 +81,9 @@ def optimize_markdown(r: dict) -> str:
              "size (MB) | blocks dropped | on the front |",
              "|---|---|---:|---:|---:|---|---:|---:|---|"]
     for c in r["candidates"]:
-        s = c["speedup"]
+        s = {b: f"{v:.2f}×" for b, v in c["speedup"].items()}
         lines.append(f"| {c['name']}{' (answer)' if c['name'] == r['chosen'] else ''} | {c['form']} | "
-                     f"{s.get('1', float('nan')):.2f}× | {s.get(str(batch), float('nan')):.2f}× | {c['loss']:+.2f} | "
+                     f"{s.get('1', '–')} | {s.get(str(batch), '–')} | {c['loss']:+.2f} | "
                      f"{'yes' if c['loss'] <= r['max_loss_points'] else 'no'} | {c['bytes'] / 1e6:.3f} | "
                      f"{c.get('blocks_dropped', 0)} | {'yes' if c['name'] in front else ''} |")
     lines += ["", f"Command: `{r['command']}`; wall time {r['wall_seconds']:.0f} s. Every candidate's files are in "

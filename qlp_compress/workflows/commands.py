@@ -33,6 +33,8 @@ from qlp_compress.workflows.options import (
     channel_settings,
     check_choice,
     check_run,
+    default_compare_methods,
+    default_prune_method,
     finetune_settings,
     folder_writes,
     inputs,
@@ -251,3 +253,9 @@ def quantize_model(run: RunOptions) -> dict:
     check_file_out(run.out, (), inputs(run))
     return quantize.quantize_file(run.model, run.out, DataSettings(run.data, run.data_dir, run.reward_size), settings,
                                   run.command, run.force)
+
+
+# the CLI's defaults, which depend on --structure (re-exported: the CLI reads this module only)
+__all__ = ["Choice", "OptimizeSettings", "RunOptions", "TrainOptions", "compare_methods", "default_compare_methods",
+           "default_prune_method", "evaluate_file", "export", "finetune", "is_structured", "optimize_model",
+           "quantize_model", "search", "structure_name", "train_zoo_model"]

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.machine import cpu_capability, describe_cpu
 from qlp_compress.base.messages import console
@@ -37,7 +37,7 @@ from qlp_compress.report.progress import is_quiet, phase
 from qlp_compress.report.provenance import jsonable, versions
 from qlp_compress.workflows import weights
 from qlp_compress.workflows.channels import ChannelSettings, compress_channels, open_channels
-from qlp_compress.workflows.workspace import Workspace
+from qlp_compress.workflows.workspace import Workspace, export_bytes
 
 OBJECTIVES = ("speed", "size")
 SPEEDUP_LADDER = (1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)  # speedup targets, climbed in order
@@ -89,8 +89,11 @@ def best_within_budget(model_path: Path, ws: Workspace, settings: OptimizeSettin
              resume: bool = False, force: bool = False) -> dict:
     """Climb the ladder, choose, and write OUT (see the module docstring) as one set."""
     check_settings(settings)
+    measured = settings.channel.reward.images if settings.objective == "speed" else (
+        settings.weight.reward.images if settings.weight.reward else 1000)
+    judge = replace(ws, splits=replace(ws.splits, test=held_out(ws, measured)))  # checked before OUT is touched
     with OutputRun(out, force, resume) as run:
-        report = _optimize(model_path, ws, settings, out, run, command, resume)
+        report = _optimize(model_path, ws, judge, settings, out, run, command, resume)
         run.commit()
     return report
 
@@ -101,8 +104,8 @@ def _record(settings: OptimizeSettings, ws: Workspace) -> dict:
     return json.loads(json.dumps({"settings": jsonable(shaped), "run": dict(ws.record)}, default=str))
 
 
-def _optimize(model_path: Path, ws: Workspace, settings: OptimizeSettings, out: Path, run: OutputRun, command: str,
-              resume: bool) -> dict:
+def _optimize(model_path: Path, ws: Workspace, judge: Workspace, settings: OptimizeSettings, out: Path,
+              run: OutputRun, command: str, resume: bool) -> dict:
     started = time.perf_counter()
     folder = run.work / "candidates"
     progress_path = run.work / PROGRESS
@@ -122,9 +125,6 @@ def _optimize(model_path: Path, ws: Workspace, settings: OptimizeSettings, out: 
         atomic_write_json(progress_path, {"record": record, "seconds": round(spent + time.perf_counter() - started, 1)})
 
     save_progress()
-    measured = (settings.channel.reward.images if settings.objective == "speed"
-                else (settings.weight.reward.images if settings.weight.reward else 1000))
-    judge = replace(ws, splits=replace(ws.splits, test=held_out(ws, measured)))
     ctx = None
     if settings.objective == "speed":
         latency = replace(settings.channel.latency, batch=settings.batch)
@@ -135,8 +135,6 @@ def _optimize(model_path: Path, ws: Workspace, settings: OptimizeSettings, out: 
             settings = replace(settings, structure="channel")
         dense_onnx = ctx.dense_onnx
     else:
-        from qlp_compress.workflows.workspace import export_bytes
-
         dense_onnx = export_bytes(ws.loaded.module, ws)
     dense_held = session_accuracy(open_session(dense_onnx), judge.splits.test)
     rows: list[dict] = []
@@ -155,8 +153,11 @@ def _optimize(model_path: Path, ws: Workspace, settings: OptimizeSettings, out: 
         with phase(f"candidate {step}/{len(ladder)}: {name}"):
             try:
                 report = _candidate(model_path, judge, ctx, settings, target, folder / name, command)
-            except QLPError as e:
+            except Interrupted:
+                raise  # Ctrl-C or SIGTERM: the run stops here, and --resume continues this candidate
+            except QLPError as e:  # (its folder goes: it holds no model, only the failed run's checkpoints)
                 stopped = f"the candidate at {name} failed: {e}"
+                shutil.rmtree(folder / name, ignore_errors=True)
                 break
         forms = _forms(name, target, report, settings, dense_held, folder / name)
         rows.extend(forms)
@@ -249,7 +250,8 @@ def _finish(model_path: Path, ws: Workspace, settings: OptimizeSettings, run: Ou
         "test_accuracy": test, "test_loss_points": round((test["dense"] - test["chosen"]) * 100, 4),
         "candidates": rows, "front": [r["name"] for r in pareto_front(rows, settings.objective, settings.batch)],
         "stopped": stopped, "held_out_images": held_out_images,
-        "cpu": cpu, "cpu_description": describe_cpu(cpu), "int8_verdict": int8_verdict(rows, settings.batch, cpu),
+        "cpu": cpu, "cpu_description": describe_cpu(cpu),
+        "int8_verdict": int8_verdict(rows, settings.batch, cpu, settings.objective),
         "latency_table": ctx.table.summary() if ctx is not None else None,
         "settings": jsonable(settings), "versions": versions(), "command": command, "wall_seconds": seconds,
     }
@@ -262,19 +264,25 @@ def _finish(model_path: Path, ws: Workspace, settings: OptimizeSettings, run: Ou
     return report
 
 
-def int8_verdict(rows: list[dict], batch: int, cpu: dict) -> str:
-    """Which form this CPU favours: int8 against float at the same widths, the median over the candidates."""
+def int8_verdict(rows: list[dict], batch: int, cpu: dict, objective: str = "speed") -> str:
+    """Which form this CPU favours: int8 against float at the same widths, the median over the candidates (for
+    size: the int8 file against the float form's)."""
     pairs = []
     for r in rows:
-        if r["form"] == "int8":
-            base = next((f for f in rows if f["name"] == r["name"].removesuffix(" int8")), None)
-            b = str(batch)
-            if base and base["speedup"].get(b) and r["speedup"].get(b):
-                pairs.append(r["speedup"][b] / base["speedup"][b])
+        base = next((f for f in rows if f["name"] == r["name"].removesuffix(" int8")), None) if r["form"] == "int8" \
+            else None
+        if base is None:
+            continue
+        if objective == "size":
+            pairs.append(base["bytes"] / r["bytes"])
+        elif base["speedup"].get(str(batch)) and r["speedup"].get(str(batch)):
+            pairs.append(r["speedup"][str(batch)] / base["speedup"][str(batch)])
     if not pairs:
         return "int8 was not measured"
-    pairs.sort()
-    ratio = pairs[len(pairs) // 2]
+    ratio = sorted(pairs)[len(pairs) // 2]
+    if objective == "size":
+        return (f"the int8 file is {ratio:.2f}× {'smaller' if ratio > 1 else 'larger'} than the float form's (median "
+                f"of {len(pairs)}; at high sparsity the float file's sparse storage wins)")
     vnni = "with" if cpu.get("avx512_vnni") or cpu.get("avx_vnni") else "without"
     if ratio < 1:
         return (f"int8 is slower than float here ({ratio:.2f}× the float form's speed at batch {batch}, median of "
