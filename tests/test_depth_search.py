@@ -143,3 +143,17 @@ def test_the_reward_scores_the_pruned_network(space):
     with torch.no_grad():
         expected = (space.prune(space.units_from(sparsities))(X).argmax(1) == labels).float().mean().item()
     assert reward(np.asarray(sparsities)) == pytest.approx(expected)
+
+
+def test_a_width_baseline_drops_blocks_only_where_widths_fall_short(space):
+    table = _known_table(space)
+    widths_only = table.speedup([a[0] for a in table.allowed[: len(space.sizes)]] + [1] * 9)
+    beyond = min(widths_only * 1.05, (widths_only + table.max_speedup()) / 2)
+    for method in ("l1", "uniform", "bn-slimming"):
+        within = allocate_widths(method, space, table, speedup_to_target(widths_only * 0.9))
+        assert within[len(space.sizes):] == [1] * 9
+        units = allocate_widths(method, space, table, speedup_to_target(beyond))
+        keep = units[len(space.sizes):]
+        assert 0 in keep and table.speedup(units) >= beyond - 1e-9
+        counts = [keep[s[0]:s[-1] + 1].count(0) for s in stages(space.blocks)]
+        assert len(set(counts)) == 1  # the same share of every stage

@@ -42,11 +42,10 @@ def widths_from(space_sizes: Sequence[int], sparsities: Sequence[float]) -> list
     return [max(1, round(n * (1.0 - s))) for n, s in zip(space_sizes, sparsities, strict=True)]
 
 
-def _by_fraction(table: LatencyTable, target: float) -> list[int]:
-    """uniform: the smallest common fraction removed from every group that meets the target (blocks kept)."""
-    blocks = [1] * (len(table.sizes) - table.groups)
+def _by_fraction(table: LatencyTable, target: float, keep: list[int]) -> list[int]:
+    """uniform: the smallest common fraction removed from every group that meets the target (blocks as `keep`)."""
     for f in np.linspace(0.0, 1.0, 401):
-        widths = [table.snap(i, n * (1.0 - f)) for i, n in enumerate(table.sizes[: table.groups])] + blocks
+        widths = [table.snap(i, n * (1.0 - f)) for i, n in enumerate(table.sizes[: table.groups])] + keep
         if table.reduction(widths) >= target - 1e-9:
             return widths
     raise _unreachable(table, target)
@@ -59,32 +58,42 @@ def _by_depth(space: ChannelSpace, table: LatencyTable, target: float) -> list[i
     if not space.blocks:
         raise UsageError("--method depth drops residual blocks, and none were looked for; use --structure "
                          "channel,depth (or depth)")
-    stages = block_stages(space.blocks)
-    longest = max(len(s) for s in stages)
-    for k in range(longest + 1):
-        keep = [1] * len(space.blocks)
-        for stage in stages:
-            for i in stage[len(stage) - round(k * len(stage) / longest):]:
-                keep[i] = 0
+    for keep in _depth_steps(space):
         units = list(space.sizes) + keep
         if table.reduction(units) >= target - 1e-9:
             return units
     raise _unreachable(table, target)
 
 
-def _by_ranking(table: LatencyTable, scores: Sequence[Sequence[float] | None], target: float) -> list[int]:
+def _depth_steps(space: ChannelSpace) -> list[list[int]]:
+    """Block keep flags with k = 0, 1, … blocks dropped in the longest stage, the same share in every other stage,
+    each stage's last blocks first."""
+    stages = block_stages(space.blocks)
+    longest = max((len(s) for s in stages), default=0)
+    steps = []
+    for k in range(longest + 1):
+        keep = [1] * len(space.blocks)
+        for stage in stages:
+            for i in stage[len(stage) - round(k * len(stage) / longest):]:
+                keep[i] = 0
+        steps.append(keep)
+    return steps
+
+
+def _by_ranking(table: LatencyTable, scores: Sequence[Sequence[float] | None], target: float,
+                keep: list[int]) -> list[int]:
     """Remove channels in increasing score order across all groups (groups without scores stay whole) until
-    the predicted latency meets the target."""
+    the predicted latency meets the target (blocks as `keep`)."""
     ranked = sorted((s, g) for g, group_scores in enumerate(scores) if group_scores is not None
                     for s in group_scores)
-    removed = [0] * len(table.sizes)
     lo, hi = 0, len(ranked)
 
     def widths_after(k: int) -> list[int]:
-        counts = [0] * len(table.sizes)
+        counts = [0] * table.groups
         for _, g in ranked[:k]:
             counts[g] += 1
-        return [table.snap(g, n - counts[g]) if counts[g] else n for g, n in enumerate(table.sizes)]
+        return [table.snap(g, n - counts[g]) if counts[g] else n
+                for g, n in enumerate(table.sizes[: table.groups])] + keep
 
     if table.reduction(widths_after(hi)) < target - 1e-9:
         raise _unreachable(table, target)
@@ -94,7 +103,6 @@ def _by_ranking(table: LatencyTable, scores: Sequence[Sequence[float] | None], t
             hi = mid
         else:
             lo = mid + 1
-    del removed
     return widths_after(lo)
 
 
@@ -104,19 +112,24 @@ def _unreachable(table: LatencyTable, target: float) -> QLPError:
 
 
 def allocate_widths(method: str, space: ChannelSpace, table: LatencyTable, target: float) -> list[int]:
-    """Per-group widths of a baseline at latency-reduction `target`."""
-    if method == "uniform":
-        return _by_fraction(table, target)
+    """The units (widths, then block keep flags) of a baseline at latency-reduction `target`. A width baseline keeps
+    every block where widths alone reach the target; beyond that (with depth) it drops the fewest blocks, the same
+    share of every stage, with which its widths reach it."""
     if method == "depth":
         return _by_depth(space, table, target)
-    if method == "l1":
-        return _by_ranking(table, [g.l1 for g in space.groups], target)
-    if method == "bn-slimming":
-        if all(g.bn is None for g in space.groups):
-            raise UsageError("bn-slimming ranks channels by BatchNorm scale, and this model has no BatchNorm; use "
-                             "--method l1 or uniform")
-        return _by_ranking(table, [g.bn for g in space.groups], target)
-    raise UsageError(f"unknown channel method {method!r}; use one of {', '.join((*SEARCHES, *BASELINES))}")
+    if method == "bn-slimming" and all(g.bn is None for g in space.groups):
+        raise UsageError("bn-slimming ranks channels by BatchNorm scale, and this model has no BatchNorm; use "
+                         "--method l1 or uniform")
+    if method not in WIDTH_BASELINES:
+        raise UsageError(f"unknown channel method {method!r}; use one of {', '.join((*SEARCHES, *BASELINES))}")
+    for keep in _depth_steps(space):
+        try:
+            if method == "uniform":
+                return _by_fraction(table, target, keep)
+            return _by_ranking(table, [g.l1 if method == "l1" else g.bn for g in space.groups], target, keep)
+        except QLPError:
+            continue  # widths alone fall short: one more block of each stage goes
+    raise _unreachable(table, target)
 
 
 CRITERION_OF = {"uniform": "l1", "l1": "l1", "bn-slimming": "bn", "depth": "l1", "qlp": "l1", "random": "l1"}
