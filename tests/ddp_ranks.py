@@ -63,3 +63,25 @@ def stop_in_the_second_epoch():
             raise RuntimeError("stopped in the second epoch")
 
     yield on_step
+
+
+def silent_rank(silent: int, model, data, settings, errors):
+    """A search-like job (distributed.as_job) of which rank `silent` joins the process group and then hangs without
+    a heartbeat: rank 0 "searches" for 3 collective timeouts and then fine-tunes (rank 1 waits for it)."""
+    import time
+    from pathlib import Path
+
+    try:
+        distributed.join("cpu")
+        if int(os.environ["RANK"]) == silent:
+            time.sleep(300)
+
+        def command() -> dict:
+            time.sleep(3 * float(os.environ["QLP_DDP_TIMEOUT"]))
+            distributed.fit(model, data, settings)
+            return {}
+
+        return distributed.as_job("cpu", command)
+    except Exception as e:
+        distributed._write_error(Path(errors), e)
+        raise

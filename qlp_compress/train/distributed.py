@@ -13,6 +13,8 @@ elastic launcher. The loop is the same in every case (finetune.train with train.
   included; a distillation teacher is passed to every rank.
 - Ctrl-C or SIGTERM: the launcher stops every rank and `fit` raises KeyboardInterrupt; rank 0's checkpoint of the
   last finished epoch stays (it is written atomically) for --resume.
+- search, prune and compare in a torchrun job (`as_job`): rank 0 runs the command alone and every `fit` it makes is
+  shared with the other ranks, which wait for it on the job's store (train.job).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from torch.utils.data import Dataset
 
 from qlp_compress.base import messages
 from qlp_compress.base.errors import QLPError, UsageError, first_line
-from qlp_compress.train import ranks
+from qlp_compress.train import job, ranks
 from qlp_compress.train.finetune import RECORD, TrainSettings, finetune_record, train
 
 TIMEOUT_SECONDS = 30.0  # a collective waits at most this long (QLP_DDP_TIMEOUT overrides it)
@@ -95,6 +97,21 @@ def join(device: str) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout())
 
 
+def as_job(device: str, command: Callable[[], dict]) -> dict:
+    """`command()`, a command that runs as one process (search, prune, compare; its fine-tunings on --nproc local
+    ones). As a rank of a torchrun job: rank 0 runs `command()` alone and returns its result; the other ranks join
+    each of its fine-tunings (train.job) and return {"rank": R}, for which the CLI prints nothing."""
+    if not in_torchrun_job():
+        return command()
+    join(device)
+    silence = 2 * timeout().total_seconds()
+    if not ranks.is_main():
+        job.follow(_train_rank, silence)
+        return {"rank": ranks.rank()}
+    with job.lead(silence):
+        return command()
+
+
 def fit(model: nn.Module, dataset: Dataset, settings: TrainSettings,
         progress: Callable[[], contextlib.AbstractContextManager] | None = None, **kwargs) -> list[dict]:
     """`finetune.train(model, dataset, settings, **kwargs)` here, as a rank of a torchrun job, or on settings.nproc
@@ -103,6 +120,9 @@ def fit(model: nn.Module, dataset: Dataset, settings: TrainSettings,
     check_nproc(settings.nproc, settings.device)
     if in_torchrun_job():
         join(settings.device)
+        if job.leading():  # rank 0 of a search, prune or compare job: the other ranks train with it
+            with job.together((model, dataset, settings, None, kwargs)):
+                return _train_rank(model, dataset, settings, progress, kwargs)
         return _train_rank(model, dataset, settings, progress, kwargs)
     if settings.nproc == 1:
         with progress() if progress else contextlib.nullcontext() as on_step:

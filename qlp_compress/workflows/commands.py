@@ -27,7 +27,7 @@ from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.search.curriculum import SearchSettings, check_budget
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train import ranks
-from qlp_compress.train.distributed import check_nproc, in_torchrun_job
+from qlp_compress.train.distributed import as_job, check_nproc
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
 from qlp_compress.workflows import channels, evaluate, quantize, selection, train, weights
@@ -199,14 +199,6 @@ def _folder_writes(run: RunOptions, how: Choice, int8: QuantizeSettings | None) 
     return ("model.onnx", "policy.json", "report.json", "report.md", *extra, *(("model.int8.onnx",) if int8 else ()))
 
 
-def _not_in_torchrun() -> None:
-    """search, prune and compare run in one process, their fine-tunings on --nproc local ones; in a torchrun job
-    every rank would search and write the same folder."""
-    if in_torchrun_job():
-        raise UsageError("search, prune and compare run as one process, not inside a torchrun job; give them --nproc N "
-                         "(their fine-tuning then runs on N local processes), or use torchrun for finetune and train")
-
-
 def _workspace(run: RunOptions) -> Workspace:
     return open_workspace(run.model, ModelSettings(run.arch, run.trust_pickle, run.mean, run.std),
                           DataSettings(run.data, run.data_dir, run.reward_size), run.device)
@@ -244,7 +236,10 @@ def default_out(model: Path, how: Choice, suffix: str = "") -> Path:
 def search(run: RunOptions, how: Choice) -> dict:
     """`search` and `prune`: choose the per-layer amounts (search, a baseline, or a policy.json), prune, fine-tune,
     export verified ONNX and report, all under run.out (a folder, written as a set)."""
-    _not_in_torchrun()
+    return as_job(resolve_device(run.device), lambda: _search(run, how))  # torchrun: train.job
+
+
+def _search(run: RunOptions, how: Choice) -> dict:
     int8 = _check_run(run)
     chosen = None
     if how.policy is not None and how.structure == "weight":
@@ -282,7 +277,10 @@ def search(run: RunOptions, how: Choice) -> dict:
 
 def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
     """`compare`: every method at every target (sparsity or speedup), the same fine-tuning budget, one table."""
-    _not_in_torchrun()
+    return as_job(resolve_device(run.device), lambda: _compare(run, how, methods))
+
+
+def _compare(run: RunOptions, how: Choice, methods: list[str]) -> dict:
     _check_run(run)
     if not methods:
         raise UsageError(f"--method lists no method; give e.g. --method {','.join(methods_for(how.structure))}")
