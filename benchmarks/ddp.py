@@ -156,12 +156,12 @@ def markdown(r: dict) -> str:
         "all-reduce. The same formula with a model's own parameter count and step time sizes other cases.", ""])
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or add) this benchmark's section of the page, keeping every other section."""
+def write_section(path: Path, section: str, heading: str = HEADING) -> None:
+    """Replace (or add) a benchmark's section of the page (the one under `heading`), keeping every other section."""
     text = path.read_text() if path.exists() else "# Scaling out: measurements\n\n"
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
+    if f"{heading}\n" in text:
+        start = text.index(f"{heading}\n")
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip("\n") + "\n\n" + section
