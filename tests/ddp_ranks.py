@@ -85,3 +85,12 @@ def silent_rank(silent: int, model, data, settings, errors):
     except Exception as e:
         distributed._write_error(Path(errors), e)
         raise
+
+
+def fine_tune_in_a_ray_worker(settings) -> tuple[dict, bool, int]:
+    """What a Ray task runs: fit on settings.nproc ranks launched inside this worker; (the weights, whether the
+    worker took itself for a torchrun rank, the threads each rank would take)."""
+    model = frozen_bn_model()
+    distributed.fit(model, tiny_data(), settings)
+    os.environ["LOCAL_WORLD_SIZE"] = str(settings.nproc)  # as a launched rank sees it
+    return model.state_dict(), distributed.in_torchrun_job(), distributed._threads_per_rank()

@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from conftest import make_tiny_task
-from ddp_ranks import frozen_bn_model, silent_rank, tiny_data
+from ddp_ranks import fine_tune_in_a_ray_worker, frozen_bn_model, silent_rank, tiny_data
 from onnx import numpy_helper
 
 from qlp_compress.base.errors import QLPError
 from qlp_compress.train import distributed
-from qlp_compress.train.finetune import TrainSettings
+from qlp_compress.train.finetune import TrainSettings, train
 
 # a search that fine-tunes in the reward (on rank 0 alone), chooses among 3 fine-tuned candidates and fine-tunes its
 # answer: 4 fine-tunings shared with rank 1
@@ -105,3 +107,37 @@ def test_a_rank_whose_peer_went_silent_ends_the_job_in_one_line(monkeypatch, sil
     assert time.monotonic() - started < 60
     message = str(caught.value)
     assert message.startswith(expected) and "\n" not in message
+
+
+@pytest.mark.slow  # a Ray worker and 2 gloo ranks
+def test_a_ray_worker_fine_tunes_on_ranks_of_its_own_even_when_the_driver_is_a_torchrun_rank(monkeypatch):
+    """A Ray task with 2 CPUs runs --nproc 2: the launcher starts 2 ranks inside the worker, the weights within 1e-5
+    of one process. The driver here is rank 0 of a torchrun job (its variables set): the worker inherits them, and
+    must not take itself for that rank. Each rank takes its share of the worker's CPUs (Ray's OMP_NUM_THREADS)."""
+    ray = pytest.importorskip("ray")
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))  # ddp_ranks
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "9"}.items():
+        monkeypatch.setenv(name, value)
+    settings = TrainSettings(epochs=1, batch_size=16, lr=0.05, momentum=0.9, weight_decay=1e-3, warmup_epochs=0.0,
+                             augment=True, seed=3)
+    reference = frozen_bn_model()
+    train(reference, tiny_data(), settings)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=2)(fine_tune_in_a_ray_worker)
+        state, in_job, threads = ray.get(task.remote(replace(settings, nproc=2)), timeout=300)
+    finally:
+        ray.shutdown()
+    assert not in_job and threads == 1
+    for name, p in reference.state_dict().items():
+        assert np.allclose(state[name].numpy(), p.numpy(), rtol=0, atol=1e-5), name
+
+
+def test_each_launched_rank_takes_its_share_of_the_threads_it_was_given(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")  # a Ray worker's CPUs, or the user's setting
+    assert distributed._threads_per_rank() == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert distributed._threads_per_rank() == max(1, len(os.sched_getaffinity(0)) // 2)

@@ -25,6 +25,7 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -63,8 +64,18 @@ def timeout() -> timedelta:
 
 
 def in_torchrun_job() -> bool:
-    """Whether this process is one rank of a job torchrun (or another launcher) started: its variables are set."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    """Whether this process is one rank of a job torchrun (or another launcher) started: its variables are set. A Ray
+    worker is never one: variables it has were inherited from the driver (a rank of a torchrun job that started Ray)
+    and describe the driver, so --nproc N in a worker starts N local ranks of its own."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and not _in_ray_worker()
+
+
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else is imported to find out
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE)
+    except Exception:  # another Ray's API: not known to be a worker
+        return False
 
 
 def check_nproc(nproc: int, device: str) -> None:
@@ -148,9 +159,12 @@ def _train_rank(model: nn.Module, dataset: Dataset, settings: TrainSettings, pro
 
 
 def _threads_per_rank() -> int:
-    """The CPU cores this process may use, shared out among the local ranks."""
+    """The threads the launching process was given, shared out among the local ranks: OMP_NUM_THREADS where it is
+    set (a Ray worker's CPUs: Ray sets it), else the cores this process may use."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    budget = int(given) if given.isdigit() and int(given) > 0 else cores
+    return max(1, budget // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _rank_main(model: nn.Module, dataset: Dataset, settings: TrainSettings, progress, kwargs: dict,
