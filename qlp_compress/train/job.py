@@ -111,6 +111,8 @@ def lead(silence: float) -> Iterator[None]:
         try:
             _post(word)
             _wait_for_acks()
+        except QLPError:
+            pass  # the store is gone: the others notice it themselves, and the command's result (or error) stands
         finally:
             _leader.stop()
             _leader = None
