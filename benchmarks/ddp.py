@@ -139,8 +139,9 @@ def markdown(r: dict) -> str:
         *([f"Note: {r['note']}", ""] if r.get("note") else []),
         f"On CPU (gloo) there is no SyncBatchNorm: each of the 2 ranks normalises with the statistics of its own "
         f"{r['batch'] // 2} images, where one process uses all {r['batch']}; the accuracy column compares the two "
-        "(one seed each: the seed spread is not measured here). With 8 or more ranks on one global batch of 128 (16 "
-        "images or fewer each) the batch statistics grow noisy, and BatchNorm's accuracy is known to fall quickly "
+        "(one seed each; the seed spread is measured in \"BatchNorm under DDP: seed spread\" below). With 8 or "
+        "more ranks on one global batch of 128 (16 images or fewer each) the batch statistics grow noisy, and "
+        "BatchNorm's accuracy is known to fall quickly "
         "at such batches (Wu and He, Group Normalization, 2018): raise the batch, or train on GPUs, where "
         "SyncBatchNorm is used.", "",
         f"**Paper estimate.** DDP all-reduces every trainable parameter's gradient each step (masked weights "
