@@ -8,9 +8,11 @@ never in a collective, which would fail after the 30 s timeout:
   reports the error);
 - every rank adds to its own counter `beat/R` every 2 s from a thread. A waiting rank watches rank 0's counter all
   the time, rank 0 watches the others' whenever it is about to fine-tune: a peer whose counter stood still for
-  twice the collective timeout (60 s by default) ends the job with one line naming it. A rank that
-  dies stops the job at once: torchrun's agent ends the others.
-Store operations come one at a time (a lock): the main thread and the heartbeat share one client.
+  twice the collective timeout (60 s by default) ends the job with one line naming it. A rank that dies stops the
+  job at once: torchrun's agent ends the others.
+Store operations come one at a time (a lock): the main thread and the heartbeat share one client. What a fine-tuning
+trains travels over the process group each time (its data included: Fashion-MNIST's fine-tune split is 43 MB), so
+the other ranks need neither the model nor the data on their disks.
 """
 
 from __future__ import annotations
