@@ -163,7 +163,7 @@ def write_section(path: Path, section: str, heading: str = HEADING) -> None:
     if f"{heading}\n" in text:
         start = text.index(f"{heading}\n")
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + (section.rstrip("\n") + "\n\n" + text[end + 1:] if end >= 0 else section)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)

@@ -81,6 +81,15 @@ def markdown(r: dict) -> str:
     one = r["stats"]["1"]["held_out_accuracy"]
     spread = (one["max"] - one["min"]) * r["held_out_images"]
     two_runs = r["seeds"]
+    test_one, test_two = r["stats"]["1"]["test_accuracy"], r["stats"]["2"]["test_accuracy"]
+    test_inside = sum(test_one["min"] <= x["test_accuracy"] <= test_one["max"]
+                      for x in r["runs"] if x["processes"] == 2)
+    loads = [float(x[k].split()[0]) for x in r["runs"] for k in ("load_before", "load_after")]
+    pairs = {x["seed"]: {} for x in r["runs"]}
+    for x in r["runs"]:
+        pairs[x["seed"]][x["processes"]] = x
+    paired = ", ".join(f"{(p[2]['held_out_accuracy'] - p[1]['held_out_accuracy']) * 100:+.2f} / "
+                       f"{(p[2]['test_accuracy'] - p[1]['test_accuracy']) * 100:+.2f}" for p in pairs.values())
     return "\n".join([
         HEADING, "",
         f"{r['epochs']:g} epoch of fine-tuning `{r['model']}` pruned by LAMP to {r['sparsity']:g} sparsity with "
@@ -99,9 +108,14 @@ def markdown(r: dict) -> str:
         f"The single process's seed spread on the held-out images is {one['min']:.2%} – {one['max']:.2%} "
         f"({spread:.0f} images of {r['held_out_images']}). {r['two_rank_runs_inside_spread']} of the {two_runs} "
         "2-rank runs lie inside it, and their mean "
-        f"{'lies inside' if r['two_rank_mean_inside_spread'] else 'lies outside'} it. {r['seeds']} seeds make a narrow "
-        "range: it is the spread measured, not a confidence interval, and a run just outside it is not by itself "
-        "evidence of a difference.", ""])
+        f"{'lies inside' if r['two_rank_mean_inside_spread'] else 'lies outside'} it. On the test images (reporting "
+        f"only) the single process spans {test_one['min']:.2%} – {test_one['max']:.2%}; {test_inside} of the "
+        f"{two_runs} 2-rank runs lie inside it and their mean is {(test_two['mean'] - test_one['mean']) * 100:+.2f} "
+        "points from the single process's. Per seed (the same data order), 2 ranks minus 1 process, held-out / test, "
+        f"in points: {paired}. {r['seeds']} seeds make a narrow range: it is the spread measured, not a confidence "
+        "interval, and a run just outside it is not by itself evidence of a difference. The load average (1 minute) "
+        f"was {min(loads):.1f} – {max(loads):.1f} during the runs, on 2 cores shared with two other engineers' "
+        "jobs.", ""])
 
 
 def main() -> None:
