@@ -139,8 +139,9 @@ def markdown(r: dict) -> str:
         *([f"Note: {r['note']}", ""] if r.get("note") else []),
         f"On CPU (gloo) there is no SyncBatchNorm: each of the 2 ranks normalises with the statistics of its own "
         f"{r['batch'] // 2} images, where one process uses all {r['batch']}; the accuracy column compares the two "
-        "(one seed each: the seed spread is not measured here). With 8 or more ranks on one global batch of 128 (16 "
-        "images or fewer each) the batch statistics grow noisy, and BatchNorm's accuracy is known to fall quickly "
+        "(one seed each; the seed spread is measured in \"BatchNorm under DDP: seed spread\" below). With 8 or "
+        "more ranks on one global batch of 128 (16 images or fewer each) the batch statistics grow noisy, and "
+        "BatchNorm's accuracy is known to fall quickly "
         "at such batches (Wu and He, Group Normalization, 2018): raise the batch, or train on GPUs, where "
         "SyncBatchNorm is used.", "",
         f"**Paper estimate.** DDP all-reduces every trainable parameter's gradient each step (masked weights "
@@ -156,13 +157,13 @@ def markdown(r: dict) -> str:
         "all-reduce. The same formula with a model's own parameter count and step time sizes other cases.", ""])
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or add) this benchmark's section of the page, keeping every other section."""
+def write_section(path: Path, section: str, heading: str = HEADING) -> None:
+    """Replace (or add) a benchmark's section of the page (the one under `heading`), keeping every other section."""
     text = path.read_text() if path.exists() else "# Scaling out: measurements\n\n"
-    if HEADING in text:
-        start = text.index(HEADING)
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + (text[end + 1:] if end >= 0 else "")
+    if f"{heading}\n" in text:
+        start = text.index(f"{heading}\n")
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + (section.rstrip("\n") + "\n\n" + text[end + 1:] if end >= 0 else section)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, text)

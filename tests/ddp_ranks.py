@@ -63,3 +63,34 @@ def stop_in_the_second_epoch():
             raise RuntimeError("stopped in the second epoch")
 
     yield on_step
+
+
+def silent_rank(silent: int, model, data, settings, errors):
+    """A search-like job (distributed.as_job) of which rank `silent` joins the process group and then hangs without
+    a heartbeat: rank 0 "searches" for 3 collective timeouts and then fine-tunes (rank 1 waits for it)."""
+    import time
+    from pathlib import Path
+
+    try:
+        distributed.join("cpu")
+        if int(os.environ["RANK"]) == silent:
+            time.sleep(300)
+
+        def command() -> dict:
+            time.sleep(3 * float(os.environ["QLP_DDP_TIMEOUT"]))
+            distributed.fit(model, data, settings)
+            return {}
+
+        return distributed.as_job("cpu", command)
+    except Exception as e:
+        distributed._write_error(Path(errors), e)
+        raise
+
+
+def fine_tune_in_a_ray_worker(settings) -> tuple[dict, bool, int]:
+    """What a Ray task runs: fit on settings.nproc ranks launched inside this worker; (the weights, whether the
+    worker took itself for a torchrun rank, the threads each rank would take)."""
+    model = frozen_bn_model()
+    distributed.fit(model, tiny_data(), settings)
+    os.environ["LOCAL_WORLD_SIZE"] = str(settings.nproc)  # as a launched rank sees it
+    return model.state_dict(), distributed.in_torchrun_job(), distributed._threads_per_rank()

@@ -13,6 +13,8 @@ elastic launcher. The loop is the same in every case (finetune.train with train.
   included; a distillation teacher is passed to every rank.
 - Ctrl-C or SIGTERM: the launcher stops every rank and `fit` raises KeyboardInterrupt; rank 0's checkpoint of the
   last finished epoch stays (it is written atomically) for --resume.
+- search, prune and compare in a torchrun job (`as_job`): rank 0 runs the command alone and every `fit` it makes is
+  shared with the other ranks, which wait for it on the job's store (train.job).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -39,7 +42,7 @@ from torch.utils.data import Dataset
 
 from qlp_compress.base import messages
 from qlp_compress.base.errors import QLPError, UsageError, first_line
-from qlp_compress.train import ranks
+from qlp_compress.train import job, ranks
 from qlp_compress.train.finetune import RECORD, TrainSettings, finetune_record, train
 
 TIMEOUT_SECONDS = 30.0  # a collective waits at most this long (QLP_DDP_TIMEOUT overrides it)
@@ -61,8 +64,18 @@ def timeout() -> timedelta:
 
 
 def in_torchrun_job() -> bool:
-    """Whether this process is one rank of a job torchrun (or another launcher) started: its variables are set."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    """Whether this process is one rank of a job torchrun (or another launcher) started: its variables are set. A Ray
+    worker is never one: variables it has were inherited from the driver (a rank of a torchrun job that started Ray)
+    and describe the driver, so --nproc N in a worker starts N local ranks of its own."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ and not _in_ray_worker()
+
+
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; nothing else is imported to find out
+    try:
+        return bool(ray and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE)
+    except Exception:  # another Ray's API: not known to be a worker
+        return False
 
 
 def check_nproc(nproc: int, device: str) -> None:
@@ -95,6 +108,21 @@ def join(device: str) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout())
 
 
+def as_job(device: str, command: Callable[[], dict]) -> dict:
+    """`command()`, a command that runs as one process (search, prune, compare; its fine-tunings on --nproc local
+    ones). As a rank of a torchrun job: rank 0 runs `command()` alone and returns its result; the other ranks join
+    each of its fine-tunings (train.job) and return {"rank": R}, for which the CLI prints nothing."""
+    if not in_torchrun_job():
+        return command()
+    join(device)
+    silence = 2 * timeout().total_seconds()
+    if not ranks.is_main():
+        job.follow(_train_rank, silence)
+        return {"rank": ranks.rank()}
+    with job.lead(silence):
+        return command()
+
+
 def fit(model: nn.Module, dataset: Dataset, settings: TrainSettings,
         progress: Callable[[], contextlib.AbstractContextManager] | None = None, **kwargs) -> list[dict]:
     """`finetune.train(model, dataset, settings, **kwargs)` here, as a rank of a torchrun job, or on settings.nproc
@@ -103,6 +131,9 @@ def fit(model: nn.Module, dataset: Dataset, settings: TrainSettings,
     check_nproc(settings.nproc, settings.device)
     if in_torchrun_job():
         join(settings.device)
+        if job.leading():  # rank 0 of a search, prune or compare job: the other ranks train with it
+            with job.together((model, dataset, settings, None, kwargs)):
+                return _train_rank(model, dataset, settings, progress, kwargs)
         return _train_rank(model, dataset, settings, progress, kwargs)
     if settings.nproc == 1:
         with progress() if progress else contextlib.nullcontext() as on_step:
@@ -128,9 +159,12 @@ def _train_rank(model: nn.Module, dataset: Dataset, settings: TrainSettings, pro
 
 
 def _threads_per_rank() -> int:
-    """The CPU cores this process may use, shared out among the local ranks."""
+    """The threads the launching process was given, shared out among the local ranks: OMP_NUM_THREADS where it is
+    set (a Ray worker's CPUs: Ray sets it), else the cores this process may use."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    budget = int(given) if given.isdigit() and int(given) > 0 else cores
+    return max(1, budget // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def _rank_main(model: nn.Module, dataset: Dataset, settings: TrainSettings, progress, kwargs: dict,

@@ -4,13 +4,18 @@ Without a process group every function here is the single-process case (world 1,
 `finetune.train` is one loop, local or distributed. With one, every decision the loop takes (the guard's divergence
 and best-state choices, the learning rate, what a resumed run starts from) is taken on numbers that are the same on
 every rank: sums over the ranks, or rank 0's value broadcast. Only rank 0 writes.
+
+Rank 0 of a search, prune or compare torchrun job works `alone` (train.job) between the fine-tunings it shares with
+the other ranks: there it is the single-process case too, so that the search's own brief fine-tunings (the reward)
+never wait for ranks that are not training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -18,10 +23,23 @@ from torch import nn
 
 from qlp_compress.base.errors import QLPError
 
+_alone = False  # rank 0 of a torchrun job working on its own (train.job): world() is 1
+
 
 def world() -> int:
-    """The number of ranks training together (1 without a process group)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """The number of ranks training together (1 without a process group, or while this rank works alone)."""
+    return dist.get_world_size() if not _alone and dist.is_available() and dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def alone(value: bool = True) -> Iterator[None]:
+    """Within it this rank works on its own (value True: world() is 1) or with the others again (False)."""
+    global _alone
+    before, _alone = _alone, value
+    try:
+        yield
+    finally:
+        _alone = before
 
 
 def rank() -> int:

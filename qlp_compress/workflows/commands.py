@@ -21,7 +21,7 @@ from qlp_compress.report.progress import search_progress
 from qlp_compress.reward.weights import RewardSettings
 from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.train import ranks
-from qlp_compress.train.distributed import check_nproc, in_torchrun_job
+from qlp_compress.train.distributed import as_job, check_nproc
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
 from qlp_compress.workflows import channels, evaluate, optimize, quantize, train, weights
@@ -46,14 +46,6 @@ from qlp_compress.workflows.options import (
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 
-def _not_in_torchrun() -> None:
-    """search, prune and compare run in one process, their fine-tunings on --nproc local ones; in a torchrun job
-    every rank would search and write the same folder."""
-    if in_torchrun_job():
-        raise UsageError("search, prune and compare run as one process, not inside a torchrun job; give them --nproc N "
-                         "(their fine-tuning then runs on N local processes), or use torchrun for finetune and train")
-
-
 def _workspace(run: RunOptions) -> Workspace:
     return open_workspace(run.model, ModelSettings(run.arch, run.trust_pickle, run.mean, run.std),
                           DataSettings(run.data, run.data_dir, run.reward_size), run.device)
@@ -75,7 +67,10 @@ def default_out(model: Path, how: Choice, suffix: str = "") -> Path:
 def search(run: RunOptions, how: Choice) -> dict:
     """`search` and `prune`: choose the per-layer amounts (search, a baseline, or a policy.json), prune, fine-tune,
     export verified ONNX and report, all under run.out (a folder, written as a set)."""
-    _not_in_torchrun()
+    return as_job(resolve_device(run.device), lambda: _search(run, how))  # torchrun: train.job
+
+
+def _search(run: RunOptions, how: Choice) -> dict:
     int8 = check_run(run)
     how = replace(how, structure=structure_name(how.structure))
     chosen = None
@@ -114,7 +109,10 @@ def search(run: RunOptions, how: Choice) -> dict:
 
 def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
     """`compare`: every method at every target (sparsity or speedup), the same fine-tuning budget, one table."""
-    _not_in_torchrun()
+    return as_job(resolve_device(run.device), lambda: _compare(run, how, methods))
+
+
+def _compare(run: RunOptions, how: Choice, methods: list[str]) -> dict:
     check_run(run)
     how = replace(how, structure=structure_name(how.structure))
     structured = is_structured(how.structure)
@@ -150,7 +148,10 @@ def optimize_model(run: RunOptions, how: Choice, goal: OptimizeSettings) -> dict
     """`optimize`: the fastest (or smallest) verified model within goal.max_loss points, in the folder run.out.
     `goal` holds the budget, the objective, the batch and the time budget; the candidates are made as `search` makes
     a QLP run with `how` (at --structure channel,depth for speed, weight for size)."""
-    _not_in_torchrun()
+    return as_job(resolve_device(run.device), lambda: _optimize_model(run, how, goal))
+
+
+def _optimize_model(run: RunOptions, how: Choice, goal: OptimizeSettings) -> dict:
     int8 = check_run(run)
     optimize.check_settings(goal)
     speed = goal.objective == "speed"
