@@ -41,6 +41,7 @@ from qlp_compress.workflows.options import (
     search_settings,
     selection_settings,
 )
+from qlp_compress.workflows.scale import check_scale
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 
@@ -111,7 +112,8 @@ def search(run: RunOptions, how: Choice) -> dict:
 
 
 def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
-    """`compare`: every method at every target (sparsity or speedup), the same fine-tuning budget, one table."""
+    """`compare`: every method at every target (sparsity or speedup), the same fine-tuning budget, one table; in weight
+    mode the cells run on how.workers Ray workers when it is given."""
     _not_in_torchrun()
     check_run(run)
     how = replace(how, structure=structure_name(how.structure))
@@ -126,6 +128,10 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
             one = replace(how, method=method, targets=(),
                           **({"speedup": target} if structured else {"sparsity": target}))
             check_choice(one, searching=True)
+    check_scale(how.workers, how.worker_threads, None, how.ray_address)
+    if how.workers and structured:
+        raise UsageError("--workers runs compare's cells side by side, and channel and depth modes measure latency, "
+                         "which runs alone; leave --workers out with --structure channel or depth")
     suffix = "-" + how.structure.replace(",", "-") if structured else ""
     out = run.out or run.model.parent / f"{run.model.stem}.compare{suffix}"
     check_folder_out(out, inputs(run))
@@ -135,11 +141,12 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
         rows = channels.compare_channels(ws, methods, targets, channel_settings(how, run, None), out, run.command,
                                          force=run.force, resume=run.resume)
     else:
-        rows = compare_weights(ws, methods, targets, search_settings(how, run, targets[0]),
+        # --workers runs whole cells on workers, each cell's search in its worker one episode at a time (K = 1)
+        rows = compare_weights(ws, methods, targets, search_settings(replace(how, workers=0), run, targets[0]),
                                RewardSettings(images=how.reward_images, device=ws.device),
                                AllocationSettings(min_density=how.min_density), finetune_settings(run), out,
-                               run.command,
-                               force=run.force, resume=run.resume, selection=selection_settings(how))
+                               run.command, force=run.force, resume=run.resume, selection=selection_settings(how),
+                               scale=scale_settings(how))
     return {"out": str(out), "compare_json": str(out / "compare.json"), "compare_md": str(out / "compare.md"),
             "rows": rows}
 

@@ -196,7 +196,7 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
         if settings.method == "qlp":
             reward_images = (settings.reward or RewardSettings()).images
             policy = choose_answer(ws, policy, allocator(ws, settings.allocation), settings.selection,
-                                   settings.finetune, reward_images, work, resume)
+                                   settings.finetune, reward_images, work, resume, settings.scale)
     policy.save(staged / "policy.json")
     pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume,
                                           measured=(settings.reward or RewardSettings()).images)
