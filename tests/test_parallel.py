@@ -141,3 +141,23 @@ def _die_once(marker: str, item: int) -> int:
         open(marker, "w").close()
         os.kill(os.getpid(), 9)
     return 2 * item
+
+
+def test_compare_workers_are_checked_before_anything_is_read(tiny_task, qlp):
+    model = ("compare", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--out", "cmp")
+    run = qlp(*model, "--structure", "channel", "--speedup", "1.5", "--workers", "2", cwd=tiny_task)
+    assert run.code == 2 and "latency, which runs alone" in run.line
+    run = qlp(*model, "--workers", "1", "--ray-address", "127.0.0.1:1", cwd=tiny_task)
+    assert run.code == 1 and "cannot reach the Ray cluster at 127.0.0.1:1" in run.line
+    assert qlp(*model, "--workers", "-1", cwd=tiny_task).code == 2
+    assert not (tiny_task / "cmp").exists()
+
+
+@pytest.mark.slow  # Ray workers
+def test_compare_on_workers_from_the_command_line_says_where_its_cells_ran(tiny_task, qlp, tmp_path):
+    run = qlp("compare", tiny_task / "lenet.onnx", "--data", tiny_task / "data.npz", "--sparsity", "0.8", "--method",
+              "lamp,uniform", "--finetune-epochs", "0.1", "--device", "cpu", "--workers", "2", "--out", "cmp",
+              cwd=tmp_path)
+    assert run.code == 0, run.stderr[-2000:]
+    assert "compare: lamp @ 0.8 done on pid" in run.stderr
+    assert "2 cell(s) ran on 2 Ray worker(s) × 1 thread(s)" in (tmp_path / "cmp" / "compare.md").read_text()

@@ -41,7 +41,7 @@ from qlp_compress.workflows.options import (
     search_settings,
     selection_settings,
 )
-from qlp_compress.workflows.scale import check_scale
+from qlp_compress.workflows.scale import check_scale, search_title
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 
@@ -89,7 +89,9 @@ def search(run: RunOptions, how: Choice) -> dict:
     ws = _workspace(run)
     if is_structured(how.structure):
         searching = how.method in SEARCHES and how.policy is None
-        with search_progress(f"{how.method} {how.structure} search", how.episodes if searching else 0) as on_episode:
+        title = search_title(f"{how.method} {how.structure} search", scale_settings(how),
+                             how.batch_episodes or max(1, how.workers))
+        with search_progress(title, how.episodes if searching else 0) as on_episode:
             report = channels.compress_channels(run.model, ws, channel_settings(how, run, int8), out, run.command,
                                                 resume=run.resume, on_episode=on_episode, policy_path=how.policy,
                                                 force=run.force)

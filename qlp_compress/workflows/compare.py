@@ -139,7 +139,10 @@ def compare_cell(job: CellJob, unit: tuple[str, float]) -> dict:
 
 
 def settings_markdown(document: dict) -> str:
-    """compare.md's account of how its rows were made: the recorded settings and every command that added rows."""
+    """compare.md's account of how its rows were made: the recorded settings, the workers the cells ran on and every
+    command that added rows."""
+    from qlp_compress.report.documents import units_lines
+
     lines = ["", "## Settings", "", "Every row was made with these settings (compare.json → `record`); `--resume` "
              "refuses others.", "", "| setting | value |", "|---|---|"]
     for key, value in document.get("record", {}).items():
@@ -151,6 +154,9 @@ def settings_markdown(document: dict) -> str:
     if asked is not None and budget and asked > budget and any(r["method"] == "qlp" for r in document["rows"]):
         lines += ["", f"qlp's candidates were each fine-tuned for {budget:g} epochs: --select-epochs {asked:g} is "
                       f"capped at --finetune-epochs {budget:g}."]
+    scale = document.get("scale")
+    if scale:
+        lines += ["", *units_lines(scale, "cell")[:1]]
     commands = document.get("commands", [])
     if len(commands) > 1:
         lines += ["", "Resumed by: " + "; ".join(f"`{c}`" for c in commands[1:]) + "."]
