@@ -7,11 +7,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import pytest
-from conftest import make_tiny_task
+from conftest import default_sigint, make_tiny_task
 
 from qlp_compress.base.errors import Interrupted, QLPError
 from qlp_compress.pruning.allocate import AllocationSettings
@@ -161,3 +166,43 @@ def test_compare_on_workers_from_the_command_line_says_where_its_cells_ran(tiny_
     assert run.code == 0, run.stderr[-2000:]
     assert "compare: lamp @ 0.8 done on pid" in run.stderr
     assert "2 cell(s) ran on 2 Ray worker(s) × 1 thread(s)" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+@pytest.mark.slow  # Ray workers, a subprocess
+def test_ctrl_c_while_the_candidates_run_on_workers_keeps_the_finished_and_resume_runs_the_rest(tiny_task, qlp,
+                                                                                                tmp_path):
+    """search --workers 2 stopped by Ctrl-C once the first candidate finished: exit 130 in one line, the finished
+    candidate in .work/selection.json, no worker left; --resume ends with the choice of the run in one process."""
+    for name in ("lenet.onnx", "data.npz"):
+        shutil.copy(tiny_task / name, tmp_path / name)
+    common = ("search", "lenet.onnx", "--data", "data.npz", "--sparsity", "0.8", "--reward-size", "300",
+              "--episodes", "12", "--stages", "2", "--reward-images", "100", "--finetune-epochs", "0.3",
+              "--select-epochs", "0.3", "--candidates", "3", "--lr", "0.01", "--device", "cpu",
+              "--no-sparse-storage", "--batch-episodes", "2")
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        child = subprocess.Popen([sys.executable, "-m", "qlp_compress", *common, "--workers", "2", "--out", "w"],
+                                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=default_sigint)
+        deadline = time.monotonic() + 240
+        while "choosing the answer: candidate" not in stderr.read_text() and child.poll() is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        assert child.wait(timeout=60) == 130
+    text = stderr.read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines[-1].startswith("error:") and "--resume" in lines[-1] and "Traceback" not in text, text[-2000:]
+    kept = json.loads((tmp_path / "w" / ".work" / "selection.json").read_text())["candidates"]
+    assert 1 <= len(kept) < 3
+    pids = [int(p) for p in re.findall(r"done on pid (\d+)@", text)]
+    time.sleep(1)
+    assert pids and not [p for p in pids if os.path.exists(f"/proc/{p}")], "a worker outlived Ctrl-C"
+
+    resumed = qlp(*common, "--workers", "2", "--out", "w", "--resume", cwd=tmp_path)
+    assert resumed.code == 0, resumed.stderr[-2000:]
+    assert f"choosing the answer: {3 - len(kept)} unit(s) on 2 Ray worker(s)" in resumed.stderr
+    assert qlp(*common, "--out", "serial", cwd=tmp_path).code == 0  # one process, one thread (conftest), K = 2
+    w, serial = (json.loads((tmp_path / d / "policy.json").read_text()) for d in ("w", "serial"))
+    assert w["search"]["selection"]["candidates"] == serial["search"]["selection"]["candidates"]
+    assert w["layers"] == serial["layers"]
+    assert "ran on 2 Ray worker(s)" in (tmp_path / "w" / "report.md").read_text()

@@ -143,6 +143,8 @@ def run_units(scale: ScaleSettings, fn: Callable, shared: object, items: Sequenc
                     continue
                 except ray.exceptions.RayTaskError as e:
                     cause = getattr(e, "cause", None)
+                    if isinstance(cause, KeyboardInterrupt):  # the terminal's Ctrl-C reached the worker too
+                        raise KeyboardInterrupt from None
                     if isinstance(cause, QLPError):
                         raise cause from None
                     raise QLPError(f"{what}: {labels[i]} failed on a worker: {first_line(cause or e)}") from e
@@ -157,9 +159,10 @@ def run_units(scale: ScaleSettings, fn: Callable, shared: object, items: Sequenc
         raise Interrupted(f"{what} interrupted with {record.units} of {len(items)} finished (kept); rerun the same "
                           "command with --resume to run the rest") from None
     finally:
-        for ref in running:
-            ray.cancel(ref, force=True)
         if owns:
-            ray.shutdown()
+            ray.shutdown()  # stops every worker (cancelling a task as it completes can abort Ray's core worker)
+        else:
+            for ref in running:  # a caller's session stays: only this run's tasks are stopped
+                ray.cancel(ref)
         record.wall_seconds = time.perf_counter() - started
     return record
