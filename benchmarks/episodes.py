@@ -220,24 +220,32 @@ def section(result: dict) -> str:
                 cells.append("—" if x is None else
                              f"{100 * x['reward']:.2f} → {100 * x['held_out']:.2f}{what} [{x['episodes']}]")
             on_reward, on_held = winner(stage, "reward"), winner(stage, "held_out")
-            t = tally.setdefault(run["episodes"], {"stages": 0, "reward": {}, "held_out": {}})
+            held_scores = sorted((stage[k]["held_out"] for k in KINDS if k in stage), reverse=True)
+            margin = 100 * (held_scores[0] - held_scores[1]) if len(held_scores) > 1 else float("nan")
+            clear = margin >= 2 * 100 * (held_scores[0] * (1 - held_scores[0]) / max(n, 1)) ** 0.5
+            t = tally.setdefault(run["episodes"], {"stages": 0, "reward": {}, "held_out": {}, "clear": {}})
             t["stages"] += 1
             t["reward"][on_reward] = t["reward"].get(on_reward, 0) + 1
             t["held_out"][on_held] = t["held_out"].get(on_held, 0) + 1
+            if clear:
+                t["clear"][on_held] = t["clear"].get(on_held, 0) + 1
             rows.append(f"| {run['episodes']} (K = {run['batch_episodes']}) | {run['seed']} | {i} "
-                        f"({stage['target']:g}) | " + " | ".join(cells) + f" | {SHOWN[on_reward]} | "
-                        f"**{SHOWN[on_held]}** |")
+                        f"({stage['target']:.3g}) | " + " | ".join(cells) + f" | {SHOWN[on_reward]} | "
+                        f"**{SHOWN[on_held]}** | {margin:.2f}{'' if clear else ' (noise)'} |")
     summary = []
     for episodes, t in sorted(tally.items()):
         def count(where: str, t=t) -> str:
             return ", ".join(f"{SHOWN[k]} {t[where].get(k, 0)}" for k in (*KINDS, "tie"))
         summary.append(f"- {episodes} episodes: stages won on the reward images: {count('reward')}; on the held-out "
-                       f"images: {count('held_out')} (of {t['stages']}).")
+                       f"images: {count('held_out')}; by more than two standard errors there: {count('clear')} (of "
+                       f"{t['stages']}).")
     loads = "; ".join(f"{x['at']}: {' '.join(f'{v:.2f}' for v in x['load'])}" for x in result.get("loads", []))
     se = 100 * (0.9 * 0.1 / max(n, 1)) ** 0.5
     runs = [r for r in result["runs"].values() if "stages" in r]
     walls = "; ".join(f"{r['episodes']} episodes: {r['wall_seconds_this_session']:.0f} s (load {r['load_start']} → "
                       f"{r['load_end']})" for r in runs)
+    header = (f"| episodes | seed | stage (target) | {' | '.join(SHOWN[k] for k in KINDS)} | wins on reward images | "
+              "wins held out | held-out margin |")
     return f"""{HEADING}
 
 `nice -n 19 python benchmarks/episodes.py` (figures in `benchmarks/results/episodes.json`): {result['model']} on
@@ -254,10 +262,12 @@ other work; load averages (1, 5, 15 min): {loads}. Search wall times: {walls}.
 
 Each cell: accuracy on the reward images (what the search saw) → on the held-out images, in %, [scored episodes of
 that kind in the stage]. One held-out accuracy near 90 % has a standard error of about {se:.2f} points on {n} images;
-differences below about twice that are not a win on new images.
+a held-out margin (the winner over the runner-up, in points) below twice that is marked "(noise)": not a win on new
+images. The {result['reward_images']} reward images carry about twice that error, and each stage's best is the best
+of many draws on them, so a reward-image win is partly selection on noise.
 
-| episodes | seed | stage (target) | {' | '.join(SHOWN[k] for k in KINDS)} | wins on reward images | wins held out |
-|---|---:|---|---|---|---|---|---|
+{header}
+|---|---:|---|---|---|---|---|---|---:|
 {chr(10).join(rows)}
 
 {chr(10).join(summary)}
