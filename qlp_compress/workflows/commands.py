@@ -33,6 +33,8 @@ from qlp_compress.workflows.options import (
     channel_settings,
     check_choice,
     check_run,
+    default_compare_methods,  # noqa: F401 (the CLI's default --method for prune and compare)
+    default_prune_method,  # noqa: F401
     finetune_settings,
     folder_writes,
     inputs,
