@@ -139,9 +139,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/episodes.json")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks_scale.md")
     parser.add_argument("--from-results", action="store_true", help="rewrite the page's section from --out, no run")
+    parser.add_argument("--reading", help="with --from-results: keep this reading of the figures in --out and show it")
     args = parser.parse_args()
     if args.from_results:
-        write_doc(section(json.loads(args.out.read_text())))
+        result = json.loads(args.out.read_text())
+        if args.reading:
+            result["reading"] = args.reading
+            save(args.out, result)
+        write_doc(section(result))
         return
     from qlp_compress.deploy import engine
 
@@ -271,7 +276,7 @@ of many draws on them, so a reward-image win is partly selection on noise.
 {chr(10).join(rows)}
 
 {chr(10).join(summary)}
-"""
+{chr(10) + result['reading'] + chr(10) if result.get('reading') else ''}"""
 
 
 def write_doc(text: str) -> None:
