@@ -148,8 +148,8 @@ def test_ctrl_c_stops_the_workers_and_a_resume_with_another_number_of_them_ends_
     with stderr.open("w") as err:
         child = subprocess.Popen([sys.executable, "-m", "qlp_compress", *common, "--workers", "2", "--out", "w"],
                                  cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err, preexec_fn=default_sigint)
-        deadline = time.monotonic() + 120
-        while "qlp search: episode" not in stderr.read_text() and child.poll() is None and time.monotonic() < deadline:
+        deadline, title = time.monotonic() + 120, "qlp search on 2 Ray worker(s) here, K = 2: episode"  # progress
+        while title not in stderr.read_text() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         child.send_signal(signal.SIGINT)
         assert child.wait(timeout=60) == 130
@@ -163,6 +163,7 @@ def test_ctrl_c_stops_the_workers_and_a_resume_with_another_number_of_them_ends_
 
     resumed = qlp(*common, "--workers", "1", "--batch-episodes", "2", "--out", "w", "--resume", cwd=tmp_path)
     assert resumed.code == 0, resumed.stderr[-2000:]
+    assert "qlp search on 1 Ray worker(s) here, K = 2: episode" in resumed.stderr and "episodes/s" in resumed.stderr
     assert qlp(*common, "--batch-episodes", "2", "--out", "k2", cwd=tmp_path).code == 0
     w, k2 = (json.loads((tmp_path / d / "policy.json").read_text()) for d in ("w", "k2"))
     assert w["layers"] == k2["layers"] and w["search"]["rewards"] == k2["search"]["rewards"]

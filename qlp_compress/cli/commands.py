@@ -13,10 +13,10 @@ from rich.text import Text
 
 from qlp_compress import __version__
 from qlp_compress.cli import options as o
-from qlp_compress.cli.output import compressed_lines, emit, int8_line, set_quiet
+from qlp_compress.cli.output import compressed_lines, emit, set_quiet
 from qlp_compress.report import tables
 from qlp_compress.workflows import commands as run_command
-from qlp_compress.workflows.commands import Choice, RunOptions, TrainOptions
+from qlp_compress.workflows.commands import Choice, RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"max_content_width": 100},
@@ -213,6 +213,9 @@ def compare_cmd(
     threads: o.Threads = o.HOW.threads,
     round_to: o.RoundTo = o.HOW.round_to,
     distill: o.Distill = o.HOW.distill,
+    workers: o.CompareWorkers = o.HOW.workers,
+    worker_threads: o.WorkerThreads = o.HOW.worker_threads,
+    ray_address: o.RayAddress = None,
     seed: o.Seed = 0,
     device: o.Device = "auto",
     arch: o.Arch = None,
@@ -233,7 +236,8 @@ def compare_cmd(
     how = Choice(structure=structure, episodes=episodes, stages=stages, demonstrations=demonstrations,
                  candidates=candidates, select_epochs=select_epochs, reward_images=reward_images, threads=threads,
                  min_density=min_density, latency_batch=latency_batch, round_to=round_to, distill=distill,
-                 targets=tuple((speedup or [2.0]) if channel else sparsity or ()))
+                 targets=tuple((speedup or [2.0]) if channel else sparsity or ()), workers=workers,
+                 worker_threads=worker_threads, ray_address=ray_address)
     result = run_command.compare_methods(run, how, [m.strip() for m in names.split(",") if m.strip()])
     table = tables.compare_channel_table if channel else tables.compare_table
     emit(result, as_json, lambda: (table(result["rows"]),
@@ -258,129 +262,3 @@ def evaluate_cmd(
     set_quiet(quiet)
     result = run_command.evaluate_file(model, None if data in (None, "none") else data, data_dir, device, repeats)
     emit(result, as_json, lambda: (tables.evaluation_table(result), tables.sparsity_table(result["layers"])))
-
-
-@app.command("finetune")
-def finetune_cmd(
-    model: o.ModelArg,
-    out: o.OutFile,
-    data: o.Data = o.RUN.data,
-    data_dir: o.DataDir = None,
-    finetune_epochs: o.FinetuneEpochs = o.RUN.finetune_epochs,
-    lr: o.Lr = o.RUN.lr,
-    nproc: o.Nproc = 1,
-    quantize: o.Quantize = "none",
-    calibration_images: o.CalibrationImages = 1024,
-    keep_float: o.KeepFloat = "none",
-    int8_max_loss: o.Int8MaxLoss = 1.0,
-    seed: o.Seed = 0,
-    device: o.Device = "auto",
-    arch: o.Arch = None,
-    trust_pickle: o.Trust = False,
-    resume: o.Resume = False,
-    force: o.Force = False,
-    as_json: o.Json = False,
-    quiet: o.Quiet = False,
-) -> None:
-    """Fine-tune an already pruned model with its zeros held (the masks are its zero weights); export verified ONNX.
-
-    Example: qlp-compress finetune pruned.onnx --out tuned.onnx --finetune-epochs 2"""
-    set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
-               quantize=quantize, calibration_images=calibration_images, keep_float=keep_float,
-               int8_max_loss=int8_max_loss, resume=resume, force=force, nproc=nproc)
-    result = run_command.finetune(run)
-    emit(result, as_json, lambda: [Text(f"wrote {out}: test accuracy {result['accuracy']:.2%} at sparsity "
-                                        f"{result['global_sparsity']:.4f}"),
-                                   *([int8_line(result["int8"])] if result.get("int8") else [])])
-
-
-@app.command("export")
-def export_cmd(
-    model: o.ModelArg,
-    out: o.OutFile,
-    data: o.Data = o.RUN.data,
-    data_dir: o.DataDir = None,
-    sparse_storage: o.SparseStorage = True,
-    quantize: o.Quantize = "none",
-    calibration_images: o.CalibrationImages = 1024,
-    keep_float: o.KeepFloat = "none",
-    int8_max_loss: o.Int8MaxLoss = 1.0,
-    device: o.Device = "auto",
-    arch: o.Arch = None,
-    trust_pickle: o.Trust = False,
-    mean: o.Mean = None,
-    std: o.Std = None,
-    force: o.Force = False,
-    as_json: o.Json = False,
-    quiet: o.Quiet = False,
-) -> None:
-    """Export a PyTorch or ONNX model to a verified ONNX file (exact zeros kept, dynamic batch).
-
-    Example: qlp-compress export model.pt --arch resnet20 --out model.onnx"""
-    set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, 0, arch, trust_pickle, mean, std, sparse_storage=sparse_storage,
-               quantize=quantize, calibration_images=calibration_images, keep_float=keep_float,
-               int8_max_loss=int8_max_loss, force=force)
-    result = run_command.export(run)
-    emit(result, as_json, lambda: [Text(f"wrote {out} ({result['bytes'] / 1e6:.3f} MB, verified: max abs diff "
-                                        f"{result['max_abs_diff']:.1e})"),
-                                   *([int8_line(result["int8"])] if result.get("int8") else [])])
-
-
-@app.command("quantize")
-def quantize_cmd(
-    model: o.OnnxArg,
-    out: o.OutFile,
-    data: o.Data = o.RUN.data,
-    data_dir: o.DataDir = None,
-    reward_size: o.RewardSize = None,
-    calibration_images: o.CalibrationImages = 1024,
-    keep_float: o.KeepFloat = "none",
-    int8_max_loss: o.Int8MaxLoss = 1.0,
-    force: o.Force = False,
-    as_json: o.Json = False,
-    quiet: o.Quiet = False,
-) -> None:
-    """int8 static quantization (onnxruntime QDQ, per-channel weights) of any float ONNX classifier.
-
-    Example: qlp-compress quantize runs/q90/model.onnx --out model.int8.onnx
-
-    Calibrated on the reward split; checked (zeros kept, onnx.checker, onnxruntime) and compared with the float
-    model on test."""
-    set_quiet(quiet)
-    run = _run(model, out, data, data_dir, "cpu", 0, reward_size=reward_size, calibration_images=calibration_images,
-               keep_float=keep_float, int8_max_loss=int8_max_loss, force=force)
-    result = run_command.quantize_model(run)
-    emit(result, as_json, lambda: [int8_line(result)])
-
-
-@app.command("train")
-def train_cmd(
-    arch: Annotated[str, typer.Argument(help=f"Zoo architecture: {', '.join(run_command.ARCHS)}.",
-                                        show_default=False)],
-    out: o.OutFile,
-    data: o.Data = o.RUN.data,
-    data_dir: o.DataDir = None,
-    epochs: Annotated[float, typer.Option("--epochs", help="Training epochs (fractions allowed).")] = 15.0,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per step.")] = 128,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (SGD, Nesterov momentum 0.9).")] = 0.1,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.")] = 5e-4,
-    schedule: Annotated[str, typer.Option("--schedule", help="cosine or onecycle.")] = "cosine",
-    seed: o.Seed = 0,
-    nproc: o.Nproc = 1,
-    device: o.Device = "auto",
-    resume: o.Resume = False,
-    force: o.Force = False,
-    as_json: o.Json = False,
-    quiet: o.Quiet = False,
-) -> None:
-    """Train a zoo model on the fine-tune split and export it to ONNX with its test accuracy (baselines to compress).
-
-    Example: qlp-compress train resnet20 --out models/resnet20.onnx --epochs 20"""
-    set_quiet(quiet)
-    run = _run(Path(arch), out, data, data_dir, device, seed, resume=resume, force=force, nproc=nproc)
-    result = run_command.train_zoo_model(run, TrainOptions(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
-                                                           weight_decay=weight_decay, schedule=schedule))
-    emit(result, as_json, lambda: [Text(f"wrote {out}: test accuracy {result['test_accuracy']:.2%} (onnxruntime, "
-                                        f"{result['data']}), trained in {result['train_seconds'] / 60:.1f} min")])

@@ -15,7 +15,7 @@ from rich.markup import escape
 from qlp_compress.base.errors import QLPError, os_error_line
 from qlp_compress.base.interrupts import sigterm_as_interrupt
 from qlp_compress.base.messages import console
-from qlp_compress.cli import optimize_command  # noqa: F401  (registers `optimize`)
+from qlp_compress.cli import files, optimize_command  # noqa: F401  (register finetune, export, quantize, train; optimize)
 from qlp_compress.cli.commands import app
 from qlp_compress.cli.options import RENAMED
 

@@ -98,15 +98,19 @@ RewardFinetuneSteps = Annotated[int, typer.Option("--reward-finetune-steps", hel
 RewardFinetuneFrom = Annotated[float, typer.Option("--reward-finetune-from", help="Global sparsity from which the "
                                                                                   "reward fine-tunes briefly.")]
 RewardEngine = Annotated[str, typer.Option("--reward-engine", help="auto, onnxruntime or torch.")]
-Workers = Annotated[int, typer.Option("--workers", help="Score the search's rewards on this many Ray worker "
-                                                        "processes (0 = in this process; needs "
-                                                        "qlp-compress[distributed]).")]
+Workers = Annotated[int, typer.Option("--workers", help="Score the search's rewards, and fine-tune the answer's "
+                                                        "--candidates, on this many Ray worker processes (0 = in "
+                                                        "this process; needs qlp-compress[distributed]).")]
+CompareWorkers = Annotated[int, typer.Option("--workers", help="weight: run the cells (method × target) on this many "
+                                                               "Ray worker processes, each cell as in this process "
+                                                               "(0 = one after another here; needs "
+                                                               "qlp-compress[distributed]).")]
 BatchEpisodes = Annotated[int | None, typer.Option("--batch-episodes", help="Episodes the agent plays with one network "
                                                                             "before they are scored (in parallel) and "
                                                                             "learnt from; the result depends on it, "
                                                                             "not on --workers [default: --workers, "
                                                                             "or 1].", show_default=False)]
-WorkerThreads = Annotated[int, typer.Option("--worker-threads", help="torch and onnxruntime threads of each reward "
+WorkerThreads = Annotated[int, typer.Option("--worker-threads", help="torch and onnxruntime threads of each Ray "
                                                                      "worker.")]
 RayAddress = Annotated[str | None, typer.Option("--ray-address", help="Join this Ray cluster (HOST:PORT, or auto) "
                                                                       "instead of starting workers here [default: "

@@ -86,7 +86,17 @@ def _selection_lines(selection: dict | None) -> list[str]:
              f"reward never measured: **{selection['chosen']}**.", "",
              "| candidate | reward | held-out accuracy |", "|---|---:|---:|"]
     lines += [f"| {c['name']} | {c['reward']:.4f} | {c['held_out_accuracy']:.2%} |" for c in selection["candidates"]]
-    return [*lines, ""]
+    return [*lines, "", *units_lines(selection.get("scale"), "candidate")]
+
+
+def units_lines(scale: dict | None, unit: str) -> list[str]:
+    """Where a workflow's independent units ran (workflows.parallel): the workers, the worker-seconds, the wall
+    time; nothing when they ran in this process."""
+    if not scale:
+        return []
+    return [f"{scale['units']} {unit}(s) ran on {scale['workers']} Ray worker(s) × "
+            f"{scale['worker_threads']} thread(s): {scale['worker_seconds']:.0f} worker-seconds, "
+            f"{scale['wall_seconds']:.0f} s wall time, {scale['workers_lost']} worker(s) lost.", ""]
 
 
 def _provenance_lines(report: dict) -> list[str]:

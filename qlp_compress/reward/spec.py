@@ -83,18 +83,28 @@ def make_spec(structure: str, module: nn.Module, reward_split: Dataset,
         x, y = reward_split.x[:n].clone(), reward_split.y[:n].clone()
     else:
         x, y = materialize(reward_split, limit=n)
+    model, model_digest = to_bytes(module)
+    return RewardSpec(structure, model, model_digest, source_sha256, x, y.long(), settings, data, split_seed)
+
+
+def to_bytes(module: nn.Module) -> tuple[bytes, str]:
+    """A network as torch.save bytes, with their SHA-256: how it travels to another process."""
     buffer = io.BytesIO()
     torch.save(module, buffer)
     model = buffer.getvalue()
-    return RewardSpec(structure, model, hashlib.sha256(model).hexdigest(), source_sha256, x, y.long(),
-                      settings, data, split_seed)
+    return model, hashlib.sha256(model).hexdigest()
+
+
+def from_bytes(model: bytes, model_digest: str, what: str = "the reward description's network") -> nn.Module:
+    """The network `to_bytes` gave, after its bytes are checked against their digest."""
+    if hashlib.sha256(model).hexdigest() != model_digest:
+        raise QLPError(f"{what} does not match its SHA-256; it was damaged in transit")
+    return torch.load(io.BytesIO(model), weights_only=False, map_location="cpu")  # bytes this run wrote
 
 
 def load_network(spec: RewardSpec) -> nn.Module:
     """The spec's network, after its bytes are checked against their digest."""
-    if hashlib.sha256(spec.model).hexdigest() != spec.model_digest:
-        raise QLPError("the reward description's network does not match its SHA-256; it was damaged in transit")
-    return torch.load(io.BytesIO(spec.model), weights_only=False, map_location="cpu")  # bytes this run wrote
+    return from_bytes(spec.model, spec.model_digest)
 
 
 def build_scorer(spec: RewardSpec, device: str | None = None) -> Reward | ChannelReward:

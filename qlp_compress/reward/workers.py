@@ -67,7 +67,7 @@ def check_reachable(address: str) -> None:
                        "with `ray start --head`, or check --ray-address / RAY_ADDRESS") from None
 
 
-def _init(ray, address: str | None, cpus: int) -> None:
+def start_ray(ray, address: str | None, cpus: int) -> None:
     """Start Ray on this machine with `cpus` CPUs (address None), or join the cluster at `address`."""
     options = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False,
                "configure_logging": True}
@@ -81,7 +81,7 @@ def _init(ray, address: str | None, cpus: int) -> None:
         raise QLPError(f"cannot start Ray ({first}); check --ray-address / RAY_ADDRESS") from None
 
 
-def _errors_to_stderr(ray) -> None:
+def errors_to_stderr(ray) -> None:
     """Ray's driver echoes the cluster's messages on stdout, where the CLI's results go (--json): they go to stderr
     instead, and the raylet's (a worker's death, at length) are dropped, since the pool says that itself in one
     line."""
@@ -134,8 +134,8 @@ class RewardPool:
                              f"machine has {torch.cuda.device_count()}; give --workers {torch.cuda.device_count()}")
         self.owns_ray = not ray.is_initialized()  # a caller's own Ray session is used as it is, and left running
         if self.owns_ray:
-            _init(ray, address, settings.workers * settings.threads)
-        _errors_to_stderr(ray)
+            start_ray(ray, address, settings.workers * settings.threads)
+        errors_to_stderr(ray)
         self.actors = []
         try:
             self.actor_class = ray.remote(RewardWorker).options(num_cpus=settings.threads, num_gpus=self.gpus,

@@ -43,6 +43,7 @@ from qlp_compress.workflows.options import (
     search_settings,
     selection_settings,
 )
+from qlp_compress.workflows.scale import check_scale, search_title
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 
@@ -85,7 +86,9 @@ def _search(run: RunOptions, how: Choice) -> dict:
     ws = _workspace(run)
     if is_structured(how.structure):
         searching = how.method in SEARCHES and how.policy is None
-        with search_progress(f"{how.method} {how.structure} search", how.episodes if searching else 0) as on_episode:
+        title = search_title(f"{how.method} {how.structure} search", scale_settings(how),
+                             how.batch_episodes or max(1, how.workers))
+        with search_progress(title, how.episodes if searching else 0) as on_episode:
             report = channels.compress_channels(run.model, ws, channel_settings(how, run, int8), out, run.command,
                                                 resume=run.resume, on_episode=on_episode, policy_path=how.policy,
                                                 force=run.force)
@@ -108,7 +111,8 @@ def _search(run: RunOptions, how: Choice) -> dict:
 
 
 def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
-    """`compare`: every method at every target (sparsity or speedup), the same fine-tuning budget, one table."""
+    """`compare`: every method at every target (sparsity or speedup), the same fine-tuning budget, one table; in weight
+    mode the cells run on how.workers Ray workers when it is given."""
     return as_job(resolve_device(run.device), lambda: _compare(run, how, methods))
 
 
@@ -126,6 +130,10 @@ def _compare(run: RunOptions, how: Choice, methods: list[str]) -> dict:
             one = replace(how, method=method, targets=(),
                           **({"speedup": target} if structured else {"sparsity": target}))
             check_choice(one, searching=True)
+    check_scale(how.workers, how.worker_threads, None, how.ray_address)
+    if how.workers and structured:
+        raise UsageError("--workers runs compare's cells side by side, and channel and depth modes measure latency, "
+                         "which runs alone; leave --workers out with --structure channel or depth")
     suffix = "-" + how.structure.replace(",", "-") if structured else ""
     out = run.out or run.model.parent / f"{run.model.stem}.compare{suffix}"
     check_folder_out(out, inputs(run))
@@ -135,11 +143,12 @@ def _compare(run: RunOptions, how: Choice, methods: list[str]) -> dict:
         rows = channels.compare_channels(ws, methods, targets, channel_settings(how, run, None), out, run.command,
                                          force=run.force, resume=run.resume)
     else:
-        rows = compare_weights(ws, methods, targets, search_settings(how, run, targets[0]),
+        # --workers runs whole cells on workers, each cell's search in its worker one episode at a time (K = 1)
+        rows = compare_weights(ws, methods, targets, search_settings(replace(how, workers=0), run, targets[0]),
                                RewardSettings(images=how.reward_images, device=ws.device),
                                AllocationSettings(min_density=how.min_density), finetune_settings(run), out,
-                               run.command,
-                               force=run.force, resume=run.resume, selection=selection_settings(how))
+                               run.command, force=run.force, resume=run.resume, selection=selection_settings(how),
+                               scale=scale_settings(how))
     return {"out": str(out), "compare_json": str(out / "compare.json"), "compare_md": str(out / "compare.md"),
             "rows": rows}
 

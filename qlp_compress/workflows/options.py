@@ -87,10 +87,10 @@ class Choice:
     candidates: int = SelectionSettings.candidates  # weight, qlp: allocations fine-tuned to choose the answer
     select_epochs: float = SelectionSettings.epochs  # fine-tuning per candidate
     targets: tuple[float, ...] = field(default_factory=tuple)  # compare: several targets
-    workers: int = 0  # search: Ray reward workers (0: rewards scored in this process)
+    workers: int = 0  # search: Ray workers for rewards and the candidates; compare: for its cells (0: none)
     batch_episodes: int | None = None  # search: episodes per batch (None: the workers, or 1)
-    worker_threads: int = 1  # search: torch and onnxruntime threads per worker
-    ray_address: str | None = None  # search: a Ray cluster to join (None: $RAY_ADDRESS, else workers here)
+    worker_threads: int = 1  # search, compare: torch and onnxruntime threads per worker
+    ray_address: str | None = None  # search, compare: a Ray cluster to join (None: $RAY_ADDRESS, else workers here)
 
 
 def methods_for(structure: str) -> tuple[str, ...]:

@@ -81,4 +81,12 @@ def scale_record(scale: ScaleSettings, batch_episodes: int, result: SearchResult
         "dispatch_seconds_per_batch": round(pool.dispatch_seconds / max(1, pool.batches), 4) if pool else None}}
 
 
+def search_title(title: str, scale: ScaleSettings, batch_episodes: int) -> str:
+    """The search's progress title, naming the workers and K when the rewards are scored on workers."""
+    if not scale.workers:
+        return title if batch_episodes == 1 else f"{title} (K = {batch_episodes})"
+    where = f"at {scale.address}" if scale.address else "here"
+    return f"{title} on {scale.workers} Ray worker(s) {where}, K = {batch_episodes}"
+
+
 IN_PROCESS = {"workers": 0, "batch_episodes": 1, "where": "in this process"}  # the report's `scale` by default

@@ -36,10 +36,12 @@ from qlp_compress.base.resume import check_same, flatten
 from qlp_compress.pruning.allocate import AllocationSettings
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import RewardSettings
+from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.checkpoint import OPTIONS as SEARCH_OPTIONS
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.train.measure import accuracy
+from qlp_compress.workflows.parallel import PortableWorkspace, from_portable, run_units, to_portable
 from qlp_compress.workflows.workspace import Workspace, digest, prune_and_finetune
 
 SEARCH_ANSWER = "search"  # the name of the candidate the search itself returned (when no demonstration won)
@@ -150,51 +152,101 @@ def _scoring_images(ws: Workspace, reward_images: int) -> dict:
 
 
 def select(ws: Workspace, policy: Policy, found: list[Candidate], settings: SelectionSettings,
-           finetune: TrainSettings, reward_images: int, work: Path | None = None,
-           resume: bool = False) -> tuple[Candidate, dict]:
+           finetune: TrainSettings, reward_images: int, work: Path | None = None, resume: bool = False,
+           scale: ScaleSettings | None = None) -> tuple[Candidate, dict]:
     """Fine-tune every candidate and return the most accurate on the held-out reward images (the search's answer,
     the first, on a tie) with a record of the comparison. `work` keeps each finished candidate's result
     (selection.json) and the running one's checkpoint (selection.ckpt), so that --resume continues where it
-    stopped. Each candidate fine-tunes for --select-epochs, at most the run's own --finetune-epochs."""
+    stopped. Each candidate fine-tunes for --select-epochs, at most the run's own --finetune-epochs. With
+    `scale.workers`, each candidate runs on its own Ray worker (workflows.parallel; a finished one is kept in
+    selection.json as it finishes, a running one has no checkpoint)."""
     record_path = work / "selection.json" if work is not None else None
     done = _finished(record_path, dict(ws.record)) if resume and record_path is not None else []
     epochs = min(settings.epochs, finetune.epochs)
     tune = replace(finetune, epochs=epochs)
     scoring = _scoring_images(ws, reward_images)
-    rows = []
+    rows: dict[int, dict] = {}
+
+    def keep(i: int, row: dict) -> None:
+        rows[i] = row
+        if record_path is not None:
+            atomic_write_json(record_path, {"record": dict(ws.record), "candidates": [rows[k] for k in sorted(rows)]})
+
+    todo = []
     for i, c in enumerate(found):
         earlier = next((r for r in done if r["name"] == c.name and r["sparsities"] == c.sparsities), None)
-        if earlier is None:
-            checkpoint = work / "selection.ckpt" if work is not None else None  # the running candidate's
-            _, tuned, _ = prune_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint, resume,
-                                             what=f"choosing the answer: candidate {i + 1} of {len(found)} "
-                                                  f"({c.name}), fine-tune", epochs_option="--select-epochs")
-            score = accuracy(tuned, held_out_batches(ws, reward_images))
-            if checkpoint is not None:
-                checkpoint.unlink(missing_ok=True)
-            earlier = {"name": c.name, "reward": c.reward, "held_out_accuracy": score, "sparsities": c.sparsities}
-        rows.append(earlier)
-        if record_path is not None:
-            atomic_write_json(record_path, {"record": dict(ws.record), "candidates": rows})
-    best = max(range(len(found)), key=lambda i: (rows[i]["held_out_accuracy"], i == 0))
+        if earlier is not None:
+            keep(i, earlier)
+        else:
+            todo.append(i)
+    units = None
+    if scale is not None and scale.workers and todo:
+        job = CandidateJob(to_portable(ws, test=False), policy, replace(tune, nproc=1), reward_images)
+        units = run_units(scale, tune_candidate, job, [(found[i], _label(found, i)) for i in todo],
+                          "choosing the answer", [_label(found, i) for i in todo],
+                          lambda k, score: keep(todo[k], _row(found[todo[k]], score)),
+                          gpus=1 if tune.device == "cuda" else 0)
+    for i in todo if units is None else ():
+        checkpoint = work / "selection.ckpt" if work is not None else None  # the running candidate's
+        score = _tune(ws, policy, found[i], _label(found, i), tune, reward_images, checkpoint, resume)
+        if checkpoint is not None:
+            checkpoint.unlink(missing_ok=True)
+        keep(i, _row(found[i], score))
+    ordered = [rows[i] for i in range(len(found))]
+    best = max(range(len(found)), key=lambda i: (ordered[i]["held_out_accuracy"], i == 0))
     record = {"chosen": found[best].name, "epochs": epochs, **scoring,
-              "candidates": [{k: v for k, v in r.items() if k != "sparsities"} for r in rows]}
+              "candidates": [{k: v for k, v in r.items() if k != "sparsities"} for r in ordered]}
+    if units is not None:
+        record["scale"] = units.as_dict()
     if epochs < settings.epochs:
         record.update(select_epochs=settings.epochs, capped=f"--select-epochs {settings.epochs:g} is more than "
                                                             f"--finetune-epochs {finetune.epochs:g}: capped there")
     return found[best], record
 
 
+def _row(c: Candidate, score: float) -> dict:
+    return {"name": c.name, "reward": c.reward, "held_out_accuracy": score, "sparsities": c.sparsities}
+
+
+def _label(found: list[Candidate], i: int) -> str:
+    return f"candidate {i + 1} of {len(found)} ({found[i].name})"
+
+
+def _tune(ws: Workspace, policy: Policy, c: Candidate, label: str, tune: TrainSettings, reward_images: int,
+          checkpoint: Path | None = None, resume: bool = False) -> float:
+    """A candidate pruned, fine-tuned and measured on the held-out reward images (in this process or a worker)."""
+    _, tuned, _ = prune_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint, resume,
+                                     what=f"choosing the answer: {label}, fine-tune", epochs_option="--select-epochs")
+    return accuracy(tuned, held_out_batches(ws, reward_images))
+
+
+@dataclass(frozen=True)
+class CandidateJob:
+    """What every candidate's worker shares: the workspace, the policy, the fine-tuning and the measured images."""
+
+    ws: PortableWorkspace
+    policy: Policy
+    tune: TrainSettings
+    reward_images: int
+
+
+def tune_candidate(job: CandidateJob, unit: tuple[Candidate, str]) -> float:
+    """One candidate on a worker: the serial path's `_tune` on the workspace the job carries."""
+    c, label = unit
+    return _tune(from_portable(job.ws), job.policy, c, label, job.tune, job.reward_images)
+
+
 def choose_answer(ws: Workspace, policy: Policy, allocation: Callable[[str, float], list[float]],
                   settings: SelectionSettings, finetune: TrainSettings | None, reward_images: int,
-                  work: Path | None = None, resume: bool = False) -> Policy:
+                  work: Path | None = None, resume: bool = False, scale: ScaleSettings | None = None) -> Policy:
     """The search's policy with its answer chosen by `select` (unchanged without fine-tuning, or with one
-    candidate): the sparsities of the winner, and the comparison in policy.search["selection"]."""
+    candidate): the sparsities of the winner, and the comparison in policy.search["selection"]; the candidates run
+    on `scale.workers` Ray workers when it is given."""
     if finetune is None or finetune.epochs <= 0 or settings.candidates < 2:
         return policy
     found = candidates(policy, allocation, settings.candidates)
     if len(found) < 2:
         return policy
-    chosen, record = select(ws, policy, found, settings, finetune, reward_images, work, resume)
+    chosen, record = select(ws, policy, found, settings, finetune, reward_images, work, resume, scale)
     return replace(policy, sparsities=chosen.sparsities, best_reward=chosen.reward,
                    search={**policy.search, "selection": record})

@@ -30,7 +30,7 @@ from qlp_compress.train import ranks
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import advice
 from qlp_compress.workflows.quantize import quantize_beside
-from qlp_compress.workflows.scale import IN_PROCESS, scale_record, scoring
+from qlp_compress.workflows.scale import IN_PROCESS, scale_record, scoring, search_title
 from qlp_compress.workflows.selection import SelectionSettings, choose_answer, run_record
 from qlp_compress.workflows.workspace import (
     Workspace,
@@ -189,14 +189,15 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
         policy = find_policy(ws, settings.method, settings.target, allocation=settings.allocation)
     if policy is None:
         search = settings.search or SearchSettings(target=settings.target)
-        with search_progress(f"{settings.method} search", search.episodes) as on_episode:
+        title = search_title(f"{settings.method} search", settings.scale, search.batch_episodes)
+        with search_progress(title, search.episodes) as on_episode:
             policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
                                  checkpoint=work / "search.ckpt", resume=resume, on_episode=on_episode,
                                  scale=settings.scale)
         if settings.method == "qlp":
             reward_images = (settings.reward or RewardSettings()).images
             policy = choose_answer(ws, policy, allocator(ws, settings.allocation), settings.selection,
-                                   settings.finetune, reward_images, work, resume)
+                                   settings.finetune, reward_images, work, resume, settings.scale)
     policy.save(staged / "policy.json")
     pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume,
                                           measured=(settings.reward or RewardSettings()).images)
