@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import run_app
 
 from qlp_compress.base.errors import UsageError
 from qlp_compress.deploy import export
@@ -21,7 +22,6 @@ from qlp_compress.report.optimize import pareto_front
 from qlp_compress.train.finetune import augment
 from qlp_compress.train.zoo import CifarResNet, Normalize
 from qlp_compress.workflows import channels, optimize
-from tests.conftest import run_app
 
 FAST = ("--threads", "1", "--round-to", "8", "--device", "cpu")
 
