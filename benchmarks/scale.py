@@ -224,7 +224,8 @@ def main() -> None:
     end_load = load()
     cores = os.cpu_count()
     result = {"cpu": describe_cpu(cpu_capability()), "cores": cores, "load_start": started_load, "load_end": end_load,
-              "load_note": "" if max(started_load, end_load) < 0.5 else
+              "load_note": " (quiet at the start; the load at the end is the benchmark's own processes)"
+              if started_load < 0.5 else
               " (the machine was shared: other work ran beside these figures; rerun quietly for clean ones)",
               "settings": f"ResNet-20 on Fashion-MNIST, target 0.9, {args.episodes} episodes, 2 stages, "
                           f"{args.reward_images} reward images, BatchNorm re-estimated on 256",

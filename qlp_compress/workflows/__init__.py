@@ -9,14 +9,15 @@ benchmarks call them too.
 - channels: the structured modes (whole channels, residual blocks, or both, removed for a measured speedup);
 - optimize: the fastest (or smallest) model within an accuracy budget, with the Pareto front of its candidates;
 - options: the commands' options checked once and turned into the workflows' settings;
-- compare, evaluate, train, quantize: the commands of the same names.
+- compare (weight mode), channel_compare (the structured modes), evaluate, train, quantize: the commands of the
+  same names.
 
 May import: base, data, deploy, importer, pruning, report, reward, search, train."""
 
+from qlp_compress.workflows.channel_compare import compare_channels
 from qlp_compress.workflows.channels import (
     ChannelSettings,
     check_method,
-    compare_channels,
     compress_channels,
     find_widths,
     measure,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -36,7 +35,7 @@ from qlp_compress.pruning.widths import (
 )
 from qlp_compress.report.progress import phase
 from qlp_compress.report.provenance import jsonable, versions
-from qlp_compress.report.structured import compare_markdown, report_markdown
+from qlp_compress.report.structured import report_markdown
 from qlp_compress.reward.channels import ChannelReward, ChannelRewardSettings
 from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.channel_env import ChannelEnv
@@ -325,49 +324,3 @@ def policy_json(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, f
                        for label, g, w in zip(group_names(ws, ctx), ctx.space.groups, found["widths"], strict=False)],
             "blocks": block_list(ctx, found["widths"]), "predicted_speedup": found["predicted_speedup"],
             "search": {k: v for k, v in found.items() if k not in ("widths", "criterion")}}
-
-
-def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings, out: Path,
-                     command: str, force: bool = False, resume: bool = False) -> list[dict]:
-    """Every method at every speedup target: same table, same fine-tuning. compare.json and compare.md are
-    written as a set at the end; the rows so far are kept in OUT/.work/compare.json after every cell, and
-    `resume` continues from them."""
-    for m in methods:
-        check_method(m)
-    for s in speedups:
-        check_speedup(s)
-    with OutputRun(out, force, resume) as run:
-        rows = _compare_channels(ws, methods, speedups, settings, run, command)
-        run.commit()
-    return rows
-
-
-def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings,
-                      run: OutputRun, command: str) -> list[dict]:
-    from qlp_compress.workflows.compare import channel_record, measured_rows
-    ws = with_record(ws, channel_record(settings))  # what every row shares; a resume with others is refused
-    ctx = open_channels(ws, settings.latency, structure=settings.structure)
-    rows = measured_rows(run.work / "compare.json", ws.loaded.sha256, dict(ws.record))
-    for speedup in speedups:
-        for method in methods:
-            if any(r["method"] == method and r["target_speedup"] == speedup for r in rows):
-                continue  # measured before the interruption
-            cell = replace(settings, method=method, speedup=speedup)
-            found = find_widths(ws, ctx, cell)
-            pruned, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], cell.finetune, cell.distill)
-            tuned_bytes = export_bytes(tuned, ws)
-            result = measure(ws, ctx, tuned_bytes, tuned, cell)
-            rows.append({"method": method, "target_speedup": speedup, "widths": found["widths"],
-                         "dropped_blocks": ctx.space.dropped(found["widths"]),
-                         "predicted_speedup": found["predicted_speedup"],
-                         "pruned_accuracy": session_accuracy(open_session(export_bytes(pruned, ws)), ws.splits.test),
-                         "finetuned_accuracy": result["accuracy"] if cell.finetune else None,
-                         "measured_speedup": {b: v["speedup"] for b, v in result["speedup"].items()},
-                         "macs": result["macs"], "params": result["params"],
-                         "search_seconds": found["search_seconds"]})
-            atomic_write_json(run.work / "compare.json", {"command": command, "model_sha256": ws.loaded.sha256,
-                                                     "structure": settings.structure, "record": dict(ws.record),
-                                                     "groups": [g.name for g in ctx.space.groups], "rows": rows})
-    os.replace(run.work / "compare.json", run.staging / "compare.json")
-    atomic_write_text(run.staging / "compare.md", compare_markdown(rows, command))
-    return rows

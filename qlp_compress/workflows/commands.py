@@ -25,6 +25,7 @@ from qlp_compress.train.distributed import as_job, check_nproc
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
 from qlp_compress.workflows import channels, evaluate, optimize, quantize, train, weights
+from qlp_compress.workflows.channel_compare import compare_channels
 from qlp_compress.workflows.compare import compare as compare_weights
 from qlp_compress.workflows.optimize import OptimizeSettings
 from qlp_compress.workflows.options import (
@@ -140,7 +141,7 @@ def _compare(run: RunOptions, how: Choice, methods: list[str]) -> dict:
     check_out_dir(out, run.force, run.resume, writes=("compare.json", "compare.md"))
     ws = _workspace(run)
     if structured:
-        rows = channels.compare_channels(ws, methods, targets, channel_settings(how, run, None), out, run.command,
+        rows = compare_channels(ws, methods, targets, channel_settings(how, run, None), out, run.command,
                                          force=run.force, resume=run.resume)
     else:
         # --workers runs whole cells on workers, each cell's search in its worker one episode at a time (K = 1)

@@ -182,19 +182,6 @@ def _interrupted(checkpoint: Path, model_sha256: str, record: dict) -> dict:
     return document
 
 
-def channel_record(settings) -> dict[str, object]:
-    """What a channel-mode comparison's rows depend on (base.resume), by option: `settings` is a
-    workflows.channels.ChannelSettings."""
-    record = run_record(settings.search, None, None, settings.finetune, SelectionSettings())
-    for weight_only in ("--candidates", "--select-epochs", "--min-density"):
-        record.pop(weight_only)
-    latency, reward = settings.latency, settings.reward
-    if settings.structure != "channel":  # (records written before depth have no structure: channel)
-        record["--structure"] = settings.structure
-    return {**record, "--distill": settings.distill, "--latency-batch": latency.batch, "--threads": latency.threads,
-            "--round-to": latency.round_to, "--reward-images": reward.images, "--bn-recalibrate": reward.bn_recalibrate}
-
-
 def measured_rows(checkpoint: Path, model_sha256: str, record: dict | None = None) -> list[dict]:
     """The rows an interrupted comparison measured; one with other settings (`record`), or of another model, is
     refused (base.resume)."""
