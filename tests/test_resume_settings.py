@@ -244,9 +244,9 @@ def test_train_resumed_with_other_epochs_or_data_is_refused_by_name(work, qlp, m
 
 @pytest.mark.slow
 def test_channel_compare_resumed_with_other_settings_is_refused(work, qlp, monkeypatch):
-    from qlp_compress.workflows import channels
+    from qlp_compress.workflows import channel_compare
 
-    real = channels.find_widths
+    real = channel_compare.find_widths
 
     def stop_at_l1(ws, ctx, cell, *args, **kwargs):
         if cell.method == "l1":
@@ -254,10 +254,10 @@ def test_channel_compare_resumed_with_other_settings_is_refused(work, qlp, monke
         return real(ws, ctx, cell, *args, **kwargs)
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(work / "cache"))
-    monkeypatch.setattr(channels, "find_widths", stop_at_l1)
+    monkeypatch.setattr(channel_compare, "find_widths", stop_at_l1)
     args = ("compare", "lenet.onnx", "--structure", "channel", "--method", "uniform,l1", "--speedup", "1.1", *COMMON,
             "--latency-batch", "8", "--round-to", "4", "--out", "c")
     assert qlp(*args, "--finetune-epochs", "0.01", cwd=work).code == 130
-    monkeypatch.setattr(channels, "find_widths", real)
+    monkeypatch.setattr(channel_compare, "find_widths", real)
     refused(qlp(*args, "--finetune-epochs", "0", "--resume", cwd=work), "--finetune-epochs 0.01", "says 0;")
     refused(qlp(*args, "--finetune-epochs", "0.01", "--no-distill", "--resume", cwd=work), "--distill on", "says off")

@@ -25,9 +25,8 @@ from qlp_compress.workflows.selection import SelectionSettings, run_record
 from qlp_compress.workflows.workspace import Workspace, export_bytes, with_record
 
 
-def channel_record(settings) -> dict[str, object]:
-    """What a channel-mode comparison's rows depend on (base.resume), by option: `settings` is a
-    workflows.channels.ChannelSettings."""
+def channel_record(settings: ChannelSettings) -> dict[str, object]:
+    """What a structured comparison's rows depend on (base.resume), by option."""
     record = run_record(settings.search, None, None, settings.finetune, SelectionSettings())
     for weight_only in ("--candidates", "--select-epochs", "--min-density"):
         record.pop(weight_only)
@@ -36,7 +35,6 @@ def channel_record(settings) -> dict[str, object]:
         record["--structure"] = settings.structure
     return {**record, "--distill": settings.distill, "--latency-batch": latency.batch, "--threads": latency.threads,
             "--round-to": latency.round_to, "--reward-images": reward.images, "--bn-recalibrate": reward.bn_recalibrate}
-
 
 
 def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], settings: ChannelSettings, out: Path,

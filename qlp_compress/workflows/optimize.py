@@ -255,9 +255,11 @@ def _finish(model_path: Path, ws: Workspace, settings: OptimizeSettings, run: Ou
         "latency_table": ctx.table.summary() if ctx is not None else None,
         "settings": jsonable(settings), "versions": versions(), "command": command, "wall_seconds": seconds,
     }
-    if chosen["name"] == "dense":
+    if chosen["name"] == "dense" and len(rows) > 1:
         report["note"] = (f"no compressed form stayed within {settings.max_loss:g} points on the held-out images: the "
                           "answer is the dense model; raise --max-loss or --finetune-epochs")
+    elif chosen["name"] == "dense":
+        report["note"] = f"no candidate was made ({stopped}): the answer is the dense model"
     plot_pareto(rows, settings.max_loss, chosen["name"], settings.objective, settings.batch, staged / "pareto.png")
     atomic_write_json(staged / "optimize.json", report)
     atomic_write_text(staged / "report.md", optimize_markdown(report))
