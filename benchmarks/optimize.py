@@ -54,6 +54,7 @@ from qlp_compress.workflows import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = ROOT / "benchmarks/cells/optimize"
+RUNS = ROOT / "out/optimize-benchmark"  # the optimize runs' folders (candidates' models): not committed
 TABLE_CHECK = (0.85, 1.15)  # measured ÷ predicted speedup of a network the table did not calibrate on
 BASELINES = ("l1", "depth", "random")
 
@@ -122,8 +123,9 @@ def run_optimize(ws, args, latency: LatencySettings, seed: int, cells: Path) -> 
         settings = OptimizeSettings(max_loss=max(args.budgets), batch=args.batch, channel=channel,
                                     int8=QuantizeSettings())
         started = time.perf_counter()
-        report = best_within_budget(args.model, ws, settings, cells / f"run_seed{seed}", "benchmarks/optimize.py",
-                                    resume=(cells / f"run_seed{seed}" / ".work").exists(), force=True)
+        folder = RUNS / cells.name / f"run_seed{seed}"
+        report = best_within_budget(args.model, ws, settings, folder, "benchmarks/optimize.py",
+                                    resume=(folder / ".work").exists(), force=True)
         atomic_write_json(path, {**report, "seconds": round(time.perf_counter() - started, 1)})
     report = json.loads(path.read_text())
     for budget in args.budgets:
@@ -132,7 +134,7 @@ def run_optimize(ws, args, latency: LatencySettings, seed: int, cells: Path) -> 
             continue
         within = [r for r in report["candidates"] if r["loss"] <= budget]
         answer = max(within, key=lambda r: r["speedup"][str(args.batch)])
-        folder = cells / f"run_seed{seed}"
+        folder = RUNS / cells.name / f"run_seed{seed}"
         model = (folder / answer["file"]).read_bytes() if answer["file"] else None
         accuracy = session_accuracy(open_session(model), ws.splits.test) if model else report["test_accuracy"]["dense"]
         cell = {"budget": budget, "seed": seed, "answer": answer, "test_accuracy": accuracy,
