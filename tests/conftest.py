@@ -74,6 +74,20 @@ def make_tiny_task(root: Path, n: int, n_train: int, steps: int, faint: bool = F
     return model
 
 
+def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BatchNorm statistics and affine terms: freshly built models have near-zero logits and identity
+    BatchNorms, in which a wrong graph edit could hide."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_task(tmp_path_factory) -> Path:
     """One folder with the tiny task's lenet.onnx and data.npz (1,000 training and 200 test images, 60 steps), shared

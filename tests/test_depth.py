@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 import torchvision
+from conftest import trained_looking
 from torchvision.models.mobilenetv2 import InvertedResidual
 from torchvision.models.resnet import BasicBlock
 
@@ -32,21 +33,7 @@ def _models():
     yield "torchvision mobilenet_v2", torchvision.models.mobilenet_v2(num_classes=10), (3, 64, 64)
 
 
-def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
-    """Random BatchNorm statistics and affine terms: freshly built models have near-zero logits and identity
-    BatchNorms, in which a wrong graph edit could hide."""
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
-MODELS = {name: (_trained_looking(model), shape) for name, model, shape in _models()}
+MODELS = {name: (trained_looking(model), shape) for name, model, shape in _models()}
 
 
 def _with_zero_branches(model: torch.nn.Module, example: torch.Tensor, blocks) -> torch.nn.Module:

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import trained_looking
 
 from qlp_compress.pruning.channel_groups import ChannelSpace
 from qlp_compress.pruning.depth import stages, trace
@@ -23,22 +24,10 @@ from qlp_compress.train.zoo import build_model
 X = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
 
-def _trained_looking(model: torch.nn.Module) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def space() -> ChannelSpace:
     torch.manual_seed(0)
-    return ChannelSpace(_trained_looking(build_model("resnet20", 1, 4, (0.5,), (0.25,))), X, depth=True)
+    return ChannelSpace(trained_looking(build_model("resnet20", 1, 4, (0.5,), (0.25,))), X, depth=True)
 
 
 def _known_table(space: ChannelSpace, round_to: int = 8) -> LatencyTable:

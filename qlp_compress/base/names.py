@@ -30,6 +30,12 @@ def structure_name(text: str) -> str:
     return next((s for s in STRUCTURES if set(s.split(",")) == parts), text)
 
 
+def structure_parts(structure: str) -> tuple[bool, bool]:
+    """(whether the structure narrows channel groups, whether it drops residual blocks)."""
+    parts = structure.split(",")
+    return "channel" in parts, "depth" in parts
+
+
 def is_structured(structure: str) -> bool:
     """Whether the structure removes whole channels or blocks (a smaller, faster network), not single weights."""
     return structure != "weight"

@@ -254,7 +254,7 @@ class ChannelSpace:
             graph.get_pruning_group(module, _out_fn(module), list(order[: group.size - width])).prune()
         freeze_channel_maps(model)
         if dropped:
-            model = drop_blocks(model.eval(), self.example, dropped)
+            model = drop_blocks(model.eval(), self.example, dropped, found=self.blocks)
         with torch.no_grad():
             shape = tuple(model.eval()(self.example).shape)
         if shape != self.output_shape:

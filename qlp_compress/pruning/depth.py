@@ -161,10 +161,13 @@ def find_blocks(model: nn.Module, example: torch.Tensor) -> list[ResidualBlock]:
     return [b for b in blocks if b.add not in inner]
 
 
-def drop_blocks(model: nn.Module, example: torch.Tensor, names: list[str] | tuple[str, ...]) -> fx.GraphModule:
+def drop_blocks(model: nn.Module, example: torch.Tensor, names: list[str] | tuple[str, ...],
+                found: list[ResidualBlock] | None = None) -> fx.GraphModule:
     """A copy of the model without the named blocks: each block's sum is replaced by its shortcut's output and its
-    branch is deleted, parameters and all. Raises QLPError for a name that is not a removable block."""
-    blocks = {b.name: b for b in find_blocks(model, example)}
+    branch is deleted, parameters and all. Raises QLPError for a name that is not a removable block. `found`: the
+    model's blocks when already known (ChannelSpace's, found once on the model its pruned copies share the graph
+    of), which saves finding them again on every reward."""
+    blocks = {b.name: b for b in (found if found is not None else find_blocks(model, example))}
     unknown = [n for n in names if n not in blocks]
     if unknown:
         raise QLPError(f"not removable residual blocks: {', '.join(unknown)}; the model's are: "

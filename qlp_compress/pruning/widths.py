@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.names import structure_parts
 from qlp_compress.pruning.channel_groups import ChannelSpace
 from qlp_compress.pruning.depth import stages as block_stages
 
@@ -23,8 +24,8 @@ SEARCHES = ("qlp", "random")
 
 def baselines_for(structure: str) -> tuple[str, ...]:
     """The closed-form allocations of a structured --structure: width baselines, depth, or both."""
-    parts = structure.split(",")
-    return (*(WIDTH_BASELINES if "channel" in parts else ()), *(("depth",) if "depth" in parts else ()))
+    narrows, drops = structure_parts(structure)
+    return (*(WIDTH_BASELINES if narrows else ()), *(("depth",) if drops else ()))
 
 
 def speedup_to_target(speedup: float) -> float:
@@ -36,10 +37,6 @@ def check_speedup(speedup: float) -> None:
     if not speedup > 1.0 or speedup != speedup or speedup == float("inf"):
         raise UsageError(f"--speedup must be a number above 1, got {speedup}; e.g. --speedup 2 asks for half the "
                          "dense latency")
-
-
-def widths_from(space_sizes: Sequence[int], sparsities: Sequence[float]) -> list[int]:
-    return [max(1, round(n * (1.0 - s))) for n, s in zip(space_sizes, sparsities, strict=True)]
 
 
 def _by_fraction(table: LatencyTable, target: float, keep: list[int]) -> list[int]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from qlp_compress.report.plots import _pyplot, _save_figure
 
 
-def _value(row: dict, objective: str, batch: int) -> float:
+def objective_value(row: dict, objective: str, batch: int) -> float:
     """Higher is better: the speedup at `batch`, or minus the bytes."""
     return -float(row["bytes"]) if objective == "size" else float(row["speedup"].get(str(batch), 0.0))
 
@@ -16,7 +16,7 @@ def _value(row: dict, objective: str, batch: int) -> float:
 def pareto_front(rows: list[dict], objective: str, batch: int) -> list[dict]:
     """The rows no other row beats on both counts (lower held-out loss, and faster or smaller), by loss."""
     def beats(o: dict, r: dict) -> bool:
-        better, worse = _value(o, objective, batch), _value(r, objective, batch)
+        better, worse = objective_value(o, objective, batch), objective_value(r, objective, batch)
         return o["loss"] <= r["loss"] and better >= worse and (o["loss"] < r["loss"] or better > worse)
 
     front = [r for r in rows if not any(o is not r and beats(o, r) for o in rows)]

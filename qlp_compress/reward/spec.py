@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from qlp_compress.base.errors import QLPError
-from qlp_compress.base.names import STRUCTURES
+from qlp_compress.base.names import STRUCTURES, structure_parts
 from qlp_compress.data import materialize
 from qlp_compress.data.images import TensorImages
 from qlp_compress.deploy import engine
@@ -117,8 +117,8 @@ def build_scorer(spec: RewardSpec, device: str | None = None) -> Reward | Channe
     from qlp_compress.pruning.channel_groups import ChannelSpace
 
     x, _ = materialize(split, limit=2)
-    parts = spec.structure.split(",")
-    return ChannelReward(ChannelSpace(module, x, depth="depth" in parts, width="channel" in parts), split, settings)
+    narrows, drops = structure_parts(spec.structure)
+    return ChannelReward(ChannelSpace(module, x, depth=drops, width=narrows), split, settings)
 
 
 def score_all(spec: RewardSpec, allocations: list[np.ndarray], threads: int = 1) -> list[float]:

@@ -17,6 +17,7 @@ from qlp_compress import data as datasets
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.machine import cpu_capability
+from qlp_compress.base.names import structure_parts
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.deploy import export
 from qlp_compress.deploy.engine import open_session, session_accuracy
@@ -101,13 +102,13 @@ def open_channels(ws: Workspace, settings: LatencySettings, cache: Path | None =
     started = time.perf_counter()
     check_latency_settings(settings)
     x, _ = datasets.materialize(ws.splits.reward, limit=2)
-    parts = structure.split(",")
-    with phase("find channel groups and residual blocks" if "depth" in parts else "find channel groups"):
-        space = ChannelSpace(ws.loaded.module, x, depth="depth" in parts, width="channel" in parts)
-    if "depth" in parts and not space.blocks and not (blocks_optional and space.groups):
+    narrows, drops = structure_parts(structure)
+    with phase("find channel groups and residual blocks" if drops else "find channel groups"):
+        space = ChannelSpace(ws.loaded.module, x, depth=drops, width=narrows)
+    if drops and not space.blocks and not (blocks_optional and space.groups):
         raise QLPError("this model has no residual block that can be removed whole (a sum whose other side is an "
                        "identity or a parameter-free channel map); use --structure channel")
-    if "channel" in parts and not space.groups:
+    if narrows and not space.groups:
         reasons = "; ".join(f"{n}: {r}" for n, r in space.unsafe) or "no Conv/Linear output channels outside the " \
                                                                        "classifier"
         raise QLPError(f"no channel group of this model can be pruned safely ({reasons}); use --structure weight")

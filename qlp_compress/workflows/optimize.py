@@ -29,10 +29,11 @@ from qlp_compress.base.errors import Interrupted, QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.machine import cpu_capability, describe_cpu
 from qlp_compress.base.messages import console
+from qlp_compress.base.names import structure_parts
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.deploy.engine import open_session, session_accuracy
 from qlp_compress.deploy.quantize import QuantizeSettings
-from qlp_compress.report.optimize import optimize_markdown, pareto_front, plot_pareto
+from qlp_compress.report.optimize import objective_value, optimize_markdown, pareto_front, plot_pareto
 from qlp_compress.report.progress import is_quiet, phase
 from qlp_compress.report.provenance import jsonable, versions
 from qlp_compress.workflows import weights
@@ -129,7 +130,7 @@ def _optimize(model_path: Path, ws: Workspace, judge: Workspace, settings: Optim
     if settings.objective == "speed":
         latency = replace(settings.channel.latency, batch=settings.batch)
         ctx = open_channels(ws, latency, structure=settings.structure, blocks_optional=True)
-        if not ctx.space.blocks and "depth" in settings.structure:
+        if not ctx.space.blocks and structure_parts(settings.structure)[1]:
             console.print("note: this model has no residual block that can be removed whole; optimize narrows "
                           "channels only", highlight=False, soft_wrap=True)
             settings = replace(settings, structure="channel")
@@ -163,7 +164,7 @@ def _optimize(model_path: Path, ws: Workspace, judge: Workspace, settings: Optim
         rows.extend(forms)
         save_progress()
         if not is_quiet():
-            console.print("; ".join(f"{f['name']}: loss {f['loss']:+.2f} points, " + _value(f, settings)
+            console.print("; ".join(f"{f['name']}: loss {f['loss']:+.2f} points, " + _shown(f, settings)
                                     for f in forms), highlight=False, soft_wrap=True)
         if min(f["loss"] for f in forms) > settings.max_loss:
             stopped = f"no form of {name} stayed within {settings.max_loss:g} points"
@@ -214,7 +215,7 @@ def _forms(name: str, target: float, report: dict, settings: OptimizeSettings, d
     return forms
 
 
-def _value(form: dict, settings: OptimizeSettings) -> str:
+def _shown(form: dict, settings: OptimizeSettings) -> str:
     if settings.objective == "size":
         return f"{form['bytes'] / 1e6:.3f} MB"
     return f"{form['speedup'].get(str(settings.batch), float('nan')):.2f}× at batch {settings.batch}"
@@ -224,9 +225,7 @@ def choose(rows: list[dict], settings: OptimizeSettings) -> dict:
     """The answer: among the forms within the budget (the dense model always is), the fastest at the batch (or the
     smallest file); on a tie the dense model, then the lower loss."""
     def key(form: dict) -> tuple:
-        value = -float(form["bytes"]) if settings.objective == "size" else float(
-            form["speedup"].get(str(settings.batch), 0.0))
-        return value, form["name"] == "dense", -form["loss"]
+        return objective_value(form, settings.objective, settings.batch), form["name"] == "dense", -form["loss"]
 
     return max((r for r in rows if r["loss"] <= settings.max_loss), key=key)
 
