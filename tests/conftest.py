@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 import signal
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -159,6 +161,42 @@ def qlp(monkeypatch, capfd):
         return Run(code, out, err)
 
     return run
+
+
+def onnx_macs(model: bytes) -> int:
+    """Multiply-accumulates of one image through an ONNX model's Conv and Gemm/MatMul layers (shapes inferred)."""
+    graph = onnx.shape_inference.infer_shapes(onnx.load_from_string(model)).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info, *graph.output]}
+    weights = {w.name: list(w.dims) for w in graph.initializer}
+    total = 0
+    for node in graph.node:
+        if node.op_type == "Conv":
+            total += math.prod(shapes[node.output[0]][1:]) * math.prod(weights[node.input[1]][1:])
+        elif node.op_type in ("Gemm", "MatMul") and node.input[1] in weights:
+            total += math.prod(weights[node.input[1]])
+    return total
+
+
+@pytest.fixture
+def mac_timing(monkeypatch, tmp_path):
+    """Latency tables built from a model's multiply-accumulates instead of the clock (1 ms per 10⁶ MACs an image,
+    plus 0.01 ms a run), in a cache of their own: for tests of what a channel search does with a table, which must
+    not hang on how loaded the machine running the suite is. What the run measures after pruning stays timed."""
+    from qlp_compress.pruning import latency, layer_timing
+
+    def fake_time(model: bytes, input_shape, threads: int, repeats: int, warmup: int = 2) -> float:
+        return 0.01 + 1e-6 * input_shape[0] * onnx_macs(model)
+
+    def fake_speedup(reference: bytes, candidate: bytes, input_shape, batch: int, threads: int, **_) -> dict:
+        dense, pruned = (fake_time(m, (batch, *input_shape), threads, 1) for m in (reference, candidate))
+        return {"batch": batch, "threads": threads, "dense_ms": dense, "pruned_ms": pruned, "pruned_min_ms": pruned,
+                "speedup": dense / pruned, "runs": 1}
+
+    monkeypatch.setattr(latency, "time_model", fake_time)
+    monkeypatch.setattr(layer_timing, "time_model", fake_time)
+    monkeypatch.setattr(latency, "measure_speedup", fake_speedup)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "mac-timed-cache"))
 
 
 def run_app(*args, cwd: Path | None = None, code: int | None = 0):

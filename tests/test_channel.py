@@ -278,7 +278,7 @@ def tiny(tiny_task) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_channel_search_cli_end_to_end(tiny, tmp_path, qlp, monkeypatch):
+def test_channel_search_cli_end_to_end(tiny, tmp_path, qlp, monkeypatch, mac_timing):
     model, data = tiny
     out = tmp_path / "run"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -230,7 +230,8 @@ def tiny_data(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(UNLIKE_RESNET))
-def test_channel_mode_end_to_end_on_a_model_unlike_resnet20(arch, tiny_data, tmp_path, monkeypatch):
+def test_channel_mode_end_to_end_on_a_model_unlike_resnet20(arch, tiny_data, tmp_path, monkeypatch,
+                                                             mac_timing):
     model = export_as_users_do(train_zoo_model(arch, tiny_data), arch, tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "run"

@@ -53,7 +53,7 @@ def _convs(path: Path) -> int:
 
 
 @pytest.mark.slow
-def test_depth_policy_applies_again(resnet8, tmp_path, monkeypatch):
+def test_depth_policy_applies_again(resnet8, tmp_path, monkeypatch, mac_timing):
     model, data = resnet8
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "depth"

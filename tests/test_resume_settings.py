@@ -243,7 +243,7 @@ def test_train_resumed_with_other_epochs_or_data_is_refused_by_name(work, qlp, m
 
 
 @pytest.mark.slow
-def test_channel_compare_resumed_with_other_settings_is_refused(work, qlp, monkeypatch):
+def test_channel_compare_resumed_with_other_settings_is_refused(work, qlp, monkeypatch, mac_timing):
     from qlp_compress.workflows import channel_compare
 
     real = channel_compare.find_widths
