@@ -35,10 +35,10 @@ from qlp_compress.workflows import (
     ModelSettings,
     export_bytes,
     find_widths,
-    measure,
+    measure_against_dense,
     open_channels,
     open_workspace,
-    prune_finetune,
+    prune_channels_and_finetune,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +101,10 @@ def main() -> None:
                     if (cells / name).exists():
                         continue
                     t0 = time.perf_counter()
-                    pruned, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], finetune, distill)
-                    result = measure(ws, ctx, export_bytes(tuned, ws), tuned, replace(settings, distill=distill))
+                    pruned, tuned = prune_channels_and_finetune(ws, ctx, found["widths"], found["criterion"], finetune,
+                                                                distill)
+                    result = measure_against_dense(ws, ctx, export_bytes(tuned, ws), tuned,
+                                                   replace(settings, distill=distill))
                     check = min_ratio(ctx.dense_onnx, export_bytes(tuned, ws), ws.input_shape, latency)
                     cell = {"method": method, "distill": distill, "target_speedup": speedup, "seed": seed,
                             "widths": found["widths"], "predicted_speedup": found["predicted_speedup"],

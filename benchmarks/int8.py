@@ -41,7 +41,7 @@ from qlp_compress.workflows import (
     export_bytes,
     find_policy,
     open_workspace,
-    prune_and_finetune,
+    prune_weights_and_finetune,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def float_models(ws, sparsities: list[float], epochs: float, work: Path, fresh: 
             continue
         policy = find_policy(ws, "lamp", s)
         settings = TrainSettings(epochs=epochs, lr=0.01, warmup_epochs=0.0, seed=0, device="cpu")
-        _, tuned, _ = prune_and_finetune(ws, policy, settings if epochs > 0 else None)
+        _, tuned = prune_weights_and_finetune(ws, policy, settings if epochs > 0 else None)
         atomic_write_bytes(path, export_bytes(tuned, ws))
     return models
 

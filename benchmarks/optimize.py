@@ -46,10 +46,10 @@ from qlp_compress.workflows import (
     best_within_budget,
     export_bytes,
     find_widths,
-    measure,
+    measure_against_dense,
     open_channels,
     open_workspace,
-    prune_finetune,
+    prune_channels_and_finetune,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,8 +161,8 @@ def baselines(ws, args, latency: LatencySettings, seed: int, answer: dict) -> di
         except QLPError as e:
             out[method] = {"error": str(e)}
             continue
-        _, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], finetune, True)
-        result = measure(ws, ctx, export_bytes(tuned, ws), tuned, settings)
+        _, tuned = prune_channels_and_finetune(ws, ctx, found["widths"], found["criterion"], finetune, True)
+        result = measure_against_dense(ws, ctx, export_bytes(tuned, ws), tuned, settings)
         out[method] = {"test_accuracy": result["accuracy"], "target_speedup": target,
                        "measured_speedup": {b: v["speedup"] for b, v in result["speedup"].items()},
                        "blocks_dropped": ctx.space.dropped(found["widths"])}

@@ -44,7 +44,7 @@ from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import Reward, RewardSettings
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.train.measure import accuracy
-from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_and_finetune
+from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_weights_and_finetune
 
 ROOT = Path(__file__).resolve().parents[1]
 BLENDS = {"lamp": 0.0, "blend 0.25": 0.25, "blend 0.5": 0.5, "blend 0.75": 0.75, "erk": 1.0}  # weight of ERK
@@ -134,7 +134,7 @@ def main() -> None:
                         sparsities=[float(s) for s in sparsities], model_sha256=ws.loaded.sha256)
         tuned_accuracy = []
         for seed in args.seeds:
-            _, tuned, _ = prune_and_finetune(ws, policy, TrainSettings(
+            _, tuned = prune_weights_and_finetune(ws, policy, TrainSettings(
                 epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0, seed=seed, device=ws.device))
             batches = ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(y), 500))
             tuned_accuracy.append(accuracy(tuned, batches))

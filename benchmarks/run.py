@@ -45,7 +45,7 @@ from qlp_compress.workflows import (
     find_policy,
     measure_onnx,
     open_workspace,
-    prune_and_finetune,
+    prune_weights_and_finetune,
 )
 from qlp_compress.workflows.selection import SelectionSettings, candidates, select
 from qlp_compress.workflows.weights import allocator
@@ -234,7 +234,7 @@ def slug(name: str) -> str:
 def deploy(ws, qlp_doc: dict, stage_targets: tuple[float, ...], target: float, finetune: TrainSettings) -> dict:
     """Latency and sizes of the fine-tuned QLP model at one sparsity."""
     policy = stage_policy(qlp_doc, stage_targets.index(target) + 1)
-    _, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    _, tuned = prune_weights_and_finetune(ws, policy, finetune)
     data = export_bytes(tuned, ws)
     m = measure_onnx(data, ws, repeats=30)
     sparse = to_sparse_storage(data)
@@ -252,7 +252,7 @@ def ablate(ws, grid: Grid, name: str, reward: RewardSettings, finetune: TrainSet
         policy = find_policy(ws, "qlp", s.target, s, replace(reward, **reward_change))
     except QLPError as e:  # no episode met the target: that is the variant's result
         return {"name": name, "error": str(e)}
-    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    pruned, tuned = prune_weights_and_finetune(ws, policy, finetune)
     return {"name": name, "best_reward": policy.best_reward,
             "best_from": policy.stages[-1].get("demonstration") or "agent",
             "seconds_per_episode": policy.search["seconds_per_episode"],
@@ -281,7 +281,7 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
     else:
         policy = find_policy(ws, method, target, allocation=AllocationSettings())
     search_seconds = time.perf_counter() - t0
-    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    pruned, tuned = prune_weights_and_finetune(ws, policy, finetune)
     best_from = stage_winner(qlp_doc, target) if searched else None
     return {"method": method, "target": target, "seed": seed, "achieved": policy.achieved, "best_from": best_from,
             "sparsities": policy.sparsities, "best_reward": policy.best_reward,
@@ -311,7 +311,7 @@ def chosen_cell(ws, name: str, target: float, seed: int, stage: int, docs: dict[
     if settings.epochs == finetune.epochs and twin is not None and twin["sparsities"] == winner.sparsities:
         return {**twin, **mine, "same_allocation_as": same}
     policy = replace(stage_policy(doc, stage), sparsities=winner.sparsities, best_reward=winner.reward)
-    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    pruned, tuned = prune_weights_and_finetune(ws, policy, finetune)
     return {**mine, "target": target, "seed": seed, "achieved": policy.achieved, "sparsities": policy.sparsities,
             "search_seconds": None,
             "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],

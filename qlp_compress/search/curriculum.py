@@ -48,7 +48,6 @@ from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv, Reward
 
 ScoreBatch = Callable[[list[np.ndarray]], list[tuple[float, float]]]  # allocations → [(score, seconds)], in order
 
-METHODS = SEARCH_METHODS
 
 
 class SearchInterrupted(Interrupted):
@@ -170,8 +169,8 @@ def run_search(
     Episodes are played in batches of `settings.batch_episodes`, all with the networks as they were at the batch's
     start; their allocations are then scored, and the agents learn from the episodes in episode order. The result
     depends on the batch size, never on who scored the allocations or in which order they finished."""
-    if settings.method not in METHODS:
-        raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
+    if settings.method not in SEARCH_METHODS:
+        raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(SEARCH_METHODS)}")
     validate.sparsity(settings.target)
     validate.whole("--batch-episodes", settings.batch_episodes, 1, "4")
     if settings.method == "random":

@@ -20,9 +20,9 @@ from qlp_compress.workflows.channels import (
     check_method,
     compress_channels,
     find_widths,
-    measure,
+    measure_against_dense,
     open_channels,
-    prune_finetune,
+    prune_channels_and_finetune,
 )
 from qlp_compress.workflows.compare import compare
 from qlp_compress.workflows.evaluate import evaluate_model
@@ -37,7 +37,7 @@ from qlp_compress.workflows.weights import (
     export_model,
     find_policy,
     finetune_pruned,
-    prune_and_finetune,
+    prune_weights_and_finetune,
 )
 from qlp_compress.workflows.workspace import (
     DataSettings,
@@ -49,6 +49,7 @@ from qlp_compress.workflows.workspace import (
     load_onnx_file,
     measure_onnx,
     open_workspace,
+    policy_masks,
 )
 
 __all__ = [
@@ -76,12 +77,13 @@ __all__ = [
     "finetune_pruned",
     "held_out",
     "load_onnx_file",
-    "measure",
+    "measure_against_dense",
     "measure_onnx",
     "open_channels",
     "open_workspace",
-    "prune_and_finetune",
-    "prune_finetune",
+    "policy_masks",
+    "prune_channels_and_finetune",
+    "prune_weights_and_finetune",
     "quantize_beside",
     "quantize_file",
     "train_model",

@@ -16,9 +16,9 @@ from qlp_compress.workflows.channels import (
     ChannelSettings,
     check_method,
     find_widths,
-    measure,
+    measure_against_dense,
     open_channels,
-    prune_finetune,
+    prune_channels_and_finetune,
 )
 from qlp_compress.workflows.compare import measured_rows
 from qlp_compress.workflows.selection import SelectionSettings, run_record
@@ -63,9 +63,10 @@ def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], 
                 continue  # measured before the interruption
             cell = replace(settings, method=method, speedup=speedup)
             found = find_widths(ws, ctx, cell)
-            pruned, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], cell.finetune, cell.distill)
+            pruned, tuned = prune_channels_and_finetune(ws, ctx, found["widths"], found["criterion"], cell.finetune,
+                                                        cell.distill)
             tuned_bytes = export_bytes(tuned, ws)
-            result = measure(ws, ctx, tuned_bytes, tuned, cell)
+            result = measure_against_dense(ws, ctx, tuned_bytes, tuned, cell)
             rows.append({"method": method, "target_speedup": speedup, "widths": found["widths"],
                          "dropped_blocks": ctx.space.dropped(found["widths"]),
                          "predicted_speedup": found["predicted_speedup"],

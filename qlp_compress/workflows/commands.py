@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qlp_compress.base import validate
 from qlp_compress.base.errors import UsageError
+from qlp_compress.base.names import SEARCH_METHODS as SEARCHES
 from qlp_compress.base.names import is_structured, structure_name
 from qlp_compress.base.outputs import check_out_dir
 from qlp_compress.base.ownership import check_file_out, check_folder_out, file_checkpoint
@@ -19,7 +20,6 @@ from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import check_policy, read_policy
 from qlp_compress.report.progress import search_progress
 from qlp_compress.reward.weights import RewardSettings
-from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.train import ranks
 from qlp_compress.train.distributed import as_job, check_nproc
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings

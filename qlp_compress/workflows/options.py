@@ -9,6 +9,7 @@ from pathlib import Path
 
 from qlp_compress.base import validate
 from qlp_compress.base.errors import UsageError
+from qlp_compress.base.names import SEARCH_METHODS as SEARCHES
 from qlp_compress.base.names import STRUCTURES, is_structured, structure_name
 from qlp_compress.deploy.engine import resolve_device
 from qlp_compress.deploy.quantize import QuantizeSettings, settings_for
@@ -18,7 +19,6 @@ from qlp_compress.pruning.widths import baselines_for, check_speedup
 from qlp_compress.reward.channels import ChannelRewardSettings
 from qlp_compress.reward.weights import ENGINES, RewardSettings
 from qlp_compress.reward.workers import ScaleSettings
-from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.search.curriculum import SearchSettings, check_budget
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.distributed import check_nproc
