@@ -11,7 +11,6 @@ import typer
 from rich.text import Text
 
 from qlp_compress import __version__
-from qlp_compress.base.names import SEARCH_METHODS
 from qlp_compress.cli import options as o
 from qlp_compress.cli.output import compressed_lines, emit, set_quiet
 from qlp_compress.report import tables
@@ -174,7 +173,7 @@ def prune_cmd(
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, policy=policy,
                  min_density=min_density, latency_batch=latency_batch, threads=threads, round_to=round_to,
                  distill=distill)
-    if method in SEARCH_METHODS:
+    if method in run_command.SEARCH_METHODS:
         raise typer.BadParameter(f"{method} is a search; use `qlp-compress search --method {method}`",
                                  param_hint="--method")
     report = run_command.search(run, how)
