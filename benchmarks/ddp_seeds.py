@@ -27,14 +27,14 @@ from ddp import RESULTS, ROOT, cpu_class, load, write_section
 
 from qlp_compress.base import machine
 from qlp_compress.base.io import atomic_write_json
-from qlp_compress.data import iterate_batches
-from qlp_compress.train.distributed import fit
-from qlp_compress.train.finetune import TrainSettings
-from qlp_compress.train.measure import accuracy
 from qlp_compress.workflows import (
     DataSettings,
     ModelSettings,
+    TrainSettings,
+    accuracy,
     find_policy,
+    fit,
+    iterate_batches,
     open_workspace,
     policy_masks,
     prune_weights_and_finetune,

@@ -32,24 +32,26 @@ import numpy as np
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.machine import cpu_capability, describe_cpu
-from qlp_compress.deploy.engine import open_session, session_accuracy
-from qlp_compress.deploy.quantize import QuantizeSettings
-from qlp_compress.pruning.latency import LatencySettings, min_ratio
-from qlp_compress.reward.channels import ChannelRewardSettings
-from qlp_compress.search.curriculum import SearchSettings
-from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import (
+    ChannelRewardSettings,
     ChannelSettings,
     DataSettings,
+    LatencySettings,
     ModelSettings,
     OptimizeSettings,
+    QuantizeSettings,
+    SearchSettings,
+    TrainSettings,
     best_within_budget,
     export_bytes,
     find_widths,
     measure_against_dense,
+    min_ratio,
     open_channels,
+    open_session,
     open_workspace,
     prune_channels_and_finetune,
+    session_accuracy,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,25 +30,27 @@ from bench_report import write_markdown
 
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json
-from qlp_compress.deploy.export import to_sparse_storage
-from qlp_compress.pruning.allocate import AllocationSettings
-from qlp_compress.pruning.policy import Policy
-from qlp_compress.reward.weights import RewardSettings
-from qlp_compress.search.agent import AgentSettings
-from qlp_compress.search.curriculum import SearchSettings
-from qlp_compress.search.env import EnvSettings
-from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import (
+    AgentSettings,
+    AllocationSettings,
     DataSettings,
+    EnvSettings,
     ModelSettings,
+    Policy,
+    RewardSettings,
+    SearchSettings,
+    SelectionSettings,
+    TrainSettings,
+    allocator,
+    candidates,
     export_bytes,
     find_policy,
     measure_onnx,
     open_workspace,
     prune_weights_and_finetune,
+    select,
+    to_sparse_storage,
 )
-from qlp_compress.workflows.selection import SelectionSettings, candidates, select
-from qlp_compress.workflows.weights import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("global", "lamp", "erk", "uniform")

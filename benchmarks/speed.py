@@ -23,12 +23,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from qlp_compress.data import load_fashion_mnist, make_splits, materialize
-from qlp_compress.deploy.engine import open_session
-from qlp_compress.importer import load_model
-from qlp_compress.reward.weights import Reward, RewardSettings
-from qlp_compress.search.curriculum import SearchSettings, run_search
-from qlp_compress.search.env import PruningEnv
+from qlp_compress.workflows import (
+    PruningEnv,
+    Reward,
+    RewardSettings,
+    SearchSettings,
+    load_fashion_mnist,
+    load_model,
+    make_splits,
+    materialize,
+    open_session,
+    run_search,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
