@@ -88,7 +88,7 @@ def main() -> None:
                 base, stages = VARIANTS.get(method, (method, 3))
                 settings = ChannelSettings(
                     method=base, speedup=speedup, latency=latency, finetune=finetune,
-                    search=SearchSettings(target=0.5, episodes=args.episodes, stages=stages, seed=seed),
+                    search=SearchSettings(target_removed=0.5, episodes=args.episodes, stages=stages, seed=seed),
                     reward=ChannelRewardSettings(images=args.reward_images))
                 started = time.perf_counter()
                 try:  # one search serves both fine-tuning variants (same seed, same widths)

@@ -78,7 +78,7 @@ def main() -> None:
             if any(all(r.get(k) == v for k, v in key.items()) for r in done["runs"]):
                 continue
             started = time.perf_counter()
-            search = SearchSettings(target=args.target, episodes=args.episodes, seed=seed, **VARIANTS[name])
+            search = SearchSettings(target_removed=args.target, episodes=args.episodes, seed=seed, **VARIANTS[name])
             records: list[dict] = []
             policy = find_policy(ws, "qlp", args.target, search,
                                  RewardSettings(images=args.reward_images, device="cpu"), on_episode=records.append)

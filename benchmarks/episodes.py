@@ -179,7 +179,8 @@ def main() -> None:
             key = run_key(episodes, batch, seed)
             run = result["runs"].setdefault(key, {"episodes": episodes, "batch_episodes": batch, "seed": seed})
             if "stages" not in run:
-                settings = SearchSettings(target=args.sparsity, episodes=episodes, seed=seed, batch_episodes=batch,
+                settings = SearchSettings(target_removed=args.sparsity, episodes=episodes, seed=seed,
+                                          batch_episodes=batch,
                                           checkpoint_every=batch)
                 found = search(ws, settings, reward_settings, args.work / key)
                 run.update({k: v for k, v in found.items() if k != "episodes"})

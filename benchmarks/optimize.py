@@ -120,7 +120,8 @@ def run_optimize(ws, args, latency: LatencySettings, seed: int, cells: Path) -> 
     if not path.exists():
         finetune = TrainSettings(epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0, seed=seed)
         channel = ChannelSettings(latency=latency, finetune=finetune,
-                                  search=SearchSettings(target=0.5, episodes=args.episodes, stages=2, seed=seed),
+                                  search=SearchSettings(target_removed=0.5, episodes=args.episodes, stages=2,
+                                                        seed=seed),
                                   reward=ChannelRewardSettings(images=1000))
         settings = OptimizeSettings(max_loss=max(args.budgets), batch=args.batch, channel=channel,
                                     int8=QuantizeSettings())
@@ -156,7 +157,8 @@ def baselines(ws, args, latency: LatencySettings, seed: int, answer: dict) -> di
     for method in BASELINES:
         settings = ChannelSettings(structure="channel,depth", method=method, speedup=max(1.01, target),
                                    latency=latency, finetune=finetune,
-                                   search=SearchSettings(target=0.5, episodes=args.episodes, stages=2, seed=seed),
+                                   search=SearchSettings(target_removed=0.5, episodes=args.episodes, stages=2,
+                                                        seed=seed),
                                    reward=ChannelRewardSettings(images=1000))
         try:
             found = find_widths(ws, ctx, settings)

@@ -175,12 +175,12 @@ def main() -> None:
         # 1. QLP: one curriculum search per seed and variant; its stage policies serve every sparsity
         for name, change in SEARCHES.items():
             search_change, reward_change = split_change(change)
-            search = replace(SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes,
+            search = replace(SearchSettings(target_removed=grid.sparsities[-1], episodes=grid.qlp_episodes,
                                             stage_targets=stage_targets, seed=seed), **search_change)
             scored = replace(reward, **reward_change)
             stem = f"search_{slug(name)}_seed{seed}"
             doc = cell(work / f"{stem}.json", lambda s=search, r=scored, stem=stem: policy_doc(
-                find_policy(ws, "qlp", s.target, s, r, checkpoint=work / f"{stem}.ckpt", resume=True)))
+                find_policy(ws, "qlp", s.target_removed, s, r, checkpoint=work / f"{stem}.ckpt", resume=True)))
             if doc is not None:
                 qlp[name][seed] = doc
         if seed not in qlp["qlp"]:
@@ -248,10 +248,11 @@ def ablate(ws, grid: Grid, name: str, reward: RewardSettings, finetune: TrainSet
     """One QLP search at the ablation sparsity with one design choice changed, then pruned and fine-tuned."""
     change = ABLATIONS[name]
     search_change, reward_change = split_change(change)
-    s = replace(SearchSettings(target=grid.ablation_sparsity, episodes=grid.ablation_episodes, seed=grid.seeds[0]),
+    s = replace(SearchSettings(target_removed=grid.ablation_sparsity, episodes=grid.ablation_episodes,
+                               seed=grid.seeds[0]),
                 **search_change)
     try:
-        policy = find_policy(ws, "qlp", s.target, s, replace(reward, **reward_change))
+        policy = find_policy(ws, "qlp", s.target_removed, s, replace(reward, **reward_change))
     except QLPError as e:  # no episode met the target: that is the variant's result
         return {"name": name, "error": str(e)}
     pruned, tuned = prune_weights_and_finetune(ws, policy, finetune)
@@ -278,7 +279,8 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
     if searched:
         policy = stage_policy(qlp_doc, stage)
     elif method == "random":
-        policy = find_policy(ws, "random", target, SearchSettings(target=target, episodes=budget, method="random",
+        policy = find_policy(ws, "random", target, SearchSettings(target_removed=target, episodes=budget,
+                                                                   method="random",
                                                                   seed=seed), reward)
     else:
         policy = find_policy(ws, method, target, allocation=AllocationSettings())

@@ -60,7 +60,7 @@ def run(ws, search: SearchSettings, reward: RewardSettings, scale: ScaleSettings
             on_episode(record)
 
     started = time.perf_counter()
-    policy = find_policy(ws, "qlp", search.target, search, reward, scale=scale, on_episode=on_each)
+    policy = find_policy(ws, "qlp", search.target_removed, search, reward, scale=scale, on_episode=on_each)
     s = policy.search
     scaled = s.get("scale", {})
     first = next(i for i, (_, e) in enumerate(marks) if e == search.batch_episodes)  # the first batch's last report
@@ -212,7 +212,7 @@ def main() -> None:
     started_load = load()
     ws = open_workspace(ROOT / "models/resnet20_fmnist.onnx", ModelSettings(), DataSettings("fashion-mnist"), "cpu")
     reward = RewardSettings(images=args.reward_images, device="cpu")
-    search = SearchSettings(target=0.9, episodes=args.episodes, stages=2, seed=0)
+    search = SearchSettings(target_removed=0.9, episodes=args.episodes, stages=2, seed=0)
     k2 = replace(search, batch_episodes=2)
     runs = ((search, ScaleSettings()), (search, ScaleSettings(workers=1)), (k2, ScaleSettings(workers=2)))
     cells = {name: run(ws, how, reward, scale) for name, (how, scale) in zip(CELLS, runs, strict=True)}

@@ -101,7 +101,7 @@ def main() -> None:
 
     reward = Reward(loaded.module, splits.reward, RewardSettings(images=args.images, batch_size=args.batch))
     env = PruningEnv(reward.numels, reward)
-    search = run_search(env, SearchSettings(target=0.9, episodes=args.episodes, stages=2))
+    search = run_search(env, SearchSettings(target_removed=0.9, episodes=args.episodes, stages=2))
     results["search"] = {
         "episodes": len(search.history), "engine": reward.engine,
         "seconds_per_episode": round(search.total_seconds / len(search.history), 4),

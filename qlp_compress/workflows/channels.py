@@ -132,7 +132,8 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
         widths = allocate_widths(settings.method, ctx.space, ctx.table, target)
     else:
         reward_settings = replace(settings.reward, device=ws.device)
-        search = replace(settings.search or SearchSettings(target=target), target=target, method=settings.method,
+        search = replace(settings.search or SearchSettings(target_removed=target), target_removed=target,
+                         method=settings.method,
                          near_best=0.0)  # near-best episodes move per-layer sparsities: weight mode only
         demos = settings.demonstrations if settings.demonstrations is not None else default_demonstrations(ctx.space)
         search = replace(search, demonstrations=tuple(demos))

@@ -108,7 +108,7 @@ def run_cell(ws: Workspace, cell: Cell, method: str, target: float) -> dict:
     started = time.perf_counter()
     if method in METHODS:
         with search_progress(f"{method} @ {target:g}", cell.search.episodes) as on_episode:
-            policy = find_policy(ws, method, target, replace(cell.search, target=target), cell.reward,
+            policy = find_policy(ws, method, target, replace(cell.search, target_removed=target), cell.reward,
                                  on_episode=on_episode)
         if method == "qlp":  # its answer chosen as the search command chooses it
             policy = choose_answer(ws, policy, allocator(ws, cell.allocation), cell.selection, cell.finetune,

@@ -176,7 +176,7 @@ def search_settings(how: Choice, run: RunOptions, target: float,
                     demonstrations: tuple[str, ...] | None = None) -> SearchSettings:
     """The search's settings; `target` is the share of the structure's cost it removes, and `demonstrations` the
     baselines it plays first (None: every one that applies)."""
-    settings = SearchSettings(target=target, episodes=how.episodes, stages=how.stages, method=how.method,
+    settings = SearchSettings(target_removed=target, episodes=how.episodes, stages=how.stages, method=how.method,
                               seed=run.seed, env=EnvSettings(passes=how.passes),
                               batch_episodes=how.batch_episodes or max(1, how.workers))
     if how.near_best is not None:

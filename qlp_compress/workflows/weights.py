@@ -102,7 +102,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
         return Policy(method=method, sparsities=baseline(method, target), **common)
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
-    search = replace(search or SearchSettings(target=target), target=target, method=method)
+    search = replace(search or SearchSettings(target_removed=target), target_removed=target, method=method)
     check_demonstrations(search.demonstrations)
     reward_settings = reward_settings or RewardSettings(device=ws.device)
     advice.budget_warning(search)
@@ -189,7 +189,7 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
     if policy is None and settings.method not in METHODS:  # a baseline allocator: closed form, no search
         policy = find_policy(ws, settings.method, settings.target, allocation=settings.allocation)
     if policy is None:
-        search = settings.search or SearchSettings(target=settings.target)
+        search = settings.search or SearchSettings(target_removed=settings.target)
         title = search_title(f"{settings.method} search", settings.scale, search.batch_episodes)
         with search_progress(title, search.episodes) as on_episode:
             policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
