@@ -19,7 +19,6 @@ May import: base, data, deploy, importer, pruning, report, reward, search, train
 from qlp_compress.workflows.channel_compare import compare_channels
 from qlp_compress.workflows.channels import (
     ChannelSettings,
-    check_method,
     compress_channels,
     find_widths,
     measure_against_dense,
@@ -100,7 +99,6 @@ __all__ = [
     "best_within_budget",
     "check_can_write",
     "check_demonstrations",
-    "check_method",
     "compare",
     "compare_channels",
     "compress",

@@ -10,11 +10,9 @@ from pathlib import Path
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.deploy.engine import open_session, session_accuracy
-from qlp_compress.pruning.widths import check_speedup
 from qlp_compress.report.structured import compare_markdown
 from qlp_compress.workflows.channels import (
     ChannelSettings,
-    check_method,
     find_widths,
     measure_against_dense,
     open_channels,
@@ -42,10 +40,6 @@ def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], s
     """Every method at every speedup target: same table, same fine-tuning. compare.json and compare.md are
     written as a set at the end; the rows so far are kept in OUT/.work/compare.json after every cell, and
     `resume` continues from them."""
-    for m in methods:
-        check_method(m)
-    for s in speedups:
-        check_speedup(s)
     with OutputRun(out, force, resume) as run:
         rows = _compare_channels(ws, methods, speedups, settings, run, command)
         run.commit()
