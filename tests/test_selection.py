@@ -114,7 +114,7 @@ def test_the_most_accurate_candidate_wins_and_a_resumed_choice_reuses_the_finish
 
 def test_a_tie_keeps_the_search_answer_and_without_fine_tuning_nothing_is_chosen(tiny_ws, monkeypatch):
     policy = searched_policy(None)
-    monkeypatch.setattr(selection, "prune_weights_and_finetune", lambda *a, **k: (None, torch.nn.Identity(), None))
+    monkeypatch.setattr(selection, "prune_weights_and_finetune", lambda *a, **k: (None, torch.nn.Identity()))
     monkeypatch.setattr(selection, "accuracy", lambda model, batches: 0.5)
     found = selection.candidates(policy, by_name, 3)
     chosen, _ = selection.select(tiny_ws, policy, found, SelectionSettings(), TrainSettings(epochs=1.0), 100)

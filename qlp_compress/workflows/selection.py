@@ -216,7 +216,8 @@ def _tune(ws: Workspace, policy: Policy, c: Candidate, label: str, tune: TrainSe
           checkpoint: Path | None = None, resume: bool = False) -> float:
     """A candidate pruned, fine-tuned and measured on the held-out reward images (in this process or a worker)."""
     _, tuned = prune_weights_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint, resume,
-                                     what=f"choosing the answer: {label}, fine-tune", epochs_option="--select-epochs")
+                                          what=f"choosing the answer: {label}, fine-tune",
+                                          epochs_option="--select-epochs")
     return accuracy(tuned, held_out_batches(ws, reward_images))
 
 
