@@ -24,21 +24,23 @@ from pathlib import Path
 
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
-from qlp_compress.deploy.engine import open_session, session_accuracy
-from qlp_compress.pruning.latency import LatencySettings, min_ratio
-from qlp_compress.reward.channels import ChannelRewardSettings
-from qlp_compress.search.curriculum import SearchSettings
-from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import (
+    ChannelRewardSettings,
     ChannelSettings,
     DataSettings,
+    LatencySettings,
     ModelSettings,
+    SearchSettings,
+    TrainSettings,
     export_bytes,
     find_widths,
-    measure,
+    measure_against_dense,
+    min_ratio,
     open_channels,
+    open_session,
     open_workspace,
-    prune_finetune,
+    prune_channels_and_finetune,
+    session_accuracy,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,7 @@ def main() -> None:
                 base, stages = VARIANTS.get(method, (method, 3))
                 settings = ChannelSettings(
                     method=base, speedup=speedup, latency=latency, finetune=finetune,
-                    search=SearchSettings(target=0.5, episodes=args.episodes, stages=stages, seed=seed),
+                    search=SearchSettings(target_removed=0.5, episodes=args.episodes, stages=stages, seed=seed),
                     reward=ChannelRewardSettings(images=args.reward_images))
                 started = time.perf_counter()
                 try:  # one search serves both fine-tuning variants (same seed, same widths)
@@ -101,8 +103,10 @@ def main() -> None:
                     if (cells / name).exists():
                         continue
                     t0 = time.perf_counter()
-                    pruned, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], finetune, distill)
-                    result = measure(ws, ctx, export_bytes(tuned, ws), tuned, replace(settings, distill=distill))
+                    pruned, tuned = prune_channels_and_finetune(ws, ctx, found["widths"], found["criterion"], finetune,
+                                                                distill)
+                    result = measure_against_dense(ws, ctx, export_bytes(tuned, ws), tuned,
+                                                   replace(settings, distill=distill))
                     check = min_ratio(ctx.dense_onnx, export_bytes(tuned, ws), ws.input_shape, latency)
                     cell = {"method": method, "distill": distill, "target_speedup": speedup, "seed": seed,
                             "widths": found["widths"], "predicted_speedup": found["predicted_speedup"],

@@ -28,11 +28,18 @@ import torch
 
 from qlp_compress.base import machine
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
-from qlp_compress.data import iterate_batches
-from qlp_compress.train.distributed import fit
-from qlp_compress.train.finetune import TrainSettings
-from qlp_compress.train.measure import accuracy
-from qlp_compress.workflows import DataSettings, ModelSettings, find_policy, open_workspace, prune_and_finetune
+from qlp_compress.workflows import (
+    DataSettings,
+    ModelSettings,
+    TrainSettings,
+    accuracy,
+    find_policy,
+    fit,
+    iterate_batches,
+    open_workspace,
+    policy_masks,
+    prune_weights_and_finetune,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results"
@@ -99,7 +106,8 @@ def estimate(step_seconds: float, gradient_bytes: int) -> dict:
 def run(args) -> dict:
     ws = open_workspace(args.model, ModelSettings(), DataSettings("fashion-mnist", args.data_dir), "cpu")
     policy = find_policy(ws, "lamp", args.sparsity)
-    pruned, _, masks = prune_and_finetune(ws, policy, None)
+    pruned, _ = prune_weights_and_finetune(ws, policy, None)
+    masks = policy_masks(ws, policy)
     trainable = sum(p.numel() for p in pruned.parameters() if p.requires_grad)
     runs = [run_config(ws, pruned, masks, n, t, args.epochs, args.seed) for n, t in CONFIGS]
     single = runs[0]

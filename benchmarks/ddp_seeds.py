@@ -27,11 +27,18 @@ from ddp import RESULTS, ROOT, cpu_class, load, write_section
 
 from qlp_compress.base import machine
 from qlp_compress.base.io import atomic_write_json
-from qlp_compress.data import iterate_batches
-from qlp_compress.train.distributed import fit
-from qlp_compress.train.finetune import TrainSettings
-from qlp_compress.train.measure import accuracy
-from qlp_compress.workflows import DataSettings, ModelSettings, find_policy, open_workspace, prune_and_finetune
+from qlp_compress.workflows import (
+    DataSettings,
+    ModelSettings,
+    TrainSettings,
+    accuracy,
+    find_policy,
+    fit,
+    iterate_batches,
+    open_workspace,
+    policy_masks,
+    prune_weights_and_finetune,
+)
 
 HEADING = "## BatchNorm under DDP: seed spread"
 
@@ -56,7 +63,9 @@ def summary(rows: list[dict], key: str) -> dict:
 def run(args) -> dict:
     torch.set_num_threads(1)  # the single process as one rank of --nproc 2 (each takes cores / 2 = 1 thread here)
     ws = open_workspace(args.model, ModelSettings(), DataSettings("fashion-mnist", args.data_dir), "cpu")
-    pruned, _, masks = prune_and_finetune(ws, find_policy(ws, "lamp", args.sparsity), None)
+    policy = find_policy(ws, "lamp", args.sparsity)
+    pruned, _ = prune_weights_and_finetune(ws, policy, None)
+    masks = policy_masks(ws, policy)
     runs = [fine_tune(ws, pruned, masks, n, args.epochs, seed) for seed in range(args.seeds) for n in (1, 2)]
     stats = {n: {key: summary([r for r in runs if r["processes"] == n], key)
                  for key in ("held_out_accuracy", "test_accuracy")} for n in (1, 2)}

@@ -25,11 +25,18 @@ import numpy as np
 import torch
 
 from qlp_compress.base.io import atomic_write_json
-from qlp_compress.data import TensorImages, materialize
-from qlp_compress.reward.weights import Reward, RewardSettings
-from qlp_compress.search.agent import AgentSettings
-from qlp_compress.search.curriculum import SearchSettings
-from qlp_compress.workflows import DataSettings, ModelSettings, find_policy, open_workspace
+from qlp_compress.workflows import (
+    AgentSettings,
+    DataSettings,
+    ModelSettings,
+    Reward,
+    RewardSettings,
+    SearchSettings,
+    TensorImages,
+    find_policy,
+    materialize,
+    open_workspace,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {  # the same budget and reward; only how the agent learns from the demonstrations, and where
@@ -71,7 +78,7 @@ def main() -> None:
             if any(all(r.get(k) == v for k, v in key.items()) for r in done["runs"]):
                 continue
             started = time.perf_counter()
-            search = SearchSettings(target=args.target, episodes=args.episodes, seed=seed, **VARIANTS[name])
+            search = SearchSettings(target_removed=args.target, episodes=args.episodes, seed=seed, **VARIANTS[name])
             records: list[dict] = []
             policy = find_policy(ws, "qlp", args.target, search,
                                  RewardSettings(images=args.reward_images, device="cpu"), on_episode=records.append)

@@ -32,12 +32,21 @@ from pathlib import Path
 
 from qlp_compress.base.io import load_checkpoint
 from qlp_compress.base.machine import cpu_capability, describe_cpu
-from qlp_compress.data import TensorImages
-from qlp_compress.reward.weights import Reward, RewardSettings
-from qlp_compress.search.curriculum import SearchSettings, curriculum_targets, run_search, scored_in_turn
-from qlp_compress.search.env import PruningEnv
-from qlp_compress.workflows.weights import allocator
-from qlp_compress.workflows.workspace import DataSettings, ModelSettings, held_out_images, open_workspace
+from qlp_compress.workflows import (
+    DataSettings,
+    ModelSettings,
+    PruningEnv,
+    Reward,
+    RewardSettings,
+    SearchSettings,
+    TensorImages,
+    allocator,
+    curriculum_targets,
+    held_out_images,
+    open_workspace,
+    run_search,
+    scored_in_turn,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs/benchmarks_scale.md"
@@ -148,9 +157,9 @@ def main() -> None:
             save(args.out, result)
         write_doc(section(result))
         return
-    from qlp_compress.deploy import engine
+    from qlp_compress.workflows import use_threads
 
-    engine.use_threads(args.threads)
+    use_threads(args.threads)
     result = json.loads(args.out.read_text()) if args.out.exists() else {"runs": {}, "loads": []}
     result.update(cpu=describe_cpu(cpu_capability()), cores=os.cpu_count(), model=args.model.name,
                   target=args.sparsity, reward_images=args.reward_images, threads=args.threads)
@@ -170,7 +179,8 @@ def main() -> None:
             key = run_key(episodes, batch, seed)
             run = result["runs"].setdefault(key, {"episodes": episodes, "batch_episodes": batch, "seed": seed})
             if "stages" not in run:
-                settings = SearchSettings(target=args.sparsity, episodes=episodes, seed=seed, batch_episodes=batch,
+                settings = SearchSettings(target_removed=args.sparsity, episodes=episodes, seed=seed,
+                                          batch_episodes=batch,
                                           checkpoint_every=batch)
                 found = search(ws, settings, reward_settings, args.work / key)
                 run.update({k: v for k, v in found.items() if k != "episodes"})

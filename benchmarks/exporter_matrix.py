@@ -56,7 +56,7 @@ class Cell:
 def export_cell(cell: Cell, folder: Path) -> Path:
     """The zoo model (random weights, fixed seed) exported as a user would: batch 1, no dynamic axes."""
     torch.manual_seed(0)
-    from qlp_compress.train.zoo import build_model
+    from qlp_compress.workflows import build_model
 
     shape = ARCHS[cell.arch]
     model = build_model(cell.arch, shape[0], 10, (0.5,) * shape[0], (0.25,) * shape[0]).eval()
@@ -100,8 +100,8 @@ def check_cell(cell: Cell, folder: Path) -> dict:
     from typer.testing import CliRunner
 
     from qlp_compress.base.errors import QLPError, UsageError
-    from qlp_compress.cli.commands import app
-    from qlp_compress.importer import load_model
+    from qlp_compress.cli import app
+    from qlp_compress.workflows import load_model
 
     result = {**asdict(cell), "name": cell.name}
     started = time.perf_counter()

@@ -91,12 +91,15 @@ def make_base(folder: Path, rng: np.random.Generator) -> None:
     import torch
 
     from qlp_compress.base.io import sha256_file
-    from qlp_compress.deploy import export
-    from qlp_compress.importer import load_model
-    from qlp_compress.pruning.allocate import AllocationSettings, allocate
-    from qlp_compress.pruning.masks import find_prunable_layers
-    from qlp_compress.pruning.policy import Policy
-    from qlp_compress.train.zoo import build_model
+    from qlp_compress.workflows import (
+        AllocationSettings,
+        Policy,
+        allocate,
+        build_model,
+        find_prunable_layers,
+        load_model,
+        to_onnx_bytes,
+    )
 
     shutil.copy(SHIPPED, folder / "resnet20.onnx")
     x = rng.integers(0, 256, (96, 1, 28, 28), dtype=np.uint8)
@@ -104,7 +107,7 @@ def make_base(folder: Path, rng: np.random.Generator) -> None:
     np.savez(folder / "data.npz", x=x[:64], y=y[:64], x_test=x[64:], y_test=y[64:])
     torch.manual_seed(0)
     lenet = build_model("lenet5", 1, 10, (0.286,), (0.353,)).eval()
-    (folder / "lenet.onnx").write_bytes(export.to_onnx_bytes(lenet, (1, 28, 28)))
+    (folder / "lenet.onnx").write_bytes(to_onnx_bytes(lenet, (1, 28, 28)))
     loaded = load_model(folder / "lenet.onnx", verify_input_shape=(1, 28, 28))
     layers = find_prunable_layers(loaded.module)
     names = [layer.name for layer in layers]
@@ -384,9 +387,7 @@ def make_channel_base(folder: Path) -> Path:
     of the channel runs, built by one run; returns the cache file. `--policy channel.json` needs no reachable
     --speedup, so every case runs whatever the machine measures."""
     from qlp_compress.base.io import sha256_file
-    from qlp_compress.importer import load_model
-    from qlp_compress.pruning.channel_groups import ChannelSpace
-    from qlp_compress.pruning.latency import allowed_widths
+    from qlp_compress.workflows import ChannelSpace, allowed_widths, load_model
 
     loaded = load_model(folder / "lenet.onnx", verify_input_shape=(1, 28, 28))
     import torch

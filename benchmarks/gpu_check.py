@@ -46,8 +46,7 @@ def timed_rewards(reward, allocations: list[np.ndarray], cuda: bool) -> tuple[li
 
 def reward_check(n: int, cpu_n: int) -> dict:
     from qlp_compress.base.machine import cpu_capability, describe_cpu
-    from qlp_compress.reward.weights import Reward, RewardSettings
-    from qlp_compress.workflows.workspace import DataSettings, ModelSettings, open_workspace
+    from qlp_compress.workflows import DataSettings, ModelSettings, Reward, RewardSettings, open_workspace
 
     ws = open_workspace(ROOT / "models/resnet20_fmnist.onnx", ModelSettings(), DataSettings("fashion-mnist"), "cpu")
     settings = RewardSettings(images=1000, bn_recalibrate=256, finetune_steps=0)
@@ -77,8 +76,7 @@ def cli(*args: str, timeout: int = 240) -> tuple[dict | None, float, str]:
 
 
 def int8_on_cuda(model: Path) -> dict:
-    from qlp_compress.data import load_fashion_mnist
-    from qlp_compress.deploy.engine import measure_latency, open_session, session_accuracy
+    from qlp_compress.workflows import load_fashion_mnist, measure_latency, open_session, session_accuracy
 
     try:
         session = open_session(model, "cuda")

@@ -32,16 +32,20 @@ import torch
 
 from qlp_compress.base import machine
 from qlp_compress.base.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from qlp_compress.data import materialize
-from qlp_compress.deploy import engine, export, quantize
-from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import (
     DataSettings,
     ModelSettings,
+    QuantizeSettings,
+    TrainSettings,
     export_bytes,
     find_policy,
+    materialize,
+    open_session,
     open_workspace,
-    prune_and_finetune,
+    prune_weights_and_finetune,
+    session_accuracy,
+    to_sparse_storage,
+    write_int8,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +77,7 @@ def float_models(ws, sparsities: list[float], epochs: float, work: Path, fresh: 
             continue
         policy = find_policy(ws, "lamp", s)
         settings = TrainSettings(epochs=epochs, lr=0.01, warmup_epochs=0.0, seed=0, device="cpu")
-        _, tuned, _ = prune_and_finetune(ws, policy, settings if epochs > 0 else None)
+        _, tuned = prune_weights_and_finetune(ws, policy, settings if epochs > 0 else None)
         atomic_write_bytes(path, export_bytes(tuned, ws))
     return models
 
@@ -84,7 +88,7 @@ SPARSE_INT8_MAX_DENSITY = 1 / 9  # an int8 value and its int64 index take 9 byte
 def sparse_storage(int8: bytes, x: np.ndarray) -> dict:
     """The int8 model with its weights of density ≤ 1/9 as `sparse_initializer`: does onnx.checker accept it,
     does onnxruntime load it with the same outputs, and what does it save?"""
-    sparse = export.to_sparse_storage(int8, SPARSE_INT8_MAX_DENSITY)
+    sparse = to_sparse_storage(int8, SPARSE_INT8_MAX_DENSITY)
     proto = onnx.load_from_string(sparse)
     result = {"layers_moved": len(proto.graph.sparse_initializer), "bytes": len(sparse),
               "gzip_bytes": len(gzip.compress(sparse, 6))}
@@ -96,7 +100,7 @@ def sparse_storage(int8: bytes, x: np.ndarray) -> dict:
             result[f"checker_full_check_{full}".lower()] = "fails: " + " ".join(str(e).split())[:300]
     outputs = []
     for model in (int8, sparse):
-        s = engine.open_session(model)
+        s = open_session(model)
         outputs.append(s.run(None, {s.get_inputs()[0].name: x})[0])
     result["onnxruntime_same_outputs"] = bool(np.array_equal(*outputs))
     return result
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     x_check = materialize(ws.splits.test, limit=256)[0].numpy()
     for model, float_path in floats.items():
         raw = float_path.read_bytes()
-        float_test = engine.session_accuracy(engine.open_session(raw), ws.splits.test)
+        float_test = session_accuracy(open_session(raw), ws.splits.test)
         for variant, options in VARIANTS.items():
             if "activations" in (options or {}) and model != "dense":
                 continue
@@ -149,17 +153,17 @@ def run(args: argparse.Namespace) -> dict:
                 path, info = float_path, None
             else:
                 path = args.work / f"{float_path.stem}.{variant.replace(', ', '-').replace(' ', '_')}.onnx"
-                settings = quantize.QuantizeSettings(calibration_images=args.calibration_images,
+                settings = QuantizeSettings(calibration_images=args.calibration_images,
                                                      speed_batches=(), **options)
-                info = quantize.write_int8(raw, path, ws.splits.reward, ws.splits.test, settings, float_test,
+                info = write_int8(raw, path, ws.splits.reward, ws.splits.test, settings, float_test,
                                            name=key)
                 row.update(float_layers=info["float_layers"], zeros=info["zeros"],
                            calibration_images=info["calibration_images"], preprocess=info["preprocess"],
                            activations=info["activations"], weights=info["weights"])
             data = path.read_bytes()
-            s = engine.open_session(data)
+            s = open_session(data)
             row.update(test_accuracy=float_test if info is None else info["accuracy"]["int8_accuracy"],
-                       reward_accuracy=engine.session_accuracy(s, ws.splits.reward),
+                       reward_accuracy=session_accuracy(s, ws.splits.reward),
                        bytes=len(data), gzip_bytes=len(gzip.compress(data, 6)))
             if info is not None and model != "dense":
                 row["sparse_storage"] = sparse_storage(data, x_check)
@@ -244,7 +248,7 @@ def cpu_section(r: dict) -> list[str]:
                          f"{z['rounded_to_zero']:,} |")
     lines += ["", "### int8 weights as sparse_initializer", "",
               "Every int8 weight of density ≤ 1/9 (where 1 byte of value plus 8 of int64 index beats 1 byte dense) "
-              "moved into `sparse_initializer` by `export.to_sparse_storage`:", "",
+              "moved into `sparse_initializer` by `to_sparse_storage`:", "",
               "| model | form | layers moved | file MB (dense int8) | gzip MB (dense int8) | onnx.checker | "
               "full_check | onnxruntime: same outputs |", "|---|---|---:|---:|---:|---|---|---|"]
     for row in r["rows"]:

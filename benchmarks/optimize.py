@@ -32,24 +32,26 @@ import numpy as np
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.machine import cpu_capability, describe_cpu
-from qlp_compress.deploy.engine import open_session, session_accuracy
-from qlp_compress.deploy.quantize import QuantizeSettings
-from qlp_compress.pruning.latency import LatencySettings, min_ratio
-from qlp_compress.reward.channels import ChannelRewardSettings
-from qlp_compress.search.curriculum import SearchSettings
-from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import (
+    ChannelRewardSettings,
     ChannelSettings,
     DataSettings,
+    LatencySettings,
     ModelSettings,
     OptimizeSettings,
+    QuantizeSettings,
+    SearchSettings,
+    TrainSettings,
     best_within_budget,
     export_bytes,
     find_widths,
-    measure,
+    measure_against_dense,
+    min_ratio,
     open_channels,
+    open_session,
     open_workspace,
-    prune_finetune,
+    prune_channels_and_finetune,
+    session_accuracy,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +120,8 @@ def run_optimize(ws, args, latency: LatencySettings, seed: int, cells: Path) -> 
     if not path.exists():
         finetune = TrainSettings(epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0, seed=seed)
         channel = ChannelSettings(latency=latency, finetune=finetune,
-                                  search=SearchSettings(target=0.5, episodes=args.episodes, stages=2, seed=seed),
+                                  search=SearchSettings(target_removed=0.5, episodes=args.episodes, stages=2,
+                                                        seed=seed),
                                   reward=ChannelRewardSettings(images=1000))
         settings = OptimizeSettings(max_loss=max(args.budgets), batch=args.batch, channel=channel,
                                     int8=QuantizeSettings())
@@ -154,15 +157,16 @@ def baselines(ws, args, latency: LatencySettings, seed: int, answer: dict) -> di
     for method in BASELINES:
         settings = ChannelSettings(structure="channel,depth", method=method, speedup=max(1.01, target),
                                    latency=latency, finetune=finetune,
-                                   search=SearchSettings(target=0.5, episodes=args.episodes, stages=2, seed=seed),
+                                   search=SearchSettings(target_removed=0.5, episodes=args.episodes, stages=2,
+                                                        seed=seed),
                                    reward=ChannelRewardSettings(images=1000))
         try:
             found = find_widths(ws, ctx, settings)
         except QLPError as e:
             out[method] = {"error": str(e)}
             continue
-        _, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], finetune, True)
-        result = measure(ws, ctx, export_bytes(tuned, ws), tuned, settings)
+        _, tuned = prune_channels_and_finetune(ws, ctx, found["widths"], found["criterion"], finetune, True)
+        result = measure_against_dense(ws, ctx, export_bytes(tuned, ws), tuned, settings)
         out[method] = {"test_accuracy": result["accuracy"], "target_speedup": target,
                        "measured_speedup": {b: v["speedup"] for b, v in result["speedup"].items()},
                        "blocks_dropped": ctx.space.dropped(found["widths"])}

@@ -37,14 +37,22 @@ import torch
 from bench_report import spearman, spearman_p
 
 from qlp_compress.base.io import atomic_write_json
-from qlp_compress.data import materialize
-from qlp_compress.pruning.allocate import AllocationSettings, allocate, proportional
-from qlp_compress.pruning.masks import find_prunable_layers
-from qlp_compress.pruning.policy import Policy
-from qlp_compress.reward.weights import Reward, RewardSettings
-from qlp_compress.train.finetune import TrainSettings
-from qlp_compress.train.measure import accuracy
-from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_and_finetune
+from qlp_compress.workflows import (
+    AllocationSettings,
+    DataSettings,
+    ModelSettings,
+    Policy,
+    Reward,
+    RewardSettings,
+    TrainSettings,
+    accuracy,
+    allocate,
+    find_prunable_layers,
+    materialize,
+    open_workspace,
+    proportional,
+    prune_weights_and_finetune,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BLENDS = {"lamp": 0.0, "blend 0.25": 0.25, "blend 0.5": 0.5, "blend 0.75": 0.75, "erk": 1.0}  # weight of ERK
@@ -134,7 +142,7 @@ def main() -> None:
                         sparsities=[float(s) for s in sparsities], model_sha256=ws.loaded.sha256)
         tuned_accuracy = []
         for seed in args.seeds:
-            _, tuned, _ = prune_and_finetune(ws, policy, TrainSettings(
+            _, tuned = prune_weights_and_finetune(ws, policy, TrainSettings(
                 epochs=args.finetune_epochs, lr=0.01, warmup_epochs=0.0, seed=seed, device=ws.device))
             batches = ((x[i:i + 500], y[i:i + 500]) for i in range(0, len(y), 500))
             tuned_accuracy.append(accuracy(tuned, batches))

@@ -30,25 +30,27 @@ from bench_report import write_markdown
 
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json
-from qlp_compress.deploy.export import to_sparse_storage
-from qlp_compress.pruning.allocate import AllocationSettings
-from qlp_compress.pruning.policy import Policy
-from qlp_compress.reward.weights import RewardSettings
-from qlp_compress.search.agent import AgentSettings
-from qlp_compress.search.curriculum import SearchSettings
-from qlp_compress.search.env import EnvSettings
-from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import (
+    AgentSettings,
+    AllocationSettings,
     DataSettings,
+    EnvSettings,
     ModelSettings,
+    Policy,
+    RewardSettings,
+    SearchSettings,
+    SelectionSettings,
+    TrainSettings,
+    allocator,
+    candidates,
     export_bytes,
     find_policy,
     measure_onnx,
     open_workspace,
-    prune_and_finetune,
+    prune_weights_and_finetune,
+    select,
+    to_sparse_storage,
 )
-from qlp_compress.workflows.selection import SelectionSettings, candidates, select
-from qlp_compress.workflows.weights import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = ("global", "lamp", "erk", "uniform")
@@ -173,12 +175,12 @@ def main() -> None:
         # 1. QLP: one curriculum search per seed and variant; its stage policies serve every sparsity
         for name, change in SEARCHES.items():
             search_change, reward_change = split_change(change)
-            search = replace(SearchSettings(target=grid.sparsities[-1], episodes=grid.qlp_episodes,
+            search = replace(SearchSettings(target_removed=grid.sparsities[-1], episodes=grid.qlp_episodes,
                                             stage_targets=stage_targets, seed=seed), **search_change)
             scored = replace(reward, **reward_change)
             stem = f"search_{slug(name)}_seed{seed}"
             doc = cell(work / f"{stem}.json", lambda s=search, r=scored, stem=stem: policy_doc(
-                find_policy(ws, "qlp", s.target, s, r, checkpoint=work / f"{stem}.ckpt", resume=True)))
+                find_policy(ws, "qlp", s.target_removed, s, r, checkpoint=work / f"{stem}.ckpt", resume=True)))
             if doc is not None:
                 qlp[name][seed] = doc
         if seed not in qlp["qlp"]:
@@ -234,7 +236,7 @@ def slug(name: str) -> str:
 def deploy(ws, qlp_doc: dict, stage_targets: tuple[float, ...], target: float, finetune: TrainSettings) -> dict:
     """Latency and sizes of the fine-tuned QLP model at one sparsity."""
     policy = stage_policy(qlp_doc, stage_targets.index(target) + 1)
-    _, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    _, tuned = prune_weights_and_finetune(ws, policy, finetune)
     data = export_bytes(tuned, ws)
     m = measure_onnx(data, ws, repeats=30)
     sparse = to_sparse_storage(data)
@@ -246,13 +248,14 @@ def ablate(ws, grid: Grid, name: str, reward: RewardSettings, finetune: TrainSet
     """One QLP search at the ablation sparsity with one design choice changed, then pruned and fine-tuned."""
     change = ABLATIONS[name]
     search_change, reward_change = split_change(change)
-    s = replace(SearchSettings(target=grid.ablation_sparsity, episodes=grid.ablation_episodes, seed=grid.seeds[0]),
+    s = replace(SearchSettings(target_removed=grid.ablation_sparsity, episodes=grid.ablation_episodes,
+                               seed=grid.seeds[0]),
                 **search_change)
     try:
-        policy = find_policy(ws, "qlp", s.target, s, replace(reward, **reward_change))
+        policy = find_policy(ws, "qlp", s.target_removed, s, replace(reward, **reward_change))
     except QLPError as e:  # no episode met the target: that is the variant's result
         return {"name": name, "error": str(e)}
-    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    pruned, tuned = prune_weights_and_finetune(ws, policy, finetune)
     return {"name": name, "best_reward": policy.best_reward,
             "best_from": policy.stages[-1].get("demonstration") or "agent",
             "seconds_per_episode": policy.search["seconds_per_episode"],
@@ -276,12 +279,13 @@ def run_cell(ws, method: str, target: float, seed: int, stage: int, budget: int,
     if searched:
         policy = stage_policy(qlp_doc, stage)
     elif method == "random":
-        policy = find_policy(ws, "random", target, SearchSettings(target=target, episodes=budget, method="random",
+        policy = find_policy(ws, "random", target, SearchSettings(target_removed=target, episodes=budget,
+                                                                   method="random",
                                                                   seed=seed), reward)
     else:
         policy = find_policy(ws, method, target, allocation=AllocationSettings())
     search_seconds = time.perf_counter() - t0
-    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    pruned, tuned = prune_weights_and_finetune(ws, policy, finetune)
     best_from = stage_winner(qlp_doc, target) if searched else None
     return {"method": method, "target": target, "seed": seed, "achieved": policy.achieved, "best_from": best_from,
             "sparsities": policy.sparsities, "best_reward": policy.best_reward,
@@ -311,7 +315,7 @@ def chosen_cell(ws, name: str, target: float, seed: int, stage: int, docs: dict[
     if settings.epochs == finetune.epochs and twin is not None and twin["sparsities"] == winner.sparsities:
         return {**twin, **mine, "same_allocation_as": same}
     policy = replace(stage_policy(doc, stage), sparsities=winner.sparsities, best_reward=winner.reward)
-    pruned, tuned, _ = prune_and_finetune(ws, policy, finetune)
+    pruned, tuned = prune_weights_and_finetune(ws, policy, finetune)
     return {**mine, "target": target, "seed": seed, "achieved": policy.achieved, "sparsities": policy.sparsities,
             "search_seconds": None,
             "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, 1)["accuracy"],

@@ -25,13 +25,19 @@ from pathlib import Path
 import torch
 
 from qlp_compress.base.machine import cpu_capability, describe_cpu
-from qlp_compress.pruning.masks import find_prunable_layers
-from qlp_compress.reward.weights import RewardSettings
-from qlp_compress.reward.workers import ScaleSettings
-from qlp_compress.search.curriculum import SearchSettings, run_search
-from qlp_compress.search.env import PruningEnv
-from qlp_compress.workflows.weights import allocator, find_policy
-from qlp_compress.workflows.workspace import DataSettings, ModelSettings, open_workspace
+from qlp_compress.workflows import (
+    DataSettings,
+    ModelSettings,
+    PruningEnv,
+    RewardSettings,
+    ScaleSettings,
+    SearchSettings,
+    allocator,
+    find_policy,
+    find_prunable_layers,
+    open_workspace,
+    run_search,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs/benchmarks_scale.md"
@@ -54,7 +60,7 @@ def run(ws, search: SearchSettings, reward: RewardSettings, scale: ScaleSettings
             on_episode(record)
 
     started = time.perf_counter()
-    policy = find_policy(ws, "qlp", search.target, search, reward, scale=scale, on_episode=on_each)
+    policy = find_policy(ws, "qlp", search.target_removed, search, reward, scale=scale, on_episode=on_each)
     s = policy.search
     scaled = s.get("scale", {})
     first = next(i for i, (_, e) in enumerate(marks) if e == search.batch_episodes)  # the first batch's last report
@@ -206,7 +212,7 @@ def main() -> None:
     started_load = load()
     ws = open_workspace(ROOT / "models/resnet20_fmnist.onnx", ModelSettings(), DataSettings("fashion-mnist"), "cpu")
     reward = RewardSettings(images=args.reward_images, device="cpu")
-    search = SearchSettings(target=0.9, episodes=args.episodes, stages=2, seed=0)
+    search = SearchSettings(target_removed=0.9, episodes=args.episodes, stages=2, seed=0)
     k2 = replace(search, batch_episodes=2)
     runs = ((search, ScaleSettings()), (search, ScaleSettings(workers=1)), (k2, ScaleSettings(workers=2)))
     cells = {name: run(ws, how, reward, scale) for name, (how, scale) in zip(CELLS, runs, strict=True)}
@@ -218,7 +224,7 @@ def main() -> None:
     kill = run(ws, k2, reward, ScaleSettings(workers=2), on_episode=on_episode)
     kill.update(after_episode=after, killed_pid=killed[0] if killed else None,
                 identical=(kill["rewards"], kill["sparsities"]) == (same[0]["rewards"], same[0]["sparsities"]))
-    from qlp_compress.reward.spec import make_spec
+    from qlp_compress.workflows import make_spec
 
     spec = make_spec("weight", ws.loaded.module, ws.splits.reward, reward, ws.loaded.sha256)
     end_load = load()

@@ -23,12 +23,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from qlp_compress.data import load_fashion_mnist, make_splits, materialize
-from qlp_compress.deploy.engine import open_session
-from qlp_compress.importer import load_model
-from qlp_compress.reward.weights import Reward, RewardSettings
-from qlp_compress.search.curriculum import SearchSettings, run_search
-from qlp_compress.search.env import PruningEnv
+from qlp_compress.workflows import (
+    PruningEnv,
+    Reward,
+    RewardSettings,
+    SearchSettings,
+    load_fashion_mnist,
+    load_model,
+    make_splits,
+    materialize,
+    open_session,
+    run_search,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +101,7 @@ def main() -> None:
 
     reward = Reward(loaded.module, splits.reward, RewardSettings(images=args.images, batch_size=args.batch))
     env = PruningEnv(reward.numels, reward)
-    search = run_search(env, SearchSettings(target=0.9, episodes=args.episodes, stages=2))
+    search = run_search(env, SearchSettings(target_removed=0.9, episodes=args.episodes, stages=2))
     results["search"] = {
         "episodes": len(search.history), "engine": reward.engine,
         "seconds_per_episode": round(search.total_seconds / len(search.history), 4),

@@ -30,10 +30,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qlp_compress import data as datasets
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.machine import cpu_capability, describe_cpu
-from qlp_compress.train.zoo import DATASET_STATS, UNLIKE_RESNET, build_model
+from qlp_compress.workflows import (
+    DATASET_STATS,
+    UNLIKE_RESNET,
+    build_model,
+    iterate_batches,
+    load_dataset,
+    make_splits,
+    materialize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTS = {"plain_vgg": "torchscript", "separable": "dynamo, external data", "linear_head": "dynamo"}
@@ -46,8 +53,8 @@ def trained_model(arch: str, epochs: float, work: Path) -> tuple[Path, float]:
     info = work / f"{arch}.json"
     if path.exists() and info.exists():
         return path, json.loads(info.read_text())["test_accuracy"]
-    data = datasets.load_dataset("fashion-mnist")
-    splits = datasets.make_splits(data)
+    data = load_dataset("fashion-mnist")
+    splits = make_splits(data)
     torch.manual_seed(0)
     model = build_model(arch, 1, 10, *DATASET_STATS["fashion-mnist"])
     optimizer = torch.optim.Adam(model.parameters(), 2e-3)
@@ -56,7 +63,7 @@ def trained_model(arch: str, epochs: float, work: Path) -> tuple[Path, float]:
     model.train()
     done = 0
     while done < steps:
-        for x, y in datasets.iterate_batches(splits.finetune, 128, shuffle=True, generator=generator):
+        for x, y in iterate_batches(splits.finetune, 128, shuffle=True, generator=generator):
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad()
             loss.backward()
@@ -65,7 +72,7 @@ def trained_model(arch: str, epochs: float, work: Path) -> tuple[Path, float]:
             if done >= steps:
                 break
     model.eval()
-    x_test, y_test = datasets.materialize(data.test)
+    x_test, y_test = materialize(data.test)
     with torch.no_grad():
         accuracy = float((model(x_test).argmax(1) == y_test).float().mean())
     example = (torch.rand(1, 1, 28, 28),)

@@ -1,6 +1,7 @@
 """The layout rules of docs/architecture.md, checked on the code: each part imports only what its docstring allows,
 nothing imports the CLI, onnxruntime runs only in deploy.engine, torch.onnx.export is called only in deploy.export,
-the search knows nothing of ONNX, modules stay small, the CLI stays thin, and the generated document is current."""
+the search knows nothing of ONNX, modules stay small, the CLI stays thin, the benchmarks use only the public surface
+(qlp_compress.workflows and qlp_compress.base), and the generated document is current."""
 
 from __future__ import annotations
 
@@ -54,6 +55,34 @@ def test_a_forbidden_import_is_caught(architecture, tmp_path, monkeypatch):
     assert "qlp_compress.deploy.engine calls torch.onnx.export" in found
     assert "qlp_compress.deploy.engine has 403 lines" in found
     assert "qlp_compress.cli.commands imports search, which cli may not import" in found
+
+
+def test_the_benchmarks_import_only_the_public_surface(architecture):
+    assert list(architecture.BENCHMARKS.glob("*.py"))
+    assert architecture.benchmark_violations() == []
+
+
+def test_a_benchmark_reaching_below_the_public_surface_is_caught(architecture, tmp_path, monkeypatch):
+    """The benchmark checker is not blind: an internal module and a submodule of workflows are each reported; the
+    public namespace and base are not."""
+    (tmp_path / "fake.py").write_text(
+        "import qlp_compress.search.env\n"
+        "from qlp_compress.workflows.weights import allocator\n"
+        "from qlp_compress import data as datasets\n"
+        "from qlp_compress.workflows import weights\n"
+        "from qlp_compress.workflows import PruningEnv, compare, open_workspace\n"
+        "from qlp_compress.base.io import atomic_write_json\n"
+        "from qlp_compress.base import machine\n"
+        "def later():\n"
+        "    from qlp_compress.deploy import engine\n")
+    monkeypatch.setattr(architecture, "BENCHMARKS", tmp_path)
+    found = architecture.benchmark_violations()
+    reported = {line.split(";")[0] for line in found}
+    assert reported == {"benchmarks/fake.py:1 imports qlp_compress.search.env",
+                        "benchmarks/fake.py:2 imports qlp_compress.workflows.weights",
+                        "benchmarks/fake.py:3 imports qlp_compress.data",
+                        "benchmarks/fake.py:4 imports qlp_compress.workflows.weights",
+                        "benchmarks/fake.py:9 imports qlp_compress.deploy.engine"}, found
 
 
 def test_docs_architecture_is_current(architecture):

@@ -16,7 +16,7 @@ from qlp_compress.search.curriculum import SearchInterrupted, SearchSettings, ru
 from qlp_compress.search.env import PruningEnv
 
 NUMELS = np.array([500, 4000, 8000, 2000])
-SETTINGS = SearchSettings(target=0.8, episodes=30, stages=2, seed=2, batch_episodes=3, checkpoint_every=4,
+SETTINGS = SearchSettings(target_removed=0.8, episodes=30, stages=2, seed=2, batch_episodes=3, checkpoint_every=4,
                           agent=AgentSettings(hidden=(16,), batch_size=16, learning_starts=32))
 
 

@@ -106,7 +106,7 @@ def test_candidates_on_workers_choose_as_in_this_process_and_ctrl_c_keeps_the_fi
 
 @pytest.mark.slow  # Ray workers
 def test_compare_cells_on_workers_give_the_serial_rows_in_the_serial_order(ws, session, tmp_path):
-    search = SearchSettings(target=0.6, episodes=6, stages=2, seed=1, demonstrations=("lamp",),
+    search = SearchSettings(target_removed=0.6, episodes=6, stages=2, seed=1, demonstrations=("lamp",),
                             agent=AgentSettings(learning_starts=4, hidden=(16,)))
     reward = RewardSettings(images=100, bn_recalibrate=0, finetune_steps=0)
     common = (ws, ["qlp", "lamp", "uniform"], [0.6, 0.7], search, reward, AllocationSettings(),

@@ -94,10 +94,10 @@ def _learning_run(seed: int, target: float = 0.9) -> tuple[float, float, float, 
     must beat)."""
     torch.set_num_threads(1)
     _, optimum = optimal_allocation(target)
-    qlp = run_search(PruningEnv(NUMELS, quadratic_reward),  # the DQN alone: the policy check below is
-                     SearchSettings(target=target, episodes=400, seed=seed, near_best=0.0))  # about its episodes
+    qlp = run_search(PruningEnv(NUMELS, quadratic_reward),  # the DQN alone: the policy check below is about
+                     SearchSettings(target_removed=target, episodes=400, seed=seed, near_best=0.0))  # its episodes
     rnd = run_search(PruningEnv(NUMELS, quadratic_reward),
-                     SearchSettings(target=target, episodes=400, seed=seed, method="random"))
+                     SearchSettings(target_removed=target, episodes=400, seed=seed, method="random"))
     assert len(qlp.history) == len(rnd.history) == 400  # the same reward budget
 
     # exact properties, on every seed: each stage's best meets its own target to the weight, and the
@@ -166,7 +166,7 @@ def test_a_demonstration_replays_an_allocation_within_one_action_step(target) ->
 @pytest.mark.slow
 def test_demonstrations_open_every_stage_count_as_episodes_and_bound_the_result() -> None:
     allocations = {"uniform": lambda t: np.full(len(NUMELS), t), "optimal": lambda t: optimal_allocation(t)[0]}
-    settings = SearchSettings(target=0.9, episodes=60, stages=3, demonstrations=("uniform", "optimal"), seed=0)
+    settings = SearchSettings(target_removed=0.9, episodes=60, stages=3, demonstrations=("uniform", "optimal"), seed=0)
     result = run_search(PruningEnv(NUMELS, quadratic_reward), settings,
                         allocation=lambda name, t: allocations[name](t))
     assert len(result.history) == 60  # the demonstrations spend the same budget
@@ -193,7 +193,7 @@ def test_a_demonstration_is_scored_at_its_exact_allocation(target) -> None:
     """The grid replay only steers the transitions; the reward and the recorded policy are the allocator's own
     allocation, met to the weight, so the search can never lose to a demonstration through the action grid."""
     wanted, _ = optimal_allocation(target)
-    settings = SearchSettings(target=target, episodes=2, stages=1, demonstrations=("optimal",), seed=0)
+    settings = SearchSettings(target_removed=target, episodes=2, stages=1, demonstrations=("optimal",), seed=0)
     seen = RecordingReward()
     result = run_search(PruningEnv(NUMELS, seen), settings, allocation=lambda name, t: wanted)
     demo = result.history[0]
@@ -283,7 +283,7 @@ def test_random_episodes_keep_the_invariants(target) -> None:
         else:  # failure: never measured, penalised by the sparsity still missing
             assert len(stub.calls) == calls_before
             assert steps == settings.passes * n_layers
-            assert reward == pytest.approx(-2.0 * (target - env.global_sparsity()))
+            assert reward == pytest.approx(-2.0 * (target - env.removed()))
             assert reward < 0
     assert successes > 0
 
@@ -362,7 +362,7 @@ def test_near_best_episodes_start_from_the_stage_best_and_never_lose_it() -> Non
     allocation differs from that best in the visited layers and one common rescaling of the others, meets the
     stage's target exactly, and the stage's best never falls below its demonstrations."""
     allocations = {"uniform": lambda t: np.full(len(NUMELS), t), "optimal": lambda t: optimal_allocation(t)[0]}
-    settings = SearchSettings(target=0.9, episodes=60, stages=3, near_best=0.5, demonstrations=("uniform",),
+    settings = SearchSettings(target_removed=0.9, episodes=60, stages=3, near_best=0.5, demonstrations=("uniform",),
                               seed=0, agent=SMALL_AGENT)
     bests: dict[int, list] = {}
     measured: list[np.ndarray] = []
@@ -422,7 +422,7 @@ def test_partial_pruning_fails_with_the_missing_sparsity() -> None:
     tenth = DEFAULT_ACTIONS.index(0.1)
     results = [env.step(tenth) for _ in range(6)]
     assert results[-1][2] and not any(done for _, _, done in results[:-1])
-    reached = env.global_sparsity()
+    reached = env.removed()
     assert reached == pytest.approx(1 - 0.9**2, abs=1e-2)
     assert results[-1][1] == pytest.approx(-(0.9 - reached))
     assert stub.calls == []
@@ -479,8 +479,8 @@ def test_stage_episodes(total, stages, final_share) -> None:
 
 def test_search_refuses_bad_settings() -> None:
     env = PruningEnv(NUMELS, quadratic_reward)
-    for settings in (SearchSettings(target=0.9, episodes=3), SearchSettings(target=1.0),
-                     SearchSettings(target=0.9, method="grid")):
+    for settings in (SearchSettings(target_removed=0.9, episodes=3), SearchSettings(target_removed=1.0),
+                     SearchSettings(target_removed=0.9, method="grid")):
         with pytest.raises(UsageError):
             run_search(env, settings)
 
@@ -498,7 +498,7 @@ def history_key(result) -> list[tuple]:
 def test_same_seed_same_search_other_seed_other_search() -> None:
     def search(seed):
         return run_search(PruningEnv(NUMELS, quadratic_reward),
-                          SearchSettings(target=0.9, episodes=48, seed=seed, agent=SMALL_AGENT))
+                          SearchSettings(target_removed=0.9, episodes=48, seed=seed, agent=SMALL_AGENT))
 
     a, b, c = search(3), search(3), search(4)
     assert history_key(a) == history_key(b)
@@ -523,7 +523,7 @@ class InterruptingReward:
 @pytest.mark.slow
 @pytest.mark.parametrize("near_best", [0.0, 0.5], ids=["plain", "near-best"])
 def test_interrupted_search_resumes_to_the_same_result(tmp_path, near_best) -> None:
-    settings = SearchSettings(target=0.9, episodes=80, seed=5, checkpoint_every=5, agent=SMALL_AGENT,
+    settings = SearchSettings(target_removed=0.9, episodes=80, seed=5, checkpoint_every=5, agent=SMALL_AGENT,
                               near_best=near_best)
     reference_ckpt = tmp_path / "reference.pt"
     reference = run_search(PruningEnv(NUMELS, quadratic_reward), settings, checkpoint=reference_ckpt)
@@ -541,7 +541,8 @@ def test_interrupted_search_resumes_to_the_same_result(tmp_path, near_best) -> N
     assert saved["agent"]["updates"] > 0  # the agent had been learning when it was interrupted
 
     with pytest.raises(UsageError):  # another search's checkpoint
-        run_search(PruningEnv(NUMELS, quadratic_reward), replace(settings, target=0.8), checkpoint=ckpt, resume=True)
+        run_search(PruningEnv(NUMELS, quadratic_reward), replace(settings, target_removed=0.8), checkpoint=ckpt,
+                   resume=True)
 
     resumed = run_search(PruningEnv(NUMELS, quadratic_reward), replace(settings, checkpoint_every=7),
                          checkpoint=ckpt, resume=True)

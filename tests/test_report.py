@@ -162,7 +162,7 @@ def test_sparsity_figure_bars_target_and_zero_layers():
 
 
 def test_budget_warning_names_a_budget_that_is_enough(capsys):
-    settings = SearchSettings(target=0.9, episodes=20, stages=4)  # 5/5/5/... with 4 demonstrations per stage
+    settings = SearchSettings(target_removed=0.9, episodes=20, stages=4)  # 5/5/5/... with 4 demonstrations per stage
     message = advice.budget_warning(settings)
     err = capsys.readouterr().err
     assert message and err.count("\n") == 1 and err.startswith("warning:")
@@ -171,8 +171,8 @@ def test_budget_warning_names_a_budget_that_is_enough(capsys):
     assert min(lengths) - len(settings.demonstrations) >= advice.MIN_AGENT_EPISODES
     assert min(stage_episodes(suggested - 1, 4, settings.final_share)) - len(settings.demonstrations) \
         < advice.MIN_AGENT_EPISODES  # the smallest such budget
-    assert advice.budget_warning(SearchSettings(target=0.9, episodes=suggested, stages=4)) is None
-    assert advice.budget_warning(SearchSettings(target=0.9)) is None  # the defaults leave the agent room
+    assert advice.budget_warning(SearchSettings(target_removed=0.9, episodes=suggested, stages=4)) is None
+    assert advice.budget_warning(SearchSettings(target_removed=0.9)) is None  # the defaults leave the agent room
 
 
 def test_signal_warning_when_every_allocation_scores_chance(capsys):

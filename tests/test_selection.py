@@ -19,7 +19,7 @@ from qlp_compress.data.images import TensorImages
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.train.measure import accuracy
-from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_and_finetune, selection
+from qlp_compress.workflows import DataSettings, ModelSettings, open_workspace, prune_weights_and_finetune, selection
 from qlp_compress.workflows.selection import Candidate, SelectionSettings
 from qlp_compress.workflows.weights import allocator, find_policy
 
@@ -90,7 +90,7 @@ def test_the_most_accurate_candidate_wins_and_a_resumed_choice_reuses_the_finish
     assert steps[0] != steps[1]  # a reference fine-tuned for another budget (0.5 epoch) would not match below
     expected = []
     for c in found:
-        _, tuned, _ = prune_and_finetune(tiny_ws, replace(lamp, sparsities=c.sparsities), reference)
+        _, tuned = prune_weights_and_finetune(tiny_ws, replace(lamp, sparsities=c.sparsities), reference)
         expected.append(accuracy(tuned, [(x[100:], y[100:])]))
     assert [r["held_out_accuracy"] for r in record["candidates"]] == pytest.approx(expected)
     best = max(expected)
@@ -101,7 +101,7 @@ def test_the_most_accurate_candidate_wins_and_a_resumed_choice_reuses_the_finish
     def no_more_training(*args, **kwargs):
         raise AssertionError("a finished candidate was fine-tuned again")
 
-    monkeypatch.setattr(selection, "prune_and_finetune", no_more_training)
+    monkeypatch.setattr(selection, "prune_weights_and_finetune", no_more_training)
     again, record_again = selection.select(tiny_ws, lamp, found, settings, tune, 100, work=tmp_path, resume=True)
     assert again == chosen and record_again == record
     assert json.loads((tmp_path / "selection.json").read_text())["candidates"][0]["name"] == "search"
@@ -114,7 +114,7 @@ def test_the_most_accurate_candidate_wins_and_a_resumed_choice_reuses_the_finish
 
 def test_a_tie_keeps_the_search_answer_and_without_fine_tuning_nothing_is_chosen(tiny_ws, monkeypatch):
     policy = searched_policy(None)
-    monkeypatch.setattr(selection, "prune_and_finetune", lambda *a, **k: (None, torch.nn.Identity(), None))
+    monkeypatch.setattr(selection, "prune_weights_and_finetune", lambda *a, **k: (None, torch.nn.Identity()))
     monkeypatch.setattr(selection, "accuracy", lambda model, batches: 0.5)
     found = selection.candidates(policy, by_name, 3)
     chosen, _ = selection.select(tiny_ws, policy, found, SelectionSettings(), TrainSettings(epochs=1.0), 100)

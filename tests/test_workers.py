@@ -32,7 +32,7 @@ from qlp_compress.workflows.workspace import DataSettings, ModelSettings, open_w
 ray = pytest.importorskip("ray")
 
 REWARD = RewardSettings(images=200, bn_recalibrate=0, finetune_steps=0, device="cpu")
-SEARCH = SearchSettings(target=0.8, episodes=12, stages=2, seed=3, batch_episodes=2, checkpoint_every=2,
+SEARCH = SearchSettings(target_removed=0.8, episodes=12, stages=2, seed=3, batch_episodes=2, checkpoint_every=2,
                         demonstrations=("lamp",), agent=AgentSettings(learning_starts=16, hidden=(32,)))
 
 

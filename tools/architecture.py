@@ -1,7 +1,8 @@
 """The package's parts, what each owns and what each may import, read from the code itself, and docs/architecture.md
 generated from them. Each part is a subpackage of qlp_compress whose docstring ends with "May import: a, b." (or
 "May import: nothing else in the package."); tests/test_architecture.py enforces those rules and the other layout
-rules below, and fails when docs/architecture.md is stale.
+rules below (among them: the benchmarks use only the package's public surface), and fails when docs/architecture.md
+is stale.
 
     python tools/architecture.py            # rewrite docs/architecture.md
     python tools/architecture.py --check    # exit 1 if it is stale
@@ -18,6 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qlp_compress"
 DOC = ROOT / "docs/architecture.md"
+BENCHMARKS = ROOT / "benchmarks"
+# what a benchmark (benchmarks/*.py) may import of the package: these namespaces themselves (never a submodule of
+# them), base with its submodules, and nothing else. The CLI's namespace is there for the benchmarks that drive the
+# command exactly as a user does (fuzz.py, exporter_matrix.py: its public app and main); the rest of the package is
+# reached through qlp_compress.workflows, which re-exports the research surface the benchmarks use.
+BENCHMARK_NAMESPACES = ("qlp_compress.workflows", "qlp_compress.cli")
+BENCHMARK_FREE = "qlp_compress.base"  # with its submodules
 MAX_LINES = 400  # no module longer than this
 CLI_MAX_IMPORTS = 6  # project modules outside the CLI that the CLI may import
 # third-party libraries that belong to one part each (any other part importing them breaks the layout)
@@ -123,10 +131,50 @@ def violations(parts: dict[str, Part]) -> list[str]:
                 found.append(f"{m.name} calls torch.onnx.export; only qlp_compress.deploy.export may")
             if m.lines > MAX_LINES:
                 found.append(f"{m.name} has {m.lines} lines (at most {MAX_LINES})")
-    cli_imports = {i for m in parts["cli"].modules for i in m.imports if not i.startswith("qlp_compress.cli")}
+    cli_imports = {i for m in parts["cli"].modules for i in m.imports  # the root package holds only __version__
+                   if not i.startswith("qlp_compress.cli") and i != "qlp_compress"}
     if len(cli_imports) > CLI_MAX_IMPORTS:
         found.append(f"the CLI imports {len(cli_imports)} project modules (at most {CLI_MAX_IMPORTS}): "
                      f"{', '.join(sorted(cli_imports))}")
+    return found
+
+
+def _public_names(namespace: str) -> set[str]:
+    """The names a package lists in its __all__ (`__all__ = [...]` and any `__all__ += [...]`)."""
+    init = PACKAGE.joinpath(*namespace.split(".")[1:], "__init__.py")
+    names: set[str] = set()
+    for node in ast.parse(init.read_text()).body if init.exists() else ():
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(target, ast.Name) and target.id == "__all__" and isinstance(node.value, ast.List | ast.Tuple):
+            names |= {e.value for e in node.value.elts if isinstance(e, ast.Constant)}
+    return names
+
+
+def _benchmark_imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, dotted name) of every qlp_compress module a benchmark imports; a name imported from a package is the
+    package itself unless it is a submodule the package does not re-export."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == "qlp_compress":
+                found += [(node.lineno, f"qlp_compress.{a.name}") for a in node.names]
+                continue
+            public = _public_names(node.module) if node.module.startswith("qlp_compress.") else set()
+            found += [(node.lineno, f"{node.module}.{a.name}" if _is_module(f"{node.module}.{a.name}")
+                       and a.name not in public else node.module) for a in node.names]
+    return sorted({(line, name) for line, name in found if name.split(".")[0] == "qlp_compress"})
+
+
+def benchmark_violations() -> list[str]:
+    """Every import of the package in benchmarks/*.py beyond its public surface, one line each."""
+    found = []
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        for line, name in _benchmark_imports(ast.parse(path.read_text())):
+            if name not in BENCHMARK_NAMESPACES and not (name + ".").startswith(BENCHMARK_FREE + "."):
+                found.append(f"benchmarks/{path.name}:{line} imports {name}; a benchmark may import only "
+                             f"{', '.join(BENCHMARK_NAMESPACES)} (not their submodules) and {BENCHMARK_FREE}")
     return found
 
 
@@ -143,7 +191,10 @@ def markdown(parts: dict[str, Part]) -> str:
              "Rules: each part imports only the parts its docstring allows; nothing imports the CLI; "
              f"onnxruntime runs only in `deploy.engine`; `torch.onnx.export` is called only in `deploy.export`; "
              f"the search imports no onnx, onnxruntime or onnx2torch; no module has more than {MAX_LINES} lines; "
-             f"the CLI imports at most {CLI_MAX_IMPORTS} project modules.", "",
+             f"the CLI imports at most {CLI_MAX_IMPORTS} project modules (the package root's version aside); "
+             "a benchmark (`benchmarks/*.py`) imports of the package only `qlp_compress.workflows` (its namespace, "
+             "never a submodule), `qlp_compress.base`, and, to drive the command as a user does, `qlp_compress.cli` "
+             "(its namespace).", "",
              "| part | owns | may import | imports today | libraries |", "|---|---|---|---|---|"]
     heavy = {"onnx", "onnxruntime", "onnx2torch", "onnxslim", "torch_pruning", "torch", "torchvision", "typer",
              "rich", "matplotlib", "numpy"}
@@ -168,7 +219,7 @@ def main() -> int:
             return 1
         return 0
     DOC.write_text(text)
-    for line in violations(parts):
+    for line in violations(parts) + benchmark_violations():
         print(line, file=sys.stderr)
     return 0
 

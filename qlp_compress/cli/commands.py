@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -44,16 +43,10 @@ def _command() -> str:
     return "qlp-compress " + shlex.join(sys.argv[1:])
 
 
-def _run(model: Path, out, data, data_dir, device, seed, arch=None, trust_pickle=False, mean=None, std=None,
-         reward_size=None, finetune_epochs=o.RUN.finetune_epochs, lr=o.RUN.lr, sparse_storage=True, quantize="none",
-         calibration_images=1024, keep_float="none", int8_max_loss=1.0, resume=False, force=False,
-         nproc=1) -> RunOptions:
-    return RunOptions(model=model, out=out, data=data, data_dir=data_dir, reward_size=reward_size, device=device,
-                      seed=seed, arch=arch, trust_pickle=trust_pickle, mean=tuple(mean) if mean else None,
-                      std=tuple(std) if std else None, finetune_epochs=finetune_epochs, lr=lr,
-                      sparse_storage=sparse_storage, quantize=quantize, calibration_images=calibration_images,
-                      keep_float=keep_float, int8_max_loss=int8_max_loss, resume=resume, force=force,
-                      nproc=nproc, command=_command())
+def _run(*, mean: list[float] | None = None, std: list[float] | None = None, **options) -> RunOptions:
+    """The options every command shares, by name; those a command does not have keep RunOptions's defaults."""
+    return RunOptions(mean=tuple(mean) if mean else None, std=tuple(std) if std else None, command=_command(),
+                      **options)
 
 
 @app.command("search")
@@ -93,7 +86,7 @@ def search_cmd(
     round_to: o.RoundTo = o.HOW.round_to,
     distill: o.Distill = o.HOW.distill,
     quantize: o.Quantize = "none",
-    calibration_images: o.CalibrationImages = 1024,
+    calibration_images: o.CalibrationImages = o.RUN.calibration_images,
     keep_float: o.KeepFloat = "none",
     int8_max_loss: o.Int8MaxLoss = 1.0,
     seed: o.Seed = 0,
@@ -115,8 +108,10 @@ def search_cmd(
     --structure channel it chooses layer widths for a measured onnxruntime speedup: a smaller, faster model; depth
     removes whole residual blocks, and channel,depth does both."""
     set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, reward_size, finetune_epochs,
-               lr, sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force, nproc)
+    run = _run(model=model, out=out, data=data, data_dir=data_dir, device=device, seed=seed, arch=arch,
+               trust_pickle=trust_pickle, mean=mean, std=std, reward_size=reward_size, finetune_epochs=finetune_epochs,
+               lr=lr, sparse_storage=sparse_storage, quantize=quantize, calibration_images=calibration_images,
+               keep_float=keep_float, int8_max_loss=int8_max_loss, resume=resume, force=force, nproc=nproc)
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, episodes=episodes,
                  stages=stages, passes=passes, demonstrations=demonstrations, near_best=near_best,
                  candidates=candidates, select_epochs=select_epochs, reward_images=reward_images,
@@ -152,7 +147,7 @@ def prune_cmd(
     round_to: o.RoundTo = o.HOW.round_to,
     distill: o.Distill = o.HOW.distill,
     quantize: o.Quantize = "none",
-    calibration_images: o.CalibrationImages = 1024,
+    calibration_images: o.CalibrationImages = o.RUN.calibration_images,
     keep_float: o.KeepFloat = "none",
     int8_max_loss: o.Int8MaxLoss = 1.0,
     seed: o.Seed = 0,
@@ -170,13 +165,15 @@ def prune_cmd(
 
     Example: qlp-compress prune model.onnx --method lamp --sparsity 0.9 --out runs/lamp90"""
     set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, None, finetune_epochs, lr,
-               sparse_storage, quantize, calibration_images, keep_float, int8_max_loss, resume, force, nproc)
+    run = _run(model=model, out=out, data=data, data_dir=data_dir, device=device, seed=seed, arch=arch,
+               trust_pickle=trust_pickle, mean=mean, std=std, finetune_epochs=finetune_epochs, lr=lr,
+               sparse_storage=sparse_storage, quantize=quantize, calibration_images=calibration_images,
+               keep_float=keep_float, int8_max_loss=int8_max_loss, resume=resume, force=force, nproc=nproc)
     method = method or run_command.default_prune_method(structure)
     how = Choice(structure=structure, method=method, sparsity=sparsity, speedup=speedup, policy=policy,
                  min_density=min_density, latency_batch=latency_batch, threads=threads, round_to=round_to,
                  distill=distill)
-    if method in ("qlp", "random"):
+    if method in run_command.SEARCH_METHODS:
         raise typer.BadParameter(f"{method} is a search; use `qlp-compress search --method {method}`",
                                  param_hint="--method")
     report = run_command.search(run, how)
@@ -229,8 +226,9 @@ def compare_cmd(
 
     Example: qlp-compress compare model.onnx --sparsity 0.9 --sparsity 0.95 --method qlp,lamp,erk"""
     set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
-               resume=resume, force=force, nproc=nproc)
+    run = _run(model=model, out=out, data=data, data_dir=data_dir, device=device, seed=seed, arch=arch,
+               trust_pickle=trust_pickle, finetune_epochs=finetune_epochs, lr=lr, resume=resume, force=force,
+               nproc=nproc)
     channel = run_command.is_structured(run_command.structure_name(structure))
     names = method or run_command.default_compare_methods(structure)
     how = Choice(structure=structure, episodes=episodes, stages=stages, demonstrations=demonstrations,

@@ -26,7 +26,7 @@ def finetune_cmd(
     lr: o.Lr = o.RUN.lr,
     nproc: o.Nproc = 1,
     quantize: o.Quantize = "none",
-    calibration_images: o.CalibrationImages = 1024,
+    calibration_images: o.CalibrationImages = o.RUN.calibration_images,
     keep_float: o.KeepFloat = "none",
     int8_max_loss: o.Int8MaxLoss = 1.0,
     seed: o.Seed = 0,
@@ -42,7 +42,8 @@ def finetune_cmd(
 
     Example: qlp-compress finetune pruned.onnx --out tuned.onnx --finetune-epochs 2"""
     set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
+    run = _run(model=model, out=out, data=data, data_dir=data_dir, device=device, seed=seed, arch=arch,
+               trust_pickle=trust_pickle, finetune_epochs=finetune_epochs, lr=lr,
                quantize=quantize, calibration_images=calibration_images, keep_float=keep_float,
                int8_max_loss=int8_max_loss, resume=resume, force=force, nproc=nproc)
     result = run_command.finetune(run)
@@ -59,7 +60,7 @@ def export_cmd(
     data_dir: o.DataDir = None,
     sparse_storage: o.SparseStorage = True,
     quantize: o.Quantize = "none",
-    calibration_images: o.CalibrationImages = 1024,
+    calibration_images: o.CalibrationImages = o.RUN.calibration_images,
     keep_float: o.KeepFloat = "none",
     int8_max_loss: o.Int8MaxLoss = 1.0,
     device: o.Device = "auto",
@@ -75,7 +76,8 @@ def export_cmd(
 
     Example: qlp-compress export model.pt --arch resnet20 --out model.onnx"""
     set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, 0, arch, trust_pickle, mean, std, sparse_storage=sparse_storage,
+    run = _run(model=model, out=out, data=data, data_dir=data_dir, device=device, arch=arch, trust_pickle=trust_pickle,
+               mean=mean, std=std, sparse_storage=sparse_storage,
                quantize=quantize, calibration_images=calibration_images, keep_float=keep_float,
                int8_max_loss=int8_max_loss, force=force)
     result = run_command.export(run)
@@ -91,7 +93,7 @@ def quantize_cmd(
     data: o.Data = o.RUN.data,
     data_dir: o.DataDir = None,
     reward_size: o.RewardSize = None,
-    calibration_images: o.CalibrationImages = 1024,
+    calibration_images: o.CalibrationImages = o.RUN.calibration_images,
     keep_float: o.KeepFloat = "none",
     int8_max_loss: o.Int8MaxLoss = 1.0,
     force: o.Force = False,
@@ -105,8 +107,8 @@ def quantize_cmd(
     Calibrated on the reward split; checked (zeros kept, onnx.checker, onnxruntime) and compared with the float
     model on test."""
     set_quiet(quiet)
-    run = _run(model, out, data, data_dir, "cpu", 0, reward_size=reward_size, calibration_images=calibration_images,
-               keep_float=keep_float, int8_max_loss=int8_max_loss, force=force)
+    run = _run(model=model, out=out, data=data, data_dir=data_dir, device="cpu", reward_size=reward_size,
+               calibration_images=calibration_images, keep_float=keep_float, int8_max_loss=int8_max_loss, force=force)
     result = run_command.quantize_model(run)
     emit(result, as_json, lambda: [int8_line(result)])
 
@@ -135,7 +137,8 @@ def train_cmd(
 
     Example: qlp-compress train resnet20 --out models/resnet20.onnx --epochs 20"""
     set_quiet(quiet)
-    run = _run(Path(arch), out, data, data_dir, device, seed, resume=resume, force=force, nproc=nproc)
+    run = _run(model=Path(arch), out=out, data=data, data_dir=data_dir, device=device, seed=seed, resume=resume,
+               force=force, nproc=nproc)
     result = run_command.train_zoo_model(run, TrainOptions(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr,
                                                            weight_decay=weight_decay, schedule=schedule))
     emit(result, as_json, lambda: [Text(f"wrote {out}: test accuracy {result['test_accuracy']:.2%} (onnxruntime, "

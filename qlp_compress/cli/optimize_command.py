@@ -62,8 +62,9 @@ def optimize_cmd(
 
     Example: qlp-compress optimize model.onnx --max-loss 1 --batch 64 --time-budget 7200"""
     set_quiet(quiet)
-    run = _run(model, out, data, data_dir, device, seed, arch, trust_pickle, mean, std, reward_size, finetune_epochs,
-               lr, quantize="int8" if int8 else "none", resume=resume, force=force, nproc=nproc)
+    run = _run(model=model, out=out, data=data, data_dir=data_dir, device=device, seed=seed, arch=arch,
+               trust_pickle=trust_pickle, mean=mean, std=std, reward_size=reward_size, finetune_epochs=finetune_epochs,
+               lr=lr, quantize="int8" if int8 else "none", resume=resume, force=force, nproc=nproc)
     how = Choice(structure=structure, episodes=episodes, stages=stages, reward_images=reward_images, threads=threads,
                  round_to=round_to, latency_batch=batch)
     goal = OptimizeSettings(max_loss=max_loss, objective=objective, batch=batch, time_budget=time_budget)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_json
+from qlp_compress.base.names import SEARCH_METHODS
 from qlp_compress.pruning.masks import global_sparsity
 
 FORMAT = "qlp-compress/policy/v1"
@@ -94,7 +95,6 @@ def read_policy_document(path: Path) -> object:
 def read_policy(path: Path) -> Policy:
     """Read and check a policy.json on its own (before any model is loaded): every field of the right type and
     range, `method` one of the known names (it becomes part of the default output folder's name)."""
-    from qlp_compress.base.names import SEARCH_METHODS as METHODS
     from qlp_compress.pruning.allocate import ALLOCATORS
 
     path = Path(path)
@@ -108,8 +108,8 @@ def read_policy(path: Path) -> Policy:
     if doc.get("format") == CHANNEL_FORMAT:
         raise UsageError(f"{path} is a channel policy, not a weight policy; use --structure channel with it")
     method = doc.get("method")
-    if method not in (*METHODS, *ALLOCATORS):
-        raise invalid(f"method {_clip(method)!r} is none of {', '.join((*METHODS, *ALLOCATORS))}")
+    if method not in (*SEARCH_METHODS, *ALLOCATORS):
+        raise invalid(f"method {_clip(method)!r} is none of {', '.join((*SEARCH_METHODS, *ALLOCATORS))}")
     target = doc.get("target_sparsity")
     if not (_is_number(target) and 0.0 < target < 1.0):
         raise invalid(f"target_sparsity {_clip(target)} does not lie strictly between 0 and 1")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qlp_compress.base.errors import QLPError, UsageError
-from qlp_compress.base.names import structure_parts
+from qlp_compress.base.names import SEARCH_METHODS, structure_parts
 from qlp_compress.pruning.channel_groups import ChannelSpace
 from qlp_compress.pruning.depth import stages as block_stages
 
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 BASELINES = ("uniform", "l1", "bn-slimming", "depth")  # closed-form allocations (prune --method); depth drops blocks
 WIDTH_BASELINES = ("uniform", "l1", "bn-slimming")
-SEARCHES = ("qlp", "random")
 
 
 def baselines_for(structure: str) -> tuple[str, ...]:
@@ -118,7 +117,7 @@ def allocate_widths(method: str, space: ChannelSpace, table: LatencyTable, targe
         raise UsageError("bn-slimming ranks channels by BatchNorm scale, and this model has no BatchNorm; use "
                          "--method l1 or uniform")
     if method not in WIDTH_BASELINES:
-        raise UsageError(f"unknown channel method {method!r}; use one of {', '.join((*SEARCHES, *BASELINES))}")
+        raise UsageError(f"unknown channel method {method!r}; use one of {', '.join((*SEARCH_METHODS, *BASELINES))}")
     for keep in _depth_steps(space):
         try:
             if method == "uniform":

@@ -44,7 +44,7 @@ class ChannelEnv(PruningEnv):
     def sparsities(self) -> np.ndarray:
         return 1.0 - np.asarray(self.widths()) / self.sizes
 
-    def global_sparsity(self) -> float:
+    def removed(self) -> float:
         """Here: the fraction of the dense latency removed (predicted)."""
         return self.table.reduction(self.widths())
 
@@ -75,6 +75,6 @@ class ChannelEnv(PruningEnv):
             return self.state(), float(self.reward_fn(measured)), True
         self.density = new
         if self.step_count >= self.settings.passes * self.n_layers:
-            missing = self.target - self.global_sparsity()
+            missing = self.target - self.removed()
             return self.state(), -self.settings.failure_penalty * missing, True
         return self.state(), 0.0, False

@@ -81,6 +81,8 @@ def normalise(settings: dict | None) -> dict | None:
         return None
     out = dict(settings)
     out.pop("checkpoint_every", None)
+    if "target" in out:  # checkpoints written before the field was named for what it is
+        out["target_removed"] = out.pop("target")
     if out.get("batch_episodes", 1) == 1:  # the default; older checkpoints lack the field
         out.pop("batch_episodes", None)
     if out.get("exact_demonstrations", True):  # the default; older checkpoints lack the field

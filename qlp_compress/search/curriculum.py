@@ -1,6 +1,7 @@
 """The QLP search: DQN episodes in the pruning environment through a curriculum of increasing targets.
 
-Each stage of the curriculum is a block of episodes at one target sparsity; the replay buffer and the
+Each stage of the curriculum is a block of episodes at one target (the share of the cost removed: the
+sparsity of the weights, or of the predicted latency); the replay buffer and the
 networks carry over from stage to stage, and the best episode of every stage is kept, so one search gives
 a policy for each intermediate sparsity too.
 
@@ -48,7 +49,6 @@ from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv, Reward
 
 ScoreBatch = Callable[[list[np.ndarray]], list[tuple[float, float]]]  # allocations → [(score, seconds)], in order
 
-METHODS = SEARCH_METHODS
 
 
 class SearchInterrupted(Interrupted):
@@ -59,7 +59,8 @@ class SearchInterrupted(Interrupted):
 class SearchSettings:
     """One search."""
 
-    target: float  # final global sparsity
+    target_removed: float  # share of the structure's cost the final stage removes: the global sparsity of the
+    #                        weights, or 1 - 1/speedup of the predicted latency (channels, blocks)
     episodes: int = 400  # total episodes (= reward evaluations) over all stages
     stages: int = 4  # curriculum stages; 1 = no curriculum
     first_target: float = 0.5  # sparsity of the first stage (capped at half the final target)
@@ -170,18 +171,21 @@ def run_search(
     Episodes are played in batches of `settings.batch_episodes`, all with the networks as they were at the batch's
     start; their allocations are then scored, and the agents learn from the episodes in episode order. The result
     depends on the batch size, never on who scored the allocations or in which order they finished."""
-    if settings.method not in METHODS:
-        raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(METHODS)}")
-    validate.sparsity(settings.target)
+    if settings.method not in SEARCH_METHODS:
+        raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(SEARCH_METHODS)}")
+    if not 0.0 < settings.target_removed < 1.0:  # the options were checked as options (--sparsity, --speedup)
+        raise UsageError(f"the search's target share of the cost removed must lie strictly between 0 and 1, got "
+                         f"{settings.target_removed}")
     validate.whole("--batch-episodes", settings.batch_episodes, 1, "4")
     if settings.method == "random":
-        targets = [settings.target]
+        targets = [settings.target_removed]
     elif settings.stage_targets:
         targets = list(settings.stage_targets)
-        if targets[-1] != settings.target or any(a >= b for a, b in itertools.pairwise(targets)):
-            raise UsageError(f"curriculum targets {targets} must increase and end at the target {settings.target}")
+        if targets[-1] != settings.target_removed or any(a >= b for a, b in itertools.pairwise(targets)):
+            raise UsageError(f"curriculum targets {targets} must increase and end at the target "
+                             f"{settings.target_removed}")
     else:
-        targets = curriculum_targets(settings.target, settings.stages, settings.first_target)
+        targets = curriculum_targets(settings.target_removed, settings.stages, settings.first_target)
     stages = len(targets)
     lengths = stage_episodes(settings.episodes, stages, settings.final_share)
     if min(lengths) < 1:
@@ -332,7 +336,7 @@ def _play_episode(env: PruningEnv, target: float, choose: Callable[[np.ndarray],
         state = next_state
     succeeded = env.met_target()
     record = {"reward": float(reward), "steps": len(transitions),
-              "reached": env.global_sparsity(), "succeeded": bool(succeeded),
+              "reached": env.removed(), "succeeded": bool(succeeded),
               "seconds": time.perf_counter() - started, "_reward_seconds": reward_seconds if succeeded else 0.0,
               "_sparsities": [float(s) for s in (env.sparsities() if exact_sparsities is None else exact_sparsities)]
               if succeeded else None}

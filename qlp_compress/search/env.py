@@ -94,7 +94,7 @@ class PruningEnv:
         """Per-layer sparsity in whole weights (what the masks will remove)."""
         return self.pruned_counts() / self.numels
 
-    def global_sparsity(self) -> float:
+    def removed(self) -> float:
         return float(self.pruned_counts().sum()) / self.total
 
     def met_target(self) -> bool:
@@ -151,7 +151,7 @@ class PruningEnv:
         self.density = new
         self.step_count += 1
         if self.step_count >= self.settings.passes * self.n_layers:
-            missing = self.target - self.global_sparsity()
+            missing = self.target - self.removed()
             return self.state(), -self.settings.failure_penalty * missing, True
         return self.state(), 0.0, False
 

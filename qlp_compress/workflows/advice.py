@@ -33,7 +33,7 @@ def _stages(settings: SearchSettings) -> int:
         return 1
     if settings.stage_targets:
         return len(settings.stage_targets)
-    return len(curriculum_targets(settings.target, settings.stages, settings.first_target))
+    return len(curriculum_targets(settings.target_removed, settings.stages, settings.first_target))
 
 
 def _span(stages: Sequence[int]) -> str:

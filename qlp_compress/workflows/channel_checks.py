@@ -8,10 +8,11 @@ import math
 from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.names import SEARCH_METHODS
 from qlp_compress.pruning.latency import LatencyTable
 from qlp_compress.pruning.policy import FORMAT as WEIGHT_POLICY_FORMAT
 from qlp_compress.pruning.policy import read_policy_document
-from qlp_compress.pruning.widths import BASELINES, CRITERION_OF, SEARCHES
+from qlp_compress.pruning.widths import BASELINES, CRITERION_OF
 
 POLICY_FORMAT = "qlp-compress/channel-policy/v1"
 
@@ -30,7 +31,7 @@ def read_channel_policy(path: Path) -> dict:
         raise UsageError(f"{path} is a weight policy, not a channel policy; use --structure weight with it")
     if doc.get("format") != POLICY_FORMAT:
         raise invalid(f"format {_clip(doc.get('format'))!r} is not {POLICY_FORMAT!r}")
-    methods = (*SEARCHES, *BASELINES)
+    methods = (*SEARCH_METHODS, *BASELINES)
     if doc.get("method") not in methods:
         raise invalid(f"method {_clip(doc.get('method'))!r} is none of {', '.join(methods)}")
     criteria = tuple(sorted(set(CRITERION_OF.values())))

@@ -10,15 +10,13 @@ from pathlib import Path
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.deploy.engine import open_session, session_accuracy
-from qlp_compress.pruning.widths import check_speedup
 from qlp_compress.report.structured import compare_markdown
 from qlp_compress.workflows.channels import (
     ChannelSettings,
-    check_method,
     find_widths,
-    measure,
+    measure_against_dense,
     open_channels,
-    prune_finetune,
+    prune_channels_and_finetune,
 )
 from qlp_compress.workflows.compare import measured_rows
 from qlp_compress.workflows.selection import SelectionSettings, run_record
@@ -42,10 +40,6 @@ def compare_channels(ws: Workspace, methods: list[str], speedups: list[float], s
     """Every method at every speedup target: same table, same fine-tuning. compare.json and compare.md are
     written as a set at the end; the rows so far are kept in OUT/.work/compare.json after every cell, and
     `resume` continues from them."""
-    for m in methods:
-        check_method(m)
-    for s in speedups:
-        check_speedup(s)
     with OutputRun(out, force, resume) as run:
         rows = _compare_channels(ws, methods, speedups, settings, run, command)
         run.commit()
@@ -63,9 +57,10 @@ def _compare_channels(ws: Workspace, methods: list[str], speedups: list[float], 
                 continue  # measured before the interruption
             cell = replace(settings, method=method, speedup=speedup)
             found = find_widths(ws, ctx, cell)
-            pruned, tuned = prune_finetune(ws, ctx, found["widths"], found["criterion"], cell.finetune, cell.distill)
+            pruned, tuned = prune_channels_and_finetune(ws, ctx, found["widths"], found["criterion"], cell.finetune,
+                                                        cell.distill)
             tuned_bytes = export_bytes(tuned, ws)
-            result = measure(ws, ctx, tuned_bytes, tuned, cell)
+            result = measure_against_dense(ws, ctx, tuned_bytes, tuned, cell)
             rows.append({"method": method, "target_speedup": speedup, "widths": found["widths"],
                          "dropped_blocks": ctx.space.dropped(found["widths"]),
                          "predicted_speedup": found["predicted_speedup"],

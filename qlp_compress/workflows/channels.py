@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from qlp_compress import data as datasets
-from qlp_compress.base.errors import QLPError, UsageError
+from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
 from qlp_compress.base.machine import cpu_capability
 from qlp_compress.base.names import structure_parts
@@ -27,9 +27,7 @@ from qlp_compress.pruning.latency import LatencySettings, LatencyTable, check_la
 from qlp_compress.pruning.widths import (
     BASELINES,
     CRITERION_OF,
-    SEARCHES,
     allocate_widths,
-    check_speedup,
     default_demonstrations,
     demonstration_allocator,
     speedup_to_target,
@@ -42,22 +40,21 @@ from qlp_compress.reward.workers import ScaleSettings
 from qlp_compress.search.channel_env import ChannelEnv
 from qlp_compress.search.curriculum import SearchSettings, run_search
 from qlp_compress.train.finetune import TrainSettings
-from qlp_compress.train.measure import recalibrate_batchnorm
 from qlp_compress.workflows.advice import budget_warning, busy_table_warning, signal_warning, speedup_warning
 from qlp_compress.workflows.channel_checks import POLICY_FORMAT, check_channel_policy, check_reach, read_channel_policy
 from qlp_compress.workflows.quantize import quantize_beside
 from qlp_compress.workflows.scale import scale_record, scoring
 from qlp_compress.workflows.workspace import (
-    BN_RECALIBRATION_IMAGES,
+    REWARD_IMAGES,
     Workspace,
     export_bytes,
     export_verified,
-    finetune_guarded,
     finetune_report,
+    held_out_images,
+    recalibrate_and_finetune,
     with_record,
 )
 
-METHODS = (*SEARCHES, *BASELINES)
 SPEEDUP_BATCHES = (1, 64)  # every report gives the measured speedup at these batch sizes
 
 
@@ -78,11 +75,6 @@ class ChannelSettings:
     speed_rounds: int = 15  # interleaved rounds per measured speedup
     quantize: QuantizeSettings | None = None  # also write model.int8.onnx (None = no int8)
     scale: ScaleSettings = field(default_factory=ScaleSettings)  # where the search's rewards are scored
-
-
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise UsageError(f"unknown channel method {method!r}; use one of {', '.join(METHODS)}")
 
 
 @dataclass
@@ -122,9 +114,8 @@ def open_channels(ws: Workspace, settings: LatencySettings, cache: Path | None =
 
 def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, checkpoint: Path | None = None,
                 resume: bool = False, on_episode: Callable[[dict], None] | None = None) -> dict:
-    """The per-group widths of `settings.method` at the speedup target, and how they were found."""
-    check_method(settings.method)
-    check_speedup(settings.speedup)
+    """The per-group widths of `settings.method` at the speedup target, and how they were found. The settings
+    were checked where they entered (workflows.structures); only the table's reach is checked here."""
     target = speedup_to_target(settings.speedup)
     check_reach(ctx.table, settings.speedup)
     started = time.perf_counter()
@@ -133,7 +124,8 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
         widths = allocate_widths(settings.method, ctx.space, ctx.table, target)
     else:
         reward_settings = replace(settings.reward, device=ws.device)
-        search = replace(settings.search or SearchSettings(target=target), target=target, method=settings.method,
+        search = replace(settings.search or SearchSettings(target_removed=target), target_removed=target,
+                         method=settings.method,
                          near_best=0.0)  # near-best episodes move per-layer sparsities: weight mode only
         demos = settings.demonstrations if settings.demonstrations is not None else default_demonstrations(ctx.space)
         search = replace(search, demonstrations=tuple(demos))
@@ -174,24 +166,20 @@ def find_widths(ws: Workspace, ctx: ChannelContext, settings: ChannelSettings, c
     return info
 
 
-def prune_finetune(ws: Workspace, ctx: ChannelContext, widths: list[int], criterion: str,
-                   settings: TrainSettings | None, distill: bool, checkpoint: Path | None = None,
-                   resume: bool = False, measured: int | None = None) -> tuple[nn.Module, nn.Module]:
-    """(pruned network with BatchNorm re-estimated, fine-tuned copy guarded by held_out_images). Dense: no masks."""
-    pruned = ctx.space.prune(widths, criterion)
-    batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
-    recalibrate_batchnorm(pruned, (x for x, _ in batches))
-    tuned = copy.deepcopy(pruned)
-    if settings is not None and settings.epochs > 0:
-        teacher = copy.deepcopy(ws.loaded.module) if distill else None
-        finetune_guarded(tuned, ws, settings, "fine-tune", checkpoint, resume, measured, teacher=teacher)
-    for m in (pruned, tuned):
-        m.cpu().eval()
-    return pruned, tuned
+def prune_channels_and_finetune(ws: Workspace, ctx: ChannelContext, units: list[int], criterion: str,
+                                settings: TrainSettings | None, distill: bool, checkpoint: Path | None = None,
+                                resume: bool = False, measured: int | None = None) -> tuple[nn.Module, nn.Module]:
+    """Channel and depth modes: the network narrowed (and its blocks dropped) to `units`, then
+    `recalibrate_and_finetune`, distilled from the dense network when `distill`, and always guarded on
+    held_out_images(ws, measured) (None: the reward's default image count). No masks: the network is smaller."""
+    teacher = copy.deepcopy(ws.loaded.module) if distill and settings is not None and settings.epochs > 0 else None
+    return recalibrate_and_finetune(ws, ctx.space.prune(units, criterion), settings, checkpoint=checkpoint,
+                                    resume=resume, teacher=teacher,
+                                    held_out=held_out_images(ws, REWARD_IMAGES if measured is None else measured))
 
 
-def measure(ws: Workspace, ctx: ChannelContext, onnx_bytes: bytes, module: nn.Module, settings: ChannelSettings,
-            batches: tuple[int, ...] = SPEEDUP_BATCHES) -> dict:
+def measure_against_dense(ws: Workspace, ctx: ChannelContext, onnx_bytes: bytes, module: nn.Module,
+                          settings: ChannelSettings, batches: tuple[int, ...] = SPEEDUP_BATCHES) -> dict:
     """Test accuracy (onnxruntime), MACs, parameters and the speedup over the dense model, measured interleaved."""
     with phase("measure (onnxruntime: test accuracy, interleaved speedup against the dense model)"):
         return _measure(ws, ctx, onnx_bytes, module, settings, batches)
@@ -242,13 +230,14 @@ def _compress_channels(model_path: Path, ws: Workspace, settings: ChannelSetting
     widths = found["widths"]
     policy = policy_json(ws, ctx, settings, found)
     atomic_write_json(staged / "policy.json", policy)
-    pruned, tuned = prune_finetune(ws, ctx, widths, found["criterion"], settings.finetune, settings.distill,
-                                   work / "finetune.ckpt", resume, settings.reward.images)
+    pruned, tuned = prune_channels_and_finetune(ws, ctx, widths, found["criterion"], settings.finetune,
+                                                settings.distill, work / "finetune.ckpt", resume,
+                                                settings.reward.images)
     x, _ = datasets.materialize(ws.splits.reward, limit=1)
     dense_macs, dense_params = count_macs_params(ws.loaded.module, x)
     pruned_bytes, tuned_bytes = export_bytes(pruned, ws), export_bytes(tuned, ws)
-    measured = {"pruned": measure(ws, ctx, pruned_bytes, pruned, settings, batches=()),
-                "finetuned": measure(ws, ctx, tuned_bytes, tuned, settings)}
+    measured = {"pruned": measure_against_dense(ws, ctx, pruned_bytes, pruned, settings, batches=()),
+                "finetuned": measure_against_dense(ws, ctx, tuned_bytes, tuned, settings)}
     dense_accuracy = session_accuracy(open_session(ctx.dense_onnx), ws.splits.test)
     at = measured["finetuned"]["speedup"]
     speedup_warning(settings.speedup, found["predicted_speedup"], at[str(settings.latency.batch)]["speedup"],

@@ -9,42 +9,37 @@ from pathlib import Path
 
 from qlp_compress.base import validate
 from qlp_compress.base.errors import UsageError
-from qlp_compress.base.names import is_structured, structure_name
+from qlp_compress.base.names import SEARCH_METHODS, is_structured, structure_name
 from qlp_compress.base.outputs import check_out_dir
 from qlp_compress.base.ownership import check_file_out, check_folder_out, file_checkpoint
 from qlp_compress.deploy.engine import resolve_device
 from qlp_compress.deploy.quantize import int8_path, settings_for
 from qlp_compress.pruning.allocate import AllocationSettings
-from qlp_compress.pruning.masks import find_prunable_layers
-from qlp_compress.pruning.policy import check_policy, read_policy
-from qlp_compress.report.progress import search_progress
 from qlp_compress.reward.weights import RewardSettings
-from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.train import ranks
 from qlp_compress.train.distributed import as_job, check_nproc
 from qlp_compress.train.finetune import SCHEDULES, TrainSettings
 from qlp_compress.train.zoo import ARCHS
-from qlp_compress.workflows import channels, evaluate, optimize, quantize, train, weights
-from qlp_compress.workflows.channel_compare import compare_channels
-from qlp_compress.workflows.compare import compare as compare_weights
+from qlp_compress.workflows import evaluate, optimize, quantize, train, weights
 from qlp_compress.workflows.optimize import OptimizeSettings
 from qlp_compress.workflows.options import (
     Choice,
     RunOptions,
-    channel_settings,
     check_choice,
     check_run,
-    default_compare_methods,
-    default_prune_method,
     finetune_settings,
     folder_writes,
     inputs,
-    methods_for,
     scale_settings,
-    search_settings,
     selection_settings,
 )
-from qlp_compress.workflows.scale import check_scale, search_title
+from qlp_compress.workflows.scale import check_scale
+from qlp_compress.workflows.structures import (
+    default_compare_methods,
+    default_prune_method,
+    methods_for,
+    structure_for,
+)
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, Workspace, check_can_write, open_workspace
 
 
@@ -55,12 +50,6 @@ def _workspace(run: RunOptions) -> Workspace:
 
 
 
-
-
-def default_out(model: Path, how: Choice, suffix: str = "") -> Path:
-    if is_structured(how.structure):
-        return model.parent / f"{model.stem}.{how.method}-{how.speedup:g}x{suffix}"
-    return weights.default_out_dir(model, how.method, how.sparsity)
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -74,40 +63,17 @@ def search(run: RunOptions, how: Choice) -> dict:
 
 def _search(run: RunOptions, how: Choice) -> dict:
     int8 = check_run(run)
+    structure = structure_for(how.structure)
     how = replace(how, structure=structure_name(how.structure))
-    chosen = None
-    if how.policy is not None and how.structure == "weight":
-        chosen = read_policy(how.policy)  # its fields are checked before anything else
+    chosen = structure.read_policy(how)  # weight: a policy.json's fields are checked before anything else
+    if chosen is not None:
         how = replace(how, method=chosen.method, sparsity=chosen.target)
     else:
-        check_choice(how, searching=True)
-    out = run.out or default_out(run.model, how)
+        check_choice(how, structure, searching=True)
+    out = run.out or structure.default_out(run.model, how)
     check_folder_out(out, (*inputs(run), how.policy))
-    check_out_dir(out, run.force, run.resume, writes=folder_writes(run, how, int8))
-    ws = _workspace(run)
-    if is_structured(how.structure):
-        searching = how.method in SEARCHES and how.policy is None
-        title = search_title(f"{how.method} {how.structure} search", scale_settings(how),
-                             how.batch_episodes or max(1, how.workers))
-        with search_progress(title, how.episodes if searching else 0) as on_episode:
-            report = channels.compress_channels(run.model, ws, channel_settings(how, run, int8), out, run.command,
-                                                resume=run.resume, on_episode=on_episode, policy_path=how.policy,
-                                                force=run.force)
-        return {"out": str(out), **report}
-    if chosen is not None:
-        layers = find_prunable_layers(ws.loaded.module)
-        paths = [x.name for x in layers]
-        chosen = check_policy(chosen, how.policy, ws.loaded.sha256, paths, [x.numel for x in layers],
-                              names=ws.loaded.names_of(paths))
-    reward = RewardSettings(images=how.reward_images, engine=how.reward_engine, bn_recalibrate=how.bn_recalibrate,
-                            finetune_steps=how.reward_finetune_steps, finetune_from=how.reward_finetune_from,
-                            device=ws.device)
-    settings = weights.CompressSettings(
-        method=how.method, target=how.sparsity, search=search_settings(how, run, how.sparsity), reward=reward,
-        allocation=AllocationSettings(min_density=how.min_density), finetune=finetune_settings(run),
-        sparse_storage=run.sparse_storage, quantize=int8, selection=selection_settings(how), scale=scale_settings(how))
-    report = weights.compress(run.model, ws, settings, out, run.command, resume=run.resume, policy=chosen,
-                              force=run.force)
+    check_out_dir(out, run.force, run.resume, writes=folder_writes(structure, run, int8))
+    report = structure.compress(run, how, _workspace(run), out, int8, chosen)
     return {"out": str(out), **report}
 
 
@@ -119,37 +85,26 @@ def compare_methods(run: RunOptions, how: Choice, methods: list[str]) -> dict:
 
 def _compare(run: RunOptions, how: Choice, methods: list[str]) -> dict:
     check_run(run)
+    structure = structure_for(how.structure)
     how = replace(how, structure=structure_name(how.structure))
-    structured = is_structured(how.structure)
     if not methods:
         raise UsageError(f"--method lists no method; give e.g. --method {','.join(methods_for(how.structure))}")
-    targets = list(how.targets) or ([how.speedup] if structured else [])
+    targets = list(how.targets) or ([how.speedup] if structure.cost_option == "--speedup" else [])
     if not targets:
         raise UsageError("compare needs --sparsity (repeat for several), or --structure channel with --speedup")
     for method in methods:
         for target in targets:
-            one = replace(how, method=method, targets=(),
-                          **({"speedup": target} if structured else {"sparsity": target}))
-            check_choice(one, searching=True)
+            check_choice(structure.with_target(replace(how, method=method, targets=()), target), structure,
+                         searching=True)
     check_scale(how.workers, how.worker_threads, None, how.ray_address)
-    if how.workers and structured:
-        raise UsageError("--workers runs compare's cells side by side, and channel and depth modes measure latency, "
-                         "which runs alone; leave --workers out with --structure channel or depth")
-    suffix = "-" + how.structure.replace(",", "-") if structured else ""
+    if how.workers and not structure.compare_on_workers:
+        raise UsageError(f"--workers runs compare's cells side by side, and {how.structure} mode measures latency, "
+                         f"which runs alone; leave --workers out with --structure {how.structure}")
+    suffix = "" if how.structure == "weight" else "-" + how.structure.replace(",", "-")
     out = run.out or run.model.parent / f"{run.model.stem}.compare{suffix}"
     check_folder_out(out, inputs(run))
     check_out_dir(out, run.force, run.resume, writes=("compare.json", "compare.md"))
-    ws = _workspace(run)
-    if structured:
-        rows = compare_channels(ws, methods, targets, channel_settings(how, run, None), out, run.command,
-                                         force=run.force, resume=run.resume)
-    else:
-        # --workers runs whole cells on workers, each cell's search in its worker one episode at a time (K = 1)
-        rows = compare_weights(ws, methods, targets, search_settings(replace(how, workers=0), run, targets[0]),
-                               RewardSettings(images=how.reward_images, device=ws.device),
-                               AllocationSettings(min_density=how.min_density), finetune_settings(run), out,
-                               run.command, force=run.force, resume=run.resume, selection=selection_settings(how),
-                               scale=scale_settings(how))
+    rows = structure.compare(run, how, _workspace(run), methods, targets, out)
     return {"out": str(out), "compare_json": str(out / "compare.json"), "compare_md": str(out / "compare.md"),
             "rows": rows}
 
@@ -168,7 +123,9 @@ def _optimize_model(run: RunOptions, how: Choice, goal: OptimizeSettings) -> dic
     structure = structure_name(how.structure if how.structure != "weight" else "channel,depth")
     how = replace(how, method="qlp", structure=structure if speed else "weight",
                   batch_episodes=how.batch_episodes, latency_batch=goal.batch)
-    check_choice(replace(how, speedup=min(goal.speedups), sparsity=min(goal.sparsities)), searching=True)
+    structured = structure_for(structure)
+    check_choice(replace(how, speedup=min(goal.speedups), sparsity=min(goal.sparsities)),
+                 structure_for(how.structure), searching=True)
     if how.structure not in ("channel", "channel,depth", "weight"):
         raise UsageError(f"optimize searches --structure channel or channel,depth (depth alone cannot be "
                          f"fine-grained enough), not {how.structure}")
@@ -177,9 +134,10 @@ def _optimize_model(run: RunOptions, how: Choice, goal: OptimizeSettings) -> dic
     check_out_dir(out, run.force, run.resume, writes=("model.onnx", "optimize.json", "report.md", "pareto.png",
                                                       "candidates"))
     ws = _workspace(run)
-    settings = replace(goal, structure=structure, int8=int8, channel=channel_settings(how, run, int8),
+    weight = structure_for("weight")
+    settings = replace(goal, structure=structure, int8=int8, channel=structured.settings(how, run, int8),
                        weight=weights.CompressSettings(
-                           search=search_settings(how, run, 0.9), finetune=finetune_settings(run),
+                           search=weight.search_settings(how, run, 0.9), finetune=finetune_settings(run),
                            reward=RewardSettings(images=how.reward_images, device=ws.device),
                            allocation=AllocationSettings(min_density=how.min_density),
                            selection=selection_settings(how), scale=scale_settings(how)))
@@ -267,6 +225,6 @@ def quantize_model(run: RunOptions) -> dict:
 
 
 # the CLI's defaults, which depend on --structure (re-exported: the CLI reads this module only)
-__all__ = ["Choice", "OptimizeSettings", "RunOptions", "TrainOptions", "compare_methods", "default_compare_methods",
-           "default_prune_method", "evaluate_file", "export", "finetune", "is_structured", "optimize_model",
-           "quantize_model", "search", "structure_name", "train_zoo_model"]
+__all__ = ["SEARCH_METHODS", "Choice", "OptimizeSettings", "RunOptions", "TrainOptions", "compare_methods",
+           "default_compare_methods", "default_prune_method", "evaluate_file", "export", "finetune", "is_structured",
+           "optimize_model", "quantize_model", "search", "structure_name", "train_zoo_model"]

@@ -14,17 +14,18 @@ from pathlib import Path
 
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.io import atomic_write_text
+from qlp_compress.base.names import SEARCH_METHODS as METHODS
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.base.resume import check_same
 from qlp_compress.pruning.allocate import ALLOCATORS, AllocationSettings
 from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.reward.weights import RewardSettings
 from qlp_compress.reward.workers import ScaleSettings
-from qlp_compress.search.curriculum import METHODS, SearchSettings
+from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows.parallel import PortableWorkspace, from_portable, run_units, to_portable
 from qlp_compress.workflows.selection import SelectionSettings, choose_answer, run_record
-from qlp_compress.workflows.weights import allocator, find_policy, prune_and_finetune
+from qlp_compress.workflows.weights import allocator, find_policy, prune_weights_and_finetune
 from qlp_compress.workflows.workspace import Workspace, export_bytes, measure_onnx, with_record
 
 
@@ -107,7 +108,7 @@ def run_cell(ws: Workspace, cell: Cell, method: str, target: float) -> dict:
     started = time.perf_counter()
     if method in METHODS:
         with search_progress(f"{method} @ {target:g}", cell.search.episodes) as on_episode:
-            policy = find_policy(ws, method, target, replace(cell.search, target=target), cell.reward,
+            policy = find_policy(ws, method, target, replace(cell.search, target_removed=target), cell.reward,
                                  on_episode=on_episode)
         if method == "qlp":  # its answer chosen as the search command chooses it
             policy = choose_answer(ws, policy, allocator(ws, cell.allocation), cell.selection, cell.finetune,
@@ -115,7 +116,7 @@ def run_cell(ws: Workspace, cell: Cell, method: str, target: float) -> dict:
     else:
         policy = find_policy(ws, method, target, allocation=cell.allocation)
     search_seconds = time.perf_counter() - started
-    pruned, tuned, _ = prune_and_finetune(ws, policy, cell.finetune, measured=cell.reward.images)
+    pruned, tuned = prune_weights_and_finetune(ws, policy, cell.finetune, measured=cell.reward.images)
     return {"method": method, "target": target, "achieved": policy.achieved, "dense_accuracy": cell.dense_accuracy,
             "pruned_accuracy": measure_onnx(export_bytes(pruned, ws), ws, repeats=1)["accuracy"],
             "finetuned_accuracy": measure_onnx(export_bytes(tuned, ws), ws, repeats=1)["accuracy"]

@@ -9,21 +9,18 @@ from pathlib import Path
 
 from qlp_compress.base import validate
 from qlp_compress.base.errors import UsageError
-from qlp_compress.base.names import STRUCTURES, is_structured, structure_name
+from qlp_compress.base.names import SEARCH_METHODS as SEARCHES
+from qlp_compress.base.names import STRUCTURES
 from qlp_compress.deploy.engine import resolve_device
 from qlp_compress.deploy.quantize import QuantizeSettings, settings_for
-from qlp_compress.pruning.allocate import ALLOCATORS
-from qlp_compress.pruning.latency import LatencySettings, check_latency_settings
-from qlp_compress.pruning.widths import baselines_for, check_speedup
-from qlp_compress.reward.channels import ChannelRewardSettings
+from qlp_compress.pruning.latency import LatencySettings
 from qlp_compress.reward.weights import ENGINES, RewardSettings
 from qlp_compress.reward.workers import ScaleSettings
-from qlp_compress.search.curriculum import METHODS as SEARCHES
 from qlp_compress.search.curriculum import SearchSettings, check_budget
 from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.distributed import check_nproc
 from qlp_compress.train.finetune import TrainSettings
-from qlp_compress.workflows import channels, selection
+from qlp_compress.workflows import selection
 from qlp_compress.workflows.scale import check_scale
 from qlp_compress.workflows.selection import SelectionSettings
 
@@ -93,23 +90,6 @@ class Choice:
     ray_address: str | None = None  # search, compare: a Ray cluster to join (None: $RAY_ADDRESS, else workers here)
 
 
-def methods_for(structure: str) -> tuple[str, ...]:
-    return (*SEARCHES, *(baselines_for(structure) if is_structured(structure) else ALLOCATORS))
-
-
-def default_prune_method(structure: str) -> str:
-    """prune's method when none is given: LAMP for weights, l1 for channels, uniform depth for blocks alone."""
-    name = structure_name(structure)
-    return {"weight": "lamp", "depth": "depth"}.get(name, "l1")
-
-
-def default_compare_methods(structure: str) -> str:
-    name = structure_name(structure)
-    if not is_structured(name):
-        return "qlp,lamp,global,erk,uniform"
-    return ",".join(("qlp", *baselines_for(name), "random"))
-
-
 # ------------------------------------------------------------------------------------------------ checks
 
 
@@ -125,45 +105,35 @@ def check_run(run: RunOptions) -> QuantizeSettings | None:
     return settings_for(run.quantize, run.calibration_images, run.keep_float, run.int8_max_loss)
 
 
-def check_choice(how: Choice, searching: bool) -> None:
+def check_choice(how: Choice, structure, searching: bool) -> None:
+    """The Choice's options, each once: the structure's own (`structure`: its plug-in, workflows.structures), the
+    method among the structure's, and a search's settings."""
     validate.choice("--structure", how.structure, STRUCTURES)
-    validate.choice("--method", how.method, methods_for(how.structure))
-    if is_structured(how.structure):
-        check_speedup(how.speedup)
-        if how.latency_batch > MAX_LATENCY_BATCH:
-            raise UsageError(f"--latency-batch must be at most {MAX_LATENCY_BATCH}, got {how.latency_batch}: latency "
-                             "is timed at the batch the model will serve; e.g. --latency-batch 64")
-        check_latency_settings(latency_settings(how))
-    else:
-        validate.sparsity(how.sparsity)
-        validate.fraction("--min-density", how.min_density, 0, 1, "0.05", high_open=True)
+    validate.choice("--method", how.method, structure.methods(how.structure))
+    structure.check(how)
     if searching and how.method in SEARCHES:
         check_budget(how.episodes, how.stages if how.method == "qlp" else 1, stages_option=how.method == "qlp")
         validate.whole("--passes", how.passes, 1, "4")
         if how.near_best is not None:
             validate.fraction("--near-best", how.near_best, 0, 1, "0.5")
-        if how.near_best and is_structured(how.structure):
-            raise UsageError("--near-best searches around the best per-layer sparsities of --structure weight; "
-                             f"leave it out with --structure {how.structure}")
         validate.whole("--reward-images", how.reward_images, 1, "1000")
         validate.whole("--bn-recalibrate", how.bn_recalibrate, 0, "256")
         validate.whole("--reward-finetune-steps", how.reward_finetune_steps, 0, str(RewardSettings.finetune_steps))
         validate.fraction("--reward-finetune-from", how.reward_finetune_from, 0, 1, str(RewardSettings.finetune_from),
                           low_open=True)
         validate.choice("--reward-engine", how.reward_engine, ENGINES)
-        demonstrations(how)
+        demonstrations(how, structure.baselines(how.structure))
         selection.check(selection_settings(how))
         check_scale(how.workers, how.worker_threads, how.batch_episodes, how.ray_address)
 
 
-def demonstrations(how: Choice) -> tuple[str, ...] | None:
-    """The --demonstrations list; None = every baseline that applies."""
+def demonstrations(how: Choice, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The --demonstrations list, each one of the structure's baselines (`allowed`); None = every one of them."""
     names = tuple(n.strip() for n in how.demonstrations.split(",") if n.strip())
     if names in ((DEFAULT_DEMONSTRATIONS,), ()):
         return None
     if names == ("none",):
         return ()
-    allowed = baselines_for(how.structure) if is_structured(how.structure) else tuple(ALLOCATORS)
     for name in names:
         if name not in allowed:
             raise UsageError(f"--demonstrations: unknown {how.structure} allocation {name!r}; use a comma-separated "
@@ -196,29 +166,21 @@ def inputs(run: RunOptions) -> tuple[Path | None, ...]:
     return run.model, data if data.is_file() else None
 
 
-def folder_writes(run: RunOptions, how: Choice, int8: QuantizeSettings | None) -> tuple[str, ...]:
+def folder_writes(structure, run: RunOptions, int8: QuantizeSettings | None) -> tuple[str, ...]:
     """The outputs a search or prune run writes in its folder (the plots aside: the run's commit checks those)."""
-    extra = ("model.sparse.onnx",) if run.sparse_storage and not is_structured(how.structure) else ()
-    return ("model.onnx", "policy.json", "report.json", "report.md", *extra, *(("model.int8.onnx",) if int8 else ()))
+    return ("model.onnx", "policy.json", "report.json", "report.md", *structure.writes(run),
+            *(("model.int8.onnx",) if int8 else ()))
 
 
-
-def search_settings(how: Choice, run: RunOptions, target: float) -> SearchSettings:
-    demos = demonstrations(how)
-    settings = SearchSettings(target=target, episodes=how.episodes, stages=how.stages, method=how.method,
+def search_settings(how: Choice, run: RunOptions, target: float,
+                    demonstrations: tuple[str, ...] | None = None) -> SearchSettings:
+    """The search's settings; `target` is the share of the structure's cost it removes, and `demonstrations` the
+    baselines it plays first (None: every one that applies)."""
+    settings = SearchSettings(target_removed=target, episodes=how.episodes, stages=how.stages, method=how.method,
                               seed=run.seed, env=EnvSettings(passes=how.passes),
                               batch_episodes=how.batch_episodes or max(1, how.workers))
     if how.near_best is not None:
         settings = replace(settings, near_best=how.near_best)
-    if demos is not None and how.structure == "weight":
-        settings = replace(settings, demonstrations=demos)
+    if demonstrations is not None:
+        settings = replace(settings, demonstrations=demonstrations)
     return settings
-
-
-def channel_settings(how: Choice, run: RunOptions, int8: QuantizeSettings | None) -> channels.ChannelSettings:
-    return channels.ChannelSettings(
-        structure=how.structure, method=how.method, speedup=how.speedup, latency=latency_settings(how),
-        finetune=finetune_settings(run), distill=how.distill,
-        search=search_settings(how, run, 0.5),
-        reward=ChannelRewardSettings(images=how.reward_images, bn_recalibrate=how.bn_recalibrate),
-        demonstrations=demonstrations(how), quantize=int8, scale=scale_settings(how))

@@ -42,7 +42,7 @@ from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.train.measure import accuracy
 from qlp_compress.workflows.parallel import PortableWorkspace, from_portable, run_units, to_portable
-from qlp_compress.workflows.workspace import Workspace, digest, prune_and_finetune
+from qlp_compress.workflows.workspace import Workspace, digest, prune_weights_and_finetune
 
 SEARCH_ANSWER = "search"  # the name of the candidate the search itself returned (when no demonstration won)
 
@@ -215,8 +215,9 @@ def _label(found: list[Candidate], i: int) -> str:
 def _tune(ws: Workspace, policy: Policy, c: Candidate, label: str, tune: TrainSettings, reward_images: int,
           checkpoint: Path | None = None, resume: bool = False) -> float:
     """A candidate pruned, fine-tuned and measured on the held-out reward images (in this process or a worker)."""
-    _, tuned, _ = prune_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint, resume,
-                                     what=f"choosing the answer: {label}, fine-tune", epochs_option="--select-epochs")
+    _, tuned = prune_weights_and_finetune(ws, replace(policy, sparsities=c.sparsities), tune, checkpoint, resume,
+                                          what=f"choosing the answer: {label}, fine-tune",
+                                          epochs_option="--select-epochs")
     return accuracy(tuned, held_out_batches(ws, reward_images))
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from qlp_compress.base import machine, validate
 from qlp_compress.base.errors import QLPError, UsageError
 from qlp_compress.base.locks import file_lock
+from qlp_compress.base.names import SEARCH_METHODS as METHODS
 from qlp_compress.base.outputs import OutputRun
 from qlp_compress.base.ownership import file_checkpoint
 from qlp_compress.deploy import export, quantize
@@ -24,7 +25,7 @@ from qlp_compress.pruning.masks import find_prunable_layers
 from qlp_compress.pruning.policy import Policy
 from qlp_compress.reward.weights import Reward, RewardSettings
 from qlp_compress.reward.workers import ScaleSettings
-from qlp_compress.search.curriculum import METHODS, SearchSettings, run_search
+from qlp_compress.search.curriculum import SearchSettings, run_search
 from qlp_compress.search.env import PruningEnv
 from qlp_compress.train import ranks
 from qlp_compress.train.finetune import TrainSettings
@@ -40,7 +41,7 @@ from qlp_compress.workflows.workspace import (
     finetune_guarded,
     finetune_report,
     measure_onnx,
-    prune_and_finetune,
+    prune_weights_and_finetune,
     with_record,
 )
 
@@ -101,7 +102,7 @@ def find_policy(ws: Workspace, method: str, target: float, search: SearchSetting
         return Policy(method=method, sparsities=baseline(method, target), **common)
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; use one of {', '.join((*METHODS, *ALLOCATORS))}")
-    search = replace(search or SearchSettings(target=target), target=target, method=method)
+    search = replace(search or SearchSettings(target_removed=target), target_removed=target, method=method)
     check_demonstrations(search.demonstrations)
     reward_settings = reward_settings or RewardSettings(device=ws.device)
     advice.budget_warning(search)
@@ -188,7 +189,7 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
     if policy is None and settings.method not in METHODS:  # a baseline allocator: closed form, no search
         policy = find_policy(ws, settings.method, settings.target, allocation=settings.allocation)
     if policy is None:
-        search = settings.search or SearchSettings(target=settings.target)
+        search = settings.search or SearchSettings(target_removed=settings.target)
         title = search_title(f"{settings.method} search", settings.scale, search.batch_episodes)
         with search_progress(title, search.episodes) as on_episode:
             policy = find_policy(ws, settings.method, settings.target, search, settings.reward,
@@ -199,7 +200,7 @@ def _compress(model_path: Path, ws: Workspace, settings: CompressSettings, out: 
             policy = choose_answer(ws, policy, allocator(ws, settings.allocation), settings.selection,
                                    settings.finetune, reward_images, work, resume, settings.scale)
     policy.save(staged / "policy.json")
-    pruned, tuned, _ = prune_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume,
+    pruned, tuned = prune_weights_and_finetune(ws, policy, settings.finetune, work / "finetune.ckpt", resume,
                                           measured=(settings.reward or RewardSettings()).images)
     measured = {}
     for key, module, what in (("dense", ws.loaded.module, "the dense model"),

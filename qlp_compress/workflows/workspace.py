@@ -294,25 +294,42 @@ def measure_onnx(model: Path | bytes, ws: Workspace, repeats: int = 30, what: st
                 "global_sparsity": export.onnx_sparsity(onnx.load_from_string(raw))[1]}
 
 
-def prune_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
-                       checkpoint: Path | None = None, resume: bool = False, what: str = "fine-tune",
-                       epochs_option: str = "--finetune-epochs",
-                       measured: int | None = None) -> tuple[nn.Module, nn.Module, dict]:
-    """Masks from the policy → (pruned model, fine-tuned model, masks). No fine-tuning when settings is None;
-    `what` names the fine-tuning in its progress and its interruption message; its checkpoint records ws.record
-    and the allocation (train_interruptible). With `measured` (the reward's image count), fine-tuning is guarded on
-    held_out_images(ws, measured) (train.guard); without, as for the candidates of workflows.selection, it is not.
+def recalibrate_and_finetune(ws: Workspace, pruned: nn.Module, settings: TrainSettings | None, *,
+                             what: str = "fine-tune", checkpoint: Path | None = None, resume: bool = False,
+                             record: Mapping[str, object] | None = None, epochs_option: str = "--finetune-epochs",
+                             held_out=None, **kwargs) -> tuple[nn.Module, nn.Module]:
+    """The step every structure shares once it has pruned: (pruned network, fine-tuned copy), both on the CPU in
+    eval mode. No fine-tuning when settings is None or its epochs are 0. `what` names the fine-tuning in its
+    progress and its interruption message; its checkpoint records `record` (ws.record when None); with `held_out`
+    images fine-tuning is guarded on them (train.guard); `kwargs` reach finetune.train (masks held, a teacher).
 
-    The pruned model's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
+    The pruned network's BatchNorm statistics are re-estimated on fine-tune images first (no weight changes):
     pruning shifts every activation, and stale statistics leave a 90 %-sparse ResNet at chance level."""
-    pruned = copy.deepcopy(ws.loaded.module)
-    masks = MagnitudePruner(pruned).masks(policy.by_layer())
-    apply_masks(pruned, masks)
     batches = datasets.iterate_batches(ws.splits.finetune, 256, limit=BN_RECALIBRATION_IMAGES)
     recalibrate_batchnorm(pruned, (x for x, _ in batches))
     tuned = copy.deepcopy(pruned)
     if settings is not None and settings.epochs > 0:
         train_interruptible(tuned, ws.splits.finetune, settings, what, checkpoint, resume,
-                            {**ws.record, "allocation": digest(list(policy.sparsities))}, epochs_option, masks=masks,
-                            held_out=None if measured is None else held_out_images(ws, measured))
-    return pruned.cpu().eval(), tuned.cpu().eval(), masks
+                            ws.record if record is None else record, epochs_option, held_out=held_out, **kwargs)
+    return pruned.cpu().eval(), tuned.cpu().eval()
+
+
+def policy_masks(ws: Workspace, policy: Policy) -> dict[str, torch.Tensor]:
+    """Weight mode: the policy's magnitude masks on the workspace's dense model (1 = kept), by layer name."""
+    return MagnitudePruner(ws.loaded.module).masks(policy.by_layer())
+
+
+def prune_weights_and_finetune(ws: Workspace, policy: Policy, settings: TrainSettings | None,
+                               checkpoint: Path | None = None, resume: bool = False, what: str = "fine-tune",
+                               epochs_option: str = "--finetune-epochs",
+                               measured: int | None = None) -> tuple[nn.Module, nn.Module]:
+    """Weight mode: the policy's magnitude masks, then `recalibrate_and_finetune` with the masks held (the
+    checkpoint also records the allocation). With `measured` (the reward's image count), fine-tuning is guarded on
+    held_out_images(ws, measured); without, as for the candidates of workflows.selection, it is not."""
+    pruned = copy.deepcopy(ws.loaded.module)
+    masks = policy_masks(ws, policy)
+    apply_masks(pruned, masks)
+    return recalibrate_and_finetune(ws, pruned, settings, what=what, checkpoint=checkpoint, resume=resume,
+                                    record={**ws.record, "allocation": digest(list(policy.sparsities))},
+                                    epochs_option=epochs_option, masks=masks,
+                                    held_out=None if measured is None else held_out_images(ws, measured))
