@@ -13,6 +13,7 @@ from qlp_compress.base.names import SEARCH_METHODS as SEARCHES
 from qlp_compress.base.names import STRUCTURES
 from qlp_compress.deploy.engine import resolve_device
 from qlp_compress.deploy.quantize import QuantizeSettings, settings_for
+from qlp_compress.pruning.allocate import AllocationSettings
 from qlp_compress.pruning.latency import LatencySettings
 from qlp_compress.reward.weights import ENGINES, RewardSettings
 from qlp_compress.reward.workers import ScaleSettings
@@ -21,6 +22,7 @@ from qlp_compress.search.env import EnvSettings
 from qlp_compress.train.distributed import check_nproc
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import selection
+from qlp_compress.workflows.channels import ChannelSettings
 from qlp_compress.workflows.scale import check_scale
 from qlp_compress.workflows.selection import SelectionSettings
 
@@ -63,22 +65,22 @@ class Choice:
     structure: str = "weight"  # weight (unstructured zeros), channel (whole channels), depth (whole blocks) or both
     method: str = "qlp"
     sparsity: float = 0.9  # weight: target global sparsity
-    speedup: float = 2.0  # channel: target dense ÷ pruned latency
+    speedup: float = ChannelSettings.speedup  # channel: target dense ÷ pruned latency
     policy: Path | None = None  # prune: apply this policy.json instead of a method
-    episodes: int = 400
-    stages: int = 4
-    passes: int = 4
+    episodes: int = SearchSettings.episodes
+    stages: int = SearchSettings.stages
+    passes: int = EnvSettings.passes
     demonstrations: str = DEFAULT_DEMONSTRATIONS
-    reward_images: int = 1000
-    bn_recalibrate: int = 256
+    reward_images: int = RewardSettings.images
+    bn_recalibrate: int = RewardSettings.bn_recalibrate
     reward_finetune_steps: int = RewardSettings.finetune_steps
     reward_finetune_from: float = RewardSettings.finetune_from
-    reward_engine: str = "auto"
-    min_density: float = 0.0
-    latency_batch: int = 64
-    threads: int = 2
-    round_to: int = 8
-    distill: bool = True
+    reward_engine: str = RewardSettings.engine
+    min_density: float = AllocationSettings.min_density
+    latency_batch: int = LatencySettings.batch
+    threads: int = LatencySettings.threads
+    round_to: int = LatencySettings.round_to
+    distill: bool = ChannelSettings.distill
     near_best: float | None = None  # share of each stage's episodes that search around the stage's best
     #                                 allocation; None: 0.5 in weight mode (the search's default), 0 in channel mode
     candidates: int = SelectionSettings.candidates  # weight, qlp: allocations fine-tuned to choose the answer
@@ -86,7 +88,7 @@ class Choice:
     targets: tuple[float, ...] = field(default_factory=tuple)  # compare: several targets
     workers: int = 0  # search: Ray workers for rewards and the candidates; compare: for its cells (0: none)
     batch_episodes: int | None = None  # search: episodes per batch (None: the workers, or 1)
-    worker_threads: int = 1  # search, compare: torch and onnxruntime threads per worker
+    worker_threads: int = ScaleSettings.threads  # search, compare: torch and onnxruntime threads per worker
     ray_address: str | None = None  # search, compare: a Ray cluster to join (None: $RAY_ADDRESS, else workers here)
 
 

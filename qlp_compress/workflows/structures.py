@@ -13,7 +13,8 @@ what a `Structure` says:
 - `writes(run)`: the files its run writes besides model.onnx, policy.json, report.json and report.md;
 - `default_out(model, how)`; `compress(...)`: one run into a folder; `compare(...)`: every method at every target.
 
-A new structure (N:M sparsity, say) is one module with one such class, and one line in `STRUCTURE_CLASSES`.
+A new structure (N:M sparsity, say) is one module with one such class, its name in base.names.STRUCTURES and its
+class in `STRUCTURE_CLASSES` (docs/architecture.md sketches one).
 """
 
 from __future__ import annotations
