@@ -72,7 +72,7 @@ class SearchSettings:
     near_best: float = 0.5  # share of each stage's episodes after its demonstrations that start from the stage's
     #                         best allocation so far (near-best episodes, qlp only; 0 = none)
     exact_demonstrations: bool = True  # a demonstration is scored at its allocator's exact allocation (False:
-    #                                    at the allocation its 10 %-step replay reaches, as before issue 17)
+    #                                    at the allocation its 10 %-step replay reaches)
     seed: int = 0  # agent initialisation, exploration and replay sampling
     batch_episodes: int = 1  # episodes played with one network before they are scored and learnt from (K)
     checkpoint_every: int = 10  # episodes between checkpoint writes

@@ -136,7 +136,7 @@ class PruningEnv:
     def step(self, action: int, evaluate_at: np.ndarray | None = None) -> tuple[np.ndarray, float, bool]:
         """Apply `action` to the current layer; returns (next state, reward, done). When the episode meets its
         target and `evaluate_at` is given, the reward is measured at those per-layer sparsities instead of the
-        ones the actions reached (a demonstration's exact allocation; see search.py)."""
+        ones the actions reached (a demonstration's exact allocation; see search.curriculum)."""
         i = self.layer
         new = self.density.copy()
         new[i] *= 1.0 - self.settings.actions[action]
