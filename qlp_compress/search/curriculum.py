@@ -1,9 +1,8 @@
 """The QLP search: DQN episodes in the pruning environment through a curriculum of increasing targets.
 
-Each stage of the curriculum is a block of episodes at one target (the share of the cost removed: the
-sparsity of the weights, or of the predicted latency); the replay buffer and the
-networks carry over from stage to stage, and the best episode of every stage is kept, so one search gives
-a policy for each intermediate sparsity too.
+Each stage of the curriculum is a block of episodes at one target (the share of the cost removed: of the weights,
+or of the predicted latency); the replay buffer and the networks carry over from stage to stage, and the best
+episode of every stage is kept, so one search gives a policy for each intermediate target too.
 
 Demonstrations (our addition, see docs/method.md): each stage opens with one episode per baseline
 allocation named in `demonstrations` (LAMP, ERK, …), played through the same game by steering every
@@ -50,7 +49,6 @@ from qlp_compress.search.env import EnvSettings, NearBestEnv, PruningEnv, Reward
 ScoreBatch = Callable[[list[np.ndarray]], list[tuple[float, float]]]  # allocations → [(score, seconds)], in order
 
 
-
 class SearchInterrupted(Interrupted):
     """The search stopped on Ctrl-C/SIGTERM after writing its checkpoint (exit code 130)."""
 
@@ -59,8 +57,7 @@ class SearchInterrupted(Interrupted):
 class SearchSettings:
     """One search."""
 
-    target_removed: float  # share of the structure's cost the final stage removes: the global sparsity of the
-    #                        weights, or 1 - 1/speedup of the predicted latency (channels, blocks)
+    target_removed: float  # share of the cost the final stage removes: of the weights, or 1 - 1/speedup of latency
     episodes: int = 400  # total episodes (= reward evaluations) over all stages
     stages: int = 4  # curriculum stages; 1 = no curriculum
     first_target: float = 0.5  # sparsity of the first stage (capped at half the final target)
@@ -173,19 +170,18 @@ def run_search(
     depends on the batch size, never on who scored the allocations or in which order they finished."""
     if settings.method not in SEARCH_METHODS:
         raise UsageError(f"unknown search method {settings.method!r}; use one of {', '.join(SEARCH_METHODS)}")
-    if not 0.0 < settings.target_removed < 1.0:  # the options were checked as options (--sparsity, --speedup)
-        raise UsageError(f"the search's target share of the cost removed must lie strictly between 0 and 1, got "
-                         f"{settings.target_removed}")
+    target = settings.target_removed  # (--sparsity and --speedup were checked as the options they are)
+    if not 0.0 < target < 1.0:
+        raise UsageError(f"the search's target share of the cost removed must lie strictly in (0, 1), got {target}")
     validate.whole("--batch-episodes", settings.batch_episodes, 1, "4")
     if settings.method == "random":
-        targets = [settings.target_removed]
+        targets = [target]
     elif settings.stage_targets:
         targets = list(settings.stage_targets)
-        if targets[-1] != settings.target_removed or any(a >= b for a, b in itertools.pairwise(targets)):
-            raise UsageError(f"curriculum targets {targets} must increase and end at the target "
-                             f"{settings.target_removed}")
+        if targets[-1] != target or any(a >= b for a, b in itertools.pairwise(targets)):
+            raise UsageError(f"curriculum targets {targets} must increase and end at the target {target}")
     else:
-        targets = curriculum_targets(settings.target_removed, settings.stages, settings.first_target)
+        targets = curriculum_targets(target, settings.stages, settings.first_target)
     stages = len(targets)
     lengths = stage_episodes(settings.episodes, stages, settings.final_share)
     if min(lengths) < 1:
