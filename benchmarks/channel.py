@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from qlp_compress.base.errors import QLPError
 from qlp_compress.base.io import atomic_write_json, atomic_write_text
+from qlp_compress.base.machine import cpu_capability, describe_cpu
 from qlp_compress.workflows import (
     ChannelRewardSettings,
     ChannelSettings,
@@ -109,6 +109,7 @@ def main() -> None:
                                                    replace(settings, distill=distill))
                     check = min_ratio(ctx.dense_onnx, export_bytes(tuned, ws), ws.input_shape, latency)
                     cell = {"method": method, "distill": distill, "target_speedup": speedup, "seed": seed,
+                            "cpu": describe_cpu(cpu_capability()),
                             "widths": found["widths"], "predicted_speedup": found["predicted_speedup"],
                             "dense_accuracy": dense_accuracy,
                             "pruned_accuracy": session_accuracy(open_session(export_bytes(pruned, ws)),
@@ -133,14 +134,6 @@ BASELINE_METHODS = ("uniform", "l1", "bn-slimming", "random")
 NOTES = ROOT / "benchmarks/cells/channel/notes.md"  # hand-written analysis appended to the generated page
 
 
-def _cpu() -> str:
-    info = Path("/proc/cpuinfo").read_text().splitlines()
-    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    return name + (" with AVX-512 VNNI" if "avx512_vnni" in flags else " with AVX-512" if "avx512f" in flags else "")
-
-
 def _load(folder: Path) -> dict:
     rows = [json.loads(p.read_text()) for p in sorted(folder.glob("*_seed*.json"))]
     table = json.loads((folder / "table.json").read_text())
@@ -160,9 +153,13 @@ def summarise() -> None:
     """benchmarks/results/channel.json and docs/benchmarks_channel.md from every model's cells."""
     folders = sorted(p for p in (ROOT / "benchmarks/cells/channel").iterdir() if (p / "table.json").exists())
     models = {f.name: _load(f) for f in folders}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    cpu = _cpu()
+    # the commit that last changed the cells, and the CPUs they were measured on (cells before the field: the CPU
+    # the previous summary named), so that summarising again rewrites the same page
+    commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "benchmarks/cells/channel"],
+                            capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    results = ROOT / "benchmarks/results/channel.json"
+    earlier = json.loads(results.read_text()).get("cpu") if results.exists() else None
+    cpu = " and ".join(sorted({r.get("cpu") or earlier or "unrecorded" for m in models.values() for r in m["cells"]}))
     budgets = sorted({r.get("finetune_epochs") for m in models.values() for r in m["cells"]} - {None})
     atomic_write_json(ROOT / "benchmarks/results/channel.json", {
         "cpu": cpu, "commit": commit, "finetune_epochs": budgets, "table_check_bound": list(TABLE_CHECK),
