@@ -70,7 +70,7 @@ def test_a_benchmark_reaching_below_the_public_surface_is_caught(architecture, t
         "from qlp_compress.workflows.weights import allocator\n"
         "from qlp_compress import data as datasets\n"
         "from qlp_compress.workflows import weights\n"
-        "from qlp_compress.workflows import PruningEnv, compare, open_workspace\n"
+        "from qlp_compress.workflows import PruningEnv, compare_weights, open_workspace\n"
         "from qlp_compress.base.io import atomic_write_json\n"
         "from qlp_compress.base import machine\n"
         "def later():\n"

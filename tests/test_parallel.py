@@ -26,7 +26,7 @@ from qlp_compress.search.agent import AgentSettings
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.train.finetune import TrainSettings
 from qlp_compress.workflows import parallel, selection
-from qlp_compress.workflows.compare import compare
+from qlp_compress.workflows.compare import compare_weights
 from qlp_compress.workflows.selection import Candidate, SelectionSettings
 from qlp_compress.workflows.weights import allocator, find_policy
 from qlp_compress.workflows.workspace import DataSettings, ModelSettings, open_workspace
@@ -112,8 +112,8 @@ def test_compare_cells_on_workers_give_the_serial_rows_in_the_serial_order(ws, s
     common = (ws, ["qlp", "lamp", "uniform"], [0.6, 0.7], search, reward, AllocationSettings(),
               replace(TUNE, epochs=0.3))
     selecting = SelectionSettings(candidates=2, epochs=0.2)
-    serial = compare(*common, tmp_path / "serial", "serial", selection=selecting)
-    on_workers = compare(*common, tmp_path / "workers", "workers", selection=selecting, scale=TWO)
+    serial = compare_weights(*common, tmp_path / "serial", "serial", selection=selecting)
+    on_workers = compare_weights(*common, tmp_path / "workers", "workers", selection=selecting, scale=TWO)
 
     def same(rows):
         return [{k: v for k, v in r.items() if k != "search_seconds"} for r in rows]

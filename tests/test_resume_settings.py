@@ -86,7 +86,7 @@ def stop_training_in_epoch(monkeypatch, epoch: int):
 @pytest.mark.slow
 def test_row7_compare_resumed_with_other_finetune_epochs_is_refused_and_compare_md_lists_its_settings(work, qlp,
                                                                                                    monkeypatch):
-    compare = importlib.import_module("qlp_compress.workflows.compare")  # the package's `compare` is the function
+    compare = importlib.import_module("qlp_compress.workflows.compare")
     real = compare.find_policy
 
     def stop_at_global(ws, method, *args, **kwargs):

@@ -25,7 +25,7 @@ from qlp_compress.workflows.channels import (
     open_channels,
     prune_channels_and_finetune,
 )
-from qlp_compress.workflows.compare import compare
+from qlp_compress.workflows.compare import compare_weights
 from qlp_compress.workflows.evaluate import evaluate_model
 from qlp_compress.workflows.optimize import OptimizeSettings, best_within_budget, held_out
 from qlp_compress.workflows.quantize import quantize_beside, quantize_file
@@ -99,8 +99,8 @@ __all__ = [
     "best_within_budget",
     "check_can_write",
     "check_demonstrations",
-    "compare",
     "compare_channels",
+    "compare_weights",
     "compress",
     "compress_channels",
     "default_out_dir",

@@ -29,7 +29,7 @@ from qlp_compress.workflows.weights import allocator, find_policy, prune_weights
 from qlp_compress.workflows.workspace import Workspace, export_bytes, measure_onnx, with_record
 
 
-def compare(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
+def compare_weights(ws: Workspace, methods: list[str], targets: list[float], search: SearchSettings,
             reward_settings: RewardSettings, allocation: AllocationSettings, finetune: TrainSettings | None,
             out: Path, command: str, force: bool = False, resume: bool = False,
             selection: SelectionSettings | None = None, scale: ScaleSettings | None = None) -> list[dict]:

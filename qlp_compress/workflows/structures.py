@@ -37,7 +37,7 @@ from qlp_compress.reward.weights import RewardSettings
 from qlp_compress.search.curriculum import SearchSettings
 from qlp_compress.workflows import channels, weights
 from qlp_compress.workflows.channel_compare import compare_channels
-from qlp_compress.workflows.compare import compare as compare_weights
+from qlp_compress.workflows.compare import compare_weights
 from qlp_compress.workflows.options import (
     MAX_LATENCY_BATCH,
     Choice,
