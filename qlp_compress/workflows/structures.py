@@ -204,22 +204,27 @@ assert set(BY_NAME) == set(STRUCTURES), "every --structure value has one plug-in
 
 def structure_for(text: str) -> WeightStructure | StructuredNetwork:
     """The plug-in of a --structure value (any spelling structure_name accepts); an unknown one is a usage error."""
+    return _named(text)[0]
+
+
+def _named(text: str) -> tuple[WeightStructure | StructuredNetwork, str]:
+    """(the plug-in, the canonical --structure value) of any spelling."""
     name = structure_name(text)
     validate.choice("--structure", name, STRUCTURES)
-    return BY_NAME[name]
+    return BY_NAME[name], name
 
 
 def methods_for(structure: str) -> tuple[str, ...]:
-    name = structure_name(structure)
-    return structure_for(name).methods(name)
+    plugin, name = _named(structure)
+    return plugin.methods(name)
 
 
 def default_prune_method(structure: str) -> str:
     """prune's method when none is given: LAMP for weights, l1 for channels, uniform depth for blocks alone."""
-    name = structure_name(structure)
-    return structure_for(name).default_prune_method(name)
+    plugin, name = _named(structure)
+    return plugin.default_prune_method(name)
 
 
 def default_compare_methods(structure: str) -> str:
-    name = structure_name(structure)
-    return structure_for(name).default_compare_methods(name)
+    plugin, name = _named(structure)
+    return plugin.default_compare_methods(name)
